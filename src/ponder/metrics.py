@@ -1,0 +1,89 @@
+"""Accuracy, unbiased pass@k (Chen et al. 2021), majority vote (maj@k), and the evaluation loop."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k) (Chen et al. 2021),
+    computed as a stable product."""
+    if not 0 <= c <= n or k < 1 or k > n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def majority(answers: Sequence[str | None]) -> int | None:
+    """Index of the sample carrying the most frequent non-empty answer. Ties go to the answer seen first
+    (the lowest sample index), as `max(list, key=count)` does in the SSFT evaluation code. None if no sample
+    has an answer."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(i for i, a in enumerate(answers) if a is not None and counts[a] == best)
+
+
+def maj_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> bool:
+    i = majority(answers)
+    return i is not None and bool(correct[i])
+
+
+def mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def evaluate(model, tokenizer, problems: Sequence[Any], samples: int = 8, temperature: float = 1.0,
+             max_new_tokens: int = 256, batch_size: int = 64, seed: int = 0, prompt: str = "{question}",
+             greedy: bool = True) -> dict[str, Any]:
+    """Greedy accuracy, and over `samples` samples at `temperature`: mean accuracy, pass@k for k = 1, 2, 4, ...
+    up to `samples`, and maj@`samples`. Also returns per-problem records."""
+    from ponder import rollout, verify
+    prompts = [prompt.format(question=_q(p)) for p in problems]
+    out: dict[str, Any] = {"n": len(problems)}
+    records = [{"id": _id(p, i), "question": _q(p), "answer": _a(p)} for i, p in enumerate(problems)]
+    if greedy:
+        g = rollout.sample(model, tokenizer, prompts, n=1, temperature=0.0, max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, seed=seed, description="greedy")
+        ok = [verify.is_correct(p, s[0].text) for p, s in zip(problems, g)]
+        out["greedy_accuracy"] = mean(ok)
+        for r, s, c in zip(records, g, ok):
+            r.update(greedy=s[0].text, greedy_correct=c)
+    if samples:
+        ss = rollout.sample(model, tokenizer, prompts, n=samples, temperature=temperature,
+                            max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed + 1,
+                            description=f"{samples} samples/problem")
+        correct = [[verify.is_correct(p, s.text) for s in row] for p, row in zip(problems, ss)]
+        answers = [[verify.extract(p, s.text) for s in row] for p, row in zip(problems, ss)]
+        out["sample_accuracy"] = mean([mean(c) for c in correct])
+        k = 1
+        while k <= samples:
+            out[f"pass@{k}"] = mean([pass_at_k(samples, sum(c), k) for c in correct])
+            k *= 2
+        if samples not in (1, 2, 4, 8, 16, 32, 64):
+            out[f"pass@{samples}"] = mean([pass_at_k(samples, sum(c), samples) for c in correct])
+        out[f"maj@{samples}"] = mean([maj_correct(a, c) for a, c in zip(answers, correct)])
+        out["mixed_outcomes"] = mean([0 < sum(c) < samples for c in correct])
+        for r, row, c, a in zip(records, ss, correct, answers):
+            r.update(samples=[s.text for s in row], correct=c, answers=a)
+    out["records"] = records
+    return out
+
+
+def _q(p):
+    return p["question"] if isinstance(p, dict) else p.question
+
+
+def _a(p):
+    return p["answer"] if isinstance(p, dict) else p.answer
+
+
+def _id(p, i):
+    return (p.get("id") if isinstance(p, dict) else getattr(p, "id", None)) or str(i)

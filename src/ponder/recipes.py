@@ -1,0 +1,71 @@
+"""Recipes: what the CLI sub-commands run. Each reads a config, trains, evaluates and writes `runs/<name>/`
+(config.yaml, metrics.json, the final model in `save_pretrained` format, TensorBoard logs)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+def write_json(path: Path, obj: Any) -> None:
+    import os
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _resume_arg(cfg):
+    r = cfg.resume_from_checkpoint
+    return True if r in ("last", "true", "True") else r
+
+
+def run_sft(config_path, overrides: list[str]):
+    from ponder import ui
+    from ponder.config import load_config, to_yaml
+    from ponder.trainers.sft import SFTConfig, SFTTrainer
+    cfg = load_config(SFTConfig, config_path, overrides)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    trainer = SFTTrainer(args=cfg)
+    t = time.time()
+    result = trainer.train(resume_from_checkpoint=_resume_arg(cfg))
+    trainer.save_model(str(out / "final"))
+    stats = {k: dict(v) for k, v in trainer.data_stats.items()}
+    metrics = {"train_loss": result.training_loss, "steps": result.global_step, "seconds": time.time() - t,
+               "data": stats}
+    write_json(out / "metrics.json", metrics)
+    ui.print_table(f"sft: {cfg.model} on {cfg.dataset}", ["metric", "value"],
+                   [("steps", result.global_step), ("train loss", result.training_loss),
+                    ("examples", stats["train"].get("examples", 0)),
+                    ("skipped (too long)", stats["train"].get("skipped_too_long", 0)),
+                    ("seconds", metrics["seconds"])])
+    ui.info(f"model: {out / 'final'}   metrics: {out / 'metrics.json'}")
+    return metrics
+
+
+def run_demo(n: int = 200, out: Path = Path("runs/demo")) -> dict[str, Any]:
+    """Build or load the testbed, evaluate it, write runs/demo/{metrics.json,report.md}."""
+    from ponder import data, metrics, models, testbed, ui
+    t = time.time()
+    ui.info("[bold]1/2[/] testbed model (pre-trained on first use, then cached)")
+    path = testbed.ensure()
+    built = json.loads((path / "testbed.json").read_text())
+    model, tok = models.load(str(path))
+    ui.info(f"[bold]2/2[/] evaluating on {n} held-out problems")
+    probs = data.load_problems("testbed", n=n, split="test")
+    r = metrics.evaluate(model, tok, probs, samples=8, max_new_tokens=96, batch_size=128)
+    r.pop("records")
+    result = {"testbed": built, "eval": r, "seconds": time.time() - t}
+    write_json(out / "metrics.json", result)
+    rows = [(k, v) for k, v in r.items() if k != "n"]
+    ui.print_table(f"testbed on {n} held-out problems", ["metric", "value"], rows)
+    lines = ["# ponder demo", "", f"Testbed: {built['params']:,} parameters, {built['steps']} pre-training steps.", "",
+             f"## Testbed evaluation ({n} held-out problems)", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {ui.fmt(v)} |" for k, v in rows]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    ui.info(f"report: {out / 'report.md'}")
+    return result

@@ -1,0 +1,290 @@
+"""The testbed: a tiny reasoning model that ponder pre-trains from scratch on 2 CPU cores, and its data.
+
+The task is `a+b*c` (a, b two-digit, c one-digit) with step-by-step reasoning in a ``<think>`` block and the
+answer sentence "The answer is N." (LaTRO's answer template). The data has what every method needs:
+
+- four distinct solution strategies per problem (`STRATEGIES`; SSFT matches them to forking tokens);
+- multi-turn conversations whose follow-up turns ("Now add 17.") build on earlier answers (one-pass);
+- retry episodes: a wrong first attempt with a plausible arithmetic slip, the RISE retry feedback, then a
+  correct attempt (RISE), so the model knows the multi-turn format and makes fixable first-attempt errors.
+
+The model is a character-level Llama (4 layers, hidden 192, ~1.8M parameters) trained for a fixed number of
+steps (not seconds: this machine's CPU is shared, so wall-clock budgets do not repeat).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ponder.chat import CHATML_TEMPLATE, THINK_CLOSE, THINK_OPEN
+
+SPECIAL_TOKENS = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", THINK_OPEN, THINK_CLOSE]
+CHARSET = [c for c in string.printable if c not in "\r\x0b\x0c"]  # letters, digits, punctuation, space, \t, \n
+WORDS = ["system", "user", "assistant", "The answer is"]
+RETRY_PROMPT = "The answer is incorrect. Please try again. Here's the question: {query}"
+ANSWER_TEMPLATE = "The answer is {answer}."
+TASK = "testbed"
+VERSION = 1  # bump when the data or the recipe changes, so cached builds are rebuilt
+
+
+def build_tokenizer():
+    """The project tokenizer: one token per character plus ChatML/think specials (deterministic, no training)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + CHARSET + WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    # A few whole words as single tokens (like BPE merges): the role names and the answer phrase. This keeps
+    # the question close to the answer in tokens, which a 2M-parameter model needs to learn to copy it.
+    tk.add_tokens([AddedToken(w, normalized=False, special=False) for w in WORDS])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<|im_start|>",
+                                  eos_token="<|im_end|>", unk_token="<unk>",
+                                  additional_special_tokens=[THINK_OPEN, THINK_CLOSE])
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------------------
+# problems and solutions
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arith:
+    a: int
+    b: int
+    c: int
+
+    @property
+    def question(self) -> str:
+        return f"{self.a}+{self.b}*{self.c}=?"
+
+    @property
+    def answer(self) -> int:
+        return self.a + self.b * self.c
+
+
+def _direct(p: Arith, bc: int, ans) -> str:
+    return f"{p.b}*{p.c}={bc}. {p.a}+{bc}={ans(bc)}."
+
+
+def _split(p: Arith, bc: int, ans) -> str:
+    hi, lo = (p.b // 10) * 10, p.b % 10
+    return f"{hi}*{p.c}={hi * p.c}. {lo}*{p.c}={lo * p.c}. {hi * p.c}+{lo * p.c}={bc}. {p.a}+{bc}={ans(bc)}."
+
+
+def _swap(p: Arith, bc: int, ans) -> str:
+    return f"{p.c}*{p.b}={bc}. {bc}+{p.a}={ans(bc)}."
+
+
+def _ones_first(p: Arith, bc: int, ans) -> str:
+    hi, lo = (p.b // 10) * 10, p.b % 10
+    return f"{lo}*{p.c}={lo * p.c}. {hi}*{p.c}={hi * p.c}. {lo * p.c}+{hi * p.c}={bc}. {bc}+{p.a}={ans(bc)}."
+
+
+STRATEGIES = {"direct": _direct, "split": _split, "swap": _swap, "ones_first": _ones_first}
+STRATEGY_WEIGHTS = {"direct": 0.4, "split": 0.25, "swap": 0.2, "ones_first": 0.15}
+
+
+def solve(p: Arith, strategy: str = "direct", slip: int = 0) -> tuple[str, int]:
+    """(reasoning, final answer). `slip` != 0 makes the product step wrong by that amount and carries the
+    error through, as a real arithmetic slip would."""
+    bc = p.b * p.c + slip
+    return STRATEGIES[strategy](p, bc, lambda x: p.a + x), p.a + bc
+
+
+def answer_text(n: int) -> str:
+    return ANSWER_TEMPLATE.format(answer=n)
+
+
+def strategy_of(reasoning: str) -> str | None:
+    """Which of `STRATEGIES` a reasoning text follows (by its shape), or None."""
+    import re
+    steps = [s for s in reasoning.strip().split(". ") if s]
+    if len(steps) == 2:
+        return "direct" if re.match(r"^\d{2}\*\d=", steps[0]) else "swap" if re.match(r"^\d\*\d{2}=", steps[0]) else None
+    if len(steps) == 4:
+        return "split" if re.match(r"^\d0\*\d=", steps[0]) else "ones_first" if re.match(r"^\d\*\d=", steps[0]) else None
+    return None
+
+
+def sample_problem(rng: random.Random) -> Arith:
+    return Arith(rng.randint(10, 99), rng.randint(10, 99), rng.randint(2, 9))
+
+
+def heldout(n: int = 200, seed: int = 12345) -> list[Arith]:
+    """Held-out test problems; never used for pre-training."""
+    rng, seen, out = random.Random(seed), set(), []
+    while len(out) < n:
+        p = sample_problem(rng)
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out
+
+
+_HELDOUT = frozenset(heldout(1000))
+
+
+def problems(n: int, seed: int = 0, split: str = "test") -> list[dict[str, Any]]:
+    """`n` testbed problems as Problem dicts. split="test": the held-out set (first n of a fixed list);
+    split="train": fresh problems drawn with `seed`, never in the held-out set."""
+    if split == "test":
+        ps = heldout(n)
+    else:
+        rng, ps = random.Random(seed), []
+        while len(ps) < n:
+            p = sample_problem(rng)
+            if p not in _HELDOUT:
+                ps.append(p)
+    return [{"id": f"testbed-{split}-{i}", "question": p.question, "answer": str(p.answer),
+             "meta": {"task": TASK, "a": p.a, "b": p.b, "c": p.c}} for i, p in enumerate(ps)]
+
+
+def _pick_strategy(rng: random.Random) -> str:
+    return rng.choices(list(STRATEGY_WEIGHTS), weights=list(STRATEGY_WEIGHTS.values()))[0]
+
+
+def _assistant(reasoning: str, answer: int) -> dict[str, Any]:
+    return {"role": "assistant", "reasoning": reasoning, "content": answer_text(answer)}
+
+
+def single_turn(p: Arith, rng: random.Random, strategy: str | None = None) -> list[dict[str, Any]]:
+    reasoning, ans = solve(p, strategy or _pick_strategy(rng))
+    return [{"role": "user", "content": p.question}, _assistant(reasoning, ans)]
+
+
+_FOLLOW_UPS = [("Now add {d}.", lambda x, d: (f"{x}+{d}={x + d}.", x + d)),
+               ("Now subtract {d}.", lambda x, d: (f"{x}-{d}={x - d}.", x - d)),
+               ("Now double it.", lambda x, d: (f"{x}*2={2 * x}.", 2 * x))]
+
+
+def multi_turn(p: Arith, rng: random.Random, turns: int) -> list[dict[str, Any]]:
+    """A conversation of `turns` assistant turns: the problem, then follow-ups on the previous answer."""
+    msgs = single_turn(p, rng)
+    x = p.answer
+    for _ in range(turns - 1):
+        text, step = _FOLLOW_UPS[rng.randrange(len(_FOLLOW_UPS))]
+        d = rng.randint(10, 99)
+        reasoning, x2 = step(x, d)
+        if abs(x2) > 9999:  # keep numbers small enough for a tiny model
+            text, step = _FOLLOW_UPS[1]
+            reasoning, x2 = step(x, d)
+        msgs += [{"role": "user", "content": text.format(d=d)}, _assistant(reasoning, x2)]
+        x = x2
+    return msgs
+
+
+def slip(rng: random.Random) -> int:
+    return rng.choice([-1, 1]) * rng.choice([1, 2, 10, 10, 20, 100])
+
+
+def retry_episode(p: Arith, rng: random.Random, wrong_attempts: int = 1) -> list[dict[str, Any]]:
+    """Wrong attempt(s) with an arithmetic slip, the RISE retry feedback after each, then a correct attempt."""
+    msgs = [{"role": "user", "content": p.question}]
+    for _ in range(wrong_attempts):
+        reasoning, ans = solve(p, _pick_strategy(rng), slip=slip(rng))
+        msgs += [_assistant(reasoning, ans), {"role": "user", "content": RETRY_PROMPT.format(query=p.question)}]
+    reasoning, ans = solve(p, _pick_strategy(rng))
+    return msgs + [_assistant(reasoning, ans)]
+
+
+def trace_set(p: Arith) -> dict[str, Any]:
+    """One question with one trace per strategy (SSFT's TraceSet record)."""
+    traces = []
+    for name in STRATEGIES:
+        reasoning, ans = solve(p, name)
+        traces.append({"reasoning": reasoning, "content": answer_text(ans), "source": name})
+    return {"question": p.question, "answer": str(p.answer), "traces": traces}
+
+
+def pretraining_conversations(n: int, seed: int = 0, mix: dict[str, float] | None = None) -> list[list[dict]]:
+    """The pre-training mixture (held-out problems excluded)."""
+    mix = mix or {"single": 0.85, "multi": 0.05, "retry": 0.10}
+    rng, out = random.Random(seed), []
+    kinds, weights = list(mix), list(mix.values())
+    while len(out) < n:
+        p = sample_problem(rng)
+        if p in _HELDOUT:
+            continue
+        kind = rng.choices(kinds, weights=weights)[0]
+        if kind == "single":
+            out.append(single_turn(p, rng))
+        elif kind == "multi":
+            out.append(multi_turn(p, rng, rng.randint(2, 4)))
+        else:
+            out.append(retry_episode(p, rng, wrong_attempts=rng.choice([1, 1, 2])))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# build
+# ----------------------------------------------------------------------------------------------------------
+
+MODEL_CONFIG = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
+                    num_key_value_heads=6, head_dim=32, max_position_embeddings=2048)
+
+
+def default_dir() -> Path:
+    from ponder.models import home
+    return home() / f"testbed-v{VERSION}"
+
+
+def ensure(path: Path | None = None, **build_kwargs) -> Path:
+    """The cached testbed directory, built first if missing (one process builds; others wait)."""
+    path = Path(path or os.environ.get("PONDER_TESTBED") or default_dir())
+    if (path / "config.json").exists():
+        return path
+    from filelock import FileLock
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not (path / "config.json").exists():
+            build(path, **build_kwargs)
+    return path
+
+
+def build(out: Path, steps: int = 600, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
+          log: bool = True) -> dict[str, Any]:
+    """Pre-train the testbed model from scratch with ponder's SFT trainer and save it atomically to `out`."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from ponder.models import tiny_config
+    from ponder.trainers.sft import SFTConfig, SFTTrainer
+
+    out = Path(out)
+    tok = build_tokenizer()
+    cfg = tiny_config(len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, **MODEL_CONFIG)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    convs = pretraining_conversations(steps * batch_size, seed=seed)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = SFTConfig(output_dir=str(tmp / "trainer"), max_steps=steps, per_device_train_batch_size=batch_size,
+                     learning_rate=lr, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
+                     warmup_steps=30, weight_decay=0.01, adam_beta2=0.98, max_grad_norm=1.0, logging_steps=25,
+                     save_strategy="no", report_to=[], seed=seed, train_sampling_strategy="group_by_length",
+                     disable_tqdm=not log, max_length=512)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=convs, processing_class=tok)
+    result = trainer.train()
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    info = {"version": VERSION, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+            "train_loss": result.training_loss, "params": sum(p.numel() for p in model.parameters()),
+            "train_runtime_s": result.metrics.get("train_runtime")}
+    (tmp / "testbed.json").write_text(json.dumps(info, indent=2))
+    shutil.rmtree(tmp / "trainer", ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return info

@@ -1,0 +1,1 @@
+"""One `XTrainer` + `XConfig` per method (TRL's shape); configs extend `transformers.TrainingArguments`."""

@@ -1,0 +1,226 @@
+"""One-pass multi-turn reasoning SFT (arXiv 2504.18246): every turn of a conversation trained in one forward,
+earlier turns' reasoning hidden from later turns exactly as at inference, losses identical to N passes.
+
+Modes (`OnePassConfig.mode`), all trained on the same tokens with the same loss:
+- ``onepass``: the layout of `ponder.masks` (answers duplicated, block-sparse mask, explicit positions);
+- ``npass``: the reference — one sample per assistant turn (history reasoning stripped, that turn trained);
+- ``kpass``: turns split into `kpass_chunks` chunks, one-pass inside a chunk, earlier chunks as context
+  (between the two in memory and time).
+
+Batches are made of conversations in every mode, so a run's loss curve does not depend on the mode.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ponder import masks
+from ponder.chat import render
+from ponder.data import DataError, as_conversation
+from ponder.logprobs import cross_entropy, logits_at, token_logprobs
+from ponder.trainers.sft import PonderTrainer, SFTConfig, _report_stats, _resolve, encode, pad_collate
+
+CUSTOM_MASK_BACKENDS = ("eager", "sdpa", "flex_attention")
+
+
+@dataclass
+class OnePassConfig(SFTConfig):
+    mode: str = field(default="onepass", metadata={"help": "onepass | npass | kpass"})
+    kpass_chunks: int = field(default=2, metadata={"help": "kpass: number of chunks of turns"})
+    attention: str = field(default="auto", metadata={"help": "auto | dense | flex (flex has no CPU backward)"})
+
+    def __post_init__(self):
+        if self.mode not in ("onepass", "npass", "kpass"):
+            raise ValueError(f"mode must be onepass, npass or kpass, got {self.mode!r}")
+        if self.attention not in ("auto", "dense", "flex"):
+            raise ValueError(f"attention must be auto, dense or flex, got {self.attention!r}")
+        if self.kpass_chunks < 1:
+            raise ValueError("kpass_chunks must be >= 1")
+        if self.output_dir is None:
+            self.output_dir = "runs/onepass"
+        super().__post_init__()
+
+
+def check_backend(model) -> str:
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl not in CUSTOM_MASK_BACKENDS:
+        raise ValueError(f"attention backend {impl!r} cannot take the one-pass block-sparse mask; load the model "
+                         "with attn_implementation='sdpa' or 'eager' (CPU, dense mask) or 'flex_attention' (GPU)")
+    return impl
+
+
+def attention_for(model, batch: masks.Batch, prefer: str = "auto"):
+    """The attention mask for `batch`: a BlockMask under flex_attention, else a dense additive float mask."""
+    impl = check_backend(model)
+    flex = prefer == "flex" or (prefer == "auto" and impl == "flex_attention")
+    if flex and impl != "flex_attention":
+        raise ValueError("attention='flex' needs a model loaded with attn_implementation='flex_attention'")
+    if flex:
+        return batch.block_mask()
+    dtype = next(model.parameters()).dtype
+    return batch.dense_mask(dtype if dtype.is_floating_point else torch.float32).to(batch.input_ids.device)
+
+
+def chunks(turns: Sequence[int], k: int) -> list[list[int]]:
+    """Split assistant turns into k contiguous chunks of near-equal size."""
+    k = min(k, len(turns))
+    size, extra = divmod(len(turns), k)
+    out, at = [], 0
+    for i in range(k):
+        n = size + (i < extra)
+        out.append(list(turns[at:at + n]))
+        at += n
+    return out
+
+
+def _by_message(values: torch.Tensor, messages: torch.Tensor) -> list[torch.Tensor]:
+    order = []
+    for m in messages.tolist():
+        if m not in order:
+            order.append(m)
+    return [values[messages == m] for m in order]
+
+
+def onepass_logprobs(model, tokenizer, messages: Sequence[dict[str, Any]]) -> list[torch.Tensor]:
+    """Per assistant turn, the log-probs of its trained tokens (reasoning block + answer + end-of-turn token)
+    from ONE forward pass over the one-pass layout."""
+    msgs = [{k: v for k, v in m.items() if k != "weight"} for m in messages]  # every turn, weight 1
+    lay = masks.onepass_layout(tokenizer, msgs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batch = masks.collate([lay], pad)
+    lp = token_logprobs(model, batch.input_ids, pairs=batch.pairs, attention_mask=attention_for(model, batch),
+                        position_ids=batch.position_ids)
+    return _by_message(lp, batch.pair_message)
+
+
+def npass_logprobs(model, tokenizer, messages: Sequence[dict[str, Any]]) -> list[torch.Tensor]:
+    """The N-pass reference: per assistant turn, one forward over the conversation up to that turn (history
+    reasoning stripped) and the log-probs of that turn's trained tokens."""
+    msgs = as_conversation(list(messages), "messages").messages
+    out = []
+    for k, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        segs = render(tokenizer, msgs[:k + 1])
+        ids = torch.tensor([segs.ids])
+        target = torch.tensor([segs.trained_mask([k])])
+        out.append(token_logprobs(model, ids, target_mask=target))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def prepare(tokenizer, items, mode: str, max_length: int, normalization: str, kpass_chunks: int = 2,
+            where: str = "dataset"):
+    """Per conversation, the units the collator packs: one Layout (onepass), one Layout per chunk (kpass),
+    or one SFT example per assistant turn (npass). Over-length conversations are skipped and counted."""
+    from ponder import ui
+    out, stats = [], Counter()
+    for i, item in enumerate(ui.progress(items, "laying out")):
+        conv = as_conversation(item, f"{where}[{i}]")
+        msgs = conv.messages
+        asst = [k for k, m in enumerate(msgs) if m["role"] == "assistant" and m.get("weight", 1.0)]
+        try:
+            if mode == "npass":
+                parts = []
+                for k in asst:
+                    sub = [dict(m, weight=(m.get("weight", 1.0) if j == k else 0.0)) if m["role"] == "assistant"
+                           else m for j, m in enumerate(msgs[:k + 1])]
+                    parts.append(encode(tokenizer, sub, normalization))
+                    parts[-1].pop("hidden_reasoning_turns")
+                lengths = [len(p["input_ids"]) for p in parts]
+            else:
+                groups = [asst] if mode == "onepass" else chunks(asst, kpass_chunks)
+                parts = [masks.onepass_layout(tokenizer, msgs, turns=g, normalization=normalization)
+                         for g in groups if g]
+                lengths = [len(p) for p in parts]
+        except ValueError as e:
+            raise DataError(f"{where}[{i}]: {e}") from None
+        if not parts:
+            stats["skipped_no_trained_tokens"] += 1
+            continue
+        if max(lengths) > max_length:
+            stats["skipped_too_long"] += 1
+            continue
+        units = len(asst) if normalization == "messages" else sum(
+            sum(1 for w in (p["weights"] if isinstance(p, dict) else p.weights) if w) for p in parts)
+        out.append({"parts": parts, "units": units, "tokens": sum(lengths)})
+        stats["turns"] += len(asst)
+        stats["tokens_forwarded"] += sum(lengths)
+    stats["examples"] = len(out)
+    return out, stats
+
+
+def make_collate(mode: str, pad_id: int, packing_length: int | None):
+    sft_collate = pad_collate(pad_id)
+
+    def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+        parts = [p for b in batch for p in b["parts"]]
+        units = torch.tensor([b["units"] for b in batch])
+        if mode == "npass":
+            out = sft_collate(parts)
+            out["units"] = units
+            return out
+        mb = masks.collate(parts, pad_id, packing_length)
+        return {"input_ids": mb.input_ids, "position_ids": mb.position_ids, "roles": mb.roles, "turns": mb.turns,
+                "samples": mb.samples, "weights": mb.weights, "pairs": mb.pairs, "units": units}
+    return collate
+
+
+class OnePassTrainer(PonderTrainer):
+    """`Trainer` for multi-turn reasoning conversations (TRL-shaped: OnePassTrainer + OnePassConfig)."""
+
+    def __init__(self, model=None, args: OnePassConfig | None = None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, **kwargs):
+        args = args or OnePassConfig()
+        if isinstance(model, str) or model is None:
+            from ponder.models import load
+            model, processing_class = load(model or args.model, dtype=args.dtype, lora=args.lora)
+        elif args.lora is not None:
+            from ponder.models import apply_lora
+            model = apply_lora(model, args.lora)
+        if processing_class is None:
+            raise ValueError("OnePassTrainer needs the tokenizer (processing_class) when given a model object")
+        if args.mode != "npass":
+            check_backend(model)
+        tok = processing_class
+        self.data_stats: dict[str, Counter] = {}
+        train, self.data_stats["train"] = prepare(
+            tok, _resolve(train_dataset if train_dataset is not None else args.dataset, "train"), args.mode,
+            args.max_length, args.loss_normalization, args.kpass_chunks, where=_name(args.dataset))
+        if not train:
+            raise DataError("no trainable conversations left after skipping (see the counts above)")
+        evald = None
+        if eval_dataset is not None:
+            evald, self.data_stats["eval"] = prepare(tok, _resolve(eval_dataset, "test"), args.mode, args.max_length,
+                                                     args.loss_normalization, args.kpass_chunks, "eval_dataset")
+        _report_stats(self.data_stats)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        super().__init__(model=model, args=args, train_dataset=train, eval_dataset=evald, processing_class=tok,
+                         data_collator=make_collate(args.mode, pad, args.packing_length if args.packing else None),
+                         **kwargs)
+
+    def weighted_loss_sum(self, model, inputs):
+        w = inputs["weights"]
+        if "pairs" not in inputs:  # npass: plain causal samples
+            from ponder.logprobs import shift_pairs
+            pairs = shift_pairs(w != 0)
+            logits = logits_at(model, inputs["input_ids"], (pairs[0], pairs[1]), inputs.get("attention_mask"))
+        else:
+            pairs = inputs["pairs"]
+            batch = masks.Batch(inputs["input_ids"], inputs["position_ids"], inputs["roles"], inputs["turns"],
+                                inputs["samples"], w, pairs, None, None)  # type: ignore[arg-type]
+            att = attention_for(model, batch, self.args.attention)
+            logits = logits_at(model, inputs["input_ids"], (pairs[0], pairs[1]), att, inputs["position_ids"])
+        ce = cross_entropy(logits, inputs["input_ids"][pairs[0], pairs[2]])
+        return (ce * w[pairs[0], pairs[2]].to(ce.dtype)).sum()
+
+
+def _name(spec) -> str:
+    return spec if isinstance(spec, str) else "train_dataset"

@@ -1,0 +1,72 @@
+"""Progress bars and summary tables (rich), shared by every command."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def console():
+    from rich.console import Console
+    return Console(stderr=True)
+
+
+def quiet() -> bool:
+    return os.environ.get("PONDER_QUIET", "0") not in ("0", "")
+
+
+@contextmanager
+def progress_bar(description: str, total: int | None, unit: str = ""):
+    """Yields ``advance(n=1)``; draws a rich bar on a terminal, a few plain lines otherwise."""
+    if quiet():
+        yield lambda n=1: None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn(unit), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*cols, console=console(), transient=False, disable=not sys.stderr.isatty()) as p:
+        task = p.add_task(description, total=total)
+        yield lambda n=1: p.advance(task, n)
+
+
+def progress(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    with progress_bar(description, total) as advance:
+        for x in items:
+            yield x
+            advance()
+
+
+def fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    return str(v)
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    from rich.table import Table
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*[fmt(v) for v in r])
+    from rich.console import Console
+    Console().print(t)
+
+
+def info(msg: str) -> None:
+    if not quiet():
+        console().print(msg)

@@ -1,0 +1,223 @@
+"""Answer extraction and checking.
+
+`score(problem, text) -> float` (1.0 = correct) dispatches on the problem's verifier
+(``problem.meta["verifier"]``, else by task): ``math`` (math-verify, the default), ``gsm8k`` (``#### N``, then
+``\\boxed{}``, "The answer is", the last number), ``boxed`` (last ``\\boxed{}``), ``answer_is`` (LaTRO's
+extractor), ``rg:<task>`` (reasoning-gym's own `score_answer`; it gives partial credit, so only 1.0 counts as
+correct in `is_correct`). `extract(problem, text)` returns the canonical answer string used for majority votes.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def canonical_number(s: str | None) -> str | None:
+    """'1,234' -> '1234', '5.0' -> '5', '-0' -> '0', '$7.' -> '7'; None if `s` is not a number."""
+    if s is None:
+        return None
+    t = s.strip().replace(",", "").replace("$", "").rstrip(".").strip()
+    try:
+        d = Decimal(t)
+    except InvalidOperation:
+        return None
+    if not d.is_finite():
+        return None
+    if d == d.to_integral_value():
+        return str(int(d))
+    return format(d.normalize(), "f")
+
+
+def last_number(text: str) -> str | None:
+    nums = _NUMBER.findall(text)
+    return canonical_number(nums[-1]) if nums else None
+
+
+def first_number(text: str) -> str | None:
+    nums = _NUMBER.findall(text)
+    return canonical_number(nums[0]) if nums else None
+
+
+def gsm8k_hash(text: str) -> str | None:
+    """The number after the last ``####``."""
+    if "####" not in text:
+        return None
+    return first_number(text.rsplit("####", 1)[1])
+
+
+def boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (nested braces allowed) or ``\\boxed N``; None if absent/unclosed."""
+    i = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if i < 0:
+        return None
+    j = text.index("box", i) + 3
+    if j < len(text) and text[j] == "e":  # \boxed
+        j += 2
+    if j < len(text) and text[j] == " ":
+        m = re.match(r" ([^\s$]+)", text[j:])
+        return m.group(1) if m else None
+    if j >= len(text) or text[j] != "{":
+        return None
+    depth, k = 0, j
+    while k < len(text):
+        if text[k] == "{":
+            depth += 1
+        elif text[k] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[j + 1:k]
+        k += 1
+    return None
+
+
+_ANSWER_IS = re.compile(r"the answer is", re.IGNORECASE)
+
+
+def answer_is(text: str, numeric: bool = True) -> str | None:
+    """LaTRO's extractor: the first number after the last "The answer is", else the last number in the text.
+    numeric=False: the text after the last "The answer is" up to the end of its line, without the final '.'
+    (for non-numeric answers); None if the phrase is absent."""
+    hits = list(_ANSWER_IS.finditer(text))
+    if numeric:
+        if hits:
+            n = first_number(text[hits[-1].end():])
+            if n is not None:
+                return n
+        return last_number(text)
+    if not hits:
+        return None
+    rest = text[hits[-1].end():].lstrip(" :").split("\n", 1)[0].strip()
+    return rest[:-1].strip() if rest.endswith(".") else rest
+
+
+def answer_tag(text: str) -> str | None:
+    found = re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)
+    return found[-1].strip() if found else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# math-verify
+# ----------------------------------------------------------------------------------------------------------
+
+
+def math_equal(gold: str, text: str) -> bool:
+    """math-verify: is the answer in `text` equal to `gold`? Safe off the main thread (its signal-based
+    time-outs only work on the main thread, so they are switched off there)."""
+    from math_verify import parse, verify
+    main = threading.current_thread() is threading.main_thread()
+    kw_parse = {} if main else {"parsing_timeout": None}
+    kw_verify = {} if main else {"timeout_seconds": None}
+    g = parse(gold if "$" in gold or "\\" in gold else f"${gold}$", **kw_parse)
+    a = parse(text, **kw_parse)
+    if not g or not a:
+        return False
+    return bool(verify(g, a, **kw_verify))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dispatch
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _meta(problem: Any) -> dict:
+    return problem.get("meta", {}) if isinstance(problem, dict) else getattr(problem, "meta", {}) or {}
+
+
+def _gold(problem: Any) -> str:
+    return str(problem["answer"] if isinstance(problem, dict) else problem.answer)
+
+
+def verifier_of(problem: Any) -> str:
+    meta = _meta(problem)
+    if meta.get("verifier"):
+        return meta["verifier"]
+    task = meta.get("task", "")
+    if task == "testbed":
+        return "answer_is"
+    if task.startswith("rg:"):
+        return task
+    return "math"
+
+
+def _numeric_or_text(pred: str | None, gold: str) -> float:
+    if pred is None:
+        return 0.0
+    g, p = canonical_number(gold), canonical_number(pred)
+    if g is not None and p is not None:
+        return float(Decimal(g) == Decimal(p))
+    return float(pred.strip().lower() == gold.strip().lower())
+
+
+def gsm8k_extract(text: str) -> str | None:
+    for f in (gsm8k_hash, lambda t: canonical_number(boxed(t)), lambda t: answer_is(t)):
+        v = f(text)
+        if v is not None:
+            return v
+    return None
+
+
+def _rg_extract(text: str, gold: str) -> str | None:
+    tag = answer_tag(text)
+    if tag is not None:
+        return tag
+    numeric = canonical_number(gold) is not None
+    for v in (answer_is(text, numeric=numeric), boxed(text)):
+        if v is not None:
+            return v
+    return last_number(text) if numeric else None
+
+
+def extract(problem: Any, text: str) -> str | None:
+    """The answer in `text`, in the canonical form majority votes compare."""
+    kind, gold = verifier_of(problem), _gold(problem)
+    if kind in ("answer_is", "testbed"):
+        return answer_is(text, numeric=canonical_number(gold) is not None)
+    if kind == "gsm8k":
+        return gsm8k_extract(text)
+    if kind == "boxed":
+        b = boxed(text)
+        return canonical_number(b) or (b.strip() if b is not None else None)
+    if kind.startswith("rg:"):
+        v = _rg_extract(text, gold)
+        return canonical_number(v) or v if v is not None else None
+    # math: prefer \boxed, then "The answer is", then the last number
+    b = boxed(text)
+    if b is not None:
+        return canonical_number(b) or b.strip()
+    return answer_is(text, numeric=True)
+
+
+def score(problem: Any, text: str) -> float:
+    """Reward in [0, 1] for `text` as an answer to `problem` (1.0 = correct)."""
+    kind, gold = verifier_of(problem), _gold(problem)
+    if kind.startswith("rg:"):
+        import reasoning_gym as rg
+        entry = _meta(problem).get("entry") or {"question": "", "answer": gold, "metadata": {}}
+        pred = _rg_extract(text, gold)
+        if pred is None:
+            return 0.0
+        return float(rg.get_score_answer_fn(kind[3:])(pred, entry))
+    if kind == "math":
+        return float(math_equal(gold, text))
+    if kind not in ("answer_is", "testbed", "gsm8k", "boxed"):
+        raise ValueError(f"unknown verifier {kind!r} (expected math, gsm8k, boxed, answer_is or rg:<task>)")
+    return _numeric_or_text(extract(problem, text), gold)
+
+
+def is_correct(problem: Any, text: str) -> bool:
+    return score(problem, text) >= 1.0
+
+
+def rise_gsm8k_reward(text: str, gold: str) -> float:
+    """RISE's GSM8K reward (papers.md §3.3): +1 if the last ``\\boxed{}`` (an integer, commas removed) equals
+    the gold, 0 if it does not, -1 if there is no parsable boxed answer."""
+    b = boxed(text)
+    n = canonical_number(b) if b is not None else None
+    if n is None or "." in n:
+        return -1.0
+    return 1.0 if n == canonical_number(gold) else 0.0

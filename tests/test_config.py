@@ -1,0 +1,48 @@
+import pytest
+
+from ponder.config import ConfigError, load_config
+from ponder.trainers.sft import SFTConfig
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = write(tmp_path, "model: tiny-random\nmax_steps: 5\nlearning_rate: 1e-3\nlora:\n  r: 4\n")
+    cfg = load_config(SFTConfig, p, ["max_steps=7", "lora.alpha=8", "output_dir=" + str(tmp_path / "o")])
+    assert (cfg.model, cfg.max_steps, cfg.learning_rate, cfg.lora) == ("tiny-random", 7, 1e-3, {"r": 4, "alpha": 8})
+
+
+def test_unknown_field_names_file_line_and_suggests(tmp_path):
+    p = write(tmp_path, "model: tiny-random\n\nlerning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:3: unknown field 'lerning_rate' in SFTConfig "
+                                          r"\(did you mean 'learning_rate'\?\)"):
+        load_config(SFTConfig, p)
+    with pytest.raises(ConfigError, match=r"command line \(max_stepz=3\): unknown field 'max_stepz'"):
+        load_config(SFTConfig, None, ["max_stepz=3"])
+
+
+def test_wrong_type_names_field(tmp_path):
+    p = write(tmp_path, "max_steps: lots\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:1: field 'max_steps' must be int, got 'lots'"):
+        load_config(SFTConfig, p)
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    p = write(tmp_path, "model: a\nmax_steps: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:\d+: invalid YAML"):
+        load_config(SFTConfig, p)
+
+
+def test_invalid_value_from_post_init(tmp_path):
+    p = write(tmp_path, "loss_normalization: per_vibe\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:1: loss_normalization must be 'tokens' or 'messages'"):
+        load_config(SFTConfig, p, ["output_dir=" + str(tmp_path)])
+
+
+def test_override_syntax():
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_config(SFTConfig, None, ["max_steps"])

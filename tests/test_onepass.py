@@ -1,0 +1,234 @@
+"""One-pass layout: equal to the N-pass reference per token (fp64), gradients equal, mask blocks and positions
+as in the paper's tables, packing and padding, BlockMask forward equal to the dense path."""
+
+import random
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ponder import masks, models
+from ponder.logprobs import token_logprobs
+from ponder.masks import ANSWER_IN, ANSWER_OUT, HUMAN, THINK
+from ponder.trainers.onepass import attention_for, npass_logprobs, onepass_logprobs
+
+WORDS = ["12", "+", "7", "=", "19.", "The answer is", "apple", "x", "Now add 5.", "?"]
+
+
+@pytest.fixture(scope="module")
+def eager64():
+    """fp64 with the dense mask under sdpa (exact in fp64). HF's *eager* attention computes its softmax in
+    fp32 even for fp64 models, which limits agreement to ~1e-7 (see test_eager_attention_agrees)."""
+    return models.load("tiny-random", dtype="float64", attn_implementation="sdpa")
+
+
+def conversation(rng: random.Random, turns: int, p_reasoning: float = 0.6, system: bool = False):
+    def text(lo=1, hi=6):
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+    msgs = [{"role": "system", "content": "Be brief."}] if system else []
+    for _ in range(turns):
+        msgs.append({"role": "user", "content": text()})
+        m = {"role": "assistant", "content": text()}
+        if rng.random() < p_reasoning:
+            m["reasoning"] = text(2, 10)
+        msgs.append(m)
+    return msgs
+
+
+conversations = st.builds(lambda seed, turns, p, sys_: conversation(random.Random(seed), turns, p, sys_),
+                          st.integers(0, 10**6), st.integers(1, 8), st.sampled_from([0.0, 0.5, 1.0]), st.booleans())
+
+
+def max_diff(a, b):
+    assert len(a) == len(b)
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(msgs=conversations)
+def test_onepass_equals_npass_per_token(eager64, msgs):
+    model, tok = eager64
+    one, ref = onepass_logprobs(model, tok, msgs), npass_logprobs(model, tok, msgs)
+    assert [len(x) for x in one] == [len(x) for x in ref]
+    assert max_diff(one, ref) <= 1e-9
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(convs=st.lists(conversations, min_size=2, max_size=4), row=st.sampled_from([None, 64, 256]))
+def test_packing_and_padding(eager64, convs, row):
+    """Several conversations per row (no attention across them), rows right-padded."""
+    model, tok = eager64
+    lays = [masks.onepass_layout(tok, c) for c in convs]
+    batch = masks.collate(lays, tok.pad_token_id, row_length=row)
+    lp = token_logprobs(model, batch.input_ids, pairs=batch.pairs, attention_mask=attention_for(model, batch),
+                        position_ids=batch.position_ids)
+    for i, c in enumerate(convs):
+        ref = npass_logprobs(model, tok, c)
+        mine = lp[batch.pair_example == i]
+        assert (mine - torch.cat(ref)).abs().max().item() <= 1e-9
+
+
+def test_eager_attention_agrees():
+    model, tok = models.load("tiny-random", dtype="float64", attn_implementation="eager")
+    for s in range(3):
+        msgs = conversation(random.Random(s), 6, 0.5)
+        assert max_diff(onepass_logprobs(model, tok, msgs), npass_logprobs(model, tok, msgs)) <= 1e-6
+
+
+def test_gradients_equal_npass(eager64):
+    model, tok = eager64
+    rng = random.Random(7)
+    msgs = conversation(rng, 5, 0.7)
+    params = [p for p in model.parameters()]
+
+    def grads(fn):
+        model.zero_grad()
+        torch.cat(fn(model, tok, msgs)).sum().backward()
+        return [p.grad.clone() for p in params]
+    g1, g2 = grads(onepass_logprobs), grads(npass_logprobs)
+    assert max((a - b).abs().max().item() for a, b in zip(g1, g2)) <= 1e-6
+    model.zero_grad()
+
+
+def test_turns_without_reasoning_are_trained_once(tb_tok):
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"}, {"role": "assistant", "content": "d", "reasoning": "r"}]
+    lay = masks.onepass_layout(tb_tok, msgs)
+    roles = [masks.ROLE_NAMES[r] for r in lay.roles]
+    trained = {t for _, t in lay.pairs}
+    # turn 1 (no reasoning): its answer appears once, as answer_in, and is trained ("b<|im_end|>")
+    b_at = [i for i, (r, t) in enumerate(zip(lay.roles, lay.turns)) if r == ANSWER_IN and t == 0]
+    assert tb_tok.decode([lay.ids[i] for i in b_at]) == "b<|im_end|>\n"
+    assert {b_at[0], b_at[1]} <= trained and b_at[2] not in trained  # the trailing newline is not trained
+    assert roles.count("answer_out") == len("d") + 1 and "think" in roles
+
+
+def two_turn_layout(tok):
+    msgs = [{"role": "user", "content": "u1"}, {"role": "assistant", "content": "a1", "reasoning": "r1"},
+            {"role": "user", "content": "u2"}, {"role": "assistant", "content": "a2", "reasoning": "r2"}]
+    return msgs, masks.onepass_layout(tok, msgs)
+
+
+def test_mask_blocks_match_the_paper_table(tb_tok):
+    """papers.md §2.4: h_i sees H_<i, h_i; t_i sees H_<i, h_i, t_i; r_in sees H_<i, h_i, r_in (not t_i);
+    r_out sees H_<i, h_i, t_i, r_out (not r_in). H_<i = earlier human turns and earlier answer_in copies."""
+    _, lay = two_turn_layout(tb_tok)
+    batch = masks.collate([lay], 0)
+    ok = batch.dense_mask(torch.float64)[0, 0] == 0
+    roles, turns = lay.roles, lay.turns
+    expected_visible = {  # (query role, key role, key turn relative to query turn) -> visible
+        (HUMAN, HUMAN, "same"): True, (HUMAN, HUMAN, "earlier"): True, (HUMAN, ANSWER_IN, "earlier"): True,
+        (HUMAN, THINK, "earlier"): False, (HUMAN, ANSWER_OUT, "earlier"): False,
+        (THINK, HUMAN, "same"): True, (THINK, THINK, "same"): True, (THINK, ANSWER_IN, "earlier"): True,
+        (THINK, THINK, "earlier"): False, (THINK, ANSWER_OUT, "earlier"): False, (THINK, HUMAN, "earlier"): True,
+        (ANSWER_OUT, HUMAN, "same"): True, (ANSWER_OUT, THINK, "same"): True, (ANSWER_OUT, ANSWER_OUT, "same"): True,
+        (ANSWER_OUT, ANSWER_IN, "earlier"): True, (ANSWER_OUT, THINK, "earlier"): False,
+        (ANSWER_OUT, ANSWER_OUT, "earlier"): False, (ANSWER_OUT, HUMAN, "earlier"): True,
+        (ANSWER_IN, HUMAN, "same"): True, (ANSWER_IN, HUMAN, "earlier"): True,
+        (ANSWER_IN, THINK, "same"): False, (ANSWER_IN, ANSWER_OUT, "same"): False,
+        (ANSWER_IN, ANSWER_IN, "same"): True, (ANSWER_IN, ANSWER_IN, "earlier"): True,
+        (ANSWER_IN, THINK, "earlier"): False, (ANSWER_IN, ANSWER_OUT, "earlier"): False,
+    }
+    seen = set()
+    for q in range(len(lay)):
+        for k in range(q + 1):
+            rel = "same" if turns[k] == turns[q] else "earlier"
+            key = (roles[q], roles[k], rel)
+            assert key in expected_visible, key
+            assert bool(ok[q, k]) == expected_visible[key], (q, k, key)
+            seen.add(key)
+        assert not ok[q, q + 1:].any()  # causal
+    assert seen == set(expected_visible)  # every block of the table occurs in this conversation
+
+
+def test_positions_match_npass(tb_tok):
+    """papers.md §2.5: r_out positions equal those of the answer in turn i's own sample, r_in positions equal
+    those of the answer in turn i+1's sample (as if the reasoning were absent)."""
+    from ponder.chat import render
+    msgs, lay = two_turn_layout(tb_tok)
+    pos = {(r, t): [p for p, rr, tt in zip(lay.positions, lay.roles, lay.turns) if rr == r and tt == t]
+           for r in (ANSWER_IN, ANSWER_OUT, THINK) for t in (0, 1)}
+    s1 = render(tb_tok, msgs[:2])
+    a1 = [i for i, k in enumerate(s1.kinds) if k in ("answer", "eot")]
+    assert pos[(ANSWER_OUT, 0)] == a1
+    s2 = render(tb_tok, msgs)
+    hist_a1 = [i for i, (k, m) in enumerate(zip(s2.kinds, s2.messages)) if m == 1 and k in ("answer", "eot")]
+    assert pos[(ANSWER_IN, 0)][:len(hist_a1)] == hist_a1
+    think2 = [i for i, k in enumerate(s2.kinds) if k == "reasoning"]
+    assert pos[(THINK, 1)] == think2
+    assert pos[(THINK, 0)][0] == pos[(ANSWER_IN, 0)][0]  # r_in starts where t starts
+
+
+def test_official_order_with_naive_shift_is_wrong(eager64):
+    """papers.md §2.7: laying out [t | r_in | r_out] and predicting each token from the previous index trains
+    the first answer token of every turn from the wrong state; our explicit pairs do not."""
+    model, tok = eager64
+    msgs = conversation(random.Random(3), 3, p_reasoning=1.0)
+    lay = masks.onepass_layout(tok, msgs)
+    ref = torch.cat(npass_logprobs(model, tok, msgs))
+    # permute each turn's [answer_out | answer_in] blocks into the official [answer_in | answer_out]
+    idx, i = [], 0
+    while i < len(lay):
+        if lay.roles[i] == ANSWER_OUT:
+            j = i
+            while j < len(lay) and lay.roles[j] == ANSWER_OUT:
+                j += 1
+            k = j
+            while k < len(lay) and lay.roles[k] == ANSWER_IN and lay.turns[k] == lay.turns[i]:
+                k += 1
+            idx += list(range(j, k)) + list(range(i, j))
+            i = k
+        else:
+            idx.append(i)
+            i += 1
+    perm = masks.Layout(*[[getattr(lay, f)[x] for x in idx] for f in ("ids", "roles", "turns", "positions",
+                                                                       "weights")])
+    new_of = {old: new for new, old in enumerate(idx)}
+    targets = [new_of[t] for _, t in lay.pairs]
+    # causal order changed, so give the mask the official predicate: r_out may see same-turn keys before it
+    batch = masks.collate([perm], tok.pad_token_id)
+    T = len(perm)
+    r = batch.roles[0]
+    t = batch.turns[0]
+    ok = masks.allowed(r[:, None], t[:, None], batch.samples[0][:, None], torch.arange(T)[:, None],
+                       r[None], t[None], batch.samples[0][None], torch.arange(T)[None])
+    ok = ok & ~((r[:, None] == ANSWER_OUT) & (r[None] == ANSWER_IN) & (t[:, None] == t[None]))
+    att = torch.zeros(T, T, dtype=torch.float64).masked_fill(~ok, torch.finfo(torch.float64).min)[None, None]
+    ids = batch.input_ids
+    explicit = torch.tensor([[0] * len(targets), [new_of[p] for p, _ in lay.pairs], targets])
+    naive = torch.tensor([[0] * len(targets), [x - 1 for x in targets], targets])
+    good = token_logprobs(model, ids, pairs=explicit, attention_mask=att, position_ids=batch.position_ids)
+    bad = token_logprobs(model, ids, pairs=naive, attention_mask=att, position_ids=batch.position_ids)
+    assert (good - ref).abs().max() <= 1e-9
+    wrong = ((bad - ref).abs() > 1e-6).sum().item()
+    assert wrong == 3  # exactly the first answer token of each of the 3 turns
+
+
+def test_unsupported_attention_backend_is_a_clear_error(tb_tok):
+    model, tok = models.load("tiny-random")
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="cannot take the one-pass block-sparse mask"):
+        onepass_logprobs(model, tok, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+
+
+def test_blockmask_forward_matches_dense():
+    model, tok = models.load("tiny-random", attn_implementation="flex_attention")
+    dense, _ = models.load("tiny-random", attn_implementation="sdpa")
+    convs = [conversation(random.Random(s), 4, 0.6) for s in range(3)]
+    lays = [masks.onepass_layout(tok, c) for c in convs]
+    batch = masks.collate(lays, tok.pad_token_id, row_length=256)
+    with torch.no_grad():
+        a = token_logprobs(model, batch.input_ids, pairs=batch.pairs, attention_mask=batch.block_mask(),
+                           position_ids=batch.position_ids)
+        b = token_logprobs(dense, batch.input_ids, pairs=batch.pairs, attention_mask=attention_for(dense, batch),
+                           position_ids=batch.position_ids)
+    assert (a - b).abs().max().item() <= 1e-4
+
+
+def test_smollm2_real_template(smol_dir):
+    model, tok = models.load("smollm2-135m")
+    msgs = conversation(random.Random(11), 3, p_reasoning=0.7, system=False)
+    with torch.no_grad():
+        d = max_diff(onepass_logprobs(model, tok, msgs), npass_logprobs(model, tok, msgs))
+    assert d <= 2e-3  # fp32 on a 30-layer model with logits up to ~40 (feasibility.md §4c: 6e-5 on logits)

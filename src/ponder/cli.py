@@ -102,6 +102,17 @@ def sft_cmd(config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP
         _fail(e)
 
 
+@app.command("onepass", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def onepass_cmd(config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+                overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP)):
+    """One-pass multi-turn reasoning SFT (mode: onepass | npass | kpass), earlier reasoning hidden."""
+    from ponder.recipes import run_onepass
+    try:
+        run_onepass(config, overrides or [])
+    except ValueError as e:
+        _fail(e)
+
+
 @app.command("demo")
 def demo_cmd(n: int = typer.Option(200, help="held-out problems to evaluate on")):
     """Set up the testbed and show what ponder does on it (grows as the methods land)."""

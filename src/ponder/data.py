@@ -220,7 +220,14 @@ def _rg_names() -> list[str]:
 _RG_NAMES: list[str] | None = None
 
 
-def load_conversations(spec: str, n: int | None = None, split: str = "train") -> list[Conversation]:
+def load_conversations(spec: str, n: int | None = None, split: str = "train", seed: int = 0
+                       ) -> list[Conversation]:
+    """Conversations from JSONL / HF datasets, or generated: ``testbed:multi`` (follow-up conversations of
+    2-8 turns with reasoning), ``testbed:retry`` (RISE-style retry episodes), ``testbed:single``."""
+    if spec.startswith("testbed:"):
+        from ponder import testbed
+        return [Conversation(m, f"{spec}-{i}") for i, m in
+                enumerate(testbed.conversations(spec.split(":", 1)[1], n or 1000, seed=seed, split=split))]
     out = []
     for i, (where, rec) in enumerate(_rows(spec, split)):
         out.append(conversation_from_record(rec, where, i))
@@ -229,7 +236,12 @@ def load_conversations(spec: str, n: int | None = None, split: str = "train") ->
     return out
 
 
-def load_tracesets(spec: str, n: int | None = None, split: str = "train") -> list[TraceSet]:
+def load_tracesets(spec: str, n: int | None = None, split: str = "train", seed: int = 0) -> list[TraceSet]:
+    """TraceSets from JSONL / HF datasets, or ``testbed:traces`` (one trace per testbed strategy)."""
+    if spec == "testbed:traces":
+        from ponder import testbed
+        return [TraceSet(**r, id=f"{spec}-{i}") for i, r in
+                enumerate(testbed.trace_sets(n or 1000, seed=seed, split=split))]
     out = []
     for i, (where, rec) in enumerate(_rows(spec, split)):
         out.append(traceset_from_record(rec, where, i))

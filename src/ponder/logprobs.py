@@ -20,19 +20,20 @@ def shift_pairs(target_mask: torch.Tensor) -> torch.Tensor:
 
 
 def logits_at(model, input_ids: torch.Tensor, predictors: tuple[torch.Tensor, torch.Tensor],
-              attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
-              ) -> torch.Tensor:
+              attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+              **model_kwargs) -> torch.Tensor:
     """Logits at the (row, position) predictors, shape (P, vocab), in float32 or wider.
 
     Calls the model as a whole (so DDP/FSDP wrappers see the forward) and only then selects positions."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                **model_kwargs)
     logits = out.logits[predictors[0], predictors[1]]
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
 def token_logprobs(model, input_ids: torch.Tensor, pairs: torch.Tensor | None = None,
                    attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                   target_mask: torch.Tensor | None = None) -> torch.Tensor:
+                   target_mask: torch.Tensor | None = None, **model_kwargs) -> torch.Tensor:
     """log p(input_ids[row, target] | state at [row, predictor]) for each pair, a 1-D tensor.
 
     pairs: (3, P) long tensor of (row, predictor, target); default: `shift_pairs(target_mask)` (every
@@ -43,7 +44,7 @@ def token_logprobs(model, input_ids: torch.Tensor, pairs: torch.Tensor | None = 
         if target_mask is None:
             target_mask = torch.ones_like(input_ids, dtype=torch.bool)
         pairs = shift_pairs(target_mask)
-    logits = logits_at(model, input_ids, (pairs[0], pairs[1]), attention_mask, position_ids)
+    logits = logits_at(model, input_ids, (pairs[0], pairs[1]), attention_mask, position_ids, **model_kwargs)
     targets = input_ids[pairs[0], pairs[2]]
     return logprobs_of(logits, targets)
 

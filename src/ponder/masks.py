@@ -239,3 +239,107 @@ def collate(layouts: Sequence[Layout], pad_id: int, row_length: int | None = Non
     pairs = torch.tensor([pr, pp, pt], dtype=torch.long).reshape(3, -1)
     return Batch(ids, pos, roles, turns, samples, weights, pairs, torch.tensor(pe, dtype=torch.long),
                  torch.tensor(pm, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Block-sparse attention without FlexAttention (CPU training path)
+# ----------------------------------------------------------------------------------------------------------
+#
+# A dense mask makes every query attend over all T keys (masked ones included), so the one-pass layout would
+# pay O(T^2) attention although each token sees about what it sees in its N-pass sample. FlexAttention skips
+# empty blocks but has no backward on CPU in torch 2.13. This path cuts the queries into blocks, gathers the
+# keys any query of the block may see, and runs sdpa on that sub-problem with the exact mask: same numbers as
+# the dense mask, cost proportional to the visible keys, autograd for the backward.
+
+SPARSE_IMPL = "ponder_sparse"
+
+
+@dataclass
+class SparsePlan:
+    """Per row: a list of (query start, query end, key indices, additive mask) blocks."""
+    rows: list[list[tuple[int, int, torch.Tensor, torch.Tensor]]]
+    length: int
+
+
+def sparse_plan(batch: Batch, dtype: torch.dtype, block: int = 64) -> SparsePlan:
+    rows = []
+    T = batch.input_ids.shape[1]
+    idx = torch.arange(T, device=batch.input_ids.device)
+    minv = torch.finfo(dtype).min
+    for b in range(batch.input_ids.shape[0]):
+        r, t, s = batch.roles[b], batch.turns[b], batch.samples[b]
+        blocks = []
+        for qs in range(0, T, block):
+            qe = min(T, qs + block)
+            ok = allowed(r[qs:qe, None], t[qs:qe, None], s[qs:qe, None], idx[qs:qe, None],
+                         r[None, :qe], t[None, :qe], s[None, :qe], idx[None, :qe])
+            keys = ok.any(0).nonzero().squeeze(1)
+            if keys.numel() == 0:
+                continue
+            sub = ok[:, keys]
+            bias = torch.zeros(sub.shape, dtype=dtype, device=sub.device).masked_fill_(~sub, minv)
+            blocks.append((qs, qe, keys, bias))
+        rows.append(blocks)
+    return SparsePlan(rows, T)
+
+
+def sparse_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, **kwargs):
+    """A transformers attention function (registered as ``ponder_sparse``): query/key/value (B, H, T, D)."""
+    import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import repeat_kv
+    plan: SparsePlan = kwargs["ponder_plan"]
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    B, H, T, D = query.shape
+    p = dropout if module.training else 0.0
+    outs = []
+    for b, blocks in enumerate(plan.rows):
+        pieces, at = [], 0
+        for qs, qe, keys, bias in blocks:
+            if qs > at:  # query blocks that see nothing (padding): zeros
+                pieces.append(query.new_zeros(H, qs - at, value.shape[-1]))
+            q, k, v = query[b, :, qs:qe], key[b, :, keys], value[b, :, keys]
+            pieces.append(F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p,
+                                                         scale=scaling))
+            at = qe
+        if at < T:
+            pieces.append(query.new_zeros(H, T - at, value.shape[-1]))
+        outs.append(torch.cat(pieces, dim=1))
+    out = torch.stack(outs)                       # (B, H, T, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_sparse():
+    from transformers import AttentionInterface
+    if SPARSE_IMPL not in AttentionInterface._global_mapping:
+        AttentionInterface.register(SPARSE_IMPL, sparse_attention_forward)
+
+
+class sparse_attention:
+    """Context manager: run `model`'s attention through `sparse_attention_forward` (pass ``ponder_plan=``)."""
+
+    def __init__(self, model):
+        _register_sparse()
+        self.configs = [c for c in _configs(model)]
+
+    def __enter__(self):
+        self.saved = [c._attn_implementation for c in self.configs]
+        for c in self.configs:
+            c._attn_implementation = SPARSE_IMPL
+        return self
+
+    def __exit__(self, *exc):
+        for c, impl in zip(self.configs, self.saved):
+            c._attn_implementation = impl
+        return False
+
+
+def _configs(model):
+    seen, out = set(), []
+    for m in model.modules():
+        c = getattr(m, "config", None)
+        if c is not None and hasattr(c, "_attn_implementation") and id(c) not in seen:
+            seen.add(id(c))
+            out.append(c)
+    return out

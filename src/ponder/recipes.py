@@ -22,29 +22,37 @@ def _resume_arg(cfg):
     return True if r in ("last", "true", "True") else r
 
 
-def run_sft(config_path, overrides: list[str]):
+def run_training(config_cls, trainer_cls, config_path, overrides: list[str], title: str):
+    """Config -> trainer -> train -> runs/<name>/{config.yaml, final/, metrics.json} and a summary table."""
     from ponder import ui
     from ponder.config import load_config, to_yaml
-    from ponder.trainers.sft import SFTConfig, SFTTrainer
-    cfg = load_config(SFTConfig, config_path, overrides)
+    cfg = load_config(config_cls, config_path, overrides)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
-    trainer = SFTTrainer(args=cfg)
+    trainer = trainer_cls(args=cfg)
     t = time.time()
     result = trainer.train(resume_from_checkpoint=_resume_arg(cfg))
     trainer.save_model(str(out / "final"))
     stats = {k: dict(v) for k, v in trainer.data_stats.items()}
     metrics = {"train_loss": result.training_loss, "steps": result.global_step, "seconds": time.time() - t,
-               "data": stats}
+               "data": stats, "log_history": trainer.state.log_history}
     write_json(out / "metrics.json", metrics)
-    ui.print_table(f"sft: {cfg.model} on {cfg.dataset}", ["metric", "value"],
-                   [("steps", result.global_step), ("train loss", result.training_loss),
-                    ("examples", stats["train"].get("examples", 0)),
-                    ("skipped (too long)", stats["train"].get("skipped_too_long", 0)),
-                    ("seconds", metrics["seconds"])])
+    rows = [("steps", result.global_step), ("train loss", result.training_loss),
+            ("seconds", metrics["seconds"])] + [(f"data: {k}", v) for k, v in sorted(stats["train"].items())]
+    ui.print_table(f"{title}: {cfg.model} on {cfg.dataset}", ["metric", "value"], rows)
     ui.info(f"model: {out / 'final'}   metrics: {out / 'metrics.json'}")
     return metrics
+
+
+def run_sft(config_path, overrides: list[str]):
+    from ponder.trainers.sft import SFTConfig, SFTTrainer
+    return run_training(SFTConfig, SFTTrainer, config_path, overrides, "sft")
+
+
+def run_onepass(config_path, overrides: list[str]):
+    from ponder.trainers.onepass import OnePassConfig, OnePassTrainer
+    return run_training(OnePassConfig, OnePassTrainer, config_path, overrides, "onepass")
 
 
 def run_demo(n: int = 200, out: Path = Path("runs/demo")) -> dict[str, Any]:

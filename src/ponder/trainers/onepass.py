@@ -22,7 +22,7 @@ import torch
 from ponder import masks
 from ponder.chat import render
 from ponder.data import DataError, as_conversation
-from ponder.logprobs import cross_entropy, logits_at, token_logprobs
+from ponder.logprobs import cross_entropy, logits_at, logprobs_of, token_logprobs
 from ponder.trainers.sft import PonderTrainer, SFTConfig, _report_stats, _resolve, encode, pad_collate
 
 CUSTOM_MASK_BACKENDS = ("eager", "sdpa", "flex_attention")
@@ -32,13 +32,13 @@ CUSTOM_MASK_BACKENDS = ("eager", "sdpa", "flex_attention")
 class OnePassConfig(SFTConfig):
     mode: str = field(default="onepass", metadata={"help": "onepass | npass | kpass"})
     kpass_chunks: int = field(default=2, metadata={"help": "kpass: number of chunks of turns"})
-    attention: str = field(default="auto", metadata={"help": "auto | dense | flex (flex has no CPU backward)"})
+    attention: str = field(default="auto", metadata={"help": "auto | sparse | dense | flex (no CPU backward)"})
 
     def __post_init__(self):
         if self.mode not in ("onepass", "npass", "kpass"):
             raise ValueError(f"mode must be onepass, npass or kpass, got {self.mode!r}")
-        if self.attention not in ("auto", "dense", "flex"):
-            raise ValueError(f"attention must be auto, dense or flex, got {self.attention!r}")
+        if self.attention not in ("auto", "sparse", "dense", "flex"):
+            raise ValueError(f"attention must be auto, sparse, dense or flex, got {self.attention!r}")
         if self.kpass_chunks < 1:
             raise ValueError("kpass_chunks must be >= 1")
         if self.output_dir is None:
@@ -55,7 +55,7 @@ def check_backend(model) -> str:
 
 
 def attention_for(model, batch: masks.Batch, prefer: str = "auto"):
-    """The attention mask for `batch`: a BlockMask under flex_attention, else a dense additive float mask."""
+    """A mask for `batch`: a BlockMask under flex_attention (or prefer="flex"), else a dense additive mask."""
     impl = check_backend(model)
     flex = prefer == "flex" or (prefer == "auto" and impl == "flex_attention")
     if flex and impl != "flex_attention":
@@ -64,6 +64,23 @@ def attention_for(model, batch: masks.Batch, prefer: str = "auto"):
         return batch.block_mask()
     dtype = next(model.parameters()).dtype
     return batch.dense_mask(dtype if dtype.is_floating_point else torch.float32).to(batch.input_ids.device)
+
+
+def onepass_logits(model, batch: masks.Batch, attention: str = "auto") -> torch.Tensor:
+    """Logits at the batch's predictor positions, (P, vocab).
+
+    attention: ``flex`` (BlockMask; GPU — no CPU backward in torch 2.13), ``dense`` (additive float mask, O(T^2)
+    per query), ``sparse`` (blocks of queries against the keys they may see; exact, cost ~ visible keys),
+    ``auto`` (flex under flex_attention, else sparse)."""
+    impl = check_backend(model)
+    mode = ("flex" if impl == "flex_attention" else "sparse") if attention == "auto" else attention
+    p = batch.pairs
+    if mode == "sparse":
+        dtype = next(model.parameters()).dtype
+        plan = masks.sparse_plan(batch, dtype if dtype.is_floating_point else torch.float32)
+        with masks.sparse_attention(model):
+            return logits_at(model, batch.input_ids, (p[0], p[1]), None, batch.position_ids, ponder_plan=plan)
+    return logits_at(model, batch.input_ids, (p[0], p[1]), attention_for(model, batch, mode), batch.position_ids)
 
 
 def chunks(turns: Sequence[int], k: int) -> list[list[int]]:
@@ -86,15 +103,16 @@ def _by_message(values: torch.Tensor, messages: torch.Tensor) -> list[torch.Tens
     return [values[messages == m] for m in order]
 
 
-def onepass_logprobs(model, tokenizer, messages: Sequence[dict[str, Any]]) -> list[torch.Tensor]:
+def onepass_logprobs(model, tokenizer, messages: Sequence[dict[str, Any]], attention: str = "auto"
+                     ) -> list[torch.Tensor]:
     """Per assistant turn, the log-probs of its trained tokens (reasoning block + answer + end-of-turn token)
     from ONE forward pass over the one-pass layout."""
     msgs = [{k: v for k, v in m.items() if k != "weight"} for m in messages]  # every turn, weight 1
     lay = masks.onepass_layout(tokenizer, msgs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batch = masks.collate([lay], pad)
-    lp = token_logprobs(model, batch.input_ids, pairs=batch.pairs, attention_mask=attention_for(model, batch),
-                        position_ids=batch.position_ids)
+    logits = onepass_logits(model, batch, attention)
+    lp = logprobs_of(logits, batch.input_ids[batch.pairs[0], batch.pairs[2]])
     return _by_message(lp, batch.pair_message)
 
 
@@ -216,8 +234,7 @@ class OnePassTrainer(PonderTrainer):
             pairs = inputs["pairs"]
             batch = masks.Batch(inputs["input_ids"], inputs["position_ids"], inputs["roles"], inputs["turns"],
                                 inputs["samples"], w, pairs, None, None)  # type: ignore[arg-type]
-            att = attention_for(model, batch, self.args.attention)
-            logits = logits_at(model, inputs["input_ids"], (pairs[0], pairs[1]), att, inputs["position_ids"])
+            logits = onepass_logits(model, batch, self.args.attention)
         ce = cross_entropy(logits, inputs["input_ids"][pairs[0], pairs[2]])
         return (ce * w[pairs[0], pairs[2]].to(ce.dtype)).sum()
 

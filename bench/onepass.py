@@ -1,0 +1,143 @@
+"""One-pass vs N-pass on multi-turn reasoning conversations, side by side in one run.
+
+For each model and conversation depth: tokens forwarded, wall time of forward+backward of the summed loss over
+every turn's trained tokens (one-pass: one sequence; N-pass: one sample per turn), their ratio, the ideal ratio
+(N-pass tokens / one-pass tokens), peak memory (process RSS, sampled) and the largest per-token log-prob
+difference between the two. Turn shape: user ~ answer length, reasoning ~ 2x answer.
+
+    python bench/onepass.py [--models testbed smollm2-135m] [--depths 2 4 8 16] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import threading
+import time
+
+import psutil
+import torch
+
+WORDS = ["the", "sum", "of", "twelve", "and", "seven", "is", "nineteen", "so", "we", "carry", "one", "then",
+         "add", "it", "to", "the", "next", "digit", "which", "gives", "three"]
+
+
+def text(rng, n_tokens, tok):
+    """About n_tokens tokens of text under `tok`."""
+    out = ""
+    while len(tok(out, add_special_tokens=False)["input_ids"]) < n_tokens:
+        out += ("" if not out else " ") + rng.choice(WORDS)
+    return out
+
+
+def conversation(tok, depth, answer_tokens, seed=0):
+    rng = random.Random(seed)
+    msgs = []
+    for _ in range(depth):
+        msgs.append({"role": "user", "content": text(rng, answer_tokens, tok)})
+        msgs.append({"role": "assistant", "reasoning": text(rng, 2 * answer_tokens, tok),
+                     "content": text(rng, answer_tokens, tok)})
+    return msgs
+
+
+class PeakRSS:
+    """Samples the process RSS every 2 ms while active; .peak is the increase over the start."""
+
+    def __enter__(self):
+        self.proc = psutil.Process()
+        self.base = self.proc.memory_info().rss
+        self.peak, self.stop = 0, False
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+        return self
+
+    def _run(self):
+        while not self.stop:
+            self.peak = max(self.peak, self.proc.memory_info().rss - self.base)
+            time.sleep(0.002)
+
+    def __exit__(self, *a):
+        self.stop = True
+        self.t.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss - self.base)
+
+
+def run_onepass(model, tok, msgs):
+    from ponder.trainers.onepass import onepass_logprobs
+    lps = onepass_logprobs(model, tok, msgs)
+    torch.cat(lps).sum().backward()
+    return [x.detach() for x in lps]
+
+
+def run_npass(model, tok, msgs):
+    """N-pass: one forward+backward per turn (each sample alone: no padding)."""
+    from ponder.trainers.onepass import npass_logprobs
+    out = []
+    for k in range(1, len(msgs) // 2 + 1):
+        lp = npass_logprobs(model, tok, msgs[:2 * k])[-1]
+        lp.sum().backward()
+        out.append(lp.detach())
+    return out
+
+
+def tokens(tok, msgs):
+    from ponder import masks
+    from ponder.chat import render
+    one = len(masks.onepass_layout(tok, msgs))
+    n = sum(len(render(tok, msgs[:2 * k]).ids) for k in range(1, len(msgs) // 2 + 1))
+    return one, n
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["testbed", "smollm2-135m"])
+    ap.add_argument("--depths", nargs="+", type=int, default=[2, 4, 8, 16])
+    ap.add_argument("--answer-tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    from ponder import models
+    results = []
+    for spec in args.models:
+        model, tok = models.load(spec)
+        model.train()
+        for depth in args.depths:
+            msgs = conversation(tok, depth, args.answer_tokens, seed=depth)
+            n_one, n_n = tokens(tok, msgs)
+            t1, t2, m1, m2, diff = [], [], 0, 0, 0.0
+            for r in range(args.repeats):  # interleaved so both see the same machine load
+                model.zero_grad(set_to_none=True)
+                with PeakRSS() as mem:
+                    t = time.perf_counter()
+                    a = run_onepass(model, tok, msgs)
+                    t1.append(time.perf_counter() - t)
+                m1 = max(m1, mem.peak)
+                model.zero_grad(set_to_none=True)
+                with PeakRSS() as mem:
+                    t = time.perf_counter()
+                    b = run_npass(model, tok, msgs)
+                    t2.append(time.perf_counter() - t)
+                m2 = max(m2, mem.peak)
+                diff = max(diff, max((x - y).abs().max().item() for x, y in zip(a, b)))
+            base = psutil.Process().memory_info().rss
+            one_s, n_s = statistics.median(t1), statistics.median(t2)
+            row = dict(model=spec, depth=depth, onepass_tokens=n_one, npass_tokens=n_n, ideal=n_n / n_one,
+                       onepass_s=one_s, npass_s=n_s, speedup=n_s / one_s, mem_onepass=m1, mem_npass=m2,
+                       mem_ratio_total=(base + m1) / (base + m2), mem_ratio_act=m1 / max(m2, 1), maxdiff=diff)
+            results.append(row)
+            print(f"{spec:13s} depth {depth:2d}: tokens {n_one:5d} vs {n_n:6d} (ideal {row['ideal']:.2f}x)  "
+                  f"time {one_s:7.3f}s vs {n_s:7.3f}s (speedup {row['speedup']:.2f}x, "
+                  f"{row['speedup'] / row['ideal']:.2f} of ideal)  peak extra RSS {m1 / 2**20:7.1f} vs "
+                  f"{m2 / 2**20:7.1f} MiB (total x{row['mem_ratio_total']:.2f})  max |dlogp| {diff:.1e}",
+                  flush=True)
+        del model
+    for r in results:
+        key = f"{r['model']}_d{r['depth']}"
+        print(f"RATIO onepass_speedup_{key}={r['speedup']:.3f}")
+        print(f"RATIO onepass_ideal_{key}={r['ideal']:.3f}")
+        print(f"RATIO onepass_of_ideal_{key}={r['speedup'] / r['ideal']:.3f}")
+        print(f"RATIO onepass_mem_total_{key}={r['mem_ratio_total']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -105,7 +105,7 @@ def main():
             msgs = conversation(tok, depth, args.answer_tokens, seed=depth)
             n_one, n_n = tokens(tok, msgs)
             t1, t2, m1, m2, diff = [], [], 0, 0, 0.0
-            for r in range(args.repeats):  # interleaved so both see the same machine load
+            for _ in range(args.repeats):  # interleaved so both see the same machine load
                 model.zero_grad(set_to_none=True)
                 with PeakRSS() as mem:
                     t = time.perf_counter()

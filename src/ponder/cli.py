@@ -63,7 +63,8 @@ def tasks_cmd():
 
 
 @testbed_app.command("build")
-def testbed_build(steps: int = typer.Option(None, help="training steps (default: the recipe's)"),
+def testbed_build(max_steps: int = typer.Option(None, help="most training steps (default: the recipe's)"),
+                  seed: int = typer.Option(0, help="initialisation and data seed"),
                   force: bool = typer.Option(False, help="rebuild even if cached"),
                   out: Path = typer.Option(None, help="directory (default: the cache)")):
     """Pre-train the testbed model from scratch and cache it (minutes on 2 cores)."""
@@ -75,7 +76,7 @@ def testbed_build(steps: int = typer.Option(None, help="training steps (default:
     if force:
         shutil.rmtree(path, ignore_errors=True)
     t = time.time()
-    kwargs = {"steps": steps} if steps else {}
+    kwargs = {"seed": seed} | ({"max_steps": max_steps} if max_steps else {})
     testbed.ensure(path, **kwargs)
     ui.info(f"testbed ready at {path} ({time.time() - t:.0f} s)")
 

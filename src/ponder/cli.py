@@ -114,6 +114,18 @@ def onepass_cmd(config: Path = typer.Option(None, "--config", "-c", help=CONFIG_
         _fail(e)
 
 
+@app.command("rise", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def rise_cmd(config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+             overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP)):
+    """RISE: multi-turn self-improvement — collect retry episodes, reward-weighted SFT, iterate; evaluates
+    m1@t1, m5@t1, m1@t5, p1@t5 and writes report.md with a plot of accuracy by turn."""
+    from ponder.recipes import run_rise
+    try:
+        run_rise(config, overrides or [])
+    except ValueError as e:
+        _fail(e)
+
+
 @app.command("demo")
 def demo_cmd(n: int = typer.Option(200, help="held-out problems to evaluate on")):
     """Set up the testbed and show what ponder does on it (grows as the methods land)."""

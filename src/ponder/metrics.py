@@ -1,4 +1,5 @@
-"""Accuracy, unbiased pass@k (Chen et al. 2021), majority vote (maj@k), and the evaluation loop."""
+"""Accuracy, unbiased pass@k (Chen et al. 2021), majority vote (maj@k), RISE's sequential m1@tT / p1@tT, and
+the evaluation loop."""
 
 from __future__ import annotations
 
@@ -38,6 +39,42 @@ def maj_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> bool:
 
 def mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
+
+
+def sequential_metrics(answers: Sequence[Sequence[str | None]], correct: Sequence[Sequence[bool]]) -> dict[str, Any]:
+    """RISE's sequential-evaluation metrics (arXiv 2407.18219 §6; papers.md §3.7) from the answers and their
+    correctness at each turn, both of shape (problems, turns) with T = turns:
+
+    - ``m1@t1``: accuracy of the first turn's single sample;
+    - ``m1@t{T}``: *without an oracle* — the majority vote over the T turns' extracted answers is correct
+      (votes are over answers, not over rewards);
+    - ``p1@t{T}``: *with an oracle* — some turn is correct (= stopping at the first correct turn).
+
+    Tie rule (`majority`): among answers tied for the most votes the one given at the earliest turn wins;
+    turns without an extractable answer (None) do not vote; a problem with no answer at any turn is wrong.
+    Also returned: ``m1@tT`` / ``p1@tT`` (the same two values under names that do not depend on T),
+    ``accuracy_by_turn`` (accuracy of turn k alone), ``majority_by_turn`` (m1@tk for k = 1..T) and
+    ``pass_by_turn`` (p1@tk).
+    """
+    if len(answers) != len(correct):
+        raise ValueError(f"answers has {len(answers)} problems but correct has {len(correct)}")
+    if not answers:
+        raise ValueError("sequential_metrics needs at least one problem")
+    T = len(answers[0])
+    for i, (a, c) in enumerate(zip(answers, correct)):
+        if len(a) != T or len(c) != T:
+            raise ValueError(f"problem {i}: expected {T} turns in answers and correct, got {len(a)} and {len(c)} "
+                             "(arrays must have shape (problems, turns))")
+    if T < 1:
+        raise ValueError("sequential_metrics needs at least one turn")
+    acc = [mean([bool(c[k]) for c in correct]) for k in range(T)]
+    maj = [mean([maj_correct(list(a[:k + 1]), list(c[:k + 1])) for a, c in zip(answers, correct)])
+           for k in range(T)]
+    anyc = [mean([any(bool(x) for x in c[:k + 1]) for c in correct]) for k in range(T)]
+    out: dict[str, Any] = {"turns": T, "m1@t1": acc[0], f"m1@t{T}": maj[-1], f"p1@t{T}": anyc[-1]}
+    out.update({"m1@tT": maj[-1], "p1@tT": anyc[-1], "accuracy_by_turn": acc, "majority_by_turn": maj,
+                "pass_by_turn": anyc})
+    return out
 
 
 def evaluate(model, tokenizer, problems: Sequence[Any], samples: int = 8, temperature: float = 1.0,

@@ -55,6 +55,15 @@ def run_onepass(config_path, overrides: list[str]):
     return run_training(OnePassConfig, OnePassTrainer, config_path, overrides, "onepass")
 
 
+def run_rise(config_path, overrides: list[str]):
+    """Collect -> train -> evaluate for `iterations` rounds (`ponder.rise.run`)."""
+    from ponder.config import load_config, to_yaml
+    from ponder.rise import run
+    from ponder.trainers.rise import RISEConfig
+    cfg = load_config(RISEConfig, config_path, overrides)
+    return run(cfg, config_text=to_yaml(cfg))
+
+
 def run_demo(n: int = 200, out: Path = Path("runs/demo")) -> dict[str, Any]:
     """Build or load the testbed, evaluate it, write runs/demo/{metrics.json,report.md}."""
     from ponder import data, metrics, models, testbed, ui

@@ -427,7 +427,7 @@ def test_evaluate_feedback_window_and_metrics(monkeypatch):
     from ponder import rollout
     seq = {"10+20*3=?": [[reply("r", 60)], [reply("r", 70)], [reply("r", 70)]],
            "11+10*2=?": [[reply("r", 31)], [reply("r", 30)], [reply("r", 32)]]}
-    script = Script({q: v + [[reply("p", 70), reply("p", 70), reply("p", 1)] if q[0:2] == "10" else
+    script = Script({q: v + [[reply("p", 70), reply("p", 60), reply("p", 1)] if q[0:2] == "10" else
                               [reply("p", 5), reply("p", 6), reply("p", 7)]] for q, v in seq.items()})
     monkeypatch.setattr(rollout, "sample", script)
     r = rise.evaluate("m", None, PROBS, turns=3, parallel=3, context_window=2, progress=False)
@@ -440,6 +440,10 @@ def test_evaluate_feedback_window_and_metrics(monkeypatch):
     assert third[1][1]["content"] == "The answer is 30."
     assert all(p[2]["content"].startswith("The answer is incorrect.") for p in third)   # even after a correct turn
     assert r["records"][1]["answers"] == ["31", "30", "32"] and r["records"][1]["correct"] == [True, False, False]
+    # transitions: a 60->70 (wrong->right), 70->70 (right->right); b 31->30 (right->wrong), 30->32 (wrong->wrong)
+    assert r["changed_answer_rate"] == 0.75 and r["right_after_wrong"] == 0.5 and r["right_after_right"] == 0.5
+    assert r["repeats_shown_wrong"] == 0.0
+    assert r["fresh_gives_shown_wrong"] == pytest.approx(1 / 6)   # shown 60 and 30; one of 6 fresh samples is 60
 
 
 def test_rise_command_end_to_end(tmp_path):

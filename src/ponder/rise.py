@@ -461,15 +461,30 @@ def evaluate(model, tokenizer, problems: Sequence[Any], env: Env | None = None, 
         result["parallel_sample_accuracy"] = _mean(_mean(c) for c in pc)
         for r, row, a, c in zip(records, out, pa, pc):
             r.update(parallel=[s.text for s in row], parallel_answers=a, parallel_correct=c)
-    result["changed_answer_rate"] = _changed(answers)
+    result.update(transitions(records))
     result["records"] = records
     return result
 
 
-def _changed(answers: list[list[str | None]]) -> float:
-    """How often a turn's answer differs from the previous turn's (does the model revise at all?)."""
-    pairs = [(a[k - 1], a[k]) for a in answers for k in range(1, len(a))]
-    return _mean(x != y for x, y in pairs)
+def transitions(records: list[dict[str, Any]]) -> dict[str, float]:
+    """What a turn does with the previous one (diagnostics of self-correction):
+    ``changed_answer_rate`` — the answer differs from the previous turn's; ``right_after_wrong`` /
+    ``right_after_right`` — accuracy of turns following a wrong / a correct turn; ``repeats_shown_wrong`` —
+    a turn following a wrong answer gives that same answer again, against ``fresh_gives_shown_wrong`` — how
+    often an independent first-turn sample gives it (needs the parallel samples). A model that learned from
+    the feedback repeats a wrong answer less often than a fresh sample produces it."""
+    steps = [(r, k) for r in records for k in range(1, len(r["answers"]))]
+    after_wrong = [(r, k) for r, k in steps if not r["correct"][k - 1]]
+    after_right = [(r, k) for r, k in steps if r["correct"][k - 1]]
+    shown = [(r, k) for r, k in after_wrong if r["answers"][k - 1] is not None]
+    out = {"changed_answer_rate": _mean(r["answers"][k] != r["answers"][k - 1] for r, k in steps),
+           "right_after_wrong": _mean(r["correct"][k] for r, k in after_wrong),
+           "right_after_right": _mean(r["correct"][k] for r, k in after_right),
+           "repeats_shown_wrong": _mean(r["answers"][k] == r["answers"][k - 1] for r, k in shown)}
+    if shown and "parallel_answers" in shown[0][0]:
+        out["fresh_gives_shown_wrong"] = _mean(a == r["answers"][k - 1] for r, k in shown
+                                               for a in r["parallel_answers"])
+    return out
 
 
 HEADLINE = ("m1@t1", "m{k}@t1", "m1@t{T}", "p1@t{T}", "p{k}@t1")
@@ -539,7 +554,8 @@ def run(cfg, config_text: str | None = None) -> dict[str, Any]:
         ui.print_table(f"iteration {it}: collection", ["turn", "episodes", "chosen attempt correct",
                                                        "candidates correct"],
                        [(b["turn"], b["episodes"], b["success"], b["candidate_success"]) for b in summary["by_turn"]])
-        args = dataclasses.replace(cfg, output_dir=str(it_dir / "train"), dataset=None)
+        # the model already carries its LoRA adapters (loaded above): the trainer must not add another set
+        args = dataclasses.replace(cfg, output_dir=str(it_dir / "train"), dataset=None, lora=None)
         trainer = RISETrainer(model=model, args=args, train_dataset=trajs, processing_class=tok)
         t = time.time()
         res = trainer.train()
@@ -566,22 +582,27 @@ _RUN_FIELDS = ("model", "task", "reward", "demo", "iterations", "train_problems"
 
 def plot_by_turn(evals: dict[str, dict[str, Any]], path: Path) -> None:
     """Accuracy at each turn alone, majority over turns 1..k (m1@tk) and any-correct (p1@tk), one line per
-    model (base, iter-1, ...)."""
+    model (base, iter-1, ...), with the parallel baselines at equal compute (m{k}@t1, p{k}@t1) dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
-    panels = [("accuracy_by_turn", "accuracy of turn k alone"), ("majority_by_turn", "m1@tk: majority over turns 1..k"),
-              ("pass_by_turn", "p1@tk: some turn in 1..k correct")]
-    for ax, (key, title) in zip(axes, panels):
-        for name, r in evals.items():
-            ys = r[key]
-            ax.plot(range(1, len(ys) + 1), [100 * y for y in ys], marker="o", label=name)
+    panels = [("accuracy_by_turn", "accuracy of turn k alone", None),
+              ("majority_by_turn", "m1@tk: majority over turns 1..k (dashed: parallel)", "m"),
+              ("pass_by_turn", "p1@tk: some turn in 1..k correct (dashed: parallel)", "p")]
+    for ax, (key, title, baseline) in zip(axes, panels):
+        for j, (name, r) in enumerate(evals.items()):
+            ys = [100 * y for y in r[key]]
+            ax.plot(range(1, len(ys) + 1), ys, marker="o", label=name, color=f"C{j}")
+            parallel = [x for x in r if baseline and x.startswith(baseline) and x.endswith("@t1") and x != "m1@t1"]
+            if parallel:
+                ax.axhline(100 * r[parallel[0]], color=f"C{j}", ls="--", lw=1, label=f"{name} {parallel[0]}")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("turn k")
+        ax.set_xticks(range(1, len(ys) + 1))
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     axes[0].set_ylabel("% of problems")
-    axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -610,6 +631,13 @@ def write_report(out: Path, results: dict[str, Any], cfg) -> None:
               "|---|" + "---|" * T]
     for name, r in evals.items():
         lines.append(f"| {name} | " + " | ".join(f"{100 * a:.1f}" for a in r["accuracy_by_turn"]) + " |")
+    diag = [("right_after_wrong", "accuracy after a wrong turn"), ("right_after_right", "accuracy after a correct turn"),
+            ("repeats_shown_wrong", "repeats the wrong answer it was shown"),
+            ("fresh_gives_shown_wrong", "a fresh sample gives that wrong answer")]
+    lines += ["", "Self-correction diagnostics (%, over turns 2..T):", "",
+              "| model | " + " | ".join(d for _, d in diag) + " |", "|---|" + "---|" * len(diag)]
+    for name, r in evals.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * r[x]:.1f}" if x in r else "-" for x, _ in diag) + " |")
     if evals:
         plot_by_turn(evals, out / "accuracy_by_turn.png")
         lines += ["", "![accuracy by turn](accuracy_by_turn.png)"]

@@ -122,6 +122,9 @@ def demo_cmd(n: int = typer.Option(200, help="held-out problems to evaluate on")
 
 
 def main() -> None:
+    import os
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # our own progress bars and tables instead
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     app()
 
 

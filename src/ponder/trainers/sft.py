@@ -46,6 +46,8 @@ class SFTConfig(TrainingArguments):
             raise ValueError(f"loss_normalization must be 'tokens' or 'messages', got {self.loss_normalization!r}")
         if self.output_dir is None:
             self.output_dir = "runs/sft"
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; silence the per-run warning
         super().__post_init__()
 
 

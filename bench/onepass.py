@@ -89,12 +89,38 @@ def tokens(tok, msgs):
     return one, n
 
 
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for spec in dict.fromkeys(r["model"] for r in results):
+        rows = [r for r in results if r["model"] == spec]
+        d = [r["depth"] for r in rows]
+        axes[0].plot(d, [r["npass_s"] for r in rows], "o--", label=f"{spec} N-pass")
+        axes[0].plot(d, [r["onepass_s"] for r in rows], "o-", label=f"{spec} one-pass")
+        axes[1].plot(d, [r["speedup"] for r in rows], "o-", label=f"{spec} measured")
+        axes[1].plot(d, [r["ideal"] for r in rows], "k:", alpha=0.5)
+    axes[1].plot([], [], "k:", label="ideal (token ratio)")
+    axes[0].set(xlabel="conversation depth (assistant turns)", ylabel="forward+backward seconds / conversation",
+                yscale="log", title="time per conversation")
+    axes[1].set(xlabel="conversation depth (assistant turns)", ylabel="N-pass time / one-pass time",
+                title="speedup of one-pass")
+    for ax in axes:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["testbed", "smollm2-135m"])
     ap.add_argument("--depths", nargs="+", type=int, default=[2, 4, 8, 16])
     ap.add_argument("--answer-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--plot", default="bench/onepass.png")
     args = ap.parse_args()
     from ponder import models
     results = []
@@ -131,6 +157,7 @@ def main():
                   f"{m2 / 2**20:7.1f} MiB (total x{row['mem_ratio_total']:.2f})  max |dlogp| {diff:.1e}",
                   flush=True)
         del model
+    plot(results, args.plot)
     for r in results:
         key = f"{r['model']}_d{r['depth']}"
         print(f"RATIO onepass_speedup_{key}={r['speedup']:.3f}")

@@ -40,6 +40,7 @@ class SFTConfig(TrainingArguments):
     packing: bool = field(default=False, metadata={"help": "pack examples into rows (block-diagonal attention)"})
     packing_length: int = field(default=512, metadata={"help": "tokens per packed row"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep ponder's loss weights"})
+    report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "tensorboard | wandb | none"})
 
     def __post_init__(self):
         if self.loss_normalization not in ("tokens", "messages"):

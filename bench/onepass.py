@@ -63,9 +63,9 @@ class PeakRSS:
         self.peak = max(self.peak, self.proc.memory_info().rss - self.base)
 
 
-def run_onepass(model, tok, msgs):
+def run_onepass(model, tok, msgs, attention="auto"):
     from ponder.trainers.onepass import onepass_logprobs
-    lps = onepass_logprobs(model, tok, msgs)
+    lps = onepass_logprobs(model, tok, msgs, attention)
     torch.cat(lps).sum().backward()
     return [x.detach() for x in lps]
 
@@ -130,7 +130,7 @@ def main():
         for depth in args.depths:
             msgs = conversation(tok, depth, args.answer_tokens, seed=depth)
             n_one, n_n = tokens(tok, msgs)
-            t1, t2, m1, m2, diff = [], [], 0, 0, 0.0
+            t1, t2, t3, m1, m2, diff = [], [], [], 0, 0, 0.0
             for _ in range(args.repeats):  # interleaved so both see the same machine load
                 model.zero_grad(set_to_none=True)
                 with PeakRSS() as mem:
@@ -145,15 +145,20 @@ def main():
                     t2.append(time.perf_counter() - t)
                 m2 = max(m2, mem.peak)
                 diff = max(diff, max((x - y).abs().max().item() for x, y in zip(a, b)))
+                model.zero_grad(set_to_none=True)
+                t = time.perf_counter()
+                run_onepass(model, tok, msgs, "dense")  # the dense-mask path, for comparison
+                t3.append(time.perf_counter() - t)
             base = psutil.Process().memory_info().rss
-            one_s, n_s = statistics.median(t1), statistics.median(t2)
+            one_s, n_s, dense_s = statistics.median(t1), statistics.median(t2), statistics.median(t3)
             row = dict(model=spec, depth=depth, onepass_tokens=n_one, npass_tokens=n_n, ideal=n_n / n_one,
                        onepass_s=one_s, npass_s=n_s, speedup=n_s / one_s, mem_onepass=m1, mem_npass=m2,
-                       mem_ratio_total=(base + m1) / (base + m2), mem_ratio_act=m1 / max(m2, 1), maxdiff=diff)
+                       mem_ratio_total=(base + m1) / (base + m2), mem_ratio_act=m1 / max(m2, 1), maxdiff=diff,
+                       dense_speedup=n_s / dense_s)
             results.append(row)
             print(f"{spec:13s} depth {depth:2d}: tokens {n_one:5d} vs {n_n:6d} (ideal {row['ideal']:.2f}x)  "
                   f"time {one_s:7.3f}s vs {n_s:7.3f}s (speedup {row['speedup']:.2f}x, "
-                  f"{row['speedup'] / row['ideal']:.2f} of ideal)  peak extra RSS {m1 / 2**20:7.1f} vs "
+                  f"{row['speedup'] / row['ideal']:.2f} of ideal; dense mask {row['dense_speedup']:.2f}x)  peak extra RSS {m1 / 2**20:7.1f} vs "
                   f"{m2 / 2**20:7.1f} MiB (total x{row['mem_ratio_total']:.2f})  max |dlogp| {diff:.1e}",
                   flush=True)
         del model
@@ -164,6 +169,7 @@ def main():
         print(f"RATIO onepass_ideal_{key}={r['ideal']:.3f}")
         print(f"RATIO onepass_of_ideal_{key}={r['speedup'] / r['ideal']:.3f}")
         print(f"RATIO onepass_mem_total_{key}={r['mem_ratio_total']:.3f}")
+        print(f"RATIO onepass_dense_speedup_{key}={r['dense_speedup']:.3f}")
 
 
 if __name__ == "__main__":

@@ -71,11 +71,14 @@ def run_onepass(model, tok, msgs, attention="auto"):
 
 
 def run_npass(model, tok, msgs):
-    """N-pass: one forward+backward per turn (each sample alone: no padding)."""
-    from ponder.trainers.onepass import npass_logprobs
+    """N-pass: one sample per turn (history reasoning stripped), each forward+backward on its own (no padding;
+    activations freed before the next sample, as a trainer with batch size 1 would)."""
+    from ponder.chat import render
+    from ponder.logprobs import token_logprobs
     out = []
-    for k in range(1, len(msgs) // 2 + 1):
-        lp = npass_logprobs(model, tok, msgs[:2 * k])[-1]
+    for k in range(1, len(msgs), 2):
+        segs = render(tok, msgs[:k + 1])
+        lp = token_logprobs(model, torch.tensor([segs.ids]), target_mask=torch.tensor([segs.trained_mask([k])]))
         lp.sum().backward()
         out.append(lp.detach())
     return out

@@ -63,22 +63,38 @@ class PeakRSS:
         self.peak = max(self.peak, self.proc.memory_info().rss - self.base)
 
 
-def run_onepass(model, tok, msgs, attention="auto"):
-    from ponder.trainers.onepass import onepass_logprobs
-    lps = onepass_logprobs(model, tok, msgs, attention)
-    torch.cat(lps).sum().backward()
-    return [x.detach() for x in lps]
+def prepare_onepass(tok, msgs):
+    """What a trainer prepares once per dataset (not timed): the layout, collated."""
+    from ponder import masks
+    return masks.collate([masks.onepass_layout(tok, msgs)], tok.pad_token_id)
 
 
-def run_npass(model, tok, msgs):
-    """N-pass: one sample per turn (history reasoning stripped), each forward+backward on its own (no padding;
-    activations freed before the next sample, as a trainer with batch size 1 would)."""
+def prepare_npass(tok, msgs):
     from ponder.chat import render
-    from ponder.logprobs import token_logprobs
     out = []
     for k in range(1, len(msgs), 2):
         segs = render(tok, msgs[:k + 1])
-        lp = token_logprobs(model, torch.tensor([segs.ids]), target_mask=torch.tensor([segs.trained_mask([k])]))
+        out.append((torch.tensor([segs.ids]), torch.tensor([segs.trained_mask([k])])))
+    return out
+
+
+def run_onepass(model, batch, attention="auto"):
+    """One training step's compute: forward over the one-pass layout (the sparse plan or the mask is built
+    per step, as in the trainer), backward of the summed log-probs."""
+    from ponder.logprobs import logprobs_of
+    from ponder.trainers.onepass import onepass_logits
+    lp = logprobs_of(onepass_logits(model, batch, attention), batch.input_ids[batch.pairs[0], batch.pairs[2]])
+    lp.sum().backward()
+    return [lp[batch.pair_message == m].detach() for m in sorted(set(batch.pair_message.tolist()))]
+
+
+def run_npass(model, samples):
+    """N-pass: one sample per turn (history reasoning stripped), each forward+backward on its own (no padding;
+    activations freed before the next sample, as a trainer with batch size 1 would)."""
+    from ponder.logprobs import token_logprobs
+    out = []
+    for ids, target in samples:
+        lp = token_logprobs(model, ids, target_mask=target)
         lp.sum().backward()
         out.append(lp.detach())
     return out
@@ -133,24 +149,25 @@ def main():
         for depth in args.depths:
             msgs = conversation(tok, depth, args.answer_tokens, seed=depth)
             n_one, n_n = tokens(tok, msgs)
+            batch, samples = prepare_onepass(tok, msgs), prepare_npass(tok, msgs)
             t1, t2, t3, m1, m2, diff = [], [], [], 0, 0, 0.0
             for _ in range(args.repeats):  # interleaved so both see the same machine load
                 model.zero_grad(set_to_none=True)
                 with PeakRSS() as mem:
                     t = time.perf_counter()
-                    a = run_onepass(model, tok, msgs)
+                    a = run_onepass(model, batch)
                     t1.append(time.perf_counter() - t)
                 m1 = max(m1, mem.peak)
                 model.zero_grad(set_to_none=True)
                 with PeakRSS() as mem:
                     t = time.perf_counter()
-                    b = run_npass(model, tok, msgs)
+                    b = run_npass(model, samples)
                     t2.append(time.perf_counter() - t)
                 m2 = max(m2, mem.peak)
                 diff = max(diff, max((x - y).abs().max().item() for x, y in zip(a, b)))
                 model.zero_grad(set_to_none=True)
                 t = time.perf_counter()
-                run_onepass(model, tok, msgs, "dense")  # the dense-mask path, for comparison
+                run_onepass(model, batch, "dense")  # the dense-mask path, for comparison
                 t3.append(time.perf_counter() - t)
             base = psutil.Process().memory_info().rss
             one_s, n_s, dense_s = statistics.median(t1), statistics.median(t2), statistics.median(t3)

@@ -477,3 +477,23 @@ def test_smollm2_smoke(smol_dir, tmp_path):
                                                   "max_steps=1", "max_new_tokens=24", "eval_turns=2",
                                                   "eval_parallel=2", "samples=[1,2]"])
     assert set(res["evals"]) == {"base", "iter-1"} and (out / "report.md").exists()
+
+
+def test_demo_hook_quick(tmp_path):
+    """`ponder.rise.demo(..., quick=True)` on the testbed: the demo table's structure, base and RISE rows with
+    the sequential/parallel metrics computed in this run, the plot file, an honest direction note."""
+    from ponder import data, testbed
+    problems = data.load_problems("testbed", n=20, split="test")
+    out = rise.demo(tmp_path, str(testbed.ensure()), problems, quick=True)
+    assert set(out) == {"title", "columns", "rows", "plots", "notes", "metrics"}
+    assert out["columns"][:5] == ["model", "m1@t1", "m2@t1", "m1@t2", "p1@t2"]
+    assert [r[0] for r in out["rows"]] == ["base", "RISE"]
+    assert all(len(r) == len(out["columns"]) for r in out["rows"])
+    for name, row in zip(("base", "RISE"), out["rows"]):
+        m = out["metrics"][name]
+        assert row[1:5] == [round(100 * m[k], 1) for k in ("m1@t1", "m2@t1", "m1@t2", "p1@t2")]
+        assert all(0 <= x <= 100 for x in row[1:])
+        assert m["p1@t2"] >= max(m["accuracy_by_turn"])   # some turn correct >= any one turn
+    assert out["plots"] and all((tmp_path / p).stat().st_size > 0 for p in out["plots"])
+    assert "Paper's direction" in out["notes"][0]
+    assert ("did not fully appear" in out["notes"][0]) != (" appeared in this run" in out["notes"][0])

@@ -654,3 +654,86 @@ def write_report(out: Path, results: dict[str, Any], cfg) -> None:
         lines += ["", "Training data: " + ", ".join(f"{key} {ui.fmt(v)}" for key, v in sorted(d.items()))]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `ponder demo` hook
+# ----------------------------------------------------------------------------------------------------------
+
+
+def demo(run_dir: Path, base: str, problems: list, quick: bool = False) -> dict[str, Any]:
+    """A short RISE run for `ponder demo`: one iteration of collection (2-turn episodes, best of n at the second
+    turn) with the `base` model, reward-weighted SFT on the trajectories, then the sequential (5 turns, feedback
+    always "incorrect") and parallel (5 samples) evaluation of base and RISE on `problems`. Writes
+    ``rise_accuracy_by_turn.png`` into `run_dir` and returns the demo table (base vs RISE: m1@t1, m5@t1, m1@t5,
+    p1@t5). ``quick``: a few problems, 2 turns and a few steps — a structural check, not a result.
+
+    The full mode is a reduced `configs/rise/testbed.yaml` (160 instead of 2x1024 collected episodes, 30 steps of 8
+    instead of 2x100 of 16) sized to about a minute on two cores; RESULTS_RISE.md has the full run."""
+    from ponder import data, models, ui
+    from ponder.trainers.rise import RISEConfig, RISETrainer
+
+    t0 = time.time()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if quick:
+        problems = list(problems)[:6]
+        n_train, samples, steps, T, k, new = 6, [1, 2], 2, 2, 2, 32
+    else:
+        n_train, samples, steps, T, k, new = 160, [1, 8], 30, 5, 5, 64
+    env = Env()
+    model, tok = models.load(str(base))
+    eval_kw = dict(env=env, turns=T, parallel=k, context_window=2, temperature=0.5, max_new_tokens=new,
+                   seed=0, batch_size=256, progress=not quick)
+    evals: dict[str, dict[str, Any]] = {}
+    ui.info(f"[bold]rise[/]: evaluating the base model on {len(problems)} problems ({T} turns, {k} parallel)")
+    evals["base"] = evaluate(model, tok, problems, **eval_kw)
+    train = data.load_problems("testbed", n=n_train, split="train", seed=1)
+    ui.info(f"[bold]rise[/]: collecting {n_train} 2-turn episodes (samples per turn {samples})")
+    t = time.time()
+    trajs = collect(model, tok, train, env, turns=2, samples=samples, temperature=1.0, max_new_tokens=new,
+                    seed=7919, batch_size=256, progress=not quick)
+    collect_s = time.time() - t
+    args = RISEConfig(output_dir=str(run_dir / "rise-train"), criteria="better", max_steps=steps,
+                      per_device_train_batch_size=8, learning_rate=1e-4, lr_scheduler_type="cosine",
+                      warmup_steps=0.04, weight_decay=0.0, logging_steps=max(steps // 4, 1), save_strategy="no",
+                      report_to="none", disable_tqdm=quick, seed=0)
+    trainer = RISETrainer(model=model, args=args, train_dataset=trajs, processing_class=tok)
+    t = time.time()
+    trainer.train()
+    train_s = time.time() - t
+    model = trainer.model
+    ui.info(f"[bold]rise[/]: evaluating the RISE model on {len(problems)} problems")
+    evals["RISE"] = evaluate(model, tok, problems, **eval_kw)
+    for r in evals.values():
+        r.pop("records")
+    plot = "rise_accuracy_by_turn.png"
+    plot_by_turn(evals, run_dir / plot)
+
+    keys = [h.format(k=k, T=T) for h in HEADLINE[:4]]
+    columns = ["model"] + keys + [f"acc t{j + 1}" for j in range(T)]
+    rows = [[name] + [round(100 * r[x], 1) for x in keys] + [round(100 * a, 1) for a in r["accuracy_by_turn"]]
+            for name, r in evals.items()]
+    b, r = evals["base"], evals["RISE"]
+    rises = r["accuracy_by_turn"][-1] > r["accuracy_by_turn"][0]
+    beats = r[f"m1@t{T}"] > r[f"m{k}@t1"]
+    keeps = r["m1@t1"] >= b["m1@t1"]
+    shape = "appeared" if rises and beats and keeps else "did not fully appear"
+    notes = [f"Paper's direction (accuracy rises over turns, m1@t{T} > m{k}@t1, m1@t1 not below base) {shape} in "
+             f"this run: turn-{T} vs turn-1 accuracy {100 * r['accuracy_by_turn'][-1]:.1f} vs "
+             f"{100 * r['accuracy_by_turn'][0]:.1f}, m1@t{T} {100 * r[f'm1@t{T}']:.1f} vs m{k}@t1 "
+             f"{100 * r[f'm{k}@t1']:.1f}, m1@t1 {100 * r['m1@t1']:.1f} vs base {100 * b['m1@t1']:.1f}.",
+             f"One iteration: {n_train} episodes collected in {collect_s:.0f} s (best of {samples[-1]} at turn 2), "
+             f"{steps} reward-weighted SFT steps (exp(r/0.4), criteria better) in {train_s:.0f} s; evaluation at "
+             f"temperature 0.5, feedback always \"incorrect\", context window 2; % of {len(problems)} problems.",
+             f"Accuracy by turn, base: {_pct(b['accuracy_by_turn'])}; RISE: {_pct(r['accuracy_by_turn'])} "
+             "(the full two-iteration run is in RESULTS_RISE.md)."]
+    metrics = {name: {x: r[x] for x in keys + ["accuracy_by_turn", "majority_by_turn", "pass_by_turn",
+                                               "changed_answer_rate"]} for name, r in evals.items()}
+    metrics["seconds"] = time.time() - t0
+    return {"title": f"RISE: multi-turn self-correction ({len(problems)} held-out problems, %)",
+            "columns": columns, "rows": rows, "plots": [plot], "notes": notes, "metrics": metrics}
+
+
+def _pct(xs) -> str:
+    return " -> ".join(f"{100 * x:.1f}" for x in xs)

@@ -8,6 +8,7 @@ RISE loss, their ratios, and the loss difference between the two (they must agre
 fp64). Interleaved repeats, median.
 
     python bench/rise.py [--models testbed smollm2-135m] [--turns 2 5] [--trajectories 16] [--repeats 5]
+                         [--demo] [--plain]
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import time
 import torch
 
 
-def trajectories(n: int, turns: int, demo: bool, seed: int = 0):
-    """n trajectories with `turns` attempts: wrong attempts (an arithmetic slip) then a correct one."""
+def trajectories(n: int, turns: int, demo: bool, plain: bool = False, seed: int = 0):
+    """n trajectories with `turns` attempts: wrong attempts (an arithmetic slip) then a correct one. plain: the
+    worked solution is the message content (no <think> block), so later turns see every earlier attempt in
+    full — the paper's GSM8K/MATH setting, where the per-turn layout re-forwards the whole history."""
     from ponder import rise, testbed
     rng = random.Random(seed)
     env = rise.Env(demo=demo)
@@ -34,7 +37,8 @@ def trajectories(n: int, turns: int, demo: bool, seed: int = 0):
         for k in range(turns):
             last = k == turns - 1
             reasoning, ans = testbed.solve(p, "split", slip=0 if last else testbed.slip(rng))
-            text = f"<think>\n{reasoning}\n</think>\n\n{testbed.answer_text(ans)}"
+            text = (f"{reasoning}\n{testbed.answer_text(ans)}" if plain else
+                    f"<think>\n{reasoning}\n</think>\n\n{testbed.answer_text(ans)}")
             atts.append({"turn": k, "text": text, "reward": 1.0 if last else 0.0,
                          "feedback": rise.SUCCESS_PROMPT if last else rise.RETRY_PROMPT.format(query=p.question)})
         out.append({"id": str(len(out)), "prompt": env.reset(prob), "attempts": atts})
@@ -55,11 +59,11 @@ def step(trainer, model, batch):
     return time.perf_counter() - t, loss.item()
 
 
-def run(model_spec: str, turns: int, n: int, repeats: int, demo: bool):
+def run(model_spec: str, turns: int, n: int, repeats: int, demo: bool, plain: bool = False):
     from ponder import models
     model, tok = models.load(model_spec, attn_implementation="sdpa")
     model.train()
-    trajs = trajectories(n, turns, demo)
+    trajs = trajectories(n, turns, demo, plain)
     with tempfile.TemporaryDirectory() as d:
         one = make_trainer(model, tok, trajs, "onepass", d + "/one")
         ref = make_trainer(model, tok, trajs, "npass", d + "/ref")
@@ -87,13 +91,15 @@ def main():
     ap.add_argument("--trajectories", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--demo", action="store_true", help="instruction + one-shot demo prefix (long shared prompt)")
+    ap.add_argument("--plain", action="store_true", help="attempts without a <think> block: history shows them in "
+                    "full (the paper's setting)")
     a = ap.parse_args()
     torch.manual_seed(0)
     from ponder import ui
     rows, ratios = [], {}
     for spec in a.models:
         for T in a.turns:
-            r = run(spec, T, a.trajectories, a.repeats, a.demo)
+            r = run(spec, T, a.trajectories, a.repeats, a.demo, a.plain)
             tr, pr, sr = r["tokens_per_turn"] / r["tokens_one"], r["padded_per_turn"] / r["padded_one"], \
                 r["time_per_turn"] / r["time_one"]
             rows.append((spec, T, r["examples_per_turn_layout"], r["tokens_one"], r["tokens_per_turn"], tr,
@@ -102,9 +108,10 @@ def main():
     ui.print_table("RISE loss: one sequence per trajectory vs one example per attempt (forward+backward)",
                    ["model", "T", "examples", "tokens 1-seq", "tokens per-turn", "token ratio", "(T+1)/2",
                     "padded ratio", "s 1-seq", "s per-turn", "time ratio", "|loss diff|"], rows)
+    tag = ("_plain" if a.plain else "") + ("_demo" if a.demo else "")
     for name, (tr, sr) in ratios.items():
-        print(f"RATIO rise_tokens_{name}={tr:.3f}")
-        print(f"RATIO rise_time_{name}={sr:.3f}")
+        print(f"RATIO rise_tokens_{name}{tag}={tr:.3f}")
+        print(f"RATIO rise_time_{name}{tag}={sr:.3f}")
 
 
 if __name__ == "__main__":

@@ -252,7 +252,8 @@ class OnePassTrainer(PonderTrainer):
         args = args or OnePassConfig()
         if isinstance(model, str) or model is None:
             from ponder.models import load
-            model, processing_class = load(model or args.model, dtype=args.dtype, lora=args.lora)
+            model, processing_class = load(model or args.model, dtype=args.dtype, lora=args.lora,
+                                             attn_implementation=args.attn_implementation)
         elif args.lora is not None:
             from ponder.models import apply_lora
             model = apply_lora(model, args.lora)

@@ -114,6 +114,17 @@ def onepass_cmd(config: Path = typer.Option(None, "--config", "-c", help=CONFIG_
         _fail(e)
 
 
+@app.command("latro", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def latro_cmd(config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+              overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP)):
+    """LaTRO: self-rewarding latent reasoning optimisation (K rationales, reward log p(answer | rationale), RLOO)."""
+    from ponder.recipes import run_latro
+    try:
+        run_latro(config, overrides or [])
+    except ValueError as e:
+        _fail(e)
+
+
 @app.command("demo")
 def demo_cmd(n: int = typer.Option(200, help="held-out problems to evaluate on")):
     """Set up the testbed and show what ponder does on it (grows as the methods land)."""

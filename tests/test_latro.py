@@ -357,6 +357,18 @@ def test_config_checks():
             c.temperature, c.nonstop_penalty, c.sft_weight) == (16, 48, 5e-7, 0.05, 500, 1.0, 2.0, 1.0)
 
 
+@pytest.mark.parametrize("name", ["testbed", "smollm2", "gpu"])
+def test_shipped_configs_load(name):
+    from ponder.config import load_config
+    over = ["bf16=false"] if name == "gpu" else []  # bf16 needs a GPU
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    c = load_config(LaTROConfig, os.path.join(root, "configs", "latro", f"{name}.yaml"), over)
+    assert c.per_device_train_batch_size % c.num_generations == 0 and "{question}" in c.prompt_template
+    if name == "gpu":  # the paper's GSM8K recipe: 16 rollouts x 3 accumulation steps x 8 GPUs = 384 per update
+        assert (c.num_generations, c.learning_rate, c.beta, c.max_rationale_length) == (16, 5e-7, 0.05, 500)
+        assert c.per_device_train_batch_size * c.gradient_accumulation_steps * 8 == 384
+
+
 def test_training_logs_metrics_and_resume_is_exact(tmp_path):
     from transformers import TrainerCallback
 

@@ -71,6 +71,7 @@ class LaTROConfig(TrainingArguments):
     per_device_train_batch_size: int = field(default=48, metadata={"help": "rollouts per device per micro-step "
                                                                           "(a multiple of num_generations)"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep the prompt/answer ids"})
+    dataloader_pin_memory: bool = field(default=False, metadata={"help": "batches are token-id lists"})
 
     def __post_init__(self):
         if self.num_generations < 2:

@@ -351,7 +351,14 @@ def plot(log_history: list[dict[str, Any]], path: Path, title: str = "LaTRO") ->
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, (key, label) in zip(axes.flat, PLOTS):
         xs, ys = series(log_history, key)
-        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=key.removeprefix("eval_"))
+        if key.startswith("eval_") or len(xs) < 20:
+            ax.plot(xs, ys, marker="o", label=key.removeprefix("eval_"))
+        else:  # per-log values are noisy (a few questions each): show them faintly under a running mean
+            w = max(5, len(xs) // 15)
+            ax.plot(xs, ys, alpha=0.3, color="C0")
+            ax.plot(xs, [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))],
+                    color="C0", label=f"running mean ({w} logs)")
+            ax.legend()
         if key == "eval_greedy_accuracy":
             maj = next((k for h in log_history for k in h if k.startswith("eval_maj@")), None)
             if maj:

@@ -439,3 +439,19 @@ def test_smollm2_lora_smoke(tmp_path):
     assert len(logs) == 2
     for h in logs:
         assert -200 < h["reward"] < 0 and abs(h["kl"]) < 50 and 0 <= h["nonstop_fraction"] <= 1
+
+
+def test_demo_quick_structure(tmp_path):
+    """`ponder demo` hook: the quick mode on the testbed returns the table, notes and an existing PNG."""
+    from ponder import data, testbed
+    base = testbed.ensure()
+    problems = data.load_problems("testbed", n=6, split="test")
+    out = latro.demo(tmp_path, str(base), problems, quick=True)
+    assert set(out) == {"title", "columns", "rows", "plots", "notes", "metrics"}
+    assert out["columns"] == ["model", "greedy accuracy", "maj@2"]
+    assert [r[0].split(" ")[0] for r in out["rows"]] == ["testbed", "SFT", "LaTRO"]
+    for row in out["rows"]:
+        assert len(row) == 3 and all(0.0 <= v <= 1.0 for v in row[1:])
+    assert out["plots"] and all((tmp_path / p).stat().st_size > 10_000 for p in out["plots"])
+    assert any("paper's direction" in n for n in out["notes"])
+    assert out["metrics"]["steps"] == 2 and out["metrics"]["train_questions"] == 4

@@ -343,8 +343,10 @@ def series(log_history: list[dict[str, Any]], key: str) -> tuple[list[int], list
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot(log_history: list[dict[str, Any]], path: Path, title: str = "LaTRO") -> Path:
-    """A 2x2 PNG: self-reward, KL, advantage spread, held-out greedy accuracy and maj@k over steps."""
+def plot(log_history: list[dict[str, Any]], path: Path, title: str = "LaTRO",
+         baselines: dict[str, float] | None = None) -> Path:
+    """A 2x2 PNG: self-reward, KL, advantage spread, held-out greedy accuracy and maj@k over steps
+    (`baselines`: other models' accuracies, drawn as dashed horizontal lines in the accuracy panel)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -364,6 +366,9 @@ def plot(log_history: list[dict[str, Any]], path: Path, title: str = "LaTRO") ->
             if maj:
                 mx, my = series(log_history, maj)
                 ax.plot(mx, my, marker="s", label=maj.removeprefix("eval_"))
+            for i, (name, v) in enumerate((baselines or {}).items()):
+                ax.axhline(v, linestyle="--", color=f"C{i + 2}", label=name)
+            ax.set_ylabel("accuracy")
             ax.legend()
         ax.set_title(label)
         ax.set_xlabel("step")

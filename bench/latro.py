@@ -190,7 +190,7 @@ def main() -> None:
                      r["max_abs_diff"]))
         ratios.append((f"latro_score_{spec}", r["no_grad_ratio"]))
         ratios.append((f"latro_score_fwd_bwd_{spec}", r["fwd_bwd_ratio"]))
-    ui.print_table(f"LaTRO scoring: fused [x z y] vs separate [x z] + [x z y] ({a.batch} samples, L={a.rationale})",
+    ui.print_table(f"LaTRO scoring: fused \\[x z y] vs separate \\[x z] + \\[x z y] ({a.batch} samples, L={a.rationale})",
                    ["model", "tokens fused", "tokens separate", "no-grad fused s", "no-grad separate s", "ratio",
                     "fwd+bwd fused s", "fwd+bwd separate s", "ratio", "max |diff|"], rows)
     if not a.skip_trl:

@@ -286,12 +286,12 @@ def demo(run_dir, base: str, problems: list, quick: bool = False, *, steps: int 
     timings["eval_latro"] = time.time() - t
     history = tr.state.log_history
 
-    # SFT on gold rationales: the same number of questions, one gold rationale each, batches of `questions`.
+    # SFT on gold rationales: the same questions, one gold rationale each, batches of `questions`.
     t = time.time()
     sft_model, _ = models.load(str(base))
     scfg = SFTConfig(output_dir=str(run_dir / "sft"), model=str(base), per_device_train_batch_size=questions,
                      max_steps=steps, learning_rate=sft_lr, **common)
-    conv = data.load_conversations("testbed:single", n=n_train, split="train", seed=seed + 1)
+    conv = gold_conversations(train)
     st = SFTTrainer(model=sft_model, args=scfg, train_dataset=conv, processing_class=tok)
     st.train()
     timings["train_sft"] = time.time() - t
@@ -315,7 +315,8 @@ def demo(run_dir, base: str, problems: list, quick: bool = False, *, steps: int 
              f"on {len(problems)} held-out problems.",
              f"LaTRO here uses sft_weight = {sft_weight:g} (the official code's default is 0, the paper's Eq. 4 is "
              "1; on the testbed weight 1 makes the model hedge its answers and accuracy drops, RESULTS_LATRO.md).",
-             "SFT and LaTRO see the same number of training questions; SFT gets one gold rationale per question, "
+             "SFT and LaTRO train on the same questions; SFT gets one gold rationale per question (the testbed's "
+             "own 'direct' format), "
              f"LaTRO samples K = {k} of its own and is rewarded by log p(gold answer | rationale)."]
     final = next((h for h in reversed(history) if "reward" in h), {})
     return {"title": "LaTRO: self-rewarding latent reasoning (testbed)",
@@ -327,3 +328,15 @@ def demo(run_dir, base: str, problems: list, quick: bool = False, *, steps: int 
 # LaTRO's lr: 1e-5 kept the testbed's accuracy and improved it a little; 5e-5 and 2e-4 drifted (KL of several
 # nats) and lost accuracy (RESULTS_LATRO.md). SFT on gold rationales gets its own (larger) lr.
 DEMO_STEPS, DEMO_QUESTIONS, DEMO_LR, DEMO_SFT_LR = 30, 4, 1e-5, 2e-4
+
+
+def gold_conversations(problems: list) -> list[list[dict]]:
+    """Testbed problems with their gold rationale in the ``direct`` format the testbed was pre-trained on
+    (SFT on a mixture of the four strategies first costs accuracy: it teaches new formats, not arithmetic)."""
+    from ponder import testbed
+    out = []
+    for p in problems:
+        reasoning, ans = testbed.solve(testbed.Arith(*(int(p.meta[k]) for k in "abc")), "direct")
+        out.append([{"role": "user", "content": p.question},
+                    {"role": "assistant", "reasoning": reasoning, "content": testbed.answer_text(ans)}])
+    return out

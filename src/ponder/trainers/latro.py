@@ -338,6 +338,10 @@ PLOTS = (("reward", "self-reward Σ log π(y|x⊕z)"), ("kl", "KL estimate log �
          ("advantage_std", "advantage spread (std within group)"), ("eval_greedy_accuracy", "held-out accuracy"))
 
 
+YLABELS = {"reward": "nats (higher is better)", "kl": "nats per rationale", "advantage_std": "nats",
+           "eval_greedy_accuracy": "accuracy"}
+
+
 def series(log_history: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
     pts = [(h["step"], h[key]) for h in log_history if key in h and h[key] is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
@@ -366,11 +370,11 @@ def plot(log_history: list[dict[str, Any]], path: Path, title: str = "LaTRO",
             if maj:
                 mx, my = series(log_history, maj)
                 ax.plot(mx, my, marker="s", label=maj.removeprefix("eval_"))
-            for i, (name, v) in enumerate((baselines or {}).items()):
-                ax.axhline(v, linestyle="--", color=f"C{i + 2}", label=name)
-            ax.set_ylabel("accuracy")
+            for i, (name, v) in enumerate((baselines or {}).items()):  # same colour as the metric it compares to
+                ax.axhline(v, linestyle="--", color=f"C{i % 2}", alpha=0.8, label=name)
             ax.legend()
         ax.set_title(label)
+        ax.set_ylabel(YLABELS[key])
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.suptitle(title)

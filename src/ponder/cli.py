@@ -118,6 +118,17 @@ def onepass_cmd(config: Path = typer.Option(None, "--config", "-c", help=CONFIG_
         _fail(e)
 
 
+@app.command("latro", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def latro_cmd(config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+              overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP)):
+    """LaTRO: self-rewarding latent reasoning optimisation (K rationales, reward log p(answer | rationale), RLOO)."""
+    from ponder.recipes import run_latro
+    try:
+        run_latro(config, overrides or [])
+    except ValueError as e:
+        _fail(e)
+
+
 @app.command("bench")
 def bench_cmd(only: list[str] = typer.Option(None, help="bench names (default: every bench/*.py)"),
               out: Path = typer.Option(Path("bench/results.md"))):

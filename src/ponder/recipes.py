@@ -55,6 +55,36 @@ def run_onepass(config_path, overrides: list[str]):
     return run_training(OnePassConfig, OnePassTrainer, config_path, overrides, "onepass")
 
 
+def run_latro(config_path, overrides: list[str]):
+    """LaTRO: train with periodic held-out evaluation, evaluate the final model, write metrics.json and
+    report.md with the training-curve PNG (reward, KL, advantage spread, accuracy)."""
+    from ponder import ui
+    from ponder.config import load_config, to_yaml
+    from ponder.trainers.latro import LaTROConfig, LaTROTrainer, write_report
+    cfg = load_config(LaTROConfig, config_path, overrides)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    trainer = LaTROTrainer(args=cfg)
+    t = time.time()
+    result = trainer.train(resume_from_checkpoint=_resume_arg(cfg))
+    seconds = time.time() - t
+    if not any("eval_greedy_accuracy" in h and h["step"] == result.global_step for h in trainer.state.log_history):
+        trainer.evaluate()
+    trainer.save_model(str(out / "final"))
+    final = next(h for h in reversed(trainer.state.log_history) if "eval_greedy_accuracy" in h)
+    metrics = {"train_loss": result.training_loss, "steps": result.global_step, "seconds": seconds,
+               "data": trainer.data_stats, "final_eval": final, "log_history": trainer.state.log_history}
+    write_json(out / "metrics.json", metrics)
+    report = write_report(out, cfg, trainer.state.log_history, {k: v for k, v in metrics.items()
+                                                                   if k != "log_history"})
+    rows = [("steps", result.global_step), ("seconds", seconds)] + [
+        (k.removeprefix("eval_"), v) for k, v in final.items() if k.startswith("eval_")]
+    ui.print_table(f"latro: {cfg.model} on {cfg.dataset} (held-out, step {final['step']})", ["metric", "value"], rows)
+    ui.info(f"model: {out / 'final'}   metrics: {out / 'metrics.json'}   report: {report}")
+    return metrics
+
+
 def run_benchmarks(only: list[str], out: Path) -> dict[str, float]:
     """Run bench/*.py one after another (never in parallel: they time things), keep their output and the
     `RATIO name=value` lines, and write a Markdown summary with the machine, date and commands."""

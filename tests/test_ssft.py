@@ -103,10 +103,12 @@ def test_costs_for_a_batch_of_questions_equal_one_by_one(tiny64):
         enc = ssft.encode(tok, ts["question"] + "  " * len(items), ts["traces"][:2 + len(items)])
         items.append((enc.prompt, ssft.tag_token_ids(tok, TAGS), enc.traces))
     for layout in ("shared", "packed"):
-        together = ssft.costs_from_ids(model, items, 8, layout, tok.pad_token_id)
-        for item, c in zip(items, together):
-            alone = ssft.costs_from_ids(model, [item], 8, layout, tok.pad_token_id)[0]
-            assert (c - alone).abs().max() <= 1e-9
+        for row_tokens in (1024, 90):  # 90: several rows per question (the prompt repeated per row when shared)
+            together = ssft.costs_from_ids(model, items, 8, layout, tok.pad_token_id, row_tokens)
+            for item, c in zip(items, together):
+                alone = ssft.costs_from_ids(model, [item], 8, layout, tok.pad_token_id)[0]
+                assert (c - alone).abs().max() <= 1e-9
+    assert len(ssft._cost_rows(items, 8, "shared", 90)) > len(items)
 
 
 def test_tag_substitution_matches_rendering(tiny64):

@@ -137,36 +137,53 @@ def check_substitution(tokenizer, question: str, trace: Any, tags: Sequence[str]
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _cost_row(prompt: list[int], tag_ids: Sequence[Sequence[int]], prefixes: Sequence[list[int]], layout: str):
-    """One row of the cost forward for one question: ids, position ids, per-token branch (0 = shared prompt,
-    1.. = the (tag, trace) branch, -1 = padding later), and for each cell (i, j) the indices of its targets.
+@dataclass
+class _Row:
+    """One row of the cost forward: ids, position ids, per-token branch (0 = a shared prompt, 1.. = a branch,
+    -1 = padding), and the cells it scores: (question, tag i, trace j, indices of the targets)."""
+    ids: list[int]
+    pos: list[int]
+    branch: list[int]
+    cells: list[tuple[int, int, int, list[int]]]
 
-    layout ``shared``: [prompt | tag_1 r_1[:L] | tag_1 r_2[:L] | ... | tag_N r_M[:L]]; every branch sees the
-    prompt and itself (a custom mask), positions continue from the prompt. ``packed``: N·M independent
-    sequences [prompt tag_i r_j[:L]] back to back, positions restarting (transformers then builds the
-    block-diagonal mask itself)."""
-    ids, pos, branch, cells = [], [], [], []
-    if layout == "shared":
-        ids += prompt
-        pos += list(range(len(prompt)))
-        branch += [0] * len(prompt)
-    b = 0
-    for tag in tag_ids:
-        row_cells = []
-        for pre in prefixes:
-            b += 1
-            if layout == "packed":
-                ids += prompt
-                pos += list(range(len(prompt)))
-                branch += [b] * len(prompt)
-            start = len(ids) + len(tag)
-            seq = list(tag) + list(pre)
-            ids += seq
-            pos += list(range(len(prompt), len(prompt) + len(seq)))
-            branch += [b] * len(seq)
-            row_cells.append(list(range(start, start + len(pre))))
-        cells.append(row_cells)
-    return ids, pos, branch, cells
+
+def _cost_rows(items, prefix_len: int | None, layout: str, row_tokens: int) -> list[_Row]:
+    """Lay out every (question, tag i, trace j) prefix [prompt | tag_i | r_j[:L]] for one forward.
+
+    ``shared``: per question, rows [prompt | tag_1 r_1[:L] | tag_1 r_2[:L] | ... ] holding the prompt once and as
+    many branches as fit in `row_tokens` (at least one); each branch sees the prompt and itself (a custom
+    mask) and its positions continue from the prompt. ``packed``: each prefix is an independent sequence with
+    its own copy of the prompt, packed back to back into rows of at most `row_tokens` tokens with positions
+    restarting (transformers then builds the block-diagonal mask itself, `ponder.trainers.sft.pack_collate`).
+    Either way the attention cost is ~ tokens x row length, so `row_tokens` bounds it."""
+    rows: list[_Row] = []
+    for q, (prompt, tags, traces) in enumerate(items):
+        pre = [list(t[:prefix_len]) if prefix_len else list(t) for t in traces]
+        if any(not p for p in pre):
+            raise ValueError("a trace has no trained tokens to score")
+        for i, tag in enumerate(tags):
+            for j, r in enumerate(pre):
+                seq = list(tag) + r
+                if layout == "shared":
+                    fresh = not rows or rows[-1].cells[-1][0] != q or len(rows[-1].ids) + len(seq) > row_tokens
+                    if fresh:
+                        rows.append(_Row(list(prompt), list(range(len(prompt))), [0] * len(prompt), []))
+                    row = rows[-1]
+                    b = max(row.branch) + 1
+                else:
+                    if not rows or len(rows[-1].ids) + len(prompt) + len(seq) > row_tokens:
+                        rows.append(_Row([], [], [], []))
+                    row = rows[-1]
+                    b = max(row.branch, default=0) + 1
+                    row.ids += prompt
+                    row.pos += list(range(len(prompt)))
+                    row.branch += [b] * len(prompt)
+                start = len(row.ids) + len(tag)
+                row.ids += seq
+                row.pos += list(range(len(prompt), len(prompt) + len(seq)))
+                row.branch += [b] * len(seq)
+                row.cells.append((q, i, j, list(range(start, start + len(r)))))
+    return rows
 
 
 def _shared_mask(branch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -183,54 +200,51 @@ def _shared_mask(branch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 @torch.no_grad()
 def costs_from_ids(model, items: Sequence[tuple[list[int], Sequence[Sequence[int]], Sequence[list[int]]]],
-                   prefix_len: int | None, layout: str = "shared", pad_id: int = 0) -> list[torch.Tensor]:
-    """Matching costs for several questions in ONE forward (one row per question).
+                   prefix_len: int | None, layout: str = "shared", pad_id: int = 0,
+                   row_tokens: int = 1024) -> list[torch.Tensor]:
+    """Matching costs for several questions in ONE forward.
 
     items: (prompt ids, ids of each of the N tags, the M traces' trained ids after the tag). Returns per question
-    an (N, M) tensor of -mean log-prob of each trace's first `prefix_len` tokens (None or 0: whole trace)."""
+    an (N, M) tensor of -mean log-prob of each trace's first `prefix_len` tokens (None or 0: whole trace).
+    layout / row_tokens: see `_cost_rows`."""
     if layout not in ("shared", "packed"):
         raise ValueError(f"cost layout must be 'shared' or 'packed', got {layout!r}")
-    rows = []
-    for prompt, tags, traces in items:
-        pre = [list(t[:prefix_len]) if prefix_len else list(t) for t in traces]
-        if any(not p for p in pre):
-            raise ValueError("a trace has no trained tokens to score")
-        rows.append(_cost_row(prompt, tags, pre, layout))
-    width = max(len(r[0]) for r in rows)
-    n = len(rows)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    pos = torch.zeros((n, width), dtype=torch.long)
-    branch = torch.full((n, width), -1, dtype=torch.long)
-    for r, (i, p, b, _) in enumerate(rows):
-        ids[r, :len(i)] = torch.tensor(i)
-        pos[r, :len(p)] = torch.tensor(p)
-        branch[r, :len(b)] = torch.tensor(b)
-        pos[r, len(p):] = torch.arange(width - len(p))  # padding: its own packed "sequence", never scored
+    rows = _cost_rows(items, prefix_len, layout, row_tokens)
+    width = max(len(r.ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    branch = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        n = len(row.ids)
+        ids[r, :n] = torch.tensor(row.ids)
+        pos[r, :n] = torch.tensor(row.pos)
+        branch[r, :n] = torch.tensor(row.branch)
+        pos[r, n:] = torch.arange(width - n)  # padding: its own packed "sequence", never scored
     device = next(model.parameters()).device
-    targets = sorted({t for *_, cells in rows for rc in cells for c in rc for t in c})
-    keep = torch.tensor(sorted({t - 1 for t in targets}))  # predictor positions: logits only where needed
+    keep = sorted({t - 1 for row in rows for *_, tgt in row.cells for t in tgt})  # predictor positions only
     mask = None
     if layout == "shared":
         dtype = next(model.parameters()).dtype
         mask = _shared_mask(branch, dtype if dtype.is_floating_point else torch.float32).to(device)
     out = model(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask, use_cache=False,
-                logits_to_keep=keep.to(device))
+                logits_to_keep=torch.tensor(keep, device=device))
     logits = out.logits if out.logits.dtype in (torch.float32, torch.float64) else out.logits.float()
     logp = torch.log_softmax(logits, -1)
-    slot = {int(p): s for s, p in enumerate(keep.tolist())}
-    costs = []
-    for r, (*_, cells) in enumerate(rows):
-        c = torch.empty(len(cells), len(cells[0]), dtype=logp.dtype)
-        for i, rc in enumerate(cells):
-            for j, tgt in enumerate(rc):
-                pred = torch.tensor([slot[t - 1] for t in tgt])
-                c[i, j] = -logp[r, pred, ids[r, tgt]].mean()
-        costs.append(c)
+    slot = {p: s for s, p in enumerate(keep)}
+    n_tags = [len(t) for _, t, _ in items]
+    costs = [torch.empty(n, len(tr), dtype=logp.dtype) for n, (_, _, tr) in zip(n_tags, items)]
+    for r, row in enumerate(rows):  # one gather per row, then per-cell means
+        tgt = [t for *_, ts in row.cells for t in ts]
+        lp = logp[r, torch.tensor([slot[t - 1] for t in tgt]), ids[r, tgt]]
+        at = 0
+        for q, i, j, ts in row.cells:
+            costs[q][i, j] = -lp[at:at + len(ts)].mean()
+            at += len(ts)
     return costs
 
 
 def matching_costs(model, tokenizer, question: str, traces: Sequence[Any], num_tags: int, prefix_len: int | None,
-                   tags: Sequence[str] | None = None, layout: str = "shared") -> torch.Tensor:
+                   tags: Sequence[str] | None = None, layout: str = "shared", row_tokens: int = 1024) -> torch.Tensor:
     """The SSFT matching-cost matrix (papers.md §1.3), shape (N, M):
     C[i, j] = -(1/L) Σ_{t=1..L} log π(r^(j)_t | x, g^(i), r^(j)_{<t}), L = min(prefix_len, |r^(j)|), where r^(j)
     is trace j's trained tokens after the tag (reasoning block, answer, end-of-turn). No gradient; all N·M
@@ -241,7 +255,7 @@ def matching_costs(model, tokenizer, question: str, traces: Sequence[Any], num_t
     enc = encode(tokenizer, question, traces, tags[0])
     tag_ids = tag_token_ids(tokenizer, tags, single=False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return costs_from_ids(model, [(enc.prompt, tag_ids, enc.traces)], prefix_len, layout, pad)[0]
+    return costs_from_ids(model, [(enc.prompt, tag_ids, enc.traces)], prefix_len, layout, pad, row_tokens)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -353,7 +353,43 @@ def test_evaluate_forking_records_are_consistent():
     for rec in r["records"]:
         assert [[s["tag"] for s in f] for f in rec["forced"]] == [[t, t] for t in TAGS[:3]]
         assert len(rec["sampled"]) == 6 and all(s["tag"] in TAGS[:3] for s in rec["sampled"])
-    for key in ("pass@1[<think1>]", "pass@1[sampled]", "pass@6", "cons@6", "cons@3[groups]", "distinct_answers@6",
+    for key in ("pass@1/<think1>", "pass@1/sampled", "pass@6", "cons@6", "cons@3/groups", "distinct_answers@6",
                 "distinct_strategies@6"):
         assert 0 <= r[key] <= 6, key
     assert sum(r["sampled_tag_share"].values()) == pytest.approx(1.0)
+
+
+# ---- the commands -----------------------------------------------------------------------------------------
+
+
+def test_ssft_gfpo_and_forking_eval_commands(tmp_path):
+    """`ponder ssft` -> `ponder gfpo` on its model -> `ponder eval --forking`, tiny sizes, files in place."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from ponder.cli import app
+    run = CliRunner()
+    small = ["model=tiny-random", "max_steps=2", "per_device_train_batch_size=2", "dataset_size=4",
+             "eval_problems=2", "eval_max_new_tokens=6", "report_to=none", "save_strategy='no'", "logging_steps=1"]
+    r = run.invoke(app, ["ssft", "--config", "configs/ssft/testbed.yaml", f"output_dir={tmp_path / 's'}", *small])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert m["steps"] == 2 and "pass@12" in m["eval"] and "cons@6/groups" in m["eval"]
+    for f in ("report.md", "forking.png", "matching.png", "matching.json", "eval_samples.jsonl"):
+        assert (tmp_path / "s" / f).exists(), f
+    match = json.loads((tmp_path / "s" / "matching.json").read_text())
+    assert sum(sum(v) for v in match["totals"].values()) == 2 * 2 * 4  # steps x questions x traces
+    r = run.invoke(app, ["gfpo", "--config", "configs/gfpo/testbed.yaml", f"model={tmp_path / 's' / 'final'}",
+                         f"output_dir={tmp_path / 'g'}", "num_generations=2", "max_new_tokens=4",
+                         *[s for s in small if not s.startswith("model=")]])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "g" / "metrics.json").read_text())
+    assert len(m["tag_distribution"]["before"]) == 6 and abs(sum(m["tag_distribution"]["after"]) - 1) < 1e-3
+    r = run.invoke(app, ["eval", "--model", str(tmp_path / "g" / "final"), "--forking", "6", "--n", "2",
+                         "--per-tag", "1", "--max-new-tokens", "4", "--out", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    e = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert e["k"] == 6 and set(e["per_tag"]) == set(TAGS)
+    r = run.invoke(app, ["ssft", "--config", "configs/ssft/testbed.yaml", "assignment=best"])
+    assert r.exit_code == 2 and "assignment must be one of" in r.output

@@ -37,7 +37,9 @@ def eval_cmd(model: str = typer.Option("testbed", help="model spec: testbed | sm
                                                     "and a sampled tag, pass@k, Cons@k, per-tag accuracy/length"),
              per_tag: int = typer.Option(2, help="--forking: samples per tag (k = N * per_tag)"),
              tags: str = typer.Option(None, help="--forking: comma-separated tags instead of <think1..N> "
-                                                 "(e.g. '<think>' for an SFT-mixed model)")):
+                                                 "(e.g. '<think>' for an SFT-mixed model)"),
+             group_size: int = typer.Option(None, help="--forking: Cons@G groups of G samples (default: the "
+                                                       "number of tags)")):
     """Greedy accuracy, pass@k and maj@k of a model on a task; prints a table and writes metrics.json.
     With --forking N: the forking-token diversity evaluation (report.md with per-tag plots)."""
     from ponder import data, metrics, models, ui
@@ -48,7 +50,7 @@ def eval_cmd(model: str = typer.Option("testbed", help="model spec: testbed | sm
             tag_list = [t.strip() for t in tags.split(",")] if tags else forking_tags(forking)
             out = out or Path("runs") / f"eval-forking-{Path(model).name}-{task.replace(':', '_').replace('/', '_')}"
             evaluate_forking_run(model, tag_list, out, task, n, per_tag, temperature, max_new_tokens,
-                                 f"forking eval of {model}", seed=seed)
+                                 f"forking eval of {model}", seed=seed, group_size=group_size)
         except ValueError as e:
             _fail(e)
         return

@@ -449,12 +449,12 @@ def evaluate_forking(model, tokenizer, problems: Sequence[Any], tags: Sequence[s
     """Diversity evaluation of a model with forking tokens (papers.md §1.7).
 
     For every problem: `per_tag` samples with each tag forced (k = len(tags)·per_tag) and `sampled` samples
-    (default k) whose tag the model samples itself (`tag_logprobs` at `temperature`). Reports
-    - ``pass@1[<tag1>]`` (the paper's Pass@1), ``pass@1[sampled]``, ``pass@1[tags]`` (mean over forced samples);
-    - ``pass@k`` (any of the k forced samples correct; unbiased estimator with n = k) and ``pass@k[sampled]``;
-    - ``cons@k`` (one majority vote over the k forced samples, round-robin order) and ``cons@G`` (groups of
-      `group_size`, default len(tags): one sample per tag per group, the paper's "native" Cons@N), and
-      ``maj@k[sampled]``;
+    (default k; 0 with a single tag) whose tag the model samples itself (`tag_logprobs` at `temperature`). Reports
+    - ``pass@1/<tag1>`` (the paper's Pass@1), ``pass@1/sampled``, ``pass@1/tags`` (mean over forced samples);
+    - ``pass@k`` (any of the k forced samples correct; unbiased estimator with n = k) and ``pass@k/sampled``;
+    - ``cons@k`` (one majority vote over the k forced samples, round-robin order) and ``cons@G/groups`` (groups
+      of `group_size`, default len(tags): one sample per tag per group, the paper's "native" Cons@N), and
+      ``maj@k/sampled``;
     - per tag: accuracy, mean completion length (tokens), share of each recognised strategy (testbed);
     - ``distinct_answers@k`` / ``distinct_strategies@k``: mean number of different final answers / solution
       strategies among the k forced samples (and among the sampled ones).
@@ -466,7 +466,7 @@ def evaluate_forking(model, tokenizer, problems: Sequence[Any], tags: Sequence[s
     tags = list(tags)
     t_ids = tag_token_ids(tokenizer, tags, single=False)
     k = len(tags) * per_tag
-    sampled = k if sampled is None else sampled
+    sampled = (k if len(tags) > 1 else 0) if sampled is None else sampled  # one tag: sampling it = forcing it
     group_size = group_size or len(tags)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     base = [generation_prompt(tokenizer, [{"role": "user", "content": prompt.format(question=_q(p))}])
@@ -508,27 +508,27 @@ def evaluate_forking(model, tokenizer, problems: Sequence[Any], tags: Sequence[s
 
     res: dict[str, Any] = {"n": len(problems), "tags": tags, "k": k, "per_tag": per_tag, "temperature": temperature}
     flat = [round_robin(f) for f in forced]
-    res[f"pass@1[{tags[0]}]"] = mean([mean([r["correct"] for r in f[0]]) for f in forced])
-    res["pass@1[tags]"] = mean([mean([r["correct"] for r in fl]) for fl in flat])
+    res[f"pass@1/{tags[0]}"] = mean([mean([r["correct"] for r in f[0]]) for f in forced])
+    res["pass@1/tags"] = mean([mean([r["correct"] for r in fl]) for fl in flat])
     res[f"pass@{k}"] = mean([pass_at_k(k, sum(r["correct"] for r in fl), k) for fl in flat])
     res[f"cons@{k}"] = mean([cons_at_k([r["answer"] for r in fl], [r["correct"] for r in fl]) for fl in flat])
     if k % group_size == 0:
-        res[f"cons@{group_size}[groups]"] = mean([cons_at_k([r["answer"] for r in fl], [r["correct"] for r in fl],
+        res[f"cons@{group_size}/groups"] = mean([cons_at_k([r["answer"] for r in fl], [r["correct"] for r in fl],
                                                             group_size) for fl in flat])
     res[f"distinct_answers@{k}"] = mean([len({r["answer"] for r in fl if r["answer"] is not None}) for fl in flat])
     if is_testbed:
         res[f"distinct_strategies@{k}"] = mean([len({r["strategy"] for r in fl if r["strategy"]}) for fl in flat])
         res["unrecognised_strategy"] = mean([mean([r["strategy"] is None for r in fl]) for fl in flat])
     if sampled:
-        res["pass@1[sampled]"] = mean([mean([r["correct"] for r in s]) for s in sampled_recs])
-        res[f"pass@{sampled}[sampled]"] = mean([pass_at_k(sampled, sum(r["correct"] for r in s), sampled)
+        res["pass@1/sampled"] = mean([mean([r["correct"] for r in s]) for s in sampled_recs])
+        res[f"pass@{sampled}/sampled"] = mean([pass_at_k(sampled, sum(r["correct"] for r in s), sampled)
                                                 for s in sampled_recs])
-        res[f"maj@{sampled}[sampled]"] = mean([float(maj_correct([r["answer"] for r in s], [r["correct"] for r in s]))
+        res[f"maj@{sampled}/sampled"] = mean([float(maj_correct([r["answer"] for r in s], [r["correct"] for r in s]))
                                                for s in sampled_recs])
-        res[f"distinct_answers@{sampled}[sampled]"] = mean([len({r["answer"] for r in s if r["answer"] is not None})
+        res[f"distinct_answers@{sampled}/sampled"] = mean([len({r["answer"] for r in s if r["answer"] is not None})
                                                             for s in sampled_recs])
         if is_testbed:
-            res[f"distinct_strategies@{sampled}[sampled]"] = mean([len({r["strategy"] for r in s if r["strategy"]})
+            res[f"distinct_strategies@{sampled}/sampled"] = mean([len({r["strategy"] for r in s if r["strategy"]})
                                                                    for s in sampled_recs])
         share = Counter(r["tag"] for s in sampled_recs for r in s)
         res["sampled_tag_share"] = {t: share[t] / (len(problems) * sampled) for t in tags}

@@ -46,3 +46,9 @@ def test_invalid_value_from_post_init(tmp_path):
 def test_override_syntax():
     with pytest.raises(ConfigError, match="not of the form key=value"):
         load_config(SFTConfig, None, ["max_steps"])
+
+
+def test_yes_no_stay_strings(tmp_path):
+    p = write(tmp_path, "save_strategy: no\nreport_to: none\nbf16: false\n")
+    cfg = load_config(SFTConfig, p, ["eval_strategy=no", "output_dir=" + str(tmp_path)])
+    assert cfg.save_strategy == "no" and cfg.eval_strategy == "no" and cfg.bf16 is False

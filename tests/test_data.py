@@ -98,3 +98,8 @@ def test_testbed_source_excludes_heldout():
     test = {p.question for p in data.load_problems("testbed", n=200, split="test")}
     train = {p.question for p in data.load_problems("testbed", n=2000, split="train")}
     assert len(test) == 200 and not test & train
+
+
+def test_bad_reasoning_gym_option():
+    with pytest.raises(DataError, match="rg:chain_sum: bad task option"):
+        data.load_problems("rg:chain_sum", n=2, no_such_option=3)

@@ -67,7 +67,8 @@ def test_packing_and_padding(eager64, convs, row):
     assert (lp - dense).abs().max().item() <= 1e-9
     for i, c in enumerate(convs):
         ref = npass_logprobs(model, tok, c)
-        mine = lp[batch.pair_example == i]
+        ex, msg = batch.pair_example == i, batch.pair_message
+        mine = torch.cat([lp[ex & (msg == m)] for m in sorted(set(msg[ex].tolist()))])
         assert (mine - torch.cat(ref)).abs().max().item() <= 1e-9
 
 
@@ -114,36 +115,72 @@ def two_turn_layout(tok):
     return msgs, masks.onepass_layout(tok, msgs)
 
 
+RANK = {HUMAN: 0, THINK: 1, ANSWER_IN: 2, ANSWER_OUT: 3}
+
+
+def interleaved(lay):
+    """The paper's order [h_k | t_k | r_k^in | r_k^out] per turn (the official code's), from our trunk-first
+    layout; pairs are remapped to the new indices."""
+    order = sorted(range(len(lay)), key=lambda i: (lay.turns[i], RANK[lay.roles[i]], i))
+    new_of = {old: new for new, old in enumerate(order)}
+    out = masks.Layout(*[[getattr(lay, f)[i] for i in order] for f in ("ids", "roles", "turns", "positions",
+                                                                        "weights")])
+    out.pairs = [(new_of[p], new_of[t]) for p, t in lay.pairs]
+    out.pair_message = list(lay.pair_message)
+    return out
+
+
 def test_mask_blocks_match_the_paper_table(tb_tok):
     """papers.md §2.4: h_i sees H_<i, h_i; t_i sees H_<i, h_i, t_i; r_in sees H_<i, h_i, r_in (not t_i);
-    r_out sees H_<i, h_i, t_i, r_out (not r_in). H_<i = earlier human turns and earlier answer_in copies."""
+    r_out sees H_<i, h_i, t_i, r_out (not r_in). H_<i = earlier human turns and earlier answer_in copies.
+    Checked on our trunk-first order and on the paper's interleaved order (the predicate serves both)."""
     _, lay = two_turn_layout(tb_tok)
-    batch = masks.collate([lay], 0)
-    ok = batch.dense_mask(torch.float64)[0, 0] == 0
-    roles, turns = lay.roles, lay.turns
     expected_visible = {  # (query role, key role, key turn relative to query turn) -> visible
         (HUMAN, HUMAN, "same"): True, (HUMAN, HUMAN, "earlier"): True, (HUMAN, ANSWER_IN, "earlier"): True,
         (HUMAN, THINK, "earlier"): False, (HUMAN, ANSWER_OUT, "earlier"): False,
         (THINK, HUMAN, "same"): True, (THINK, THINK, "same"): True, (THINK, ANSWER_IN, "earlier"): True,
         (THINK, THINK, "earlier"): False, (THINK, ANSWER_OUT, "earlier"): False, (THINK, HUMAN, "earlier"): True,
+        (THINK, ANSWER_IN, "same"): False,
         (ANSWER_OUT, HUMAN, "same"): True, (ANSWER_OUT, THINK, "same"): True, (ANSWER_OUT, ANSWER_OUT, "same"): True,
         (ANSWER_OUT, ANSWER_IN, "earlier"): True, (ANSWER_OUT, THINK, "earlier"): False,
         (ANSWER_OUT, ANSWER_OUT, "earlier"): False, (ANSWER_OUT, HUMAN, "earlier"): True,
+        (ANSWER_OUT, ANSWER_IN, "same"): False,
         (ANSWER_IN, HUMAN, "same"): True, (ANSWER_IN, HUMAN, "earlier"): True,
-        (ANSWER_IN, THINK, "same"): False, (ANSWER_IN, ANSWER_OUT, "same"): False,
+        (ANSWER_IN, THINK, "same"): False,
         (ANSWER_IN, ANSWER_IN, "same"): True, (ANSWER_IN, ANSWER_IN, "earlier"): True,
         (ANSWER_IN, THINK, "earlier"): False, (ANSWER_IN, ANSWER_OUT, "earlier"): False,
+        (THINK, HUMAN, "later"): False, (THINK, ANSWER_IN, "later"): False,
+        (ANSWER_OUT, HUMAN, "later"): False, (ANSWER_OUT, ANSWER_IN, "later"): False,
     }
     seen = set()
-    for q in range(len(lay)):
-        for k in range(q + 1):
-            rel = "same" if turns[k] == turns[q] else "earlier"
-            key = (roles[q], roles[k], rel)
-            assert key in expected_visible, key
-            assert bool(ok[q, k]) == expected_visible[key], (q, k, key)
-            seen.add(key)
-        assert not ok[q, q + 1:].any()  # causal
-    assert seen == set(expected_visible)  # every block of the table occurs in this conversation
+    for layout in (lay, interleaved(lay)):
+        batch = masks.collate([layout], 0)
+        ok = batch.dense_mask(torch.float64)[0, 0] == 0
+        roles, turns = layout.roles, layout.turns
+        for q in range(len(layout)):
+            for k in range(q + 1):
+                rel = "same" if turns[k] == turns[q] else "earlier" if turns[k] < turns[q] else "later"
+                key = (roles[q], roles[k], rel)
+                assert key in expected_visible, key
+                assert bool(ok[q, k]) == expected_visible[key], (q, k, key)
+                seen.add(key)
+            assert not ok[q, q + 1:].any()  # causal in sequence order
+    assert seen == set(expected_visible)  # every block of the table occurs
+    # r_in never sees its own turn's r_out (in both orders r_out comes later; the predicate forbids it anyway)
+    t = torch.tensor
+    assert not masks.allowed(t(ANSWER_IN), t(0), t(0), t(5), t(ANSWER_OUT), t(0), t(0), t(1))
+
+
+def test_interleaved_order_gives_the_same_logprobs(eager64):
+    model, tok = eager64
+    msgs = conversation(random.Random(5), 4, p_reasoning=0.7)
+    lay = interleaved(masks.onepass_layout(tok, msgs))
+    batch = masks.collate([lay], tok.pad_token_id)
+    lp = logprobs_of(onepass_logits(model, batch, "dense"), batch.input_ids[batch.pairs[0], batch.pairs[2]])
+    ref = torch.cat(npass_logprobs(model, tok, msgs))
+    msg = batch.pair_message
+    mine = torch.cat([lp[msg == m] for m in sorted(set(msg.tolist()))])
+    assert (mine - ref).abs().max().item() <= 1e-9
 
 
 def test_positions_match_npass(tb_tok):
@@ -165,45 +202,20 @@ def test_positions_match_npass(tb_tok):
 
 
 def test_official_order_with_naive_shift_is_wrong(eager64):
-    """papers.md §2.7: laying out [t | r_in | r_out] and predicting each token from the previous index trains
-    the first answer token of every turn from the wrong state; our explicit pairs do not."""
+    """papers.md §2.7: in the official order [t | r_in | r_out], predicting each token from the previous index
+    trains the first answer token of every turn from the wrong state (the end of r_in); explicit pairs do not."""
     model, tok = eager64
     msgs = conversation(random.Random(3), 3, p_reasoning=1.0)
-    lay = masks.onepass_layout(tok, msgs)
+    lay = interleaved(masks.onepass_layout(tok, msgs))
     ref = torch.cat(npass_logprobs(model, tok, msgs))
-    # permute each turn's [answer_out | answer_in] blocks into the official [answer_in | answer_out]
-    idx, i = [], 0
-    while i < len(lay):
-        if lay.roles[i] == ANSWER_OUT:
-            j = i
-            while j < len(lay) and lay.roles[j] == ANSWER_OUT:
-                j += 1
-            k = j
-            while k < len(lay) and lay.roles[k] == ANSWER_IN and lay.turns[k] == lay.turns[i]:
-                k += 1
-            idx += list(range(j, k)) + list(range(i, j))
-            i = k
-        else:
-            idx.append(i)
-            i += 1
-    perm = masks.Layout(*[[getattr(lay, f)[x] for x in idx] for f in ("ids", "roles", "turns", "positions",
-                                                                       "weights")])
-    new_of = {old: new for new, old in enumerate(idx)}
-    targets = [new_of[t] for _, t in lay.pairs]
-    # causal order changed, so give the mask the official predicate: r_out may see same-turn keys before it
-    batch = masks.collate([perm], tok.pad_token_id)
-    T = len(perm)
-    r = batch.roles[0]
-    t = batch.turns[0]
-    ok = masks.allowed(r[:, None], t[:, None], batch.samples[0][:, None], torch.arange(T)[:, None],
-                       r[None], t[None], batch.samples[0][None], torch.arange(T)[None])
-    ok = ok & ~((r[:, None] == ANSWER_OUT) & (r[None] == ANSWER_IN) & (t[:, None] == t[None]))
-    att = torch.zeros(T, T, dtype=torch.float64).masked_fill(~ok, torch.finfo(torch.float64).min)[None, None]
-    ids = batch.input_ids
-    explicit = torch.tensor([[0] * len(targets), [new_of[p] for p, _ in lay.pairs], targets])
-    naive = torch.tensor([[0] * len(targets), [x - 1 for x in targets], targets])
-    good = token_logprobs(model, ids, pairs=explicit, attention_mask=att, position_ids=batch.position_ids)
-    bad = token_logprobs(model, ids, pairs=naive, attention_mask=att, position_ids=batch.position_ids)
+    batch = masks.collate([lay], tok.pad_token_id)
+    att = batch.dense_mask(torch.float64)
+    order = sorted(range(len(lay.pairs)), key=lambda i: (lay.pair_message[i], i))
+    targets = [lay.pairs[i][1] for i in order]
+    explicit = torch.tensor([[0] * len(targets), [lay.pairs[i][0] for i in order], targets])
+    naive = torch.tensor([[0] * len(targets), [t - 1 for t in targets], targets])
+    good = token_logprobs(model, batch.input_ids, pairs=explicit, attention_mask=att, position_ids=batch.position_ids)
+    bad = token_logprobs(model, batch.input_ids, pairs=naive, attention_mask=att, position_ids=batch.position_ids)
     assert (good - ref).abs().max() <= 1e-9
     wrong = ((bad - ref).abs() > 1e-6).sum().item()
     assert wrong == 3  # exactly the first answer token of each of the 3 turns

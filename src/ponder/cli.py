@@ -32,6 +32,7 @@ def eval_cmd(model: str = typer.Option("testbed", help="model spec: testbed | sm
              split: str = typer.Option("test"),
              seed: int = typer.Option(0),
              prompt: str = typer.Option("{question}", help="user message template"),
+             task_config: list[str] = typer.Option(None, help="reasoning-gym task option key=value (repeatable)"),
              out: Path = typer.Option(None, help="output directory (default runs/eval-<model>-<task>)"),
              forking: int = typer.Option(None, help="evaluate N forking tokens <think1..N>: Pass@1 with <think1> "
                                                     "and a sampled tag, pass@k, Cons@k, per-tag accuracy/length"),
@@ -55,7 +56,9 @@ def eval_cmd(model: str = typer.Option("testbed", help="model spec: testbed | sm
             _fail(e)
         return
     try:
-        problems = data.load_problems(task, n=n, split=split, seed=seed)
+        from ponder.config import parse_override
+        opts = {k[0]: v for k, v in (parse_override(x) for x in task_config or [])}
+        problems = data.load_problems(task, n=n, split=split, seed=seed, **opts)
         m, tok = models.load(model)
     except ValueError as e:
         _fail(e)
@@ -64,7 +67,8 @@ def eval_cmd(model: str = typer.Option("testbed", help="model spec: testbed | sm
     out = out or Path("runs") / f"eval-{Path(model).name}-{task.replace(':', '_').replace('/', '_')}"
     out.mkdir(parents=True, exist_ok=True)
     records = r.pop("records")
-    summary = {"model": model, "task": task, "split": split, "temperature": temperature, **r}
+    summary = {"model": model, "task": task, "task_config": task_config or [], "split": split,
+               "temperature": temperature, **r}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     (out / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in records))
     ui.print_table(f"{model} on {task} ({r['n']} problems)", ["metric", "value"],
@@ -156,6 +160,14 @@ def gfpo_cmd(config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HEL
         _fail(e)
 
 
+@app.command("bench")
+def bench_cmd(only: list[str] = typer.Option(None, help="bench names (default: every bench/*.py)"),
+              out: Path = typer.Option(Path("bench/results.md"))):
+    """Run the benchmarks in bench/ and collect their `RATIO name=value` lines into bench/results.md."""
+    from ponder.recipes import run_benchmarks
+    run_benchmarks(only or [], out)
+
+
 @app.command("demo")
 def demo_cmd(n: int = typer.Option(200, help="held-out problems to evaluate on")):
     """Set up the testbed and show what ponder does on it (grows as the methods land)."""
@@ -164,6 +176,9 @@ def demo_cmd(n: int = typer.Option(200, help="held-out problems to evaluate on")
 
 
 def main() -> None:
+    import os
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # our own progress bars and tables instead
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     app()
 
 

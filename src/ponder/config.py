@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -20,14 +21,29 @@ class ConfigError(ValueError):
     pass
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with only true/false as booleans: `save_strategy: no` must stay the string "no" (YAML 1.1 reads
+    yes/no/on/off as booleans, which breaks every TrainingArguments option whose value is "no")."""
+
+
+_Loader.yaml_implicit_resolvers = {k: [r for r in v if r[0] != "tag:yaml.org,2002:bool"]
+                                   for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def _load(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     """The mapping at the top of a YAML file and the line of each top-level key."""
     if not path.exists():
         raise ConfigError(f"{path}: no such config file")
     text = path.read_text()
     try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=_Loader)
+        data = _load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -45,7 +61,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"command line: override {text!r} is not of the form key=value")
     key, value = text.split("=", 1)
     try:
-        parsed = yaml.safe_load(value) if value != "" else ""
+        parsed = _load(value) if value != "" else ""
     except yaml.YAMLError:
         parsed = value
     return key.strip().split("."), parsed

@@ -199,7 +199,10 @@ def load_problems(spec: str, n: int | None = None, seed: int = 0, split: str = "
         if task not in _rg_names():
             raise DataError(f"unknown task {spec!r}: reasoning-gym has no task {task!r} "
                             f"(see `ponder tasks`; e.g. {', '.join(_rg_names()[:6])}, ...)")
-        ds = rg.create_dataset(task, seed=seed + (10**6 if split == "test" else 0), size=n or 100, **task_config)
+        try:
+            ds = rg.create_dataset(task, seed=seed + (10**6 if split == "test" else 0), size=n or 100, **task_config)
+        except (TypeError, AssertionError) as e:
+            raise DataError(f"{spec}: bad task option(s) {task_config}: {e}") from None
         return [Problem(f"{task}-{split}-{i}", e["question"], str(e["answer"]),
                         {"task": f"rg:{task}", "verifier": f"rg:{task}", "entry": e}) for i, e in enumerate(ds)]
     out = []

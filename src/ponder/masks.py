@@ -7,14 +7,19 @@ history copy later turns see) — and a block-sparse mask plus explicit position
 exactly the context (keys and positions) it has in its own N-pass sample, so the per-token log-probs equal N
 separate passes.
 
-Layout per assistant turn k: ``[human_k | think_k | answer_out_k | answer_in_k]``. Putting ``answer_out``
-before ``answer_in`` means each trained token is predicted from the token right before it in the N-pass
-sample (papers.md §2.7: the official order ``[t | r_in | r_out]`` with shift-by-one labels predicts the first
-answer token from the wrong state); the label pairs are nevertheless explicit.
+Token order. Attention does not care where a key sits, only whether it is visible and at which position id,
+so we are free to order tokens for speed. We lay a conversation out as a *trunk* — the history exactly as later
+turns see it, ``[h_1 r_1^in h_2 r_2^in ... h_N r_N^in]``, an ordinary causal sequence — followed by one *branch*
+per turn, ``[t_k r_k^out]``, which sees the trunk up to the end of ``h_k`` plus itself. The paper interleaves
+``[h_k t_k r_k^in r_k^out]``; the predicate below serves both orders (the dense and FlexAttention paths take
+any order), but with the trunk first the visible keys of every block of queries form one contiguous range
+plus the branch itself, which is what makes `sparse_attention_forward` cheap. Because a branch's first
+token is not preceded by its context in the sequence, labels are explicit (predictor, target) pairs; they also
+avoid the official code's misaligned first answer token (papers.md §2.7).
 
-Turns without reasoning whose answer renders the same in both views are emitted once, as ``answer_in``, and
-trained there (the official code silently drops their loss). Everything else — system and user messages,
-assistant headers — is ``human``.
+Turns without reasoning whose answer renders the same in both views have no branch: their answer is trained in
+the trunk, where it stands (the official code silently drops their loss). System and user messages and
+assistant headers are ``human``.
 """
 
 from __future__ import annotations
@@ -71,11 +76,13 @@ def _split_final(final: Rendered):
 
 def onepass_layout(tokenizer, messages: Sequence[dict[str, Any]], weights: dict[int, float] | None = None,
                    turns: Sequence[int] | None = None, normalization: str = "tokens") -> Layout:
-    """Lay out a conversation for one pass.
+    """Lay out a conversation for one pass: the trunk (history as later turns see it), then one branch
+    (reasoning + answer) per trained turn.
 
-    weights: loss weight per assistant message index (default 1.0 each; 0 keeps a turn as context only).
-    turns: assistant message indices to lay out with reasoning and train (default all); earlier assistant
-        messages that are not listed appear as history only (K-pass chunks), later ones are dropped.
+    weights: loss weight per assistant message index (default: the messages' ``weight``, else 1.0; 0 keeps a
+        turn as context only).
+    turns: assistant message indices to train (default all); earlier assistant messages that are not listed
+        appear as history only (K-pass chunks), later messages are dropped.
     normalization: ``tokens`` (weight per token) or ``messages`` (weight / number of the message's tokens).
     """
     tv = render_turns(tokenizer, messages)
@@ -92,49 +99,47 @@ def onepass_layout(tokenizer, messages: Sequence[dict[str, Any]], weights: dict[
 
     lay = Layout()
     cur, turn = 0, 0
-    pending_human: list[int] = []   # history tokens waiting to be emitted as one human block
+    pending: list[int] = []       # history tokens waiting to be emitted as one human block
+    branches = []                 # (turn, msg, think, answer_out, predictor index, start position)
 
     def flush_human():
-        nonlocal cur, pending_human
-        if pending_human:
-            lay.add(pending_human, HUMAN, turn, cur)
-            cur += len(pending_human)
-            pending_human = []
+        nonlocal cur, pending
+        if pending:
+            lay.add(pending, HUMAN, turn, cur)
+            cur += len(pending)
+            pending = []
 
     for k, m in enumerate(msgs):
         if k > last:
             break
         hist = [t for seg in hist_by_msg.get(k, []) for t in seg.ids]
         if m["role"] != "assistant" or k not in train:
-            pending_human += hist   # context: user/system messages, and history-only (K-pass) answers
+            pending += hist   # context: user/system messages, and history-only (K-pass) answers
             continue
         header, think, answer_out = _split_final(tv.final[k])
         if hist[:len(header)] != header:
             raise RenderError(f"message {k}: the assistant header renders differently with and without "
                               "reasoning; the one-pass layout needs them equal")
         answer_in = hist[len(header):]
-        pending_human += header
+        pending += header
         flush_human()
         w = weights.get(k, 1.0)
+        at = lay.add(answer_in, ANSWER_IN, turn, cur)
         if not think and answer_in[:len(answer_out)] == answer_out:
-            # no reasoning, same tokens in both views: one copy, trained where it stands
-            at = lay.add(answer_in, ANSWER_IN, turn, cur)
-            _train(lay, at - 1, at, len(answer_out), w, k, normalization)
-        else:
-            t_at = lay.add(think, THINK, turn, cur)
-            o_at = lay.add(answer_out, ANSWER_OUT, turn, cur + len(think))
-            # predictors: the last human token for the first reasoning token, then the previous token of
-            # the N-pass sample; the first answer_out token is predicted from the last reasoning token
-            targets = list(range(t_at, t_at + len(think))) + list(range(o_at, o_at + len(answer_out)))
-            _train_pairs(lay, targets, t_at - 1, w, k, normalization)
-            lay.add(answer_in, ANSWER_IN, turn, cur)
+            # no reasoning, same tokens in both views: no branch, trained in the trunk where it stands
+            _train_pairs(lay, list(range(at, at + len(answer_out))), at - 1, w, k, normalization)
+        elif w:
+            branches.append((turn, k, think, answer_out, at - 1, cur, w))
         cur += len(answer_in)
         turn += 1
+    for turn_k, k, think, answer_out, pred, pos, w in branches:
+        t_at = lay.add(think, THINK, turn_k, pos)
+        o_at = lay.add(answer_out, ANSWER_OUT, turn_k, pos + len(think))
+        # the first reasoning token is predicted from the last header token (in the trunk); the first answer
+        # token from the last reasoning token, as in the turn's own N-pass sample
+        targets = list(range(t_at, t_at + len(think))) + list(range(o_at, o_at + len(answer_out)))
+        _train_pairs(lay, targets, pred, w, k, normalization)
     return lay
-
-
-def _train(lay: Layout, first_pred: int, first_target: int, n: int, w: float, msg: int, normalization: str):
-    _train_pairs(lay, list(range(first_target, first_target + n)), first_pred, w, msg, normalization)
 
 
 def _train_pairs(lay: Layout, targets: list[int], first_pred: int, w: float, msg: int, normalization: str):
@@ -153,7 +158,7 @@ def allowed(roles_q, turns_q, samples_q, idx_q, roles_k, turns_k, samples_k, idx
     """The one-pass mask predicate (papers.md §2.4), written for broadcasting tensors (dense masks) and for
     scalars inside a FlexAttention `mask_mod` alike. True where query q may attend to key k."""
     same_turn = turns_q == turns_k
-    visible = ((roles_k == HUMAN)
+    visible = (((roles_k == HUMAN) & (turns_k <= turns_q))
                | ((roles_k == ANSWER_IN) & (turns_k < turns_q))
                | ((roles_k == ANSWER_IN) & same_turn & (roles_q == ANSWER_IN))
                | ((roles_k == THINK) & same_turn & ((roles_q == THINK) | (roles_q == ANSWER_OUT)))
@@ -247,39 +252,64 @@ def collate(layouts: Sequence[Layout], pad_id: int, row_length: int | None = Non
 #
 # A dense mask makes every query attend over all T keys (masked ones included), so the one-pass layout would
 # pay O(T^2) attention although each token sees about what it sees in its N-pass sample. FlexAttention skips
-# empty blocks but has no backward on CPU in torch 2.13. This path cuts the queries into blocks, gathers the
-# keys any query of the block may see, and runs sdpa on that sub-problem with the exact mask: same numbers as
-# the dense mask, cost proportional to the visible keys, autograd for the backward.
+# empty blocks but has no backward on CPU in torch 2.13. With the trunk-first layout every query block has a
+# contiguous key range: the trunk is an ordinary causal sequence (the fast is_causal kernel), and branch k's
+# queries see trunk[:end of h_k] plus the branch itself (one small masked sdpa per branch). Same numbers as the
+# dense mask; cost about the N-pass attention of the trained tokens; autograd does the backward.
 
 SPARSE_IMPL = "ponder_sparse"
 
 
 @dataclass
 class SparsePlan:
-    """Per row: a list of (query start, query end, key indices, additive mask) blocks."""
-    rows: list[list[tuple[int, int, torch.Tensor, torch.Tensor]]]
+    """Per row, in index order, attention jobs (query start, query end, key ranges, additive bias or None for
+    a plain causal square); gaps (padding) get zeros."""
+    rows: list[list[tuple[int, int, list[tuple[int, int]], torch.Tensor | None]]]
     length: int
 
 
-def sparse_plan(batch: Batch, dtype: torch.dtype, block: int = 64) -> SparsePlan:
+def _causal_bias(n_q: int, n_before: int, dtype, device) -> torch.Tensor:
+    """Queries see `n_before` earlier keys fully, then their own block causally."""
+    bias = torch.zeros(n_q, n_before + n_q, dtype=dtype, device=device)
+    bias[:, n_before:].masked_fill_(torch.ones(n_q, n_q, dtype=torch.bool, device=device).triu(1),
+                                    torch.finfo(dtype).min)
+    return bias
+
+
+def sparse_plan(batch: Batch, dtype: torch.dtype, block: int = 256) -> SparsePlan:
+    """Jobs for the trunk-first layout: the trunk in blocks of `block` queries against the keys before them
+    (so the upper triangle is skipped — CPU sdpa does not skip it for is_causal), each branch against
+    trunk[:end of its human turn] plus itself."""
+    T, dev = batch.input_ids.shape[1], batch.input_ids.device
+    bad = ValueError("sparse attention needs the trunk-first one-pass layout; use attention='dense'")
     rows = []
-    T = batch.input_ids.shape[1]
-    idx = torch.arange(T, device=batch.input_ids.device)
-    minv = torch.finfo(dtype).min
     for b in range(batch.input_ids.shape[0]):
-        r, t, s = batch.roles[b], batch.turns[b], batch.samples[b]
-        blocks = []
-        for qs in range(0, T, block):
-            qe = min(T, qs + block)
-            ok = allowed(r[qs:qe, None], t[qs:qe, None], s[qs:qe, None], idx[qs:qe, None],
-                         r[None, :qe], t[None, :qe], s[None, :qe], idx[None, :qe])
-            keys = ok.any(0).nonzero().squeeze(1)
-            if keys.numel() == 0:
+        roles, turns, samples = batch.roles[b].tolist(), batch.turns[b].tolist(), batch.samples[b].tolist()
+        jobs, i = [], 0
+        while i < T:
+            if roles[i] == PAD:
+                i += 1
                 continue
-            sub = ok[:, keys]
-            bias = torch.zeros(sub.shape, dtype=dtype, device=sub.device).masked_fill_(~sub, minv)
-            blocks.append((qs, qe, keys, bias))
-        rows.append(blocks)
+            s0, sid = i, samples[i]
+            while i < T and samples[i] == sid and roles[i] in (HUMAN, ANSWER_IN):
+                i += 1
+            for qs in range(s0, i, block):
+                qe = min(i, qs + block)
+                jobs.append((qs, qe, [(s0, qe)], None if qs == s0 else _causal_bias(qe - qs, qs - s0, dtype, dev)))
+            head_end = {}  # turn -> index after its last human token in the trunk
+            for j in range(s0, i):
+                if roles[j] == HUMAN:
+                    head_end[turns[j]] = j + 1
+            while i < T and samples[i] == sid and roles[i] in (THINK, ANSWER_OUT):
+                b0, t = i, turns[i]
+                while i < T and samples[i] == sid and turns[i] == t and roles[i] in (THINK, ANSWER_OUT):
+                    i += 1
+                if t not in head_end:
+                    raise bad
+                jobs.append((b0, i, [(s0, head_end[t]), (b0, i)], _causal_bias(i - b0, head_end[t] - s0, dtype, dev)))
+            if i < T and samples[i] == sid and roles[i] != PAD:
+                raise bad
+        rows.append(jobs)
     return SparsePlan(rows, T)
 
 
@@ -294,14 +324,16 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     B, H, T, D = query.shape
     p = dropout if module.training else 0.0
     outs = []
-    for b, blocks in enumerate(plan.rows):
+    for b, jobs in enumerate(plan.rows):
         pieces, at = [], 0
-        for qs, qe, keys, bias in blocks:
-            if qs > at:  # query blocks that see nothing (padding): zeros
+        for qs, qe, ranges, bias in jobs:
+            if qs > at:  # padding: zeros
                 pieces.append(query.new_zeros(H, qs - at, value.shape[-1]))
-            q, k, v = query[b, :, qs:qe], key[b, :, keys], value[b, :, keys]
-            pieces.append(F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p,
-                                                         scale=scaling))
+            k = torch.cat([key[b, :, s:e] for s, e in ranges], dim=1) if len(ranges) > 1 else key[b, :, ranges[0][0]:ranges[0][1]]
+            v = torch.cat([value[b, :, s:e] for s, e in ranges], dim=1) if len(ranges) > 1 else value[b, :, ranges[0][0]:ranges[0][1]]
+            pieces.append(F.scaled_dot_product_attention(
+                query[b, :, qs:qe], k, v, attn_mask=None if bias is None else bias.to(query.dtype),
+                is_causal=bias is None, dropout_p=p, scale=scaling))
             at = qe
         if at < T:
             pieces.append(query.new_zeros(H, T - at, value.shape[-1]))

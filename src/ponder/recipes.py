@@ -159,3 +159,39 @@ def run_gfpo(config_path, overrides: list[str]):
                                                cfg.eval_max_new_tokens, "GFPO", extra_lines=extra)
     write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def run_benchmarks(only: list[str], out: Path) -> dict[str, float]:
+    """Run bench/*.py one after another (never in parallel: they time things), keep their output and the
+    `RATIO name=value` lines, and write a Markdown summary with the machine, date and commands."""
+    import datetime
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    from ponder import ui
+    scripts = sorted(Path("bench").glob("*.py"))
+    if only:
+        scripts = [s for s in scripts if s.stem in only]
+    ratios: dict[str, float] = {}
+    sections = []
+    for script in scripts:
+        cmd = [sys.executable, str(script)]
+        ui.info(f"[bold]bench[/] {' '.join(cmd)}")
+        t = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RATIO ")]
+        for ln in lines:
+            k, _, v = ln[6:].partition("=")
+            ratios[k] = float(v)
+        body = proc.stdout.strip() if proc.returncode == 0 else (proc.stdout + proc.stderr)[-4000:]
+        sections.append(f"## {script.stem}\n\n`{' '.join(cmd)}` — {time.time() - t:.0f} s, exit {proc.returncode}\n\n"
+                        f"```\n{body}\n```\n")
+    head = ["# Benchmarks\n", f"Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC  ",
+            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"Python {platform.python_version()}  ", "Command: `make bench` (or `ponder bench`)\n",
+            "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in ratios.items()]
+    out.write_text("\n".join(head) + "\n\n" + "\n".join(sections))
+    ui.info(f"wrote {out}")
+    return ratios

@@ -96,11 +96,8 @@ def chunks(turns: Sequence[int], k: int) -> list[list[int]]:
 
 
 def _by_message(values: torch.Tensor, messages: torch.Tensor) -> list[torch.Tensor]:
-    order = []
-    for m in messages.tolist():
-        if m not in order:
-            order.append(m)
-    return [values[messages == m] for m in order]
+    """Split per-pair values into one tensor per assistant message, in message order."""
+    return [values[messages == m] for m in sorted(set(messages.tolist()))]
 
 
 def onepass_logprobs(model, tokenizer, messages: Sequence[dict[str, Any]], attention: str = "auto"

@@ -40,12 +40,15 @@ class SFTConfig(TrainingArguments):
     packing: bool = field(default=False, metadata={"help": "pack examples into rows (block-diagonal attention)"})
     packing_length: int = field(default=512, metadata={"help": "tokens per packed row"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep ponder's loss weights"})
+    report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "tensorboard | wandb | none"})
 
     def __post_init__(self):
         if self.loss_normalization not in ("tokens", "messages"):
             raise ValueError(f"loss_normalization must be 'tokens' or 'messages', got {self.loss_normalization!r}")
         if self.output_dir is None:
             self.output_dir = "runs/sft"
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; silence the per-run warning
         super().__post_init__()
 
 

@@ -393,3 +393,19 @@ def test_ssft_gfpo_and_forking_eval_commands(tmp_path):
     assert e["k"] == 6 and set(e["per_tag"]) == set(TAGS)
     r = run.invoke(app, ["ssft", "--config", "configs/ssft/testbed.yaml", "assignment=best"])
     assert r.exit_code == 2 and "assignment must be one of" in r.output
+
+
+def test_demo_quick_structure(tmp_path):
+    """`ponder demo` hook, quick mode: the returned table's shape, real numbers in range, plots on disk."""
+    from ponder import data
+    probs = data.load_problems("testbed", n=3, split="test")
+    r = ssft.demo(tmp_path, str(testbed.ensure()), probs, quick=True)
+    assert set(r) == {"title", "columns", "rows", "plots", "notes", "metrics"}
+    assert [row[0] for row in r["rows"]] == ["base", "SFT-mixed", "SSFT"]
+    assert all(len(row) == len(r["columns"]) for row in r["rows"])
+    assert all(0 <= v <= 1 for row in r["rows"] for v in row[1:4])
+    assert all(1 <= row[4] <= 4 for row in r["rows"])  # distinct strategies among k: at least one, at most four
+    for p in r["plots"]:
+        assert (tmp_path / p).stat().st_size > 1000
+    assert any("direction" in n for n in r["notes"])
+    assert r["metrics"]["SSFT"]["n"] == 3 and len(r["metrics"]["SSFT"]["per_tag"]) == 6

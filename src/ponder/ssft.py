@@ -620,3 +620,98 @@ def default_tags(tokenizer, num_tags: int) -> list[str]:
     tags = forking_tags(num_tags)
     vocab = tokenizer.get_vocab()
     return tags if all(t in vocab for t in tags) else [THINK_OPEN]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `ponder demo` hook
+# ----------------------------------------------------------------------------------------------------------
+
+
+def demo(run_dir, base: str, problems: list, quick: bool = False) -> dict[str, Any]:
+    """A short SSFT testbed experiment for ``ponder demo``: from the testbed model at `base`, train SSFT
+    (Hungarian matching to N = 6 forking tokens) and the SFT-mixed baseline (all traces under ``<think>``) for the
+    same number of steps on ``testbed:traces`` (4 strategies per problem), then evaluate base, SFT-mixed and SSFT
+    on `problems` with k = 6 samples each (one per tag for SSFT, 6 under ``<think>`` otherwise).
+
+    The full experiment (600 steps, k = 12, random-assignment ablation) is ``ponder ssft -c
+    configs/ssft/testbed.yaml``; this one is budgeted to ~75 s, far too short for SSFT to reach its final
+    accuracy, so the notes say what appeared in *this* run. Writes ``ssft_forking.png`` and ``ssft_matching.png``.
+    """
+    import time
+    from pathlib import Path
+
+    from ponder import models
+    from ponder.trainers.ssft import SSFTConfig, SSFTTrainer
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    steps, batch, n_data = (2, 2, 8) if quick else (40, 8, 320)
+    per_tag, max_new = (1, 40) if quick else (1, 64)
+    num_tags = 6
+    common = dict(model=str(base), dataset="testbed:traces", dataset_size=n_data, num_tags=num_tags, prefix_len=16,
+                  max_steps=steps, per_device_train_batch_size=batch, learning_rate=3e-3,
+                  lr_scheduler_type="constant", warmup_steps=0, logging_steps=max(steps // 5, 1),
+                  save_strategy="no", report_to="none", disable_tqdm=True, dataloader_pin_memory=False, seed=0)
+
+    def train(assignment):
+        cfg = SSFTConfig(output_dir=str(run_dir / f"ssft-{assignment}"), assignment=assignment, **common)
+        tr = SSFTTrainer(args=cfg)
+        tr.train()
+        return tr
+
+    def ev(model, tok, tags, k_per_tag):
+        model.eval()
+        r = evaluate_forking(model, tok, problems, tags, per_tag=k_per_tag, sampled=0, group_size=num_tags,
+                             temperature=0.7, max_new_tokens=max_new, batch_size=128, seed=0)
+        r.pop("records")
+        return r
+
+    bm, btok = models.load(str(base))
+    k = num_tags * per_tag
+    res = {"base": ev(bm, btok, [THINK_OPEN], k)}
+    mixed = train("mixed")
+    res["SFT-mixed"] = ev(mixed.model, mixed.processing_class, [THINK_OPEN], k)
+    hung = train("hungarian")
+    res["SSFT"] = ev(hung.model, hung.processing_class, hung.tags, per_tag)
+
+    plot_forking(res["SSFT"], run_dir / "ssft_forking.png", f"SSFT after {steps} steps: per-tag statistics")
+    hung.match_stats.summary(hung.state.global_step)
+    plot_matching(hung.match_stats.history, hung.match_stats.totals(), run_dir / "ssft_matching.png",
+                  f"SSFT matching over {steps} steps")
+
+    def modal(r):  # the most frequent strategy of each tag's samples
+        return {max(v["strategies"], key=v["strategies"].get) for v in r["per_tag"].values()}
+
+    def row(name, r):
+        tag1 = r[f"pass@1/{r['tags'][0]}"]
+        return [name, round(tag1, 3), round(r[f"pass@{k}"], 3), round(r[f"cons@{k}"], 3),
+                round(r[f"distinct_strategies@{k}"], 2), round(r[f"distinct_answers@{k}"], 2), len(modal(r))]
+
+    rows = [row(n, r) for n, r in res.items()]
+    s, m = res["SSFT"], res["SFT-mixed"]
+    cs, cm, ps, pm = s[f"cons@{k}"], m[f"cons@{k}"], s[f"pass@{k}"], m[f"pass@{k}"]
+    better = cs >= cm and ps >= pm and (cs > cm or ps > pm)  # a tie at zero is not the paper's direction
+    specialised = len(modal(s)) > 1
+    notes = [
+        f"{steps} training steps x {batch} questions (4 traces each) per run, the same for SSFT and SFT-mixed; "
+        f"k = {k} samples at temperature 0.7 on {len(problems)} held-out problems (SSFT: one per forking tag).",
+        f"Paper's direction (SSFT >= SFT-mixed on Cons@{k} and pass@{k}) "
+        + ("appeared" if better else "did NOT appear") + f" in this run (Cons@{k} {cs:.3f} vs {cm:.3f}, "
+        f"pass@{k} {ps:.3f} vs {pm:.3f}); tags "
+        + (f"specialised ({len(modal(s))} different modal strategies across the 6 tags)." if specialised
+           else "did not specialise yet (every tag's modal strategy is the same)."),
+        "This is a ~1-minute cut of the experiment; the 600-step run (RESULTS_ssft.md) is the reference.",
+    ]
+    b1 = res["base"][f"pass@1/{THINK_OPEN}"]
+    if s[f"pass@1/{s['tags'][0]}"] < b1:
+        notes.append(f"At {steps} steps both fine-tuned models are midway through learning three new strategies, "
+                     f"so their accuracy is below the base model's ({b1:.3f}); it recovers with more steps.")
+    metrics = {name: {kk: v for kk, v in r.items() if kk != "tags"} for name, r in res.items()}
+    metrics["seconds"] = time.time() - t0
+    metrics["steps"] = steps
+    return {"title": f"SSFT (global forking tokens) vs SFT-mixed, {steps} steps each",
+            "columns": ["model", "pass@1 (<think1> / <think>)", f"pass@{k}", f"cons@{k}",
+                        f"distinct strategies@{k}", f"distinct answers@{k}",
+                        "tags' modal strategies"],
+            "rows": rows, "plots": ["ssft_forking.png", "ssft_matching.png"], "notes": notes, "metrics": metrics}

@@ -564,8 +564,10 @@ def plot_forking(res: dict[str, Any], path, title: str = "") -> None:
     axes[0].bar(tags, [per[t]["accuracy"] for t in tags], color="tab:blue")
     axes[0].set_ylim(0, 1)
     axes[0].set_title("accuracy per tag")
+    axes[0].set_ylabel("accuracy")
     axes[1].bar(tags, [per[t]["mean_tokens"] for t in tags], color="tab:orange")
-    axes[1].set_title("mean completion length (tokens) per tag")
+    axes[1].set_title("mean completion length per tag")
+    axes[1].set_ylabel("tokens")
     if strat:
         names = sorted({s for t in tags for s in per[t]["strategies"]})
         bottom = [0.0] * len(tags)
@@ -575,7 +577,8 @@ def plot_forking(res: dict[str, Any], path, title: str = "") -> None:
             bottom = [b + v for b, v in zip(bottom, vals)]
         axes[2].set_ylim(0, 1)
         axes[2].set_title("strategy share per tag")
-        axes[2].legend(fontsize=7, loc="upper right")
+        axes[2].set_ylabel("share of samples")
+        axes[2].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: bars reach 1.0
     for ax in axes:
         ax.tick_params(axis="x", labelrotation=45, labelsize=8)
     if title:

@@ -169,10 +169,22 @@ def bench_cmd(only: list[str] = typer.Option(None, help="bench names (default: e
 
 
 @app.command("demo")
-def demo_cmd(n: int = typer.Option(200, help="held-out problems to evaluate on")):
-    """Set up the testbed and show what ponder does on it (grows as the methods land)."""
-    from ponder.recipes import run_demo
-    run_demo(n=n)
+def demo_cmd(only: list[str] = typer.Option(None, help="methods to run: onepass, rise, latro, ssft (default all)"),
+             quick: bool = typer.Option(False, help="tiny budgets (seconds): checks the pipeline, not the methods"),
+             n: int = typer.Option(200, help="held-out problems every method is evaluated on"),
+             out: Path = typer.Option(Path("runs/demo"), help="where metrics.json, report.md and plots go")):
+    """The four methods end to end on the CPU testbed, from the same starting model; writes runs/demo/report.md."""
+    from ponder.demo import run
+    result = run(out=out, only=only or None, quick=quick, n=n)
+    if result["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command("report")
+def report_cmd(run_dir: Path = typer.Argument(..., help="a run directory (runs/<name>) or the demo's")):
+    """Render a run's metrics (metrics.json, trainer log history, saved sections) into RUN_DIR/report.md."""
+    from ponder import report, ui
+    ui.info(f"report: {report.render(run_dir)}")
 
 
 def main() -> None:

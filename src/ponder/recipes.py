@@ -55,30 +55,6 @@ def run_onepass(config_path, overrides: list[str]):
     return run_training(OnePassConfig, OnePassTrainer, config_path, overrides, "onepass")
 
 
-def run_demo(n: int = 200, out: Path = Path("runs/demo")) -> dict[str, Any]:
-    """Build or load the testbed, evaluate it, write runs/demo/{metrics.json,report.md}."""
-    from ponder import data, metrics, models, testbed, ui
-    t = time.time()
-    ui.info("[bold]1/2[/] testbed model (pre-trained on first use, then cached)")
-    path = testbed.ensure()
-    built = json.loads((path / "testbed.json").read_text())
-    model, tok = models.load(str(path))
-    ui.info(f"[bold]2/2[/] evaluating on {n} held-out problems")
-    probs = data.load_problems("testbed", n=n, split="test")
-    r = metrics.evaluate(model, tok, probs, samples=8, max_new_tokens=96, batch_size=128)
-    r.pop("records")
-    result = {"testbed": built, "eval": r, "seconds": time.time() - t}
-    write_json(out / "metrics.json", result)
-    rows = [(k, v) for k, v in r.items() if k != "n"]
-    ui.print_table(f"testbed on {n} held-out problems", ["metric", "value"], rows)
-    lines = ["# ponder demo", "", f"Testbed: {built['params']:,} parameters, {built['steps']} pre-training steps.", "",
-             f"## Testbed evaluation ({n} held-out problems)", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {ui.fmt(v)} |" for k, v in rows]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    ui.info(f"report: {out / 'report.md'}")
-    return result
-
-
 def evaluate_forking_run(model_dir: Path | str, tags: list[str], out: Path, task: str, n: int, per_tag: int,
                          temperature: float, max_new_tokens: int, title: str, seed: int = 0,
                          extra_lines: list[str] | None = None, group_size: int | None = None) -> dict[str, Any]:

@@ -649,7 +649,7 @@ def demo(run_dir, base: str, problems: list, quick: bool = False) -> dict[str, A
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    steps, batch, n_data = (2, 2, 8) if quick else (40, 8, 320)
+    steps, batch, n_data = (2, 2, 8) if quick else (32, 8, 256)
     per_tag, max_new = (1, 40) if quick else (1, 64)
     num_tags = 6
     common = dict(model=str(base), dataset="testbed:traces", dataset_size=n_data, num_tags=num_tags, prefix_len=16,

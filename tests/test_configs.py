@@ -9,7 +9,8 @@ import pytest
 from ponder.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1] / "configs"
-CLASSES = {"sft": "ponder.trainers.sft:SFTConfig", "onepass": "ponder.trainers.onepass:OnePassConfig"}
+CLASSES = {"sft": "ponder.trainers.sft:SFTConfig", "onepass": "ponder.trainers.onepass:OnePassConfig",
+           "ssft": "ponder.trainers.ssft:SSFTConfig", "gfpo": "ponder.trainers.gfpo:GFPOConfig"}
 
 
 def config_class(method: str):

@@ -20,6 +20,12 @@ Choices of ours (the paper's RL code is unreleased):
   token loss mask zero everywhere but the tag position (tested) at a fraction of the cost.
 - One optimizer step per batch of rollouts (on-policy), so there is no importance ratio or clipping, and no
   KL term (the paper's setting for these details is unknown; with ~10 steps, drift is small).
+- Which parameters move: the tag log-prob depends on *every* parameter (the whole network computes the hidden
+  state at the tag position), so "only through the tag position" still updates the trace policy. On the 1.8M
+  testbed, full-parameter GFPO at lr 1e-3 drove the reward from 0.09 to 0 within 8 steps (the traces broke);
+  the testbed config therefore trains the forking-token rows only (``tags_only``: PEFT TrainableTokens; the
+  testbed ties input/output embeddings, so the tag rows are also the tag logits' weights). At the paper's scale
+  (32B, ~10 steps, small lr) full-parameter updates are what the paper did.
 """
 
 from __future__ import annotations

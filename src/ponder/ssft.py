@@ -601,6 +601,7 @@ def plot_matching(history: list[dict[str, Any]], totals: dict[str, list[int]], p
     n = len(next(iter(totals.values()))) if totals else 0
     axes[0].set_xticks(range(n), [TAG_FORMAT.format(i + 1) for i in range(n)], rotation=45, fontsize=8)
     axes[0].set_title("share of each source's matches per tag")
+    axes[0].set_ylabel("trace source")
     fig.colorbar(im, ax=axes[0])
     steps = [h["step"] for h in history]
     for key in ("match/purity", "match/agree_prev", "match/revisit_same"):
@@ -609,6 +610,7 @@ def plot_matching(history: list[dict[str, Any]], totals: dict[str, list[int]], p
             axes[1].plot(*zip(*pts), marker=".", label=key.split("/")[1])
     axes[1].set_ylim(0, 1.05)
     axes[1].set_xlabel("step")
+    axes[1].set_ylabel("fraction (10-step window)")
     axes[1].legend(fontsize=8)
     axes[1].set_title("matching purity and stability")
     if title:
@@ -649,7 +651,7 @@ def demo(run_dir, base: str, problems: list, quick: bool = False) -> dict[str, A
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    steps, batch, n_data = (2, 2, 8) if quick else (32, 8, 256)
+    steps, batch, n_data = (2, 2, 8) if quick else (24, 8, 192)
     per_tag, max_new = (1, 40) if quick else (1, 64)
     num_tags = 6
     common = dict(model=str(base), dataset="testbed:traces", dataset_size=n_data, num_tags=num_tags, prefix_len=16,
@@ -696,12 +698,15 @@ def demo(run_dir, base: str, problems: list, quick: bool = False) -> dict[str, A
     cs, cm, ps, pm = s[f"cons@{k}"], m[f"cons@{k}"], s[f"pass@{k}"], m[f"pass@{k}"]
     better = cs >= cm and ps >= pm and (cs > cm or ps > pm)  # a tie at zero is not the paper's direction
     specialised = len(modal(s)) > 1
+    n = len(problems)
+    se = max(((cs * (1 - cs) + cm * (1 - cm)) / n) ** 0.5, ((ps * (1 - ps) + pm * (1 - pm)) / n) ** 0.5, 1 / n)
+    noise = " (within noise: under 2 standard errors)" if max(abs(cs - cm), abs(ps - pm)) < 2 * se else ""
     notes = [
         f"{steps} training steps x {batch} questions (4 traces each) per run, the same for SSFT and SFT-mixed; "
-        f"k = {k} samples at temperature 0.7 on {len(problems)} held-out problems (SSFT: one per forking tag).",
+        f"k = {k} samples at temperature 0.7 on {n} held-out problems (SSFT: one per forking tag).",
         f"Paper's direction (SSFT >= SFT-mixed on Cons@{k} and pass@{k}) "
         + ("appeared" if better else "did NOT appear") + f" in this run (Cons@{k} {cs:.3f} vs {cm:.3f}, "
-        f"pass@{k} {ps:.3f} vs {pm:.3f}); tags "
+        f"pass@{k} {ps:.3f} vs {pm:.3f}){noise}; tags "
         + (f"specialised ({len(modal(s))} different modal strategies across the 6 tags)." if specialised
            else "did not specialise yet (every tag's modal strategy is the same)."),
         "This is a ~1-minute cut of the experiment; the 600-step run (RESULTS_ssft.md) is the reference.",

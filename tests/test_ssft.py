@@ -401,7 +401,7 @@ def test_demo_quick_structure(tmp_path):
     probs = data.load_problems("testbed", n=3, split="test")
     r = ssft.demo(tmp_path, str(testbed.ensure()), probs, quick=True)
     assert set(r) == {"title", "columns", "rows", "plots", "notes", "metrics"}
-    assert [row[0] for row in r["rows"]] == ["base", "SFT-mixed", "SSFT"]
+    assert [row[0] for row in r["rows"]] == ["SFT-mixed", "SSFT"]
     assert all(len(row) == len(r["columns"]) for row in r["rows"])
     assert all(0 <= v <= 1 for row in r["rows"] for v in row[1:4])
     assert all(1 <= row[4] <= 4 for row in r["rows"])  # distinct strategies among k: at least one, at most four

@@ -635,8 +635,8 @@ def default_tags(tokenizer, num_tags: int) -> list[str]:
 def demo(run_dir, base: str, problems: list, quick: bool = False) -> dict[str, Any]:
     """A short SSFT testbed experiment for ``ponder demo``: from the testbed model at `base`, train SSFT
     (Hungarian matching to N = 6 forking tokens) and the SFT-mixed baseline (all traces under ``<think>``) for the
-    same number of steps on ``testbed:traces`` (4 strategies per problem), then evaluate base, SFT-mixed and SSFT
-    on `problems` with k = 6 samples each (one per tag for SSFT, 6 under ``<think>`` otherwise).
+    same number of steps on ``testbed:traces`` (4 strategies per problem), then evaluate SFT-mixed and SSFT on
+    `problems` with k = 6 samples each (one per tag for SSFT, 6 under ``<think>`` otherwise).
 
     The full experiment (600 steps, k = 12, random-assignment ablation) is ``ponder ssft -c
     configs/ssft/testbed.yaml``; this one is budgeted to ~75 s, far too short for SSFT to reach its final
@@ -645,13 +645,12 @@ def demo(run_dir, base: str, problems: list, quick: bool = False) -> dict[str, A
     import time
     from pathlib import Path
 
-    from ponder import models
     from ponder.trainers.ssft import SSFTConfig, SSFTTrainer
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    steps, batch, n_data = (2, 2, 8) if quick else (24, 8, 192)
+    steps, batch, n_data = (2, 2, 8) if quick else (32, 8, 256)
     per_tag, max_new = (1, 40) if quick else (1, 64)
     num_tags = 6
     common = dict(model=str(base), dataset="testbed:traces", dataset_size=n_data, num_tags=num_tags, prefix_len=16,
@@ -672,9 +671,8 @@ def demo(run_dir, base: str, problems: list, quick: bool = False) -> dict[str, A
         r.pop("records")
         return r
 
-    bm, btok = models.load(str(base))
     k = num_tags * per_tag
-    res = {"base": ev(bm, btok, [THINK_OPEN], k)}
+    res = {}  # the starting model is evaluated by `ponder demo` itself (its first table)
     mixed = train("mixed")
     res["SFT-mixed"] = ev(mixed.model, mixed.processing_class, [THINK_OPEN], k)
     hung = train("hungarian")
@@ -711,10 +709,8 @@ def demo(run_dir, base: str, problems: list, quick: bool = False) -> dict[str, A
            else "did not specialise yet (every tag's modal strategy is the same)."),
         "This is a ~1-minute cut of the experiment; the 600-step run (RESULTS_ssft.md) is the reference.",
     ]
-    b1 = res["base"][f"pass@1/{THINK_OPEN}"]
-    if s[f"pass@1/{s['tags'][0]}"] < b1:
-        notes.append(f"At {steps} steps both fine-tuned models are midway through learning three new strategies, "
-                     f"so their accuracy is below the base model's ({b1:.3f}); it recovers with more steps.")
+    notes.append("The starting model knows one strategy; at this budget both fine-tuned models are midway through "
+                 "learning three new ones, so compare them with each other, not with the starting model.")
     metrics = {name: {kk: v for kk, v in r.items() if kk != "tags"} for name, r in res.items()}
     metrics["seconds"] = time.time() - t0
     metrics["steps"] = steps

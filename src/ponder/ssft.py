@@ -698,16 +698,17 @@ def demo(run_dir, base: str, problems: list, quick: bool = False) -> dict[str, A
     specialised = len(modal(s)) > 1
     n = len(problems)
     se = max(((cs * (1 - cs) + cm * (1 - cm)) / n) ** 0.5, ((ps * (1 - ps) + pm * (1 - pm)) / n) ** 0.5, 1 / n)
-    noise = " (within noise: under 2 standard errors)" if max(abs(cs - cm), abs(ps - pm)) < 2 * se else ""
+    noise = max(abs(cs - cm), abs(ps - pm)) < 2 * se
+    verdict = ("appeared" if better else "did NOT appear") + (" (difference within noise)" if noise else "")
     notes = [
+        f"Paper's direction (SSFT >= SFT-mixed on Cons@{k} and pass@{k}) {verdict}; tags "
+        + (f"specialised ({len(modal(s))} modal strategies over 6 tags)" if specialised else "not specialised yet")
+        + f". Cons@{k} {cs:.3f} vs {cm:.3f}, pass@{k} {ps:.3f} vs {pm:.3f}"
+        + (", under 2 standard errors." if noise else "."),
         f"{steps} training steps x {batch} questions (4 traces each) per run, the same for SSFT and SFT-mixed; "
         f"k = {k} samples at temperature 0.7 on {n} held-out problems (SSFT: one per forking tag).",
-        f"Paper's direction (SSFT >= SFT-mixed on Cons@{k} and pass@{k}) "
-        + ("appeared" if better else "did NOT appear") + f" in this run (Cons@{k} {cs:.3f} vs {cm:.3f}, "
-        f"pass@{k} {ps:.3f} vs {pm:.3f}){noise}; tags "
-        + (f"specialised ({len(modal(s))} different modal strategies across the 6 tags)." if specialised
-           else "did not specialise yet (every tag's modal strategy is the same)."),
-        "This is a ~1-minute cut of the experiment; the 600-step run (RESULTS_ssft.md) is the reference.",
+        "A ~1-minute cut of the experiment; the reference is the 600-step run (ponder ssft -c "
+        "configs/ssft/testbed.yaml, with assignment=mixed / random for the baselines).",
     ]
     notes.append("The starting model knows one strategy; at this budget both fine-tuned models are midway through "
                  "learning three new ones, so compare them with each other, not with the starting model.")

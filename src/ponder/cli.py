@@ -33,9 +33,28 @@ def eval_cmd(model: str = typer.Option("testbed", help="model spec: testbed | sm
              seed: int = typer.Option(0),
              prompt: str = typer.Option("{question}", help="user message template"),
              task_config: list[str] = typer.Option(None, help="reasoning-gym task option key=value (repeatable)"),
-             out: Path = typer.Option(None, help="output directory (default runs/eval-<model>-<task>)")):
-    """Greedy accuracy, pass@k and maj@k of a model on a task; prints a table and writes metrics.json."""
+             out: Path = typer.Option(None, help="output directory (default runs/eval-<model>-<task>)"),
+             forking: int = typer.Option(None, help="evaluate N forking tokens <think1..N>: Pass@1 with <think1> "
+                                                    "and a sampled tag, pass@k, Cons@k, per-tag accuracy/length"),
+             per_tag: int = typer.Option(2, help="--forking: samples per tag (k = N * per_tag)"),
+             tags: str = typer.Option(None, help="--forking: comma-separated tags instead of <think1..N> "
+                                                 "(e.g. '<think>' for an SFT-mixed model)"),
+             group_size: int = typer.Option(None, help="--forking: Cons@G groups of G samples (default: the "
+                                                       "number of tags)")):
+    """Greedy accuracy, pass@k and maj@k of a model on a task; prints a table and writes metrics.json.
+    With --forking N: the forking-token diversity evaluation (report.md with per-tag plots)."""
     from ponder import data, metrics, models, ui
+    if forking is not None or tags:
+        from ponder.recipes import evaluate_forking_run
+        from ponder.ssft import forking_tags
+        try:
+            tag_list = [t.strip() for t in tags.split(",")] if tags else forking_tags(forking)
+            out = out or Path("runs") / f"eval-forking-{Path(model).name}-{task.replace(':', '_').replace('/', '_')}"
+            evaluate_forking_run(model, tag_list, out, task, n, per_tag, temperature, max_new_tokens,
+                                 f"forking eval of {model}", seed=seed, group_size=group_size)
+        except ValueError as e:
+            _fail(e)
+        return
     try:
         from ponder.config import parse_override
         opts = {k[0]: v for k, v in (parse_override(x) for x in task_config or [])}
@@ -125,6 +144,29 @@ def latro_cmd(config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HE
     from ponder.recipes import run_latro
     try:
         run_latro(config, overrides or [])
+    except ValueError as e:
+        _fail(e)
+
+
+@app.command("ssft", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def ssft_cmd(config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+             overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP)):
+    """Set SFT with global forking tokens (Hungarian matching of traces to <think1..N>); assignment=mixed |
+    random | fixed for the baselines."""
+    from ponder.recipes import run_ssft
+    try:
+        run_ssft(config, overrides or [])
+    except ValueError as e:
+        _fail(e)
+
+
+@app.command("gfpo", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def gfpo_cmd(config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+             overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP)):
+    """Global forking policy optimization: RL on the forking-token choice only (after SSFT)."""
+    from ponder.recipes import run_gfpo
+    try:
+        run_gfpo(config, overrides or [])
     except ValueError as e:
         _fail(e)
 

@@ -11,13 +11,13 @@ difference between the two. Turn shape: user ~ answer length, reasoning ~ 2x ans
 from __future__ import annotations
 
 import argparse
+import os
 import random
-import statistics
+import sys
 import threading
 import time
 
 import psutil
-import torch
 
 WORDS = ["the", "sum", "of", "twelve", "and", "seven", "is", "nineteen", "so", "we", "carry", "one", "then",
          "add", "it", "to", "the", "next", "digit", "which", "gives", "three"]
@@ -42,12 +42,17 @@ def conversation(tok, depth, answer_tokens, seed=0):
 
 
 class PeakRSS:
-    """Samples the process RSS every 2 ms while active; .peak is the increase over the start."""
+    """Samples the process RSS every 2 ms while active; .peak is the largest increase over the RSS at entry,
+    over every time it was entered. Reliable because main() runs with a fixed malloc mmap threshold, so large
+    freed blocks go back to the OS instead of staying in the heap (which would hide later peaks)."""
+
+    def __init__(self):
+        self.peak = 0
 
     def __enter__(self):
         self.proc = psutil.Process()
         self.base = self.proc.memory_info().rss
-        self.peak, self.stop = 0, False
+        self.stop = False
         self.t = threading.Thread(target=self._run, daemon=True)
         self.t.start()
         return self
@@ -61,51 +66,6 @@ class PeakRSS:
         self.stop = True
         self.t.join()
         self.peak = max(self.peak, self.proc.memory_info().rss - self.base)
-
-
-def prepare_onepass(tok, msgs):
-    """What a trainer prepares once per dataset (not timed): the layout, collated."""
-    from ponder import masks
-    return masks.collate([masks.onepass_layout(tok, msgs)], tok.pad_token_id)
-
-
-def prepare_npass(tok, msgs):
-    from ponder.chat import render
-    out = []
-    for k in range(1, len(msgs), 2):
-        segs = render(tok, msgs[:k + 1])
-        out.append((torch.tensor([segs.ids]), torch.tensor([segs.trained_mask([k])])))
-    return out
-
-
-def run_onepass(model, batch, attention="auto"):
-    """One training step's compute: forward over the one-pass layout (the sparse plan or the mask is built
-    per step, as in the trainer), backward of the summed log-probs."""
-    from ponder.logprobs import logprobs_of
-    from ponder.trainers.onepass import onepass_logits
-    lp = logprobs_of(onepass_logits(model, batch, attention), batch.input_ids[batch.pairs[0], batch.pairs[2]])
-    lp.sum().backward()
-    return [lp[batch.pair_message == m].detach() for m in sorted(set(batch.pair_message.tolist()))]
-
-
-def run_npass(model, samples):
-    """N-pass: one sample per turn (history reasoning stripped), each forward+backward on its own (no padding;
-    activations freed before the next sample, as a trainer with batch size 1 would)."""
-    from ponder.logprobs import token_logprobs
-    out = []
-    for ids, target in samples:
-        lp = token_logprobs(model, ids, target_mask=target)
-        lp.sum().backward()
-        out.append(lp.detach())
-    return out
-
-
-def tokens(tok, msgs):
-    from ponder import masks
-    from ponder.chat import render
-    one = len(masks.onepass_layout(tok, msgs))
-    n = sum(len(render(tok, msgs[:2 * k]).ids) for k in range(1, len(msgs) // 2 + 1))
-    return one, n
 
 
 def plot(results, path):
@@ -141,46 +101,29 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--plot", default="bench/onepass.png")
     args = ap.parse_args()
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # see PeakRSS; must be set before the process starts
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     from ponder import models
+    from ponder.trainers.onepass import compare
     results = []
     for spec in args.models:
         model, tok = models.load(spec)
         model.train()
         for depth in args.depths:
             msgs = conversation(tok, depth, args.answer_tokens, seed=depth)
-            n_one, n_n = tokens(tok, msgs)
-            batch, samples = prepare_onepass(tok, msgs), prepare_npass(tok, msgs)
-            t1, t2, t3, m1, m2, diff = [], [], [], 0, 0, 0.0
-            for _ in range(args.repeats):  # interleaved so both see the same machine load
-                model.zero_grad(set_to_none=True)
-                with PeakRSS() as mem:
-                    t = time.perf_counter()
-                    a = run_onepass(model, batch)
-                    t1.append(time.perf_counter() - t)
-                m1 = max(m1, mem.peak)
-                model.zero_grad(set_to_none=True)
-                with PeakRSS() as mem:
-                    t = time.perf_counter()
-                    b = run_npass(model, samples)
-                    t2.append(time.perf_counter() - t)
-                m2 = max(m2, mem.peak)
-                diff = max(diff, max((x - y).abs().max().item() for x, y in zip(a, b)))
-                model.zero_grad(set_to_none=True)
-                t = time.perf_counter()
-                run_onepass(model, batch, "dense")  # the dense-mask path, for comparison
-                t3.append(time.perf_counter() - t)
+            mem = {"onepass": PeakRSS(), "npass": PeakRSS()}
+            row = compare(model, tok, msgs, args.repeats, on_step=mem.__getitem__)
+            dense = compare(model, tok, msgs, 1, attention="dense")  # the dense-mask path, for comparison
             base = psutil.Process().memory_info().rss
-            one_s, n_s, dense_s = statistics.median(t1), statistics.median(t2), statistics.median(t3)
-            row = dict(model=spec, depth=depth, onepass_tokens=n_one, npass_tokens=n_n, ideal=n_n / n_one,
-                       onepass_s=one_s, npass_s=n_s, speedup=n_s / one_s, mem_onepass=m1, mem_npass=m2,
-                       mem_ratio_total=(base + m1) / (base + m2), mem_ratio_act=m1 / max(m2, 1), maxdiff=diff,
-                       dense_speedup=n_s / dense_s)
+            m1, m2 = mem["onepass"].peak, mem["npass"].peak
+            row.update(model=spec, mem_onepass=m1, mem_npass=m2, mem_ratio_total=(base + m1) / (base + m2),
+                       dense_speedup=dense["npass_s"] / dense["onepass_s"])
             results.append(row)
-            print(f"{spec:13s} depth {depth:2d}: tokens {n_one:5d} vs {n_n:6d} (ideal {row['ideal']:.2f}x)  "
-                  f"time {one_s:7.3f}s vs {n_s:7.3f}s (speedup {row['speedup']:.2f}x, "
-                  f"{row['speedup'] / row['ideal']:.2f} of ideal; dense mask {row['dense_speedup']:.2f}x)  peak extra RSS {m1 / 2**20:7.1f} vs "
-                  f"{m2 / 2**20:7.1f} MiB (total x{row['mem_ratio_total']:.2f})  max |dlogp| {diff:.1e}",
-                  flush=True)
+            print(f"{spec:13s} depth {depth:2d}: tokens {row['onepass_tokens']:5d} vs {row['npass_tokens']:6d} "
+                  f"(ideal {row['ideal']:.2f}x)  time {row['onepass_s']:7.3f}s vs {row['npass_s']:7.3f}s "
+                  f"(speedup {row['speedup']:.2f}x, {row['speedup'] / row['ideal']:.2f} of ideal; dense mask "
+                  f"{row['dense_speedup']:.2f}x)  peak extra RSS {m1 / 2**20:7.1f} vs {m2 / 2**20:7.1f} MiB "
+                  f"(total x{row['mem_ratio_total']:.2f})  max |dlogp| {row['maxdiff']:.1e}", flush=True)
         del model
     plot(results, args.plot)
     for r in results:

@@ -1,4 +1,4 @@
-"""`ponder demo` in a reduced mode: seconds, real numbers, the report's structure."""
+"""`ponder demo` in a reduced mode (seconds, tiny budgets): real numbers, the report's structure; `ponder report`."""
 
 import json
 
@@ -7,11 +7,60 @@ from typer.testing import CliRunner
 from ponder.cli import app
 
 
-def test_demo_reduced(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    r = CliRunner().invoke(app, ["demo", "--n", "8"])
+def test_demo_quick_onepass(tmp_path):
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(app, ["demo", "--quick", "--only", "onepass", "--n", "8", "--out", str(out)])
     assert r.exit_code == 0, r.output
-    m = json.loads((tmp_path / "runs/demo/metrics.json").read_text())
-    assert m["eval"]["n"] == 8 and 0 <= m["eval"]["greedy_accuracy"] <= 1
-    report = (tmp_path / "runs/demo/report.md").read_text()
-    assert report.startswith("# ponder demo") and "| greedy_accuracy |" in report
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n"] == 8 and 0 <= m["base"]["greedy_accuracy"] <= 1 and m["failed"] == []
+    op = m["methods"]["onepass"]["metrics"]
+    assert len(op["loss"]["onepass"]) == len(op["loss"]["npass"]) == 2
+    assert op["max_loss_diff"] < 1e-3  # same loss in both modes
+    assert op["tokens"]["npass"] > op["tokens"]["onepass"]
+    report = (out / "report.md").read_text()
+    assert report.startswith("# ponder demo")
+    assert "## Starting model" in report and "| greedy_accuracy |" in report
+    assert "## One-pass multi-turn SFT vs N-pass" in report and "![onepass](onepass/onepass.png)" in report
+    assert (out / "onepass" / "onepass.png").stat().st_size > 10_000
+    # `ponder report` re-renders the same report from the saved sections
+    (out / "report.md").unlink()
+    r = CliRunner().invoke(app, ["report", str(out)])
+    assert r.exit_code == 0, r.output
+    assert (out / "report.md").read_text() == report
+
+
+def test_demo_reports_a_failing_method(tmp_path, monkeypatch):
+    import ponder.demo
+
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(ponder.demo, "onepass_demo", broken)
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(app, ["demo", "--quick", "--only", "onepass", "--n", "4", "--out", str(out)])
+    assert r.exit_code == 1
+    assert "FAILED: RuntimeError: boom" in (out / "report.md").read_text()
+    assert "boom" in (out / "onepass" / "error.txt").read_text()
+
+
+def test_demo_rejects_unknown_method(tmp_path):
+    r = CliRunner().invoke(app, ["demo", "--only", "grpo", "--out", str(tmp_path)])
+    assert r.exit_code != 0 and "unknown method" in str(r.exception)
+
+
+def test_report_of_a_training_run(tmp_path):
+    run = tmp_path / "sft-run"
+    run.mkdir()
+    hist = [{"step": s, "loss": 2.0 / s, "learning_rate": 1e-3, "epoch": 0.1 * s} for s in (1, 2, 3)]
+    (run / "metrics.json").write_text(json.dumps({"train_loss": 1.1, "steps": 3, "data": {"train": {"examples": 9}},
+                                                  "log_history": hist}))
+    r = CliRunner().invoke(app, ["report", str(run)])
+    assert r.exit_code == 0, r.output
+    text = (run / "report.md").read_text()
+    assert "| train_loss | 1.1 |" in text and "| data.train.examples | 9 |" in text
+    assert "| loss | 2 | 0.6667 | 3 |" in text and "![training](training.png)" in text
+    assert (run / "training.png").exists()
+
+
+def test_report_of_an_empty_dir_is_a_clear_error(tmp_path):
+    r = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert r.exit_code != 0 and "no metrics.json" in str(r.exception)

@@ -33,9 +33,28 @@ def eval_cmd(model: str = typer.Option("testbed", help="model spec: testbed | sm
              seed: int = typer.Option(0),
              prompt: str = typer.Option("{question}", help="user message template"),
              task_config: list[str] = typer.Option(None, help="reasoning-gym task option key=value (repeatable)"),
-             out: Path = typer.Option(None, help="output directory (default runs/eval-<model>-<task>)")):
-    """Greedy accuracy, pass@k and maj@k of a model on a task; prints a table and writes metrics.json."""
+             out: Path = typer.Option(None, help="output directory (default runs/eval-<model>-<task>)"),
+             forking: int = typer.Option(None, help="evaluate N forking tokens <think1..N>: Pass@1 with <think1> "
+                                                    "and a sampled tag, pass@k, Cons@k, per-tag accuracy/length"),
+             per_tag: int = typer.Option(2, help="--forking: samples per tag (k = N * per_tag)"),
+             tags: str = typer.Option(None, help="--forking: comma-separated tags instead of <think1..N> "
+                                                 "(e.g. '<think>' for an SFT-mixed model)"),
+             group_size: int = typer.Option(None, help="--forking: Cons@G groups of G samples (default: the "
+                                                       "number of tags)")):
+    """Greedy accuracy, pass@k and maj@k of a model on a task; prints a table and writes metrics.json.
+    With --forking N: the forking-token diversity evaluation (report.md with per-tag plots)."""
     from ponder import data, metrics, models, ui
+    if forking is not None or tags:
+        from ponder.recipes import evaluate_forking_run
+        from ponder.ssft import forking_tags
+        try:
+            tag_list = [t.strip() for t in tags.split(",")] if tags else forking_tags(forking)
+            out = out or Path("runs") / f"eval-forking-{Path(model).name}-{task.replace(':', '_').replace('/', '_')}"
+            evaluate_forking_run(model, tag_list, out, task, n, per_tag, temperature, max_new_tokens,
+                                 f"forking eval of {model}", seed=seed, group_size=group_size)
+        except ValueError as e:
+            _fail(e)
+        return
     try:
         from ponder.config import parse_override
         opts = {k[0]: v for k, v in (parse_override(x) for x in task_config or [])}
@@ -130,6 +149,40 @@ def rise_cmd(config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HEL
         _fail(e)
 
 
+@app.command("latro", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def latro_cmd(config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+              overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP)):
+    """LaTRO: self-rewarding latent reasoning optimisation (K rationales, reward log p(answer | rationale), RLOO)."""
+    from ponder.recipes import run_latro
+    try:
+        run_latro(config, overrides or [])
+    except ValueError as e:
+        _fail(e)
+
+
+@app.command("ssft", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def ssft_cmd(config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+             overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP)):
+    """Set SFT with global forking tokens (Hungarian matching of traces to <think1..N>); assignment=mixed |
+    random | fixed for the baselines."""
+    from ponder.recipes import run_ssft
+    try:
+        run_ssft(config, overrides or [])
+    except ValueError as e:
+        _fail(e)
+
+
+@app.command("gfpo", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def gfpo_cmd(config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+             overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP)):
+    """Global forking policy optimization: RL on the forking-token choice only (after SSFT)."""
+    from ponder.recipes import run_gfpo
+    try:
+        run_gfpo(config, overrides or [])
+    except ValueError as e:
+        _fail(e)
+
+
 @app.command("bench")
 def bench_cmd(only: list[str] = typer.Option(None, help="bench names (default: every bench/*.py)"),
               out: Path = typer.Option(Path("bench/results.md"))):
@@ -139,10 +192,22 @@ def bench_cmd(only: list[str] = typer.Option(None, help="bench names (default: e
 
 
 @app.command("demo")
-def demo_cmd(n: int = typer.Option(200, help="held-out problems to evaluate on")):
-    """Set up the testbed and show what ponder does on it (grows as the methods land)."""
-    from ponder.recipes import run_demo
-    run_demo(n=n)
+def demo_cmd(only: list[str] = typer.Option(None, help="methods to run: onepass, rise, latro, ssft (default all)"),
+             quick: bool = typer.Option(False, help="tiny budgets (seconds): checks the pipeline, not the methods"),
+             n: int = typer.Option(200, help="held-out problems every method is evaluated on"),
+             out: Path = typer.Option(Path("runs/demo"), help="where metrics.json, report.md and plots go")):
+    """The four methods end to end on the CPU testbed, from the same starting model; writes runs/demo/report.md."""
+    from ponder.demo import run
+    result = run(out=out, only=only or None, quick=quick, n=n)
+    if result["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command("report")
+def report_cmd(run_dir: Path = typer.Argument(..., help="a run directory (runs/<name>) or the demo's")):
+    """Render a run's metrics (metrics.json, trainer log history, saved sections) into RUN_DIR/report.md."""
+    from ponder import report, ui
+    ui.info(f"report: {report.render(run_dir)}")
 
 
 def main() -> None:

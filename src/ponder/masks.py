@@ -313,9 +313,19 @@ def sparse_plan(batch: Batch, dtype: torch.dtype, block: int = 256) -> SparsePla
     return SparsePlan(rows, T)
 
 
+def _span(chunks, first: dict[int, int], ranges):
+    """The concatenation of the chunks covering `ranges` (each range starts and ends on a chunk boundary)."""
+    parts = [c for s, e in ranges for c in chunks[first[s]:first[e]]]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 def sparse_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                              scaling: float | None = None, **kwargs):
-    """A transformers attention function (registered as ``ponder_sparse``): query/key/value (B, H, T, D)."""
+    """A transformers attention function (registered as ``ponder_sparse``): query/key/value (B, H, T, D).
+
+    Each row is split once at every job boundary (``split``/``unbind``, whose backward is one concatenation —
+    slicing per job would allocate a full-size zero gradient per slice), and each job runs one 4-D sdpa call,
+    which takes the fused CPU kernel rather than the unfused math path."""
     import torch.nn.functional as F
     from transformers.integrations.sdpa_attention import repeat_kv
     plan: SparsePlan = kwargs["ponder_plan"]
@@ -324,16 +334,23 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     B, H, T, D = query.shape
     p = dropout if module.training else 0.0
     outs = []
-    for b, jobs in enumerate(plan.rows):
+    for q_b, k_b, v_b, jobs in zip(query.unbind(0), key.unbind(0), value.unbind(0), plan.rows):
+        cuts = sorted({0, T} | {x for qs, qe, ranges, _ in jobs for x in (qs, qe, *(y for r in ranges for y in r))})
+        sizes = [e - s for s, e in zip(cuts, cuts[1:])]
+        first = {s: i for i, s in enumerate(cuts)}
+        qc, kc, vc = q_b.split(sizes, dim=1), k_b.split(sizes, dim=1), v_b.split(sizes, dim=1)
+
+
         pieces, at = [], 0
         for qs, qe, ranges, bias in jobs:
             if qs > at:  # padding: zeros
                 pieces.append(query.new_zeros(H, qs - at, value.shape[-1]))
-            k = torch.cat([key[b, :, s:e] for s, e in ranges], dim=1) if len(ranges) > 1 else key[b, :, ranges[0][0]:ranges[0][1]]
-            v = torch.cat([value[b, :, s:e] for s, e in ranges], dim=1) if len(ranges) > 1 else value[b, :, ranges[0][0]:ranges[0][1]]
-            pieces.append(F.scaled_dot_product_attention(
-                query[b, :, qs:qe], k, v, attn_mask=None if bias is None else bias.to(query.dtype),
-                is_causal=bias is None, dropout_p=p, scale=scaling))
+            out = F.scaled_dot_product_attention(
+                _span(qc, first, [(qs, qe)]).unsqueeze(0), _span(kc, first, ranges).unsqueeze(0),
+                _span(vc, first, ranges).unsqueeze(0),
+                attn_mask=None if bias is None else bias.to(query.dtype), is_causal=bias is None, dropout_p=p,
+                scale=scaling)
+            pieces.append(out[0])
             at = qe
         if at < T:
             pieces.append(query.new_zeros(H, T - at, value.shape[-1]))

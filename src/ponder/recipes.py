@@ -64,28 +64,116 @@ def run_rise(config_path, overrides: list[str]):
     return run(cfg, config_text=to_yaml(cfg))
 
 
-def run_demo(n: int = 200, out: Path = Path("runs/demo")) -> dict[str, Any]:
-    """Build or load the testbed, evaluate it, write runs/demo/{metrics.json,report.md}."""
-    from ponder import data, metrics, models, testbed, ui
+def run_latro(config_path, overrides: list[str]):
+    """LaTRO: train with periodic held-out evaluation, evaluate the final model, write metrics.json and
+    report.md with the training-curve PNG (reward, KL, advantage spread, accuracy)."""
+    from ponder import ui
+    from ponder.config import load_config, to_yaml
+    from ponder.trainers.latro import LaTROConfig, LaTROTrainer, write_report
+    cfg = load_config(LaTROConfig, config_path, overrides)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    trainer = LaTROTrainer(args=cfg)
     t = time.time()
-    ui.info("[bold]1/2[/] testbed model (pre-trained on first use, then cached)")
-    path = testbed.ensure()
-    built = json.loads((path / "testbed.json").read_text())
-    model, tok = models.load(str(path))
-    ui.info(f"[bold]2/2[/] evaluating on {n} held-out problems")
-    probs = data.load_problems("testbed", n=n, split="test")
-    r = metrics.evaluate(model, tok, probs, samples=8, max_new_tokens=96, batch_size=128)
-    r.pop("records")
-    result = {"testbed": built, "eval": r, "seconds": time.time() - t}
-    write_json(out / "metrics.json", result)
-    rows = [(k, v) for k, v in r.items() if k != "n"]
-    ui.print_table(f"testbed on {n} held-out problems", ["metric", "value"], rows)
-    lines = ["# ponder demo", "", f"Testbed: {built['params']:,} parameters, {built['steps']} pre-training steps.", "",
-             f"## Testbed evaluation ({n} held-out problems)", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {ui.fmt(v)} |" for k, v in rows]
+    result = trainer.train(resume_from_checkpoint=_resume_arg(cfg))
+    seconds = time.time() - t
+    if not any("eval_greedy_accuracy" in h and h["step"] == result.global_step for h in trainer.state.log_history):
+        trainer.evaluate()
+    trainer.save_model(str(out / "final"))
+    final = next(h for h in reversed(trainer.state.log_history) if "eval_greedy_accuracy" in h)
+    metrics = {"train_loss": result.training_loss, "steps": result.global_step, "seconds": seconds,
+               "data": trainer.data_stats, "final_eval": final, "log_history": trainer.state.log_history}
+    write_json(out / "metrics.json", metrics)
+    report = write_report(out, cfg, trainer.state.log_history, {k: v for k, v in metrics.items()
+                                                                   if k != "log_history"})
+    rows = [("steps", result.global_step), ("seconds", seconds)] + [
+        (k.removeprefix("eval_"), v) for k, v in final.items() if k.startswith("eval_")]
+    ui.print_table(f"latro: {cfg.model} on {cfg.dataset} (held-out, step {final['step']})", ["metric", "value"], rows)
+    ui.info(f"model: {out / 'final'}   metrics: {out / 'metrics.json'}   report: {report}")
+    return metrics
+
+
+def evaluate_forking_run(model_dir: Path | str, tags: list[str], out: Path, task: str, n: int, per_tag: int,
+                         temperature: float, max_new_tokens: int, title: str, seed: int = 0,
+                         extra_lines: list[str] | None = None, group_size: int | None = None) -> dict[str, Any]:
+    """Forking-token evaluation of a saved model -> out/{eval.json, eval_samples.jsonl, forking.png, report.md}."""
+    from ponder import data, models, ssft, ui
+    model, tok = models.load(str(model_dir))
+    probs = data.load_problems(task, n=n, split="test", seed=seed)
+    r = ssft.evaluate_forking(model, tok, probs, tags, per_tag=per_tag, temperature=temperature,
+                              max_new_tokens=max_new_tokens, seed=seed, group_size=group_size)
+    records = r.pop("records")
+    write_json(out / "eval.json", r)
+    data.write_jsonl(out / "eval_samples.jsonl", records)
+    ssft.plot_forking(r, out / "forking.png", title)
+    rows = ssft.summary_rows(r)
+    ui.print_table(f"{title}: {n} held-out {task} problems, {len(tags)} tag(s) x {per_tag}", ["metric", "value"], rows)
+    lines = [f"# {title}", "", f"Model: `{model_dir}`. {n} held-out `{task}` problems; {per_tag} samples per tag "
+             f"at temperature {temperature} (k = {r['k']})" + (f", plus {r['k']} samples with a model-sampled tag."
+                                                  if len(tags) > 1 else "."), "",
+             "| metric | value |", "|---|---|"] + [f"| {k} | {ui.fmt(v)} |" for k, v in rows]
+    lines += ["", "## Per tag", "", "| tag | accuracy | mean tokens | strategies |", "|---|---|---|---|"]
+    for t, row in r["per_tag"].items():
+        strat = ", ".join(f"{s} {v:.2f}" for s, v in row.get("strategies", {}).items())
+        lines.append(f"| `{t}` | {row['accuracy']:.3f} | {row['mean_tokens']:.1f} | {strat} |")
+    lines += ["", "![per-tag accuracy, length and strategies](forking.png)", ""] + (extra_lines or [])
     (out / "report.md").write_text("\n".join(lines) + "\n")
     ui.info(f"report: {out / 'report.md'}")
-    return result
+    return r
+
+
+def run_ssft(config_path, overrides: list[str]):
+    """SSFT (or the SFT-mixed / random-assignment baselines) + forking evaluation of the final model."""
+    from ponder.config import load_config
+    from ponder.trainers.ssft import SSFTConfig, SSFTTrainer
+    metrics = run_training(SSFTConfig, SSFTTrainer, config_path, overrides, "ssft")
+    cfg = load_config(SSFTConfig, config_path, overrides)
+    out = Path(cfg.output_dir)
+    if cfg.eval_problems:
+        extra = ["## Matching statistics", "", "![matching](matching.png)", ""] if (out / "matching.png").exists() \
+            else []
+        # SFT-mixed has one tag: k = N·per_tag samples of <think>, voted in groups of N like the tagged runs
+        per_tag = cfg.eval_per_tag * (cfg.num_tags if cfg.assignment == "mixed" else 1)
+        metrics["eval"] = evaluate_forking_run(out / "final", cfg.tags, out, cfg.eval_task, cfg.eval_problems,
+                                               per_tag, cfg.eval_temperature, cfg.eval_max_new_tokens,
+                                               f"SSFT ({cfg.assignment})", extra_lines=extra, group_size=cfg.num_tags)
+        write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def run_gfpo(config_path, overrides: list[str]):
+    """GFPO from an SSFT model + the tag distribution before/after + forking evaluation of the final model."""
+    from ponder import data, models, ui
+    from ponder.config import load_config
+    from ponder.ssft import forking_tags
+    from ponder.trainers.gfpo import GFPOConfig, GFPOTrainer, tag_distribution
+    cfg = load_config(GFPOConfig, config_path, overrides)
+    probe = data.load_problems(cfg.eval_task, n=100, split="test")
+
+    def dist(spec):
+        m, tok = models.load(spec)
+        if any(t not in tok.get_vocab() for t in forking_tags(cfg.num_tags)):
+            return None  # a model without forking tokens (GFPO adds them)
+        return [round(float(x), 4) for x in tag_distribution(m, tok, probe, cfg.num_tags)]
+
+    before = dist(cfg.model)
+    metrics = run_training(GFPOConfig, GFPOTrainer, config_path, overrides, "gfpo")
+    out = Path(cfg.output_dir)
+    after = dist(str(out / "final"))
+    metrics["tag_distribution"] = {"before": before, "after": after}
+    before = before or [float("nan")] * len(after)
+    ui.print_table("mean π(g|x) over 100 held-out problems", ["tag", "before", "after"],
+                   [(f"<think{i + 1}>", b, a) for i, (b, a) in enumerate(zip(before, after))])
+    if cfg.eval_problems:
+        extra = ["## Tag distribution π(g|x) (mean over 100 held-out problems)", "", "| tag | before | after |",
+                 "|---|---|---|"] + [f"| `<think{i + 1}>` | {b:.3f} | {a:.3f} |" for i, (b, a) in
+                                     enumerate(zip(before, after))]
+        metrics["eval"] = evaluate_forking_run(out / "final", forking_tags(cfg.num_tags), out, cfg.eval_task,
+                                               cfg.eval_problems, cfg.eval_per_tag, cfg.eval_temperature,
+                                               cfg.eval_max_new_tokens, "GFPO", extra_lines=extra)
+    write_json(out / "metrics.json", metrics)
+    return metrics
 
 
 def run_benchmarks(only: list[str], out: Path) -> dict[str, float]:

@@ -116,16 +116,72 @@ def onepass_logprobs(model, tokenizer, messages: Sequence[dict[str, Any]], atten
 def npass_logprobs(model, tokenizer, messages: Sequence[dict[str, Any]]) -> list[torch.Tensor]:
     """The N-pass reference: per assistant turn, one forward over the conversation up to that turn (history
     reasoning stripped) and the log-probs of that turn's trained tokens."""
+    return [token_logprobs(model, ids, target_mask=target) for ids, target in npass_samples(tokenizer, messages)]
+
+
+def onepass_step(model, batch: masks.Batch, attention: str = "auto") -> list[torch.Tensor]:
+    """One training step's compute on a collated one-pass batch: forward (mask or sparse plan built here, as in
+    the trainer), backward of the summed target log-probs. Returns the detached log-probs per assistant turn."""
+    lp = logprobs_of(onepass_logits(model, batch, attention), batch.input_ids[batch.pairs[0], batch.pairs[2]])
+    lp.sum().backward()
+    return _by_message(lp.detach(), batch.pair_message)
+
+
+def npass_samples(tokenizer, messages: Sequence[dict[str, Any]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The N-pass samples of a conversation: (ids, trained-token mask) per assistant turn, history reasoning
+    stripped."""
     msgs = as_conversation(list(messages), "messages").messages
     out = []
     for k, m in enumerate(msgs):
-        if m["role"] != "assistant":
-            continue
-        segs = render(tokenizer, msgs[:k + 1])
-        ids = torch.tensor([segs.ids])
-        target = torch.tensor([segs.trained_mask([k])])
-        out.append(token_logprobs(model, ids, target_mask=target))
+        if m["role"] == "assistant":
+            segs = render(tokenizer, msgs[:k + 1])
+            out.append((torch.tensor([segs.ids]), torch.tensor([segs.trained_mask([k])])))
     return out
+
+
+def npass_step(model, samples: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """N-pass: each sample's forward+backward on its own (no padding; activations freed before the next, as a
+    trainer with batch size 1 would). Returns the detached log-probs per assistant turn."""
+    out = []
+    for ids, target in samples:
+        lp = token_logprobs(model, ids, target_mask=target)
+        lp.sum().backward()
+        out.append(lp.detach())
+    return out
+
+
+def compare(model, tokenizer, messages: Sequence[dict[str, Any]], repeats: int = 3, attention: str = "auto",
+            on_step=None, warmup: bool = True) -> dict[str, float]:
+    """One-pass vs N-pass on one conversation, side by side: tokens forwarded, the ideal ratio (N-pass tokens /
+    one-pass tokens), median forward+backward seconds of each (repeats interleaved, so both see the same
+    machine load; preparation not timed, as a trainer prepares once) and the largest log-prob difference.
+    `on_step(mode)` is called around each timed step (e.g. to sample memory); `warmup` runs each once untimed
+    first (the first call of a shape pays for allocator growth)."""
+    import contextlib
+    import statistics
+    import time
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batch = masks.collate([masks.onepass_layout(tokenizer, messages)], pad)
+    samples = npass_samples(tokenizer, messages)
+    runs = {"onepass": lambda: onepass_step(model, batch, attention), "npass": lambda: npass_step(model, samples)}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for fn in runs.values() if warmup else ():
+        fn()
+    diff = 0.0
+    for _ in range(repeats):
+        out = {}
+        for mode, fn in runs.items():
+            model.zero_grad(set_to_none=True)
+            with (on_step(mode) if on_step else contextlib.nullcontext()):
+                t = time.perf_counter()
+                out[mode] = fn()
+                times[mode].append(time.perf_counter() - t)
+        diff = max(diff, max((a - b).abs().max().item() for a, b in zip(out["onepass"], out["npass"])))
+    model.zero_grad(set_to_none=True)
+    n_one, n_n = batch.input_ids.numel(), sum(ids.numel() for ids, _ in samples)
+    one_s, n_s = statistics.median(times["onepass"]), statistics.median(times["npass"])
+    return {"depth": len(samples), "onepass_tokens": n_one, "npass_tokens": n_n, "ideal": n_n / n_one,
+            "onepass_s": one_s, "npass_s": n_s, "speedup": n_s / one_s, "maxdiff": diff}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -196,7 +252,8 @@ class OnePassTrainer(PonderTrainer):
         args = args or OnePassConfig()
         if isinstance(model, str) or model is None:
             from ponder.models import load
-            model, processing_class = load(model or args.model, dtype=args.dtype, lora=args.lora)
+            model, processing_class = load(model or args.model, dtype=args.dtype, lora=args.lora,
+                                             attn_implementation=args.attn_implementation)
         elif args.lora is not None:
             from ponder.models import apply_lora
             model = apply_lora(model, args.lora)

@@ -37,6 +37,8 @@ class SFTConfig(TrainingArguments):
     loss_normalization: str = field(default="tokens", metadata={"help": "tokens | messages"})
     dtype: str = field(default="float32", metadata={"help": "model dtype (fp32 on CPU)"})
     lora: dict | None = field(default=None, metadata={"help": "PEFT LoRA options, e.g. {r: 16, alpha: 32}"})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "sdpa | eager | flex_attention (GPU: the one-pass BlockMask); default: ponder.models.load's"})
     packing: bool = field(default=False, metadata={"help": "pack examples into rows (block-diagonal attention)"})
     packing_length: int = field(default=512, metadata={"help": "tokens per packed row"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep ponder's loss weights"})
@@ -218,7 +220,8 @@ class SFTTrainer(PonderTrainer):
         args = args or SFTConfig()
         if isinstance(model, str) or model is None:
             from ponder.models import load
-            model, processing_class = load(model or args.model, dtype=args.dtype, lora=args.lora)
+            model, processing_class = load(model or args.model, dtype=args.dtype, lora=args.lora,
+                                             attn_implementation=args.attn_implementation)
         elif args.lora is not None:
             from ponder.models import apply_lora
             model = apply_lora(model, args.lora)

@@ -1,0 +1,185 @@
+"""Global Forking Policy Optimization (GFPO; arXiv 2510.05132 v3, papers.md §1.5): a few RL steps after SSFT
+that teach the model to *choose* its forking token.
+
+Per question x and step: the model samples G tags g_1..G from π(g | x) and then a full trace after each tag;
+an outcome reward r_k (`ponder.verify.score`) gives a group-relative advantage
+A_k = (r_k - mean(r)) / (std(r) + eps) (`ponder.advantages.group_normalized`), and the loss is
+
+    L(θ) = - (1 / (B·G)) Σ_x Σ_k A_k · log π_θ(g_k | x)
+
+The rollouts are not back-propagated: the gradient flows only through the tag token's log-prob (papers.md §1.5:
+"the policy gradient is applied only to the output distribution of the global forking token").
+
+Choices of ours (the paper's RL code is unreleased):
+- Making the first sampled token a tag: π(g | x) is the model's next-token distribution at the start of the
+  assistant turn *restricted to the N forking tokens* (all other logits masked, then renormalised), at the
+  sampling temperature. We sample from exactly that distribution, so the update is the exact REINFORCE
+  gradient of what was sampled; the trace after the tag is sampled by ordinary generation.
+- Because the model is causal, log π(g | x) depends only on the prompt: the loss forward covers the prompts
+  alone (one left-padded forward per batch), which equals the GRPO-style loss on the full rollouts with the
+  token loss mask zero everywhere but the tag position (tested) at a fraction of the cost.
+- One optimizer step per batch of rollouts (on-policy), so there is no importance ratio or clipping, and no
+  KL term (the paper's setting for these details is unknown; with ~10 steps, drift is small).
+- Which parameters move: the tag log-prob depends on *every* parameter (the whole network computes the hidden
+  state at the tag position), so "only through the tag position" still updates the trace policy. On the 1.8M
+  testbed, full-parameter GFPO at lr 1e-3 drove the reward from 0.09 to 0 within 8 steps (the traces broke);
+  the testbed config therefore trains the forking-token rows only (``tags_only``: PEFT TrainableTokens; the
+  testbed ties input/output embeddings, so the tag rows are also the tag logits' weights). At the paper's scale
+  (32B, ~10 steps, small lr) full-parameter updates are what the paper did.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ponder import ssft
+from ponder.advantages import group_normalized
+from ponder.data import DataError
+from ponder.trainers.sft import PonderTrainer, SFTConfig
+from ponder.trainers.ssft import collate, save_merged, setup_model
+
+
+@dataclass
+class GFPOConfig(SFTConfig):
+    model: str = field(default="runs/ssft-testbed/final", metadata={"help": "an SSFT model (with <think1..N>)"})
+    dataset: str | None = field(default="testbed", metadata={"help": "problems: testbed | rg:<task> | .jsonl | hf:"})
+    dataset_size: int = field(default=512, metadata={"help": "number of training problems"})
+    num_tags: int = field(default=6, metadata={"help": "N forking tokens <think1>..<thinkN>"})
+    num_generations: int = field(default=8, metadata={"help": "G: tags (and rollouts) sampled per question"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (tag and trace)"})
+    max_new_tokens: int = field(default=128, metadata={"help": "rollout length budget"})
+    scale_rewards: bool = field(default=True, metadata={"help": "divide advantages by the group std (GRPO)"})
+    generation_batch_size: int = field(default=64, metadata={"help": "sequences per generation batch"})
+    token_init: str = field(default="auto", metadata={"help": "init of forking tokens missing from the model"})
+    tags_only: bool = field(default=False, metadata={"help": "train only the forking-token rows"})
+    eval_problems: int = field(default=0, metadata={"help": "recipe: held-out problems to evaluate after training"})
+    eval_task: str = field(default="testbed", metadata={"help": "recipe: problems for the evaluation"})
+    eval_per_tag: int = field(default=2, metadata={"help": "recipe: samples per tag (k = N * eval_per_tag)"})
+    eval_temperature: float = field(default=1.0, metadata={"help": "recipe: sampling temperature"})
+    eval_max_new_tokens: int = field(default=128, metadata={"help": "recipe: completion budget"})
+
+    def __post_init__(self):
+        if self.num_generations < 2:
+            raise ValueError("num_generations must be >= 2 (the advantage is relative to the group)")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0 (GFPO samples its tags)")
+        if self.output_dir is None:
+            self.output_dir = "runs/gfpo"
+        super().__post_init__()
+
+
+def gfpo_loss_sum(logp: torch.Tensor, chosen: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """-Σ_{x,k} A_k · log π(g_k | x).  logp: (B, N) log-probs over the tags; chosen: (B, G) sampled tag
+    indices; advantages: (B, G). The caller divides by B·G (PonderTrainer's units)."""
+    picked = logp.gather(1, chosen.to(logp.device))
+    return -(advantages.to(picked.dtype).to(picked.device) * picked).sum()
+
+
+class GFPOTrainer(PonderTrainer):
+    """`Trainer` for GFPO (TRL-shaped). train_dataset: problems (or a spec string); reward_fn(problem, text) ->
+    float, default `ponder.verify.score`."""
+
+    def __init__(self, model=None, args: GFPOConfig | None = None, train_dataset=None, processing_class=None,
+                 reward_fn=None, **kwargs):
+        args = args or GFPOConfig()
+        if isinstance(model, str) or model is None:
+            from ponder.models import load
+            model, processing_class = load(model or args.model, dtype=args.dtype)
+        if processing_class is None:
+            raise ValueError("GFPOTrainer needs the tokenizer (processing_class) when given a model object")
+        tok = processing_class
+        self.tags = ssft.forking_tags(args.num_tags)
+        missing = [t for t in self.tags if t not in tok.get_vocab()]
+        if missing:
+            from ponder import ui
+            ui.info(f"[yellow]warning:[/] the model has no {', '.join(missing)}; adding them (GFPO normally "
+                    "starts from an SSFT model)")
+        model, tag_ids = setup_model(model, tok, self.tags, True, args.token_init, args.lora, args.tags_only,
+                                     args.seed)
+        self.tag_ids = [t[0] for t in tag_ids]
+        if reward_fn is None:
+            from ponder.verify import score as reward_fn
+        self.reward_fn = reward_fn
+        data = train_dataset if train_dataset is not None else args.dataset
+        if data is None:
+            raise ValueError("no training problems: pass train_dataset or set `dataset` in the config")
+        if isinstance(data, str):
+            from ponder.data import load_problems
+            data = load_problems(data, n=args.dataset_size, split="train", seed=args.data_seed or args.seed)
+        from ponder.chat import generation_prompt
+        from ponder.metrics import _id, _q
+        items = [{"id": _id(p, i), "prompt": generation_prompt(tok, [{"role": "user", "content": _q(p)}]),
+                  "problem": p, "units": args.num_generations} for i, p in enumerate(data)]
+        if not items:
+            raise DataError("no training problems")
+        self.data_stats = {"train": Counter(examples=len(items))}
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self._stats: Counter = Counter()
+        super().__init__(model=model, args=args, train_dataset=items, processing_class=tok,
+                         data_collator=collate, **kwargs)
+
+    def rollouts(self, model, items, chosen: torch.Tensor) -> torch.Tensor:
+        """Generate a trace after each sampled tag and score it: rewards (B, G)."""
+        from ponder import rollout
+        g = chosen.shape[1]
+        prompts = [it["prompt"] + [self.tag_ids[int(t)]] for it, row in zip(items, chosen) for t in row]
+        out = rollout.sample(self.accelerator.unwrap_model(model), self.processing_class, prompts, n=1,
+                             temperature=self.args.temperature, max_new_tokens=self.args.max_new_tokens,
+                             batch_size=self.args.generation_batch_size, progress=False,
+                             seed=self.args.seed * 100003 + self.state.global_step)
+        r = [[float(self.reward_fn(it["problem"], out[b * g + k][0].text)) for k in range(g)]
+             for b, it in enumerate(items)]
+        self._stats["tokens"] += sum(len(s[0].ids) for s in out)
+        return torch.tensor(r, dtype=torch.float64)
+
+    def weighted_loss_sum(self, model, inputs):
+        items = inputs["items"]
+        logp = ssft.tag_logprobs(model, [it["prompt"] for it in items], self.tag_ids, self.pad_id,
+                                 self.args.temperature)
+        gen = torch.Generator().manual_seed(self.args.seed * 1000003 + self.state.global_step)
+        chosen = ssft.sample_tags(logp, self.args.num_generations, gen)
+        rewards = self.rollouts(model, items, chosen)
+        adv = group_normalized(rewards, scale=self.args.scale_rewards)
+        if model.training:
+            s = self._stats
+            s["n"] += rewards.numel()
+            s["groups"] += rewards.shape[0]
+            s["reward"] += float(rewards.sum())
+            s["zero_std_groups"] += int((rewards.std(1, unbiased=False) == 0).sum())
+            p = logp.detach().exp()
+            s["entropy"] += float(-(p * logp.detach()).sum(-1).sum())
+            for t in chosen.flatten().tolist():
+                s[f"tag{t}"] += 1
+        return gfpo_loss_sum(logp, chosen, adv)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        s = self._stats
+        if "loss" in logs and s["n"]:
+            logs = {**logs, "reward": s["reward"] / s["n"], "frac_reward_zero_std": s["zero_std_groups"] / s["groups"],
+                    "tag_entropy": s["entropy"] / s["groups"], "tag_entropy_max": math.log(len(self.tags)),
+                    "completion_tokens": s["tokens"] / s["n"],
+                    **{f"tag_share/{t}": s[f"tag{i}"] / s["n"] for i, t in enumerate(self.tags)}}
+            self._stats = Counter()
+        super().log(logs, start_time)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        save_merged(self, output_dir, _internal_call)
+
+
+def tag_distribution(model, tokenizer, problems: list[Any], num_tags: int, batch_size: int = 64) -> torch.Tensor:
+    """Mean π(g | x) over problems (what GFPO moves): a (N,) tensor."""
+    from ponder.chat import generation_prompt
+    from ponder.metrics import _q
+    tags = ssft.forking_tags(num_tags)
+    ids = [t[0] for t in ssft.tag_token_ids(tokenizer, tags)]
+    prompts = [generation_prompt(tokenizer, [{"role": "user", "content": _q(p)}]) for p in problems]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    with torch.no_grad():
+        ps = [ssft.tag_logprobs(model, prompts[i:i + batch_size], ids, pad).exp() for i in
+              range(0, len(prompts), batch_size)]
+    return torch.cat(ps).mean(0)

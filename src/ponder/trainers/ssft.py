@@ -1,0 +1,309 @@
+"""Set supervised fine-tuning (SSFT) with global forking tokens (arXiv 2510.05132, papers.md §1.3).
+
+Per question, per step: the N x M matching-cost matrix (`ponder.ssft.costs_from_ids`, no gradient, one forward
+for the whole batch of questions), the Hungarian assignment σ̂ (`ponder.ssft.match`), then the NLL of the M
+matched full traces — the only sequences that are back-propagated:
+
+    L_Hungarian(θ) = - Σ_j Σ_t log π_θ( r^(j)_t | x, g^(σ̂(j)), r^(j)_{<t} )        (papers.md §1.3)
+
+normalised like SFT (`loss_normalization`: per trained token over the optimizer batch, or per trace).
+
+`SSFTConfig.assignment` switches the baselines with everything else equal:
+- ``hungarian``: the paper's SSFT;
+- ``random``: the random-σ ablation (a fresh uniformly random injective map per question per step);
+- ``mixed``: SFT-mixed, all M traces under the plain ``<think>`` opener (no forking tokens are added);
+- ``fixed``: trace j always gets tag j (an oracle for data whose traces come in a fixed source order).
+
+Forking tokens are added as special tokens (`ponder.models.add_special_tokens`). Their rows are initialised
+from ``token_init``: ``auto`` copies the ``<think>`` row when the tokenizer has ``<think>`` as one token (the
+tags start as the opener the model already knows, so SSFT starts from the model's own reasoning behaviour;
+the symmetric start is broken by the matching, whose exact ties we break at random by shuffling the traces
+before the solver) and falls back to ``mean+noise`` (mean of the existing rows plus N(0, 0.02·std) noise)
+otherwise. ``tags_only: true`` trains only those rows (PEFT `TrainableTokensConfig`); with ``lora`` the tag
+rows are trained alongside the adapters (PEFT ``trainable_token_indices``).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ponder import ssft
+from ponder.chat import THINK_OPEN
+from ponder.data import DataError, TraceSet, traceset_from_record
+from ponder.logprobs import cross_entropy, logits_at, shift_pairs
+from ponder.trainers.sft import PonderTrainer, SFTConfig, _report_stats, pack_collate, pad_collate
+
+ASSIGNMENTS = ("hungarian", "random", "mixed", "fixed")
+
+
+@dataclass
+class SSFTConfig(SFTConfig):
+    dataset: str | None = field(default="testbed:traces", metadata={"help": "TraceSets: testbed:traces, .jsonl, hf:"})
+    dataset_size: int = field(default=2000, metadata={"help": "number of TraceSets to load / generate"})
+    num_tags: int = field(default=6, metadata={"help": "N forking tokens <think1>..<thinkN> (N >= M)"})
+    prefix_len: int = field(default=16, metadata={"help": "L: matching cost over each trace's first L tokens "
+                                                          "(0: whole trace)"})
+    assignment: str = field(default="hungarian", metadata={"help": "hungarian | random | mixed | fixed"})
+    cost_layout: str = field(default="shared", metadata={"help": "shared (prompt once, custom mask) | packed"})
+    train_tag: bool = field(default=False, metadata={"help": "also train the tag token as a target (not in "
+                                                             "the paper's loss)"})
+    token_init: str = field(default="auto", metadata={"help": "auto | mean | mean+noise | <an existing token>"})
+    tags_only: bool = field(default=False, metadata={"help": "train only the forking-token rows (PEFT "
+                                                             "TrainableTokens); with lora: adapters + tag rows"})
+    eval_problems: int = field(default=0, metadata={"help": "recipe: held-out problems to evaluate after training"})
+    eval_task: str = field(default="testbed", metadata={"help": "recipe: problems for the evaluation"})
+    eval_per_tag: int = field(default=2, metadata={"help": "recipe: samples per tag (k = N * eval_per_tag)"})
+    eval_temperature: float = field(default=1.0, metadata={"help": "recipe: sampling temperature"})
+    eval_max_new_tokens: int = field(default=128, metadata={"help": "recipe: completion budget"})
+
+    def __post_init__(self):
+        if self.assignment not in ASSIGNMENTS:
+            raise ValueError(f"assignment must be one of {', '.join(ASSIGNMENTS)}, got {self.assignment!r}")
+        if self.cost_layout not in ("shared", "packed"):
+            raise ValueError(f"cost_layout must be 'shared' or 'packed', got {self.cost_layout!r}")
+        if self.num_tags < 1:
+            raise ValueError("num_tags must be >= 1")
+        if self.prefix_len < 0:
+            raise ValueError("prefix_len must be >= 0 (0: the whole trace)")
+        if self.output_dir is None:
+            self.output_dir = "runs/ssft"
+        super().__post_init__()
+
+    @property
+    def tags(self) -> list[str]:
+        return [THINK_OPEN] if self.assignment == "mixed" else ssft.forking_tags(self.num_tags)
+
+
+def resolve_token_init(tokenizer, init: str) -> str:
+    if init != "auto":
+        return init
+    ids = tokenizer(THINK_OPEN, add_special_tokens=False)["input_ids"]
+    return THINK_OPEN if len(ids) == 1 else "mean+noise"
+
+
+def setup_model(model, tokenizer, tags: list[str], forking: bool, token_init: str = "auto", lora=None,
+                tags_only: bool = False, seed: int = 0):
+    """Add the forking tokens (if `forking`; missing ones only), then wrap the model for LoRA (+ the tag rows,
+    PEFT ``trainable_token_indices``) or tag-rows-only training (PEFT `TrainableTokensConfig`). Returns
+    (model, the ids of each tag)."""
+    from ponder.models import add_special_tokens, apply_lora
+    if forking:
+        add_special_tokens(model, tokenizer, tags, resolve_token_init(tokenizer, token_init), seed=seed)
+    tag_ids = ssft.tag_token_ids(tokenizer, tags, single=forking)
+    flat = sorted({t for ids in tag_ids for t in ids})
+    if lora is not None:
+        opts = dict(lora)
+        if forking:
+            opts.setdefault("trainable_token_indices", flat)
+        model = apply_lora(model, opts)
+    elif tags_only:
+        if not forking:
+            raise ValueError("tags_only trains the forking-token rows; assignment=mixed has none")
+        from peft import TrainableTokensConfig, get_peft_model
+        model = get_peft_model(model, TrainableTokensConfig(token_indices=flat))
+    return model, tag_ids
+
+
+def as_traceset(item: Any, where: str, index: int = 0) -> TraceSet:
+    if isinstance(item, TraceSet):
+        return item
+    if isinstance(item, dict):
+        return traceset_from_record(item, where, index)
+    raise DataError(f"{where}: expected a TraceSet or an object with question, answer, traces; "
+                    f"got {type(item).__name__}")
+
+
+def prepare(tokenizer, items, num_tags: int, max_length: int, normalization: str, train_tag: bool,
+            tag_len: int, where: str = "dataset"):
+    """Encode TraceSets once (`ponder.ssft.encode`): any tag can then be put in front of any trace. Questions
+    with more traces than tags or over-length traces are skipped and counted."""
+    from ponder import ui
+    out, stats = [], Counter()
+    for i, item in enumerate(ui.progress(items, "encoding trace sets")):
+        loc = f"{where}[{i}]"
+        ts = as_traceset(item, loc, i)
+        if len(ts.traces) > num_tags:
+            stats["skipped_more_traces_than_tags"] += 1
+            continue
+        try:
+            enc = ssft.encode(tokenizer, ts.question, ts.traces)
+        except ValueError as e:
+            raise DataError(f"{loc}: {e}") from None
+        if max(len(enc.prompt) + tag_len + len(t) for t in enc.traces) > max_length:
+            stats["skipped_too_long"] += 1
+            continue
+        tokens = sum(len(t) for t in enc.traces) + (tag_len * len(enc.traces) if train_tag else 0)
+        units = len(enc.traces) if normalization == "messages" else tokens
+        out.append({"id": ts.id or str(i), "prompt": enc.prompt, "traces": enc.traces, "sources": enc.sources,
+                    "units": units})
+        stats["traces"] += len(enc.traces)
+    stats["examples"] = len(out)
+    return out, stats
+
+
+def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"items": batch, "units": torch.tensor([b["units"] for b in batch])}
+
+
+def matched_examples(item: dict[str, Any], sigma: list[int], tag_ids: list[tuple[int, ...]], train_tag: bool,
+                     normalization: str) -> list[dict[str, Any]]:
+    """The M training sequences prompt + tag_{σ(j)} + r_j with their per-token loss weights (trace tokens;
+    the tag too if train_tag)."""
+    out = []
+    for j, trace in enumerate(item["traces"]):
+        tag = list(tag_ids[sigma[j]])
+        n = len(trace) + (len(tag) if train_tag else 0)
+        w = 1.0 / n if normalization == "messages" else 1.0
+        weights = [0.0] * len(item["prompt"]) + [w if train_tag else 0.0] * len(tag) + [w] * len(trace)
+        out.append({"input_ids": item["prompt"] + tag + trace, "weights": weights, "units": 0})
+    return out
+
+
+class SSFTTrainer(PonderTrainer):
+    """`Trainer` for SSFT (TRL-shaped: SSFTTrainer + SSFTConfig). train_dataset: TraceSets (or records with
+    question / answer / traces) or a data spec string; model: a model or a spec for `ponder.models.load`."""
+
+    def __init__(self, model=None, args: SSFTConfig | None = None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, **kwargs):
+        args = args or SSFTConfig()
+        if isinstance(model, str) or model is None:
+            from ponder.models import load
+            model, processing_class = load(model or args.model, dtype=args.dtype)
+        if processing_class is None:
+            raise ValueError("SSFTTrainer needs the tokenizer (processing_class) when given a model object")
+        tok = processing_class
+        model, self.tag_ids = setup_model(model, tok, args.tags, args.assignment != "mixed", args.token_init,
+                                          args.lora, args.tags_only, args.seed)
+        self.tags = args.tags
+        data = train_dataset if train_dataset is not None else args.dataset
+        if data is None:
+            raise ValueError("no training data: pass train_dataset or set `dataset` in the config")
+        if isinstance(data, str):
+            from ponder.data import load_tracesets
+            data = load_tracesets(data, n=args.dataset_size, seed=args.data_seed or args.seed)
+        data = list(data)
+        if data and args.assignment != "mixed":
+            first = as_traceset(data[0], "train_dataset[0]")
+            ssft.check_substitution(tok, first.question, first.traces[0], self.tags)
+        self.data_stats: dict[str, Counter] = {}
+        tag_len = max(len(t) for t in self.tag_ids)
+        n_tags = 10**9 if args.assignment == "mixed" else args.num_tags  # mixed: one tag for any number of traces
+        train, self.data_stats["train"] = prepare(tok, data, n_tags, args.max_length, args.loss_normalization,
+                                                  args.train_tag, tag_len, where=_name(args.dataset))
+        if not train:
+            raise DataError("no trainable trace sets left after skipping (see the counts above)")
+        _report_stats(self.data_stats)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.match_stats = ssft.MatchStats(len(self.tags))
+        super().__init__(model=model, args=args, train_dataset=train, processing_class=tok, data_collator=collate,
+                         **kwargs)
+
+    # ---- assignment ------------------------------------------------------------------------------------
+
+    def _rng(self, item) -> random.Random:
+        # seeded by (seed, step, question): the same on resume and independent of batch composition
+        return random.Random(f"{self.args.seed}-{self.state.global_step}-{item['id']}")
+
+    def assign(self, model, items: list[dict[str, Any]]) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+        """σ for each question (the tag index of each of its traces) and its cost matrix (hungarian only)."""
+        mode = self.args.assignment
+        none = [None] * len(items)
+        if mode == "mixed":
+            return [[0] * len(it["traces"]) for it in items], none
+        if mode == "fixed":
+            return [list(range(len(it["traces"]))) for it in items], none
+        if mode == "random":
+            return [ssft.random_match(len(self.tags), len(it["traces"]), self._rng(it)) for it in items], none
+        perms = []
+        for it in items:  # shuffle the traces so that exact cost ties are broken at random, not by source order
+            p = list(range(len(it["traces"])))
+            self._rng(it).shuffle(p)
+            perms.append(p)
+        was_training = model.training
+        model.eval()
+        try:
+            costs = ssft.costs_from_ids(model, [(it["prompt"], self.tag_ids, [it["traces"][j] for j in p])
+                                                for it, p in zip(items, perms)],
+                                        self.args.prefix_len or None, self.args.cost_layout, self.pad_id)
+        finally:
+            model.train(was_training)
+        sigmas, ordered = [], []
+        for p, c in zip(perms, costs):
+            sp = ssft.match(c)
+            sigma = [0] * len(p)
+            for k, j in enumerate(p):
+                sigma[j] = sp[k]
+            sigmas.append(sigma)
+            ordered.append(c[:, [p.index(j) for j in range(len(p))]])  # back in the item's trace order
+        return sigmas, ordered
+
+    # ---- loss ------------------------------------------------------------------------------------------
+
+    def weighted_loss_sum(self, model, inputs):
+        items = inputs["items"]
+        sigmas, costs = self.assign(model, items)
+        if model.training:
+            for it, s, c in zip(items, sigmas, costs):
+                self.match_stats.update(it["id"], it["sources"], s, c)
+        exs = [e for it, s in zip(items, sigmas)
+               for e in matched_examples(it, s, self.tag_ids, self.args.train_tag, self.args.loss_normalization)]
+        batch = (pack_collate(self.pad_id, self.args.packing_length) if self.args.packing
+                 else pad_collate(self.pad_id))(exs)
+        device = next(model.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        w = batch["weights"]
+        pairs = shift_pairs(w != 0)
+        logits = logits_at(model, batch["input_ids"], (pairs[0], pairs[1]), batch.get("attention_mask"),
+                           batch.get("position_ids"))
+        ce = cross_entropy(logits, batch["input_ids"][pairs[0], pairs[2]])
+        return (ce * w[pairs[0], pairs[2]].to(ce.dtype)).sum()
+
+    # ---- logging and saving ----------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self.args.assignment != "mixed":
+            logs = {**logs, **self.match_stats.summary(self.state.global_step)}
+        super().log(logs, start_time)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        save_merged(self, output_dir, _internal_call)
+
+    def train(self, *args, **kwargs):
+        """Train, then write the matching statistics (``matching.json``, ``matching.png``) to output_dir."""
+        result = super().train(*args, **kwargs)
+        if self.args.assignment != "mixed" and self.args.should_save:
+            import json
+            import os
+            self.match_stats.summary(self.state.global_step)  # flush the last window
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            out = {"tags": self.tags, "totals": self.match_stats.totals(), "history": self.match_stats.history}
+            with open(os.path.join(self.args.output_dir, "matching.json"), "w") as f:
+                json.dump(out, f, indent=1)
+            if out["totals"]:
+                ssft.plot_matching(out["history"], out["totals"], os.path.join(self.args.output_dir, "matching.png"),
+                                   f"SSFT matching ({self.args.assignment})")
+        return result
+
+
+def save_merged(trainer, output_dir, internal: bool) -> None:
+    """Checkpoints keep PEFT adapters (for resume); the final model is saved merged (a plain
+    `save_pretrained` model that `ponder.models.load`, transformers and vLLM read directly)."""
+    from peft import PeftModel
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if internal or not isinstance(model, PeftModel):
+        return PonderTrainer.save_model(trainer, output_dir, _internal_call=internal)
+    output_dir = output_dir or trainer.args.output_dir
+    if trainer.args.should_save:
+        merged = copy.deepcopy(model).merge_and_unload()
+        merged.save_pretrained(output_dir)
+        trainer.processing_class.save_pretrained(output_dir)
+
+
+def _name(spec) -> str:
+    return spec if isinstance(spec, str) else "train_dataset"

@@ -1,0 +1,457 @@
+"""LaTRO: fused scoring equals separate passes (fp64), stop-string truncation, the non-stop penalty, RLOO, the
+Monte-Carlo gradient estimate converging to the analytic gradient of Eq. 3 on a toy latent model, the trainer's
+loss against an independent per-rollout reference, the LoRA reference model, exact resume, and the CLI."""
+
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from ponder import latro, models, rollout
+from ponder.advantages import rloo_advantages
+from ponder.logprobs import token_logprobs
+from ponder.trainers.latro import GroupSampler, LaTROConfig, LaTROTrainer, collate
+
+EOT = "<|im_end|>"
+
+
+@pytest.fixture(scope="module")
+def tiny64():
+    return models.load("tiny-random", dtype="float64")
+
+
+def separate_reference(model, x, z, y):
+    """Independent reference, one sample, no padding: Σ log p(z|x) from a forward over [x z] and
+    Σ log p(y|x⊕z) from a forward over [x z y]."""
+    xz = torch.tensor([x + z])
+    lz = token_logprobs(model, xz, target_mask=torch.tensor([[False] * len(x) + [True] * len(z)])).sum()
+    xzy = torch.tensor([x + z + y])
+    ly = token_logprobs(model, xzy, target_mask=torch.tensor([[False] * (len(x) + len(z)) + [True] * len(y)])).sum()
+    return lz, ly
+
+
+def random_texts(rng, n):
+    words = ["12", "+", "7*3", "=", "21.", " so", "<think>", "\n", "</think>", "apple", "x", "The answer is"]
+    return ["".join(rng.choice(words) for _ in range(rng.randint(lo, hi))) for lo, hi in [(1, 6)] * n]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tokens
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_prompt_is_the_chat_template_with_generation_prompt(tb_tok, smol_tok):
+    for tok in (tb_tok, smol_tok):
+        msgs = [{"role": "user", "content": "Tom has 3 apples. Let's think step by step."}]
+        ref = tok.apply_chat_template(msgs, add_generation_prompt=True)
+        ref = ref["input_ids"] if isinstance(ref, dict) or hasattr(ref, "keys") else ref
+        assert latro.prompt_ids(tok, msgs[0]["content"]) == list(ref)
+
+
+def test_answer_ids_end_with_the_end_of_turn_token(tb_tok, smol_tok):
+    assert latro.answer_ids(tb_tok, "The answer is 5.") == tb_tok("The answer is 5.", add_special_tokens=False)[
+        "input_ids"] + [tb_tok.convert_tokens_to_ids(EOT)]
+    assert len(tb_tok("The answer is", add_special_tokens=False)["input_ids"]) == 1  # one token in the testbed
+    assert latro.answer_ids(smol_tok, "The answer is 5.")[-1] == smol_tok.convert_tokens_to_ids(EOT)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fused scoring
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", latro.LAYOUTS)
+def test_fused_score_equals_separate_passes(tiny64, layout):
+    model, tok = tiny64
+    rng = random.Random(layout)
+    prompts = random_texts(rng, 7)
+    rationales = random_texts(rng, 7)
+    rationales[2] = ""  # an empty rationale: log p(z|x) = 0, y follows x directly
+    answers = [f"The answer is {rng.randint(0, 999)}." for _ in range(7)]
+    lz, ly = latro.score(model, tok, prompts, rationales, answers, layout=layout)
+    assert lz.shape == ly.shape == (7,) and lz.dtype == torch.float64
+    eot = tok.convert_tokens_to_ids(EOT)
+    for i, (p, r, a) in enumerate(zip(prompts, rationales, answers)):
+        x = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)["input_ids"]
+        z = tok(r, add_special_tokens=False)["input_ids"]
+        y = tok(a, add_special_tokens=False)["input_ids"] + [eot]
+        rz, ry = separate_reference(model, x, z, y)
+        assert abs(lz[i].item() - rz.item()) <= 1e-9 and abs(ly[i].item() - ry.item()) <= 1e-9
+    assert lz[2].item() == 0.0
+    # rows of different lengths really were padded
+    assert len({len(tok(p + r)["input_ids"]) for p, r in zip(prompts, rationales)}) > 1
+
+
+def test_fused_gradients_and_official_two_pass_path(tiny64):
+    model, tok = tiny64
+    rng = random.Random(3)
+    xs = [latro.prompt_ids(tok, p) for p in random_texts(rng, 5)]
+    zs = [tok(r, add_special_tokens=False)["input_ids"] for r in random_texts(rng, 5)]
+    ys = [latro.answer_ids(tok, f"The answer is {i}.") for i in range(5)]
+    w = torch.tensor([0.3, -1.0, 2.0, 0.5, 1.5], dtype=torch.float64)
+
+    def grads(fn):
+        model.zero_grad()
+        lz, ly = fn()
+        ((w * lz).sum() + (w.flip(0) * ly).sum()).backward()
+        return lz.detach(), ly.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    fz, fy, fg = grads(lambda: latro.score_ids(model, xs, zs, ys, tok.pad_token_id))
+    sz, sy, sg = grads(lambda: latro.score_separate(model, xs, zs, ys, tok.pad_token_id))
+
+    def per_sample():
+        out = [separate_reference(model, x, z, y) for x, z, y in zip(xs, zs, ys)]
+        return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
+    rz, ry, rg = grads(per_sample)
+    model.zero_grad()
+    for a, b in [(fz, rz), (fy, ry), (sz, rz), (sy, ry)]:
+        assert (a - b).abs().max() <= 1e-9
+    # Llama's RMSNorm computes in fp32 even in an fp64 model, so the gradient of a sum and the sum of gradients
+    # round differently (~1e-7); a real mistake (a detached or misaligned term) is O(1).
+    scale = rg.abs().max()
+    assert scale > 1e-3 and (fg - rg).abs().max() <= 1e-5 * scale and (sg - rg).abs().max() <= 1e-5 * scale
+
+
+def test_score_rejects_mismatched_lengths(tiny64):
+    model, tok = tiny64
+    with pytest.raises(ValueError, match="differ in number"):
+        latro.score(model, tok, ["a", "b"], ["z"], ["y", "y"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# stop strings and the non-stop penalty
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_stop_string_truncation_on_testbed_rollouts():
+    """The testbed writes <think>…</think> then "The answer is N."; z must be exactly the think block."""
+    model, tok = models.load("testbed")
+    eot = tok.convert_tokens_to_ids(EOT)
+    samples = rollout.sample(model, tok, ["12+34*5=?", "63+11*6=?"], n=4, max_new_tokens=64, stop=["The answer is"],
+                             seed=0, progress=False)
+    for s in (s for row in samples for s in row):
+        z, stopped = latro.rationale_of(s, [eot])
+        assert stopped and s.finish_reason == "stop"
+        text = tok.decode(z)
+        assert text.startswith("<think>\n") and text.endswith("</think>\n\n") and "The answer is" not in text
+    # the same rollouts without a stop string run on to the answer and the end of turn
+    full = rollout.sample(model, tok, ["12+34*5=?"], n=1, max_new_tokens=64, seed=0, progress=False)[0][0]
+    assert full.finish_reason == "eos" and "The answer is" in full.text
+
+
+def test_stop_string_cases_at_token_level(tb_tok, smol_tok):
+    def cut(tok, text, stop, eos=()):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        got, txt, finish, idx, s = rollout._cut(tok, ids, set(eos), stop)
+        sample = rollout.Sample(0, [], got, txt, finish, idx, s)
+        z, stopped = latro.rationale_of(sample, list(eos))
+        return tok.decode(z), stopped, finish
+
+    stops = list(latro.STOP_STRINGS)
+    # BPE: " The" is one token, so the stop string starts inside it and that token is dropped
+    assert cut(smol_tok, "3 apples and 2 more. The answer is 5.", stops) == ("3 apples and 2 more.", True, "stop")
+    # the earliest-starting stop string wins: the lead-in words leave z as well
+    assert cut(smol_tok, "So 5. Therefore, the answer is 5.", stops)[0] == "So 5."
+    assert cut(smol_tok, "x\nAnswer: 5", stops)[0] == "x"
+    # no stop string within L: not stopped (gets the penalty)
+    assert cut(smol_tok, "3 apples and 2 more apples", stops) == ("3 apples and 2 more apples", False, "length")
+    # end of turn: stopped, and the end-of-turn token is not part of z
+    eot = tb_tok.convert_tokens_to_ids(EOT)
+    ids = tb_tok("<think>\nx\n</think>\n\n42", add_special_tokens=False)["input_ids"] + [eot]
+    got, txt, finish, idx, s = rollout._cut(tb_tok, ids, {eot}, ["The answer is"])
+    z, stopped = latro.rationale_of(rollout.Sample(0, [], got, txt, finish, idx, s), [eot])
+    assert finish == "eos" and stopped and z == ids[:-1]
+
+
+def test_nonstop_penalty_hand_values():
+    r = torch.tensor([-1.0, -3.0, -2.0, -6.0])
+    stopped = torch.tensor([True, False, True, True])
+    # mean of the batch (-3) times gamma replaces the non-stopped reward
+    assert latro.nonstop_penalty(r, stopped, 2.0).tolist() == [-1.0, -6.0, -2.0, -6.0]
+    assert latro.nonstop_penalty(r, stopped, 1.5).tolist() == [-1.0, -4.5, -2.0, -6.0]
+    assert latro.nonstop_penalty(r, torch.ones(4, dtype=torch.bool)).tolist() == r.tolist()
+    # the KL term is added after the penalty: r - beta (logp_z - ref)
+    logp_z, ref = torch.tensor([-5.0, -4.0, -3.0, -2.0]), torch.tensor([-4.0, -4.0, -4.0, -4.0])
+    reward, kl = latro.self_rewards(r, logp_z, ref, stopped, beta=0.5, gamma=2.0)
+    assert kl.tolist() == [-1.0, 0.0, 1.0, 2.0]
+    assert reward.tolist() == [-0.5, -6.0, -2.5, -7.0]
+    reward, kl = latro.self_rewards(r, logp_z, None, stopped, beta=0.0)
+    assert kl.tolist() == [0.0] * 4 and reward.tolist() == [-1.0, -6.0, -2.0, -6.0]
+
+
+def test_rloo_against_brute_force_leave_one_out():
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    a = rloo_advantages(r)
+    for i in range(5):
+        for k in range(6):
+            others = [r[i, j] for j in range(6) if j != k]
+            assert abs(a[i, k] - (r[i, k] - sum(others) / 5)) < 1e-12
+    assert a.sum(1).abs().max() < 1e-12
+    two = rloo_advantages(torch.tensor([[-3.0, -7.5]], dtype=torch.float64))
+    assert two.tolist() == [[4.5, -4.5]]  # ±(r1 - r2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the estimator on a toy latent model (papers.md §4.10 test 3)
+# ----------------------------------------------------------------------------------------------------------
+
+X, Z, Y, BETA = 3, 4, 3, 0.3
+
+
+def toy():
+    g = torch.Generator().manual_seed(1)
+    a0 = torch.randn(X, Z, generator=g, dtype=torch.float64)
+    a = a0 + 0.7 * torch.randn(X, Z, generator=g, dtype=torch.float64)      # θ ≠ θ₀: the KL term matters
+    b = 1.5 * torch.randn(X, Z, Y, generator=g, dtype=torch.float64)
+    gold = torch.tensor([0, 2, 1])
+    return a0, a, b, gold
+
+
+def analytic(a0, a, b, gold, rloo_only: bool):
+    """∇J of Eq. 3 (J = mean_x [ Σ_z π(z|x) log π(y|x,z) − β KL(π(·|x) || π₀(·|x)) ]) by autograd on the exact
+    sum over z; rloo_only: the self-reward log π(y|x,z) held fixed (no gradient through it)."""
+    a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+    p, lp, lp0 = a.softmax(-1), a.log_softmax(-1), a0.log_softmax(-1)
+    ly = b.log_softmax(-1).gather(-1, gold.view(X, 1, 1).expand(X, Z, 1)).squeeze(-1)  # (X, Z) log π(y*_x|x,z)
+    if rloo_only:
+        ly = ly.detach()
+    j = ((p * ly).sum(-1) - BETA * (p * (lp - lp0)).sum(-1)).mean()
+    ga, gb = torch.autograd.grad(j, [a, b], allow_unused=True)
+    return ga, gb if gb is not None else torch.zeros_like(b)
+
+
+def monte_carlo(a0, a, b, gold, sft_weight: float, m: int = 20000, k: int = 4, seed: int = 0):
+    """M independent estimates of ∇J, each from one batch of K rationales per context through the trainer's
+    functions (self_rewards -> rloo_advantages -> loss_terms, mean over rollouts). Each estimate gets its own
+    copy of the tabular parameters, so one backward gives all M gradients. Returns (mean, standard error)."""
+    g = torch.Generator().manual_seed(seed)
+    ar = a.expand(m, X, Z).clone().requires_grad_()
+    br = b.expand(m, X, Z, Y).clone().requires_grad_()
+    zs = torch.multinomial(a.softmax(-1).repeat(m, 1), k, replacement=True, generator=g).view(m, X, k)
+    logp_z = ar.log_softmax(-1).gather(-1, zs)                              # (m, X, k)
+    ref = a0.log_softmax(-1).expand(m, X, Z).gather(-1, zs)
+    ly_all = br.log_softmax(-1).gather(-1, gold.view(1, X, 1, 1).expand(m, X, Z, 1)).squeeze(-1)  # (m, X, Z)
+    logp_y = ly_all.gather(-1, zs)
+    lz, ly, lr = logp_z.reshape(-1), logp_y.reshape(-1), ref.reshape(-1)
+    reward, _ = latro.self_rewards(ly, lz, lr, torch.ones_like(lz, dtype=torch.bool), BETA)
+    adv = rloo_advantages(reward.view(-1, k)).view(-1)
+    loss = latro.loss_terms(lz, ly, adv, sft_weight).view(m, X * k).mean(1).sum()
+    grads = torch.autograd.grad(loss, [ar, br], allow_unused=True, materialize_grads=True)
+    out = []
+    for grad in (-grads[0], -grads[1]):
+        out.append((grad.mean(0), grad.std(0) / m ** 0.5))
+    return out
+
+
+@pytest.mark.parametrize("sft_weight", [1.0, 0.0])
+def test_estimator_converges_to_the_analytic_gradient(sft_weight):
+    a0, a, b, gold = toy()
+    want = analytic(a0, a, b, gold, rloo_only=sft_weight == 0)
+    other = analytic(a0, a, b, gold, rloo_only=sft_weight != 0)
+    est = monte_carlo(a0, a, b, gold, sft_weight)
+    zmax, zother = 0.0, 0.0
+    for (mean, se), w, o in zip(est, want, other):
+        assert ((mean - w).abs() <= 5 * se + 1e-12).all(), ((mean - w) / se.clamp(min=1e-30)).abs().max()
+        zmax = max(zmax, ((mean - w).abs() / se.clamp(min=1e-12)).max().item())
+        zother = max(zother, ((mean - o).abs() / se.clamp(min=1e-12)).max().item())
+    assert zmax < 5
+    assert zother > 50  # the test can tell the two objectives apart
+    # the estimate is precise: standard errors are small against the gradient
+    assert max(se.max().item() for _, se in est) < 0.02 * max(w.abs().max().item() for w in want)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# trainer
+# ----------------------------------------------------------------------------------------------------------
+
+PROBLEMS = [{"id": str(i), "question": f"{10 + i}+{20 + i}*{2 + i % 7}=?", "answer": str(10 + i + (20 + i) * (2 + i % 7))}
+            for i in range(12)]
+
+
+def make_trainer(model, tok, tmp_path, **kw):
+    opts = dict(output_dir=str(tmp_path), report_to=[], disable_tqdm=True, num_generations=4,
+                per_device_train_batch_size=8, max_rationale_length=10, prompt_template="{question}",
+                stop=["1", "a"], learning_rate=1e-2, beta=0.3, sft_weight=0.7, save_strategy="no")
+    opts.update(kw)
+    return LaTROTrainer(model=model, args=LaTROConfig(**opts), train_dataset=PROBLEMS, processing_class=tok)
+
+
+def test_trainer_loss_equals_independent_reference(tmp_path):
+    model, tok = models.load("tiny-random", dtype="float64")
+    tr = make_trainer(model, tok, tmp_path)
+    with torch.no_grad():  # move the policy away from the reference copy so the KL term is not zero
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    seen = {}
+    real = tr.rollouts
+
+    def spy(m, prompts):
+        seen["out"] = real(m, prompts)
+        return seen["out"]
+    tr.rollouts = spy
+    batch = collate([tr.train_dataset[0]] * 4 + [tr.train_dataset[5]] * 4)
+    model.zero_grad()
+    total = tr.weighted_loss_sum(model, batch)
+    total.backward()
+    got = torch.cat([p.grad.flatten() for p in model.parameters()])
+    xs, zs, stopped = seen["out"]
+    assert 0 < int(stopped.sum()) < 8, "the test wants both stopped and non-stopped rationales"
+    # independent reference: per-rollout unpadded passes, rewards, leave-one-out advantages by hand
+    model.zero_grad()
+    ys = [tr.train_dataset[0]["answer_ids"]] * 4 + [tr.train_dataset[5]["answer_ids"]] * 4
+    lz, ly, ref = [], [], []
+    for x, z, y in zip(xs, zs, ys):
+        a, b = separate_reference(model, x, z, y)
+        lz.append(a)
+        ly.append(b)
+        with torch.no_grad():
+            ref.append(separate_reference(tr.ref_model, x, z, y)[0])
+    mean_ly = sum(v.item() for v in ly) / 8
+    r = [(v.item() if s else 2.0 * mean_ly) - 0.3 * (a.item() - c.item()) for v, a, c, s in zip(ly, lz, ref, stopped)]
+    adv = [r[i] - sum(r[j] for j in range(4 * (i // 4), 4 * (i // 4) + 4) if j != i) / 3 for i in range(8)]
+    expected = sum(-A * a - 0.7 * b for A, a, b in zip(adv, lz, ly))
+    expected.backward()
+    want = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert abs(total.item() - expected.item()) <= 1e-9
+    scale = want.abs().max()  # gradients to fp32 precision: RMSNorm runs in fp32 (see the test above)
+    assert scale > 1e-3 and (got - want).abs().max() <= 1e-5 * scale
+    assert any(abs(v.item() - c.item()) > 1e-3 for v, c in zip(lz, ref))
+
+
+def test_lora_reference_is_the_base_model_with_the_adapter_disabled(tmp_path):
+    base, tok = models.load("tiny-random", dtype="float64")
+    plain = [p.detach().clone() for p in base.parameters()]
+    tr = make_trainer(base, tok, tmp_path, lora={"r": 4, "init_lora_weights": False})  # adapter != identity
+    assert tr.ref_model is None  # no second copy in memory
+    xs = [latro.prompt_ids(tok, p["question"]) for p in PROBLEMS[:3]]
+    zs = [tok("2*3=6. 1+6=7.", add_special_tokens=False)["input_ids"]] * 3
+    ref = tr.ref_logp_z(tr.model, xs, zs)
+    policy = latro.score_ids(tr.model, xs, zs, [[]] * 3, tok.pad_token_id)[0]
+    fresh, _ = models.load("tiny-random", dtype="float64")
+    assert all(torch.equal(a, b) for a, b in zip(plain, fresh.parameters()))
+    with torch.no_grad():
+        want = latro.score_ids(fresh, xs, zs, [[]] * 3, tok.pad_token_id)[0]
+    assert (ref - want).abs().max() <= 1e-12
+    assert (policy.detach() - want).abs().max() > 1e-3  # the adapter really changes the policy
+
+
+def test_group_sampler_keeps_groups_whole_and_changes_with_epoch():
+    s = GroupSampler(5, 3, seed=0)
+    first = list(s)
+    assert len(first) == len(s) == 15 and sorted(set(first)) == list(range(5))
+    assert all(first[i] == first[i - i % 3] for i in range(15))
+    s.set_epoch(1)
+    assert list(s) != first and sorted(list(s)) == sorted(first)
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="multiple of num_generations"):
+        LaTROConfig(output_dir="x", num_generations=4, per_device_train_batch_size=6)
+    with pytest.raises(ValueError, match=">= 2"):
+        LaTROConfig(output_dir="x", num_generations=1, per_device_train_batch_size=4)
+    c = LaTROConfig(output_dir="x")
+    assert (c.num_generations, c.per_device_train_batch_size, c.learning_rate, c.beta, c.max_rationale_length,
+            c.temperature, c.nonstop_penalty, c.sft_weight) == (16, 48, 5e-7, 0.05, 500, 1.0, 2.0, 1.0)
+
+
+@pytest.mark.parametrize("name", ["testbed", "smollm2", "gpu"])
+def test_shipped_configs_load(name):
+    from ponder.config import load_config
+    over = ["bf16=false"] if name == "gpu" else []  # bf16 needs a GPU
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    c = load_config(LaTROConfig, os.path.join(root, "configs", "latro", f"{name}.yaml"), over)
+    assert c.per_device_train_batch_size % c.num_generations == 0 and "{question}" in c.prompt_template
+    if name == "gpu":  # the paper's GSM8K recipe: 16 rollouts x 3 accumulation steps x 8 GPUs = 384 per update
+        assert (c.num_generations, c.learning_rate, c.beta, c.max_rationale_length) == (16, 5e-7, 0.05, 500)
+        assert c.per_device_train_batch_size * c.gradient_accumulation_steps * 8 == 384
+
+
+def test_training_logs_metrics_and_resume_is_exact(tmp_path):
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            control.should_training_stop = True
+
+    def run(out, resume=None, crash=False):
+        model, tok = models.load("tiny-random", dtype="float64")
+        tr = make_trainer(model, tok, out, max_steps=4, save_strategy="steps", save_steps=2, logging_steps=1, seed=3)
+        if crash:
+            tr.add_callback(Crash())
+        tr.train(resume_from_checkpoint=resume)
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), tr.state.log_history
+
+    straight, logs = run(tmp_path / "a")
+    first = logs[0]
+    for key in ("reward", "kl", "advantage_std", "nonstop_fraction", "answer_prob", "rationale_length"):
+        assert key in first
+    assert 0 <= first["nonstop_fraction"] <= 1 and first["advantage_std"] > 0
+    run(tmp_path / "b", crash=True)
+    assert sorted(os.listdir(tmp_path / "b")) == ["checkpoint-2"]
+    resumed, _ = run(tmp_path / "b", resume=True)
+    assert torch.equal(straight, resumed)
+
+
+def test_cli_latro_writes_report_and_plot(tmp_path):
+    from typer.testing import CliRunner
+
+    from ponder.cli import app
+    cfg = tmp_path / "latro.yaml"
+    cfg.write_text("model: tiny-random\ndataset: testbed\nn_train: 16\nprompt_template: '{question}'\n"
+                   "stop: ['The answer is']\nnum_generations: 2\nper_device_train_batch_size: 4\n"
+                   "max_rationale_length: 6\nmax_steps: 2\nlogging_steps: 1\neval_strategy: steps\neval_steps: 1\n"
+                   "n_eval: 3\neval_samples: 2\nreport_to: none\nsave_strategy: 'no'\n")
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["latro", "--config", str(cfg), f"output_dir={out}", "learning_rate=0.001"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 2 and "eval_greedy_accuracy" in m["final_eval"] and "eval_maj@2" in m["final_eval"]
+    report = (out / "report.md").read_text()
+    assert "latro.png" in report and (out / "latro.png").stat().st_size > 10_000
+    assert (out / "final" / "config.json").exists()
+
+
+def test_cli_latro_bad_config(tmp_path):
+    from typer.testing import CliRunner
+
+    from ponder.cli import app
+    cfg = tmp_path / "latro.yaml"
+    cfg.write_text("model: tiny-random\nnum_generations: 3\nper_device_train_batch_size: 4\n")
+    r = CliRunner().invoke(app, ["latro", "--config", str(cfg)])
+    assert r.exit_code == 2 and "multiple of num_generations" in r.output
+
+
+@pytest.mark.slow
+def test_smollm2_lora_smoke(tmp_path):
+    """A few LaTRO steps on SmolLM2-135M-Instruct with LoRA: runs, and logs finite, plausible rewards."""
+    model, tok = models.load("smollm2-135m", lora={"r": 8})
+    problems = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+                 "answer": str(a + b)} for a, b in [(3, 4), (12, 5)]]
+    args = LaTROConfig(output_dir=str(tmp_path), report_to=[], disable_tqdm=True, num_generations=2,
+                       per_device_train_batch_size=4, max_rationale_length=24, max_steps=2, logging_steps=1,
+                       learning_rate=1e-4, save_strategy="no")
+    tr = LaTROTrainer(model=model, args=args, train_dataset=problems, processing_class=tok)
+    tr.train()
+    logs = [h for h in tr.state.log_history if "reward" in h]
+    assert len(logs) == 2
+    for h in logs:
+        assert -200 < h["reward"] < 0 and abs(h["kl"]) < 50 and 0 <= h["nonstop_fraction"] <= 1
+
+
+def test_demo_quick_structure(tmp_path):
+    """`ponder demo` hook: the quick mode on the testbed returns the table, notes and an existing PNG."""
+    from ponder import data, testbed
+    base = testbed.ensure()
+    problems = data.load_problems("testbed", n=6, split="test")
+    out = latro.demo(tmp_path, str(base), problems, quick=True)
+    assert set(out) == {"title", "columns", "rows", "plots", "notes", "metrics"}
+    assert out["columns"] == ["model", "greedy accuracy", "maj@2"]
+    assert [r[0].split(" ")[0] for r in out["rows"]] == ["testbed", "SFT", "LaTRO"]
+    for row in out["rows"]:
+        assert len(row) == 3 and all(0.0 <= v <= 1.0 for v in row[1:])
+    assert out["plots"] and all((tmp_path / p).stat().st_size > 10_000 for p in out["plots"])
+    assert any("paper's direction" in n for n in out["notes"])
+    assert out["metrics"]["steps"] == 2 and out["metrics"]["train_questions"] == 4

@@ -11,7 +11,8 @@ from ponder.config import load_config
 ROOT = Path(__file__).resolve().parents[1] / "configs"
 CLASSES = {"sft": "ponder.trainers.sft:SFTConfig", "onepass": "ponder.trainers.onepass:OnePassConfig",
            "latro": "ponder.trainers.latro:LaTROConfig",
-           "ssft": "ponder.trainers.ssft:SSFTConfig", "gfpo": "ponder.trainers.gfpo:GFPOConfig"}
+           "ssft": "ponder.trainers.ssft:SSFTConfig", "gfpo": "ponder.trainers.gfpo:GFPOConfig",
+           "rise": "ponder.trainers.rise:RISEConfig"}
 
 
 def config_class(method: str):

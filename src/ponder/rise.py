@@ -719,8 +719,8 @@ def demo(run_dir: Path, base: str, problems: list, quick: bool = False) -> dict[
     beats = r[f"m1@t{T}"] > r[f"m{k}@t1"]
     keeps = r["m1@t1"] >= b["m1@t1"]
     shape = "appeared" if rises and beats and keeps else "did not fully appear"
-    notes = [f"Paper's direction (accuracy rises over turns, m1@t{T} > m{k}@t1, m1@t1 not below base) {shape} in "
-             f"this run: turn-{T} vs turn-1 accuracy {100 * r['accuracy_by_turn'][-1]:.1f} vs "
+    notes = [f"Paper's direction {shape} in this run (wanted: accuracy rises over turns, m1@t{T} > m{k}@t1, "
+             f"m1@t1 not below base): turn-{T} vs turn-1 accuracy {100 * r['accuracy_by_turn'][-1]:.1f} vs "
              f"{100 * r['accuracy_by_turn'][0]:.1f}, m1@t{T} {100 * r[f'm1@t{T}']:.1f} vs m{k}@t1 "
              f"{100 * r[f'm{k}@t1']:.1f}, m1@t1 {100 * r['m1@t1']:.1f} vs base {100 * b['m1@t1']:.1f}.",
              f"One iteration: {n_train} episodes collected in {collect_s:.0f} s (best of {samples[-1]} at turn 2), "

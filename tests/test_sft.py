@@ -150,3 +150,11 @@ def test_packed_loss_equals_padded(tiny64, tmp_path):
         a = tr.weighted_loss_sum(model, padded)
         b = tr.weighted_loss_sum(model, packed)
     assert abs(a.item() - b.item()) < 1e-9
+
+
+def test_model_object_without_tokenizer_is_a_clear_error(tiny, tmp_path):
+    model, _ = tiny
+    args = SFTConfig(output_dir=str(tmp_path), report_to="none", max_steps=1)
+    with pytest.raises(ValueError, match="SFTTrainer needs the tokenizer"):
+        SFTTrainer(model=model, args=args, train_dataset=[[{"role": "user", "content": "1+1"},
+                                                          {"role": "assistant", "content": "2"}]])

@@ -40,7 +40,7 @@ import torch
 from ponder import ssft
 from ponder.advantages import group_normalized
 from ponder.data import DataError
-from ponder.trainers.sft import PonderTrainer, SFTConfig
+from ponder.trainers.sft import PonderTrainer, SFTConfig, model_and_tokenizer
 from ponder.trainers.ssft import collate, save_merged, setup_model
 
 
@@ -87,11 +87,7 @@ class GFPOTrainer(PonderTrainer):
     def __init__(self, model=None, args: GFPOConfig | None = None, train_dataset=None, processing_class=None,
                  reward_fn=None, **kwargs):
         args = args or GFPOConfig()
-        if isinstance(model, str) or model is None:
-            from ponder.models import load
-            model, processing_class = load(model or args.model, dtype=args.dtype)
-        if processing_class is None:
-            raise ValueError("GFPOTrainer needs the tokenizer (processing_class) when given a model object")
+        model, processing_class = model_and_tokenizer("GFPOTrainer", model, processing_class, args, lora=False)
         tok = processing_class
         self.tags = ssft.forking_tags(args.num_tags)
         missing = [t for t in self.tags if t not in tok.get_vocab()]

@@ -36,7 +36,7 @@ from transformers import TrainingArguments
 from ponder import latro
 from ponder.advantages import rloo_advantages
 from ponder.data import DataError, Problem
-from ponder.trainers.sft import PonderTrainer
+from ponder.trainers.sft import PonderTrainer, model_and_tokenizer
 
 
 @dataclass
@@ -175,14 +175,7 @@ class LaTROTrainer(PonderTrainer):
     def __init__(self, model=None, args: LaTROConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, ref_model=None, **kwargs):
         args = args or LaTROConfig()
-        if isinstance(model, str) or model is None:
-            from ponder.models import load
-            model, processing_class = load(model or args.model, dtype=args.dtype, lora=args.lora)
-        elif args.lora is not None:
-            from ponder.models import apply_lora
-            model = apply_lora(model, args.lora)
-        if processing_class is None:
-            raise ValueError("LaTROTrainer needs the tokenizer (processing_class) when given a model object")
+        model, processing_class = model_and_tokenizer("LaTROTrainer", model, processing_class, args)
         tok = processing_class
         disable_dropout(model)
         # Reference π₀ = the initial policy. With LoRA, the base weights are π₀: disable the adapter for the

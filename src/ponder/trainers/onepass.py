@@ -23,7 +23,15 @@ from ponder import masks
 from ponder.chat import render
 from ponder.data import DataError, as_conversation
 from ponder.logprobs import cross_entropy, logits_at, logprobs_of, token_logprobs
-from ponder.trainers.sft import PonderTrainer, SFTConfig, _report_stats, _resolve, encode, pad_collate
+from ponder.trainers.sft import (
+    PonderTrainer,
+    SFTConfig,
+    _report_stats,
+    _resolve,
+    encode,
+    model_and_tokenizer,
+    pad_collate,
+)
 
 CUSTOM_MASK_BACKENDS = ("eager", "sdpa", "flex_attention")
 
@@ -250,15 +258,7 @@ class OnePassTrainer(PonderTrainer):
     def __init__(self, model=None, args: OnePassConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, **kwargs):
         args = args or OnePassConfig()
-        if isinstance(model, str) or model is None:
-            from ponder.models import load
-            model, processing_class = load(model or args.model, dtype=args.dtype, lora=args.lora,
-                                             attn_implementation=args.attn_implementation)
-        elif args.lora is not None:
-            from ponder.models import apply_lora
-            model = apply_lora(model, args.lora)
-        if processing_class is None:
-            raise ValueError("OnePassTrainer needs the tokenizer (processing_class) when given a model object")
+        model, processing_class = model_and_tokenizer("OnePassTrainer", model, processing_class, args)
         if args.mode != "npass":
             check_backend(model)
         tok = processing_class

@@ -211,6 +211,22 @@ class PonderTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
 
+def model_and_tokenizer(trainer: str, model, processing_class, args, lora: bool = True):
+    """The (model, tokenizer) a trainer works on. `model` None or a spec string: loaded by `ponder.models.load`
+    with the config's dtype, attention and (if `lora`) LoRA; a model object: the config's LoRA applied (if
+    `lora`), and its tokenizer must be given."""
+    if isinstance(model, str) or model is None:
+        from ponder.models import load
+        return load(model or args.model, dtype=args.dtype, lora=args.lora if lora else None,
+                    attn_implementation=getattr(args, "attn_implementation", None))
+    if lora and args.lora is not None:
+        from ponder.models import apply_lora
+        model = apply_lora(model, args.lora)
+    if processing_class is None:
+        raise ValueError(f"{trainer} needs the tokenizer (processing_class) when given a model object")
+    return model, processing_class
+
+
 class SFTTrainer(PonderTrainer):
     """`Trainer` for conversations. train_dataset: conversations (lists of messages, records with
     ``messages``, `Conversation`s) or a data spec string; model: a model or a spec for `ponder.models.load`."""
@@ -218,15 +234,7 @@ class SFTTrainer(PonderTrainer):
     def __init__(self, model=None, args: SFTConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, **kwargs):
         args = args or SFTConfig()
-        if isinstance(model, str) or model is None:
-            from ponder.models import load
-            model, processing_class = load(model or args.model, dtype=args.dtype, lora=args.lora,
-                                             attn_implementation=args.attn_implementation)
-        elif args.lora is not None:
-            from ponder.models import apply_lora
-            model = apply_lora(model, args.lora)
-        if processing_class is None:
-            raise ValueError("SFTTrainer needs the tokenizer (processing_class) when given a model object")
+        model, processing_class = model_and_tokenizer("SFTTrainer", model, processing_class, args)
         tok = processing_class
         train_dataset = _resolve(train_dataset if train_dataset is not None else args.dataset, "train")
         self.data_stats: dict[str, Counter] = {}

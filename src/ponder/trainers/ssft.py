@@ -37,7 +37,14 @@ from ponder import ssft
 from ponder.chat import THINK_OPEN
 from ponder.data import DataError, TraceSet, traceset_from_record
 from ponder.logprobs import cross_entropy, logits_at, shift_pairs
-from ponder.trainers.sft import PonderTrainer, SFTConfig, _report_stats, pack_collate, pad_collate
+from ponder.trainers.sft import (
+    PonderTrainer,
+    SFTConfig,
+    _report_stats,
+    model_and_tokenizer,
+    pack_collate,
+    pad_collate,
+)
 
 ASSIGNMENTS = ("hungarian", "random", "mixed", "fixed")
 
@@ -172,11 +179,7 @@ class SSFTTrainer(PonderTrainer):
     def __init__(self, model=None, args: SSFTConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, **kwargs):
         args = args or SSFTConfig()
-        if isinstance(model, str) or model is None:
-            from ponder.models import load
-            model, processing_class = load(model or args.model, dtype=args.dtype)
-        if processing_class is None:
-            raise ValueError("SSFTTrainer needs the tokenizer (processing_class) when given a model object")
+        model, processing_class = model_and_tokenizer("SSFTTrainer", model, processing_class, args, lora=False)
         tok = processing_class
         model, self.tag_ids = setup_model(model, tok, args.tags, args.assignment != "mixed", args.token_init,
                                           args.lora, args.tags_only, args.seed)

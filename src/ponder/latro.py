@@ -240,7 +240,7 @@ def demo(run_dir, base: str, problems: list, quick: bool = False, *, steps: int 
     vs LaTRO, the two SFT/LaTRO runs with the same data budget (the same number of training questions), greedy
     accuracy and maj@k on the given held-out `problems`. Writes ``latro_demo.png`` (training curves and the
     accuracies) into `run_dir`. quick=True: a few steps on at most 8 problems (checks the plumbing only).
-    The keyword arguments make it the full testbed experiment of RESULTS_LATRO.md (e.g. steps=150)."""
+    The keyword arguments make it the full testbed experiment of docs/results/latro.md (e.g. steps=150)."""
     import time
     from pathlib import Path
 
@@ -251,7 +251,7 @@ def demo(run_dir, base: str, problems: list, quick: bool = False, *, steps: int 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # Full mode: DEMO_STEPS updates of DEMO_QUESTIONS questions x K rationales (the testbed config's recipe,
-    # shortened); sft_weight = 0 (the official default; see RESULTS_LATRO.md for Eq. 4's sft_weight = 1).
+    # shortened); sft_weight = 0 (the official default; see docs/results/latro.md for Eq. 4's sft_weight = 1).
     if quick:
         steps, questions, k, samples, problems = 2, 2, 2, 2, list(problems)[:8]
     steps, questions = steps or DEMO_STEPS, questions or DEMO_QUESTIONS
@@ -317,7 +317,7 @@ def demo(run_dir, base: str, problems: list, quick: bool = False, *, steps: int 
     notes = [f"The paper's direction (LaTRO > base and LaTRO > SFT) {verdict} in this run on {len(problems)} "
              f"held-out problems ({detail}).",
              f"LaTRO here uses sft_weight = {sft_weight:g} (the official code's default is 0, the paper's Eq. 4 is "
-             "1; on the testbed weight 1 makes the model hedge its answers and accuracy drops, RESULTS_LATRO.md).",
+             "1; on the testbed weight 1 makes the model hedge its answers and accuracy drops, docs/results/latro.md).",
              "SFT and LaTRO train on the same questions; SFT gets one gold rationale per question (the testbed's "
              "own 'direct' format), "
              f"LaTRO samples K = {k} of its own and is rewarded by log p(gold answer | rationale)."]
@@ -330,7 +330,7 @@ def demo(run_dir, base: str, problems: list, quick: bool = False, *, steps: int 
 
 
 # LaTRO's lr: 1e-5 kept the testbed's accuracy and improved it a little; 5e-5 and 2e-4 drifted (KL of several
-# nats) and lost accuracy. SFT on gold rationales gets its best of 1e-5, 5e-5, 2e-4 (RESULTS_LATRO.md).
+# nats) and lost accuracy. SFT on gold rationales gets its best of 1e-5, 5e-5, 2e-4 (docs/results/latro.md).
 DEMO_STEPS, DEMO_QUESTIONS, DEMO_LR, DEMO_SFT_LR = 30, 4, 1e-5, 5e-5
 
 

@@ -669,7 +669,7 @@ def demo(run_dir: Path, base: str, problems: list, quick: bool = False) -> dict[
     p1@t5). ``quick``: a few problems, 2 turns and a few steps — a structural check, not a result.
 
     The full mode is a reduced `configs/rise/testbed.yaml` (160 instead of 2x1024 collected episodes, 30 steps of 8
-    instead of 2x100 of 16) sized to about a minute on two cores; RESULTS_RISE.md has the full run."""
+    instead of 2x100 of 16) sized to about a minute on two cores; docs/results/rise.md has the full run."""
     from ponder import data, models, ui
     from ponder.trainers.rise import RISEConfig, RISETrainer
 
@@ -727,7 +727,7 @@ def demo(run_dir: Path, base: str, problems: list, quick: bool = False) -> dict[
              f"{steps} reward-weighted SFT steps (exp(r/0.4), criteria better) in {train_s:.0f} s; evaluation at "
              f"temperature 0.5, feedback always \"incorrect\", context window 2; % of {len(problems)} problems.",
              f"Accuracy by turn, base: {_pct(b['accuracy_by_turn'])}; RISE: {_pct(r['accuracy_by_turn'])} "
-             "(the full two-iteration run is in RESULTS_RISE.md)."]
+             "(the full two-iteration run is in docs/results/rise.md)."]
     metrics = {name: {x: r[x] for x in keys + ["accuracy_by_turn", "majority_by_turn", "pass_by_turn",
                                                "changed_answer_rate"]} for name, r in evals.items()}
     metrics["seconds"] = time.time() - t0

@@ -632,7 +632,8 @@ def default_tags(tokenizer, num_tags: int) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def demo(run_dir, base: str, problems: list, quick: bool = False) -> dict[str, Any]:
+def demo(run_dir, base: str, problems: list, quick: bool = False, *, steps: int | None = None,
+         batch: int | None = None, lr: float = 3e-3, scheduler: str = "constant") -> dict[str, Any]:
     """A short SSFT testbed experiment for ``ponder demo``: from the testbed model at `base`, train SSFT
     (Hungarian matching to N = 6 forking tokens) and the SFT-mixed baseline (all traces under ``<think>``) for the
     same number of steps on ``testbed:traces`` (4 strategies per problem), then evaluate SFT-mixed and SSFT on
@@ -650,12 +651,14 @@ def demo(run_dir, base: str, problems: list, quick: bool = False) -> dict[str, A
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    steps, batch, n_data = (2, 2, 8) if quick else (32, 8, 256)
+    steps = steps or (2 if quick else 32)
+    batch = batch or (2 if quick else 8)
+    n_data = 8 if quick else steps * batch  # each trace set seen once
     per_tag, max_new = (1, 40) if quick else (1, 64)
     num_tags = 6
     common = dict(model=str(base), dataset="testbed:traces", dataset_size=n_data, num_tags=num_tags, prefix_len=16,
-                  max_steps=steps, per_device_train_batch_size=batch, learning_rate=3e-3,
-                  lr_scheduler_type="constant", warmup_steps=0, logging_steps=max(steps // 5, 1),
+                  max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
+                  lr_scheduler_type=scheduler, warmup_steps=0, logging_steps=max(steps // 5, 1),
                   save_strategy="no", report_to="none", disable_tqdm=True, dataloader_pin_memory=False, seed=0)
 
     def train(assignment):

@@ -1,7 +1,7 @@
 """Generation throughput: ponder.rollout.sample vs a plain HF `generate` call, side by side in one run.
 
 For each model (testbed, smollm2-135m) and batch size (1, 16): new tokens per second of both paths,
-generating exactly `--new-tokens` tokens per sequence (end-of-turn suppressed so both do the same work),
+generating exactly `--new-tokens` tokens per sequence (neither stops at end-of-turn, so both do the same work),
 and a check that greedy outputs are identical. Prints `RATIO name=value` lines (ponder / plain).
 
     python bench/generation.py [--models testbed smollm2-135m] [--new-tokens 64] [--repeats 3]
@@ -24,7 +24,8 @@ def plain_generate(model, tok, prompts_ids, new_tokens):
     for r, p in enumerate(prompts_ids):
         ids[r, width - len(p):] = torch.tensor(p)
         att[r, width - len(p):] = 1
-    out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+    # eos_token_id=None: run on through end-of-turn tokens, exactly as rollout.sample(suppress_eos=True)
+    out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=new_tokens, eos_token_id=None,
                          do_sample=False, pad_token_id=pad, temperature=None, top_p=None, top_k=None)
     return out[:, width:].tolist()
 

@@ -166,11 +166,15 @@ def bench_step(spec: str, k: int, per_step: int, length: int, steps: int, repeat
             "trl_completion_tokens": statistics.mean(trl_len) if trl_len else float("nan")}
 
 
+SHAPES = {"testbed": (32, 128), "smollm2-135m": (8, 64)}  # samples scored per call, rationale length L
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["testbed", "smollm2-135m"])
-    ap.add_argument("--batch", type=int, default=32, help="samples scored per call")
-    ap.add_argument("--rationale", type=int, default=128, help="rationale tokens: uniform in [L/2, L]")
+    ap.add_argument("--batch", type=int, default=None, help="samples scored per call (default: per model)")
+    ap.add_argument("--rationale", type=int, default=None,
+                    help="rationale tokens: uniform in [L/2, L] (default: per model)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--trl-model", default="testbed")
@@ -184,13 +188,16 @@ def main() -> None:
     from ponder import ui
     rows, ratios = [], []
     for spec in a.models:
-        r = bench_scoring(spec, a.batch, a.rationale, a.repeats)
-        rows.append((spec, r["tokens_fused"], r["tokens_separate"], r["no_grad_fused_s"], r["no_grad_separate_s"],
+        # SmolLM2's 49k-token vocabulary makes [batch, length, vocab] logits the memory peak: smaller default shape
+        batch, length = SHAPES.get(spec, SHAPES["testbed"])
+        batch, length = a.batch or batch, a.rationale or length
+        r = bench_scoring(spec, batch, length, a.repeats)
+        rows.append((f"{spec} ({batch} x L={length})", r["tokens_fused"], r["tokens_separate"], r["no_grad_fused_s"], r["no_grad_separate_s"],
                      r["no_grad_ratio"], r["fwd_bwd_fused_s"], r["fwd_bwd_separate_s"], r["fwd_bwd_ratio"],
                      r["max_abs_diff"]))
         ratios.append((f"latro_score_{spec}", r["no_grad_ratio"]))
         ratios.append((f"latro_score_fwd_bwd_{spec}", r["fwd_bwd_ratio"]))
-    ui.print_table(f"LaTRO scoring: fused \\[x z y] vs separate \\[x z] + \\[x z y] ({a.batch} samples, L={a.rationale})",
+    ui.print_table("LaTRO scoring: fused \\[x z y] vs separate \\[x z] + \\[x z y] (samples x rationale length)",
                    ["model", "tokens fused", "tokens separate", "no-grad fused s", "no-grad separate s", "ratio",
                     "fwd+bwd fused s", "fwd+bwd separate s", "ratio", "max |diff|"], rows)
     if not a.skip_trl:

@@ -45,3 +45,27 @@ def test_sft_bad_config_field(tmp_path):
     cfg.write_text("model: tiny-random\nmax_step: 2\n")
     r = runner.invoke(app, ["sft", "--config", str(cfg)])
     assert r.exit_code == 2 and "sft.yaml:2: unknown field 'max_step'" in r.output
+
+
+def test_bench_ratio_lines_parse_with_comments_and_bad_lines_are_kept():
+    from ponder.recipes import parse_ratios
+    out = "x\nRATIO a=1.5\nRATIO b=2.73  # best row_tokens: packed/256\nRATIO c=oops\nRATIO d=\n"
+    ratios, bad = parse_ratios(out)
+    assert ratios == {"a": 1.5, "b": 2.73}
+    assert bad == ["RATIO c=oops", "RATIO d="]
+
+
+def test_bench_only_replaces_its_section_and_keeps_the_others(tmp_path, monkeypatch):
+    from ponder.recipes import run_benchmarks
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench/a.py").write_text("print('RATIO a=1.0')\n")
+    (tmp_path / "bench/b.py").write_text("print('RATIO b=2.0')\nraise SystemExit(3)\n")
+    out = tmp_path / "bench/results.md"
+    assert run_benchmarks([], out) == {"a": 1.0, "b": 2.0}
+    text = out.read_text()
+    assert "Failed: b" in text and "exit 3" in text and "| a | 1.000 |" in text
+    (tmp_path / "bench/a.py").write_text("print('RATIO a=1.5')\n")
+    assert run_benchmarks(["a"], out) == {"a": 1.5, "b": 2.0}
+    text = out.read_text()
+    assert "| a | 1.500 |" in text and "| b | 2.000 |" in text and text.count("## a") == 1

@@ -64,3 +64,21 @@ def test_report_of_a_training_run(tmp_path):
 def test_report_of_an_empty_dir_is_a_clear_error(tmp_path):
     r = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert r.exit_code != 0 and "no metrics.json" in str(r.exception)
+
+
+def test_demo_quick_all_methods(tmp_path):
+    """The whole pipeline, every method, tiny budgets: each section present with a table, notes and its plots."""
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(app, ["demo", "--quick", "--n", "6", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["failed"] == [] and list(m["methods"]) == ["onepass", "rise", "latro", "ssft"]
+    saved = json.loads((out / "sections.json").read_text())["sections"]
+    assert len(saved) == 5  # the starting model + one per method
+    for sec in saved[1:]:
+        assert sec["rows"] and sec["notes"] and sec["plots"], sec["title"]
+        for plot in sec["plots"]:
+            assert (out / plot).stat().st_size > 5_000, plot
+    report = (out / "report.md").read_text()
+    for title in ("One-pass", "RISE", "LaTRO", "SSFT"):
+        assert f"## {title}" in report

@@ -95,6 +95,12 @@ def _plot(path: Path, loss: dict[str, list[float]], by_depth: list[dict[str, flo
     plt.close(fig)
 
 
+def _headline(note: str, width: int = 140) -> str:
+    """The first sentence of a note, cut at a word boundary to fit the terminal summary."""
+    first = note.split(". ")[0].rstrip(".")
+    return first if len(first) <= width else first[:width].rsplit(" ", 1)[0] + " …"
+
+
 def _method(name: str):
     if name == "onepass":
         return onepass_demo
@@ -142,7 +148,7 @@ def run(out: Path = Path("runs/demo"), only: list[str] | None = None, quick: boo
         sec["notes"] = list(sec.get("notes", [])) + [f"{secs:.0f} s on this machine."]
         results["methods"][name] = {"seconds": secs, "metrics": sec.pop("metrics", {})}
         sections.append(sec)
-        summary.append([name, f"{secs:.0f}", sec["notes"][0][:110]])
+        summary.append([name, f"{secs:.0f}", _headline(sec["notes"][0])])
     results["seconds"] = time.time() - t0
     results["failed"] = failed
     from ponder.recipes import write_json

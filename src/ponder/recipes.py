@@ -216,7 +216,8 @@ def run_benchmarks(only: list[str], out: Path) -> dict[str, float]:
         cmd = [sys.executable, str(script)]
         ui.info(f"[bold]bench[/] {' '.join(cmd)}")
         t = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # wide enough that rich tables are not squeezed into 80 columns when captured
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
         _, bad = parse_ratios(proc.stdout)
         if proc.returncode:
             failed.append(script.stem)

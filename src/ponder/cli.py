@@ -115,72 +115,35 @@ def testbed_info():
         print(meta.read_text())
 
 
-@app.command("sft", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def sft_cmd(config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-            overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP)):
-    """Supervised fine-tuning on conversations (assistant-only loss, per-message weights, LoRA)."""
-    from ponder.recipes import run_sft
-    try:
-        run_sft(config, overrides or [])
-    except ValueError as e:
-        _fail(e)
+TRAINING_COMMANDS = {  # sub-command -> (recipe in ponder.recipes, help)
+    "sft": ("run_sft", "Supervised fine-tuning on conversations (assistant-only loss, per-message weights, LoRA)."),
+    "onepass": ("run_onepass", "One-pass multi-turn reasoning SFT (mode: onepass | npass | kpass), earlier "
+                               "reasoning hidden."),
+    "rise": ("run_rise", "RISE: multi-turn self-improvement — collect retry episodes, reward-weighted SFT, iterate; "
+                         "evaluates m1@t1, m5@t1, m1@t5, p1@t5 and writes report.md with a plot of accuracy by turn."),
+    "latro": ("run_latro", "LaTRO: self-rewarding latent reasoning optimisation (K rationales, reward "
+                           "log p(answer | rationale), RLOO)."),
+    "ssft": ("run_ssft", "Set SFT with global forking tokens (Hungarian matching of traces to <think1..N>); "
+                         "assignment=mixed | random | fixed for the baselines."),
+    "gfpo": ("run_gfpo", "Global forking policy optimization: RL on the forking-token choice only (after SSFT)."),
+}
 
 
-@app.command("onepass", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def onepass_cmd(config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+def _training_command(name: str, recipe: str, doc: str) -> None:
+    """`ponder NAME --config x.yaml key=value ...` -> ponder.recipes.RECIPE(config, overrides)."""
+    def command(config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
                 overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP)):
-    """One-pass multi-turn reasoning SFT (mode: onepass | npass | kpass), earlier reasoning hidden."""
-    from ponder.recipes import run_onepass
-    try:
-        run_onepass(config, overrides or [])
-    except ValueError as e:
-        _fail(e)
+        from ponder import recipes
+        try:
+            getattr(recipes, recipe)(config, overrides or [])
+        except ValueError as e:
+            _fail(e)
+    command.__doc__ = doc
+    app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)
 
 
-@app.command("rise", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def rise_cmd(config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-             overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP)):
-    """RISE: multi-turn self-improvement — collect retry episodes, reward-weighted SFT, iterate; evaluates
-    m1@t1, m5@t1, m1@t5, p1@t5 and writes report.md with a plot of accuracy by turn."""
-    from ponder.recipes import run_rise
-    try:
-        run_rise(config, overrides or [])
-    except ValueError as e:
-        _fail(e)
-
-
-@app.command("latro", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def latro_cmd(config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-              overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP)):
-    """LaTRO: self-rewarding latent reasoning optimisation (K rationales, reward log p(answer | rationale), RLOO)."""
-    from ponder.recipes import run_latro
-    try:
-        run_latro(config, overrides or [])
-    except ValueError as e:
-        _fail(e)
-
-
-@app.command("ssft", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def ssft_cmd(config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-             overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP)):
-    """Set SFT with global forking tokens (Hungarian matching of traces to <think1..N>); assignment=mixed |
-    random | fixed for the baselines."""
-    from ponder.recipes import run_ssft
-    try:
-        run_ssft(config, overrides or [])
-    except ValueError as e:
-        _fail(e)
-
-
-@app.command("gfpo", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def gfpo_cmd(config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-             overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP)):
-    """Global forking policy optimization: RL on the forking-token choice only (after SSFT)."""
-    from ponder.recipes import run_gfpo
-    try:
-        run_gfpo(config, overrides or [])
-    except ValueError as e:
-        _fail(e)
+for _name, (_recipe, _doc) in TRAINING_COMMANDS.items():
+    _training_command(_name, _recipe, _doc)
 
 
 @app.command("bench")

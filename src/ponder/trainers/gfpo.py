@@ -40,12 +40,12 @@ import torch
 from ponder import ssft
 from ponder.advantages import group_normalized
 from ponder.data import DataError
-from ponder.trainers.sft import PonderTrainer, SFTConfig, model_and_tokenizer
-from ponder.trainers.ssft import collate, save_merged, setup_model
+from ponder.trainers.sft import PonderTrainer, model_and_tokenizer
+from ponder.trainers.ssft import ForkingConfig, collate, save_merged, setup_model
 
 
 @dataclass
-class GFPOConfig(SFTConfig):
+class GFPOConfig(ForkingConfig):
     model: str = field(default="runs/ssft-testbed/final", metadata={"help": "an SSFT model (with <think1..N>)"})
     dataset: str | None = field(default="testbed", metadata={"help": "problems: testbed | rg:<task> | .jsonl | hf:"})
     dataset_size: int = field(default=512, metadata={"help": "number of training problems"})
@@ -55,13 +55,6 @@ class GFPOConfig(SFTConfig):
     max_new_tokens: int = field(default=128, metadata={"help": "rollout length budget"})
     scale_rewards: bool = field(default=True, metadata={"help": "divide advantages by the group std (GRPO)"})
     generation_batch_size: int = field(default=64, metadata={"help": "sequences per generation batch"})
-    token_init: str = field(default="auto", metadata={"help": "init of forking tokens missing from the model"})
-    tags_only: bool = field(default=False, metadata={"help": "train only the forking-token rows"})
-    eval_problems: int = field(default=0, metadata={"help": "recipe: held-out problems to evaluate after training"})
-    eval_task: str = field(default="testbed", metadata={"help": "recipe: problems for the evaluation"})
-    eval_per_tag: int = field(default=2, metadata={"help": "recipe: samples per tag (k = N * eval_per_tag)"})
-    eval_temperature: float = field(default=1.0, metadata={"help": "recipe: sampling temperature"})
-    eval_max_new_tokens: int = field(default=128, metadata={"help": "recipe: completion budget"})
 
     def __post_init__(self):
         if self.num_generations < 2:

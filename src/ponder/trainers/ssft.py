@@ -50,7 +50,21 @@ ASSIGNMENTS = ("hungarian", "random", "mixed", "fixed")
 
 
 @dataclass
-class SSFTConfig(SFTConfig):
+class ForkingConfig(SFTConfig):
+    """What SSFT and GFPO share: how the forking tokens are initialised and trained, and the recipe's forking
+    evaluation after training."""
+    token_init: str = field(default="auto", metadata={"help": "auto | mean | mean+noise | <an existing token>"})
+    tags_only: bool = field(default=False, metadata={"help": "train only the forking-token rows (PEFT "
+                                                             "TrainableTokens); with lora: adapters + tag rows"})
+    eval_problems: int = field(default=0, metadata={"help": "recipe: held-out problems to evaluate after training"})
+    eval_task: str = field(default="testbed", metadata={"help": "recipe: problems for the evaluation"})
+    eval_per_tag: int = field(default=2, metadata={"help": "recipe: samples per tag (k = N * eval_per_tag)"})
+    eval_temperature: float = field(default=1.0, metadata={"help": "recipe: sampling temperature"})
+    eval_max_new_tokens: int = field(default=128, metadata={"help": "recipe: completion budget"})
+
+
+@dataclass
+class SSFTConfig(ForkingConfig):
     dataset: str | None = field(default="testbed:traces", metadata={"help": "TraceSets: testbed:traces, .jsonl, hf:"})
     dataset_size: int = field(default=2000, metadata={"help": "number of TraceSets to load / generate"})
     num_tags: int = field(default=6, metadata={"help": "N forking tokens <think1>..<thinkN> (N >= M)"})
@@ -60,14 +74,6 @@ class SSFTConfig(SFTConfig):
     cost_layout: str = field(default="shared", metadata={"help": "shared (prompt once, custom mask) | packed"})
     train_tag: bool = field(default=False, metadata={"help": "also train the tag token as a target (not in "
                                                              "the paper's loss)"})
-    token_init: str = field(default="auto", metadata={"help": "auto | mean | mean+noise | <an existing token>"})
-    tags_only: bool = field(default=False, metadata={"help": "train only the forking-token rows (PEFT "
-                                                             "TrainableTokens); with lora: adapters + tag rows"})
-    eval_problems: int = field(default=0, metadata={"help": "recipe: held-out problems to evaluate after training"})
-    eval_task: str = field(default="testbed", metadata={"help": "recipe: problems for the evaluation"})
-    eval_per_tag: int = field(default=2, metadata={"help": "recipe: samples per tag (k = N * eval_per_tag)"})
-    eval_temperature: float = field(default=1.0, metadata={"help": "recipe: sampling temperature"})
-    eval_max_new_tokens: int = field(default=128, metadata={"help": "recipe: completion budget"})
 
     def __post_init__(self):
         if self.assignment not in ASSIGNMENTS:

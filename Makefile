@@ -37,7 +37,7 @@ test-all: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) -m ponder bench
+	$(PY) bench/run.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

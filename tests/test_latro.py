@@ -12,6 +12,7 @@ import torch
 from ponder import latro, models, rollout
 from ponder.advantages import rloo_advantages
 from ponder.logprobs import token_logprobs
+from ponder.recipes import latro as latro_recipe
 from ponder.trainers.latro import GroupSampler, LaTROConfig, LaTROTrainer, collate
 
 EOT = "<|im_end|>"
@@ -195,7 +196,7 @@ def test_rloo_against_brute_force_leave_one_out():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the estimator on a toy latent model (papers.md §4.10 test 3)
+# the estimator on a toy latent model (docs/methods.md §4.10)
 # ----------------------------------------------------------------------------------------------------------
 
 X, Z, Y, BETA = 3, 4, 3, 0.3
@@ -444,9 +445,9 @@ def test_smollm2_lora_smoke(tmp_path):
 def test_demo_quick_structure(tmp_path):
     """`ponder demo` hook: the quick mode on the testbed returns the table, notes and an existing PNG."""
     from ponder import data, testbed
-    base = testbed.ensure()
+    base = testbed.weights_dir()
     problems = data.load_problems("testbed", n=6, split="test")
-    out = latro.demo(tmp_path, str(base), problems, quick=True)
+    out = latro_recipe.demo(tmp_path, str(base), problems, quick=True)
     assert set(out) == {"title", "columns", "rows", "plots", "notes", "metrics"}
     assert out["columns"] == ["model", "greedy accuracy", "maj@2"]
     assert [r[0].split(" ")[0] for r in out["rows"]] == ["testbed", "SFT", "LaTRO"]

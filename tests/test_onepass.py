@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from ponder import masks, models
 from ponder.logprobs import logprobs_of, token_logprobs
 from ponder.masks import ANSWER_IN, ANSWER_OUT, HUMAN, THINK
-from ponder.trainers.onepass import attention_for, npass_logprobs, onepass_logits, onepass_logprobs
+from ponder.onepass import attention_for, npass_logprobs, onepass_logits, onepass_logprobs
 
 WORDS = ["12", "+", "7", "=", "19.", "The answer is", "apple", "x", "Now add 5.", "?"]
 
@@ -131,7 +131,7 @@ def interleaved(lay):
 
 
 def test_mask_blocks_match_the_paper_table(tb_tok):
-    """papers.md §2.4: h_i sees H_<i, h_i; t_i sees H_<i, h_i, t_i; r_in sees H_<i, h_i, r_in (not t_i);
+    """docs/methods.md §2.4: h_i sees H_<i, h_i; t_i sees H_<i, h_i, t_i; r_in sees H_<i, h_i, r_in (not t_i);
     r_out sees H_<i, h_i, t_i, r_out (not r_in). H_<i = earlier human turns and earlier answer_in copies.
     Checked on our trunk-first order and on the paper's interleaved order (the predicate serves both)."""
     _, lay = two_turn_layout(tb_tok)
@@ -184,7 +184,7 @@ def test_interleaved_order_gives_the_same_logprobs(eager64):
 
 
 def test_positions_match_npass(tb_tok):
-    """papers.md §2.5: r_out positions equal those of the answer in turn i's own sample, r_in positions equal
+    """docs/methods.md §2.5: r_out positions equal those of the answer in turn i's own sample, r_in positions equal
     those of the answer in turn i+1's sample (as if the reasoning were absent)."""
     from ponder.chat import render
     msgs, lay = two_turn_layout(tb_tok)
@@ -202,7 +202,7 @@ def test_positions_match_npass(tb_tok):
 
 
 def test_official_order_with_naive_shift_is_wrong(eager64):
-    """papers.md §2.7: in the official order [t | r_in | r_out], predicting each token from the previous index
+    """docs/methods.md §2.7: in the official order [t | r_in | r_out], predicting each token from the previous index
     trains the first answer token of every turn from the wrong state (the end of r_in); explicit pairs do not."""
     model, tok = eager64
     msgs = conversation(random.Random(3), 3, p_reasoning=1.0)
@@ -247,7 +247,7 @@ def test_smollm2_real_template(smol_dir):
     msgs = conversation(random.Random(11), 3, p_reasoning=0.7, system=False)
     with torch.no_grad():
         d = max_diff(onepass_logprobs(model, tok, msgs), npass_logprobs(model, tok, msgs))
-    assert d <= 2e-3  # fp32 on a 30-layer model with logits up to ~40 (feasibility.md §4c: 6e-5 on logits)
+    assert d <= 2e-3  # fp32 on a 30-layer model with logits up to ~40 (measured 6e-5 on logits)
 
 
 def _run_mode(mode, tmp_path, convs, **kw):

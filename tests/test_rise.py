@@ -12,11 +12,12 @@ import torch.nn.functional as F
 
 from ponder import chat, models, rise
 from ponder.metrics import sequential_metrics
+from ponder.recipes import rise as rise_recipe
 from ponder.rollout import Sample
 from ponder.trainers.rise import RISEConfig, RISETrainer
 
 # ----------------------------------------------------------------------------------------------------------
-# golden strings (papers.md §3.3; cmu-mind/RISE environments/gsm8k.py, utils/template.py)
+# golden strings (docs/methods.md §3.3; cmu-mind/RISE environments/gsm8k.py, utils/template.py)
 # ----------------------------------------------------------------------------------------------------------
 
 PAPER_INSTRUCTION = (
@@ -213,7 +214,7 @@ def trajectory(rewards, texts=None, demo=False, question="10+20*3=?"):
 
 
 def test_converter_rewards_001():
-    """papers.md §3.10 test 1: rewards (0, 0, 1) -> three examples whose final weights are (1, 1, e^2.5), every
+    """docs/methods.md §3.5: rewards (0, 0, 1) -> three examples whose final weights are (1, 1, e^2.5), every
     earlier attempt masked; as one sequence: weights (1, 1, e^2.5) on the three attempts."""
     conv = rise.to_conversation(trajectory([0.0, 0.0, 1.0]))
     asst = [m for m in conv["messages"] if m["role"] == "assistant"]
@@ -471,7 +472,7 @@ def test_rise_command_end_to_end(tmp_path):
 def test_smollm2_smoke(smol_dir, tmp_path):
     """SmolLM2-135M-Instruct (real chat template, instruction + demo prefix, GSM8K reward): 2-turn collection,
     one training step, evaluation."""
-    from ponder.recipes import run_rise
+    from ponder.recipes.rise import run_rise
     out = tmp_path / "smol"
     res = run_rise("configs/rise/smollm2.yaml", [f"output_dir={out}", "train_problems=2", "eval_problems=2",
                                                   "max_steps=1", "max_new_tokens=24", "eval_turns=2",
@@ -484,7 +485,7 @@ def test_demo_hook_quick(tmp_path):
     the sequential/parallel metrics computed in this run, the plot file, an honest direction note."""
     from ponder import data, testbed
     problems = data.load_problems("testbed", n=20, split="test")
-    out = rise.demo(tmp_path, str(testbed.ensure()), problems, quick=True)
+    out = rise_recipe.demo(tmp_path, str(testbed.weights_dir()), problems, quick=True)
     assert set(out) == {"title", "columns", "rows", "plots", "notes", "metrics"}
     assert out["columns"][:5] == ["model", "m1@t1", "m2@t1", "m1@t2", "p1@t2"]
     assert [r[0] for r in out["rows"]] == ["base", "RISE"]

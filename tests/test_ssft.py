@@ -1,4 +1,4 @@
-"""SSFT (papers.md §1.9): Hungarian = brute force; packed matching costs = separate forwards (fp64); the
+"""SSFT (docs/methods.md §1.9): Hungarian = brute force; packed matching costs = separate forwards (fp64); the
 gradient comes only from the matched pairs; permutation invariance; N = M = 1 is plain SFT; Cons@k grouping
 and tie rule; LoRA / tag-rows-only training; the forking evaluation."""
 
@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ponder import chat, models, ssft, testbed
+from ponder import chat, masks, models, ssft, testbed
 from ponder.logprobs import token_logprobs
-from ponder.trainers.ssft import SSFTConfig, SSFTTrainer, collate
+from ponder.recipes import ssft as ssft_recipe
+from ponder.trainers.ssft import MatchStats, SSFTConfig, SSFTTrainer, collate
 
 TAGS = ssft.forking_tags(6)
 
@@ -108,7 +109,7 @@ def test_costs_for_a_batch_of_questions_equal_one_by_one(tiny64):
             for item, c in zip(items, together):
                 alone = ssft.costs_from_ids(model, [item], 8, layout, tok.pad_token_id)[0]
                 assert (c - alone).abs().max() <= 1e-9
-    assert len(ssft._cost_rows(items, 8, "shared", 90)) > len(items)
+    assert len(masks.shared_prefix_rows(items, 8, "shared", 90)) > len(items)
 
 
 def test_tag_substitution_matches_rendering(tiny64):
@@ -241,7 +242,7 @@ def test_mixed_and_random_assignments(tiny64, tmp_path):
 
 
 def test_match_stats():
-    st = ssft.MatchStats(3)
+    st = MatchStats(3)
     st.update("q1", ["a", "b"], [0, 1])
     st.update("q2", ["a", "b"], [0, 2])
     st.update("q1", ["a", "b"], [0, 1])
@@ -399,7 +400,7 @@ def test_demo_quick_structure(tmp_path):
     """`ponder demo` hook, quick mode: the returned table's shape, real numbers in range, plots on disk."""
     from ponder import data
     probs = data.load_problems("testbed", n=3, split="test")
-    r = ssft.demo(tmp_path, str(testbed.ensure()), probs, quick=True)
+    r = ssft_recipe.demo(tmp_path, str(testbed.weights_dir()), probs, quick=True)
     assert set(r) == {"title", "columns", "rows", "plots", "notes", "metrics"}
     assert [row[0] for row in r["rows"]] == ["SFT-mixed", "SSFT"]
     assert all(len(row) == len(r["columns"]) for row in r["rows"])

@@ -7,7 +7,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_LAZY = {"onepass_logprobs": "ponder.trainers.onepass", "npass_logprobs": "ponder.trainers.onepass"}
+_LAZY = {"onepass_logprobs": "ponder.onepass", "npass_logprobs": "ponder.onepass"}
 
 
 def __getattr__(name):

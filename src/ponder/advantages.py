@@ -8,7 +8,7 @@ import torch
 
 
 def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
-    """REINFORCE leave-one-out (LaTRO Eq. 4, papers.md §4.4): A_k = r_k - mean_{j != k} r_j, per row.
+    """REINFORCE leave-one-out (LaTRO Eq. 4, docs/methods.md §4.4): A_k = r_k - mean_{j != k} r_j, per row.
     rewards: (num_prompts, K) with K >= 2. Each row of the result sums to zero."""
     if rewards.dim() != 2 or rewards.shape[1] < 2:
         raise ValueError(f"rloo_advantages needs rewards of shape (num_prompts, K >= 2), got {tuple(rewards.shape)}")
@@ -29,7 +29,7 @@ def group_normalized(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-
 
 
 def reward_weights(rewards: torch.Tensor | float, tau: float = 0.4):
-    """Reward-weighted regression weights exp(r / tau) (RISE, papers.md §3.5; tau = 0.4 gives 12.18 / 1.0 /
+    """Reward-weighted regression weights exp(r / tau) (RISE, docs/methods.md §3.5; tau = 0.4 gives 12.18 / 1.0 /
     0.082 for rewards +1 / 0 / -1)."""
     if isinstance(rewards, torch.Tensor):
         return torch.exp(rewards / tau)

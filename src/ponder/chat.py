@@ -1,6 +1,6 @@
 """The one place that turns conversations into tokens.
 
-Contract (DESIGN.md, "Rendering"): a conversation is rendered with the tokenizer's own chat template (or
+Contract (docs/architecture.md, "Contracts"): a conversation is rendered with the tokenizer's own chat template (or
 `CHATML_TEMPLATE` when it has none). An assistant turn with reasoning renders its content as
 ``<think>\\n{reasoning}\\n</think>\\n\\n{content}`` (the Qwen3 convention). **History assistant turns render
 without their reasoning**, as chat templates do at inference. The trained tokens of an assistant turn are its
@@ -323,7 +323,7 @@ def render(tokenizer, messages: Sequence[dict[str, Any]], add_generation_prompt:
 
 @dataclass
 class Turns:
-    """A conversation in the two views the one-pass layout needs (papers.md §2.3).
+    """A conversation in the two views the one-pass layout needs (docs/methods.md §2.3).
 
     history: the whole conversation with every reasoning block stripped (what later turns see);
     final[k]: for assistant message k, its segments when it is the turn being generated — header, reasoning
@@ -351,6 +351,15 @@ def generation_prompt(tokenizer, messages: Sequence[dict[str, Any]]) -> list[int
     """Token ids of `messages` (history reasoning stripped) followed by the assistant header: what a model
     is given to generate the next assistant turn."""
     return render(tokenizer, messages, add_generation_prompt=True, reasoning="none").ids
+
+
+def pad_id(tokenizer) -> int:
+    """The id used for padding: the tokenizer's pad token, else its eos token, else 0. Padding is always
+    masked out (attention and loss), so any id works; this rule makes it the same everywhere."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
 
 
 def end_of_turn_id(tokenizer) -> int:

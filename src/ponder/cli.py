@@ -45,7 +45,7 @@ def eval_cmd(model: str = typer.Option("testbed", help="model spec: testbed | sm
     With --forking N: the forking-token diversity evaluation (report.md with per-tag plots)."""
     from ponder import data, metrics, models, ui
     if forking is not None or tags:
-        from ponder.recipes import evaluate_forking_run
+        from ponder.recipes.ssft import evaluate_forking_run
         from ponder.ssft import forking_tags
         try:
             tag_list = [t.strip() for t in tags.split(",")] if tags else forking_tags(forking)
@@ -88,54 +88,52 @@ def tasks_cmd():
 @testbed_app.command("build")
 def testbed_build(max_steps: int = typer.Option(None, help="most training steps (default: the recipe's)"),
                   seed: int = typer.Option(0, help="initialisation and data seed"),
-                  force: bool = typer.Option(False, help="rebuild even if cached"),
-                  out: Path = typer.Option(None, help="directory (default: the cache)")):
-    """Pre-train the testbed model from scratch and cache it (minutes on 2 cores)."""
-    import shutil
+                  out: Path = typer.Option(Path("runs/testbed"), help="where the built model goes"),
+                  ship: bool = typer.Option(False, help="also copy it into the package as the shipped testbed")):
+    """Pre-train the testbed model from scratch (minutes on 2 cores). Point PONDER_TESTBED at the result to
+    use it, or --ship it as the package's testbed weights."""
     import time
 
-    from ponder import testbed, ui
-    path = out or testbed.default_dir()
-    if force:
-        shutil.rmtree(path, ignore_errors=True)
+    from ponder import ui
+    from ponder.recipes import testbed as recipe
     t = time.time()
-    kwargs = {"seed": seed} | ({"max_steps": max_steps} if max_steps else {})
-    testbed.ensure(path, **kwargs)
-    ui.info(f"testbed ready at {path} ({time.time() - t:.0f} s)")
+    info = recipe.build(out, seed=seed, **({"max_steps": max_steps} if max_steps else {}))
+    ui.info(f"testbed built at {out}: {info['steps']} steps, {time.time() - t:.0f} s")
+    if ship:
+        shipped = recipe.ship(out)
+        ui.info(f"shipped to {recipe.testbed.WEIGHTS} (sha256 {shipped['sha256'][:12]}…)")
 
 
 @testbed_app.command("info")
 def testbed_info():
-    """Where the testbed is cached and how it was built."""
+    """Where the testbed's weights are and how they were built."""
     from ponder import testbed
-    path = testbed.default_dir()
-    meta = path / "testbed.json"
-    print(path, "(built)" if meta.exists() else "(not built yet)")
-    if meta.exists():
-        print(meta.read_text())
+    path = testbed.weights_dir()
+    print(path)
+    print((path / "testbed.json").read_text())
 
 
-TRAINING_COMMANDS = {  # sub-command -> (recipe in ponder.recipes, help)
-    "sft": ("run_sft", "Supervised fine-tuning on conversations (assistant-only loss, per-message weights, LoRA)."),
-    "onepass": ("run_onepass", "One-pass multi-turn reasoning SFT (mode: onepass | npass | kpass), earlier "
+TRAINING_COMMANDS = {  # sub-command -> (recipe module in ponder.recipes, help); the function is run_<recipe>
+    "sft": ("sft", "Supervised fine-tuning on conversations (assistant-only loss, per-message weights, LoRA)."),
+    "onepass": ("onepass", "One-pass multi-turn reasoning SFT (mode: onepass | npass | kpass), earlier "
                                "reasoning hidden."),
-    "rise": ("run_rise", "RISE: multi-turn self-improvement — collect retry episodes, reward-weighted SFT, iterate; "
+    "rise": ("rise", "RISE: multi-turn self-improvement — collect retry episodes, reward-weighted SFT, iterate; "
                          "evaluates m1@t1, m5@t1, m1@t5, p1@t5 and writes report.md with a plot of accuracy by turn."),
-    "latro": ("run_latro", "LaTRO: self-rewarding latent reasoning optimisation (K rationales, reward "
+    "latro": ("latro", "LaTRO: self-rewarding latent reasoning optimisation (K rationales, reward "
                            "log p(answer | rationale), RLOO)."),
-    "ssft": ("run_ssft", "Set SFT with global forking tokens (Hungarian matching of traces to <think1..N>); "
+    "ssft": ("ssft", "Set SFT with global forking tokens (Hungarian matching of traces to <think1..N>); "
                          "assignment=mixed | random | fixed for the baselines."),
-    "gfpo": ("run_gfpo", "Global forking policy optimization: RL on the forking-token choice only (after SSFT)."),
+    "gfpo": ("ssft", "Global forking policy optimization: RL on the forking-token choice only (after SSFT)."),
 }
 
 
 def _training_command(name: str, recipe: str, doc: str) -> None:
-    """`ponder NAME --config x.yaml key=value ...` -> ponder.recipes.RECIPE(config, overrides)."""
+    """`ponder NAME --config x.yaml key=value ...` -> ponder.recipes.RECIPE.run_NAME(config, overrides)."""
     def command(config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
                 overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP)):
-        from ponder import recipes
+        from importlib import import_module
         try:
-            getattr(recipes, recipe)(config, overrides or [])
+            getattr(import_module(f"ponder.recipes.{recipe}"), f"run_{name}")(config, overrides or [])
         except ValueError as e:
             _fail(e)
     command.__doc__ = doc
@@ -149,9 +147,13 @@ for _name, (_recipe, _doc) in TRAINING_COMMANDS.items():
 @app.command("bench")
 def bench_cmd(only: list[str] = typer.Option(None, help="bench names (default: every bench/*.py)"),
               out: Path = typer.Option(Path("bench/results.md"))):
-    """Run the benchmarks in bench/ and collect their `RATIO name=value` lines into bench/results.md."""
-    from ponder.recipes import run_benchmarks
-    run_benchmarks(only or [], out)
+    """Run the benchmarks in bench/ (from a checkout of the repository) and collect their `RATIO name=value`
+    lines into bench/results.md (the runner is bench/run.py)."""
+    import runpy
+    runner = Path("bench/run.py")
+    if not runner.exists():
+        _fail(FileNotFoundError(f"{runner} not found: run `ponder bench` from the root of a ponder checkout"))
+    runpy.run_path(str(runner), run_name="ponder.bench").get("run_benchmarks")(only or [], out)
 
 
 @app.command("demo")
@@ -160,7 +162,7 @@ def demo_cmd(only: list[str] = typer.Option(None, help="methods to run: onepass,
              n: int = typer.Option(200, help="held-out problems every method is evaluated on"),
              out: Path = typer.Option(Path("runs/demo"), help="where metrics.json, report.md and plots go")):
     """The four methods end to end on the CPU testbed, from the same starting model; writes runs/demo/report.md."""
-    from ponder.demo import run
+    from ponder.recipes.demo import run
     result = run(out=out, only=only or None, quick=quick, n=n)
     if result["failed"]:
         raise typer.Exit(1)
@@ -169,7 +171,8 @@ def demo_cmd(only: list[str] = typer.Option(None, help="methods to run: onepass,
 @app.command("report")
 def report_cmd(run_dir: Path = typer.Argument(..., help="a run directory (runs/<name>) or the demo's")):
     """Render a run's metrics (metrics.json, trainer log history, saved sections) into RUN_DIR/report.md."""
-    from ponder import report, ui
+    from ponder import ui
+    from ponder.recipes import report
     ui.info(f"report: {report.render(run_dir)}")
 
 

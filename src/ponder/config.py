@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import re
 import types
 import typing
@@ -140,6 +141,6 @@ def _unknown(cls, key: str, loc: str, fields: set[str]) -> str:
 
 def to_yaml(cfg) -> str:
     """Every field of a config, as YAML (what a run records next to its outputs)."""
-    import json
+
     d = cfg.to_dict() if hasattr(cfg, "to_dict") else dataclasses.asdict(cfg)
     return yaml.safe_dump(json.loads(json.dumps(d, default=str)), sort_keys=True)

@@ -1,6 +1,6 @@
 """Records and sources. Every bad record is reported with its file, line and field.
 
-Records (DESIGN.md "Contracts"):
+Records (docs/architecture.md "Contracts"):
 - `Problem`: id, question, answer (+ meta). Sources: ``testbed``, reasoning-gym (``rg:<task>``), JSONL files,
   HF datasets (GSM8K layout ``question`` / ``answer`` with ``#### N`` read as-is).
 - `Conversation`: messages ``[{role, content, reasoning}]``; also OpenAI/Qwen3 ``reasoning_content`` and
@@ -11,11 +11,13 @@ Records (DESIGN.md "Contracts"):
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ponder import testbed
 from ponder.chat import RenderError, normalize_messages
 
 
@@ -72,7 +74,6 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 def write_jsonl(path: str | Path, records) -> None:
     """Write records atomically (a temporary file renamed into place)."""
-    import os
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -191,7 +192,6 @@ def load_problems(spec: str, n: int | None = None, seed: int = 0, split: str = "
     train and test items differ.
     """
     if spec == "testbed":
-        from ponder import testbed
         return [Problem(**p) for p in testbed.problems(n or 200, seed=seed, split=split)]
     if spec.startswith("rg:") or spec in _rg_names():
         import reasoning_gym as rg
@@ -228,7 +228,6 @@ def load_conversations(spec: str, n: int | None = None, split: str = "train", se
     """Conversations from JSONL / HF datasets, or generated: ``testbed:multi`` (follow-up conversations of
     2-8 turns with reasoning), ``testbed:retry`` (RISE-style retry episodes), ``testbed:single``."""
     if spec.startswith("testbed:"):
-        from ponder import testbed
         return [Conversation(m, f"{spec}-{i}") for i, m in
                 enumerate(testbed.conversations(spec.split(":", 1)[1], n or 1000, seed=seed, split=split))]
     out = []
@@ -242,7 +241,6 @@ def load_conversations(spec: str, n: int | None = None, split: str = "train", se
 def load_tracesets(spec: str, n: int | None = None, split: str = "train", seed: int = 0) -> list[TraceSet]:
     """TraceSets from JSONL / HF datasets, or ``testbed:traces`` (one trace per testbed strategy)."""
     if spec == "testbed:traces":
-        from ponder import testbed
         return [TraceSet(**r, id=f"{spec}-{i}") for i, r in
                 enumerate(testbed.trace_sets(n or 1000, seed=seed, split=split))]
     out = []
@@ -251,6 +249,31 @@ def load_tracesets(spec: str, n: int | None = None, split: str = "train", seed: 
         if n is not None and len(out) >= n:
             break
     return out
+
+
+def as_problem(item: Any, where: str = "problem", index: int = 0) -> Problem:
+    """The boundary conversion: a `Problem`, or a dict with question/answer (+ id, meta) -> `Problem`. Every
+    component works on `Problem`s after this; a bad item names `where`."""
+    if isinstance(item, Problem):
+        return item
+    if isinstance(item, dict):
+        if "question" not in item or "answer" not in item:
+            missing = "question" if "question" not in item else "answer"
+            raise DataError(f"{where}: missing field '{missing}'")
+        return Problem(str(item.get("id", index)), str(item["question"]), str(item["answer"]),
+                       dict(item.get("meta") or {}))
+    raise DataError(f"{where}: expected a problem (question, answer), got {type(item).__name__}")
+
+
+def resolve_problems(spec: Any, n: int | None = None, split: str = "train", where: str = "dataset",
+                     seed: int = 0) -> list[Problem]:
+    """Problems from a data spec string (`load_problems`) or a sequence of problems / dicts (first `n`)."""
+    if spec is None:
+        raise DataError(f"no {where}: pass it to the trainer or set `dataset` in the config")
+    if isinstance(spec, str):
+        return load_problems(spec, n=n, split=split, seed=seed)
+    items = list(spec)[:n] if n else list(spec)
+    return [as_problem(p, f"{where}[{i}]", i) for i, p in enumerate(items)]
 
 
 def as_conversation(item: Any, where: str) -> Conversation:

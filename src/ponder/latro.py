@@ -1,11 +1,11 @@
-"""LaTRO — Latent Reasoning Optimization (Chen et al., arXiv 2411.04282; papers.md §4): the public scoring
+"""LaTRO — Latent Reasoning Optimization (Chen et al., arXiv 2411.04282; docs/methods.md §4): the public scoring
 function and the small pure functions the trainer is made of.
 
 The objective (Eq. 3) treats the rationale z as a latent variable and the model as its own reward:
 
     J(θ) = E_(x,y) [ E_{z~π_θ(·|x)} [ log π_θ(y | x⊕z) ] − β · KL[ π_θ(z|x) || π₀(z|x) ] ]
 
-and its gradient is estimated from K rationales per question (Eq. 4, papers.md §4.4):
+and its gradient is estimated from K rationales per question (Eq. 4, docs/methods.md §4.4):
 
     ∇J ≈ 1/(N·K) Σ_i Σ_k [ A_k^(i) · ∇ log π_θ(z_k^(i)|x_i)  +  ∇ log π_θ(y_i | x_i⊕z_k^(i)) ]
     r_k = log π_θ(y | x⊕z_k) − β · (log π_θ(z_k|x) − log π₀(z_k|x)),   A_k = r_k − mean_{j≠k} r_j  (RLOO)
@@ -21,16 +21,13 @@ from collections.abc import Sequence
 
 import torch
 
+from ponder.chat import end_of_turn_id, generation_prompt, pad_id
 from ponder.logprobs import logits_at, logprobs_of, reduce
+from ponder.prompts import ANSWER_TEMPLATE, STOP_STRINGS
+from ponder.prompts import LATRO_PROMPT as PROMPT_TEMPLATE
 
-# papers.md §4.7 (GSM8K, zero-shot, chat template) and the target y = "The answer is {gold}." + end-of-turn.
-PROMPT_TEMPLATE = "{question} Let's think step by step."
-ANSWER_TEMPLATE = "The answer is {answer}."
-# papers.md §4.5: the official stop sequences (the function-call variants are left out). A rationale ends where
-# the earliest of them begins; longer strings that start earlier ("Therefore, the answer is") take the lead-in
-# words out of z as well.
-STOP_STRINGS = ("The answer is", " the answer is", "so the final answer is", "So, the answer is",
-                "Therefore, the answer is", "Answer:", " Answer:", "\nAnswer:")
+__all__ = ["PROMPT_TEMPLATE", "ANSWER_TEMPLATE", "STOP_STRINGS", "score", "score_ids", "self_rewards", "loss_terms"]
+
 LAYOUTS = ("split", "left", "right")
 
 
@@ -42,14 +39,12 @@ LAYOUTS = ("split", "left", "right")
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
     """x: the chat-templated user message with the generation prompt (= ``apply_chat_template(...,
     add_generation_prompt=True)``; ponder's ChatML template when the tokenizer has none)."""
-    from ponder.chat import generation_prompt
     return generation_prompt(tokenizer, [{"role": "user", "content": prompt}])
 
 
 def answer_ids(tokenizer, answer: str, eot: int | None = None) -> list[int]:
     """y: the answer text (e.g. "The answer is 42.") followed by the end-of-turn token."""
     if eot is None:
-        from ponder.chat import end_of_turn_id
         eot = end_of_turn_id(tokenizer)
     return list(tokenizer(answer, add_special_tokens=False)["input_ids"]) + [eot]
 
@@ -59,7 +54,7 @@ def rationale_of(sample, eos_ids: Sequence[int] = ()) -> tuple[list[int], bool]:
 
     finish ``stop``: z is everything before the stop string (the rollout has already cut the stop text, and a
     token in which the stop string begins); ``eos``: z without the end-of-turn token — y continues the turn —
-    and the rationale counts as stopped (eos is a stop token in the official code, papers.md §4.5);
+    and the rationale counts as stopped (eos is a stop token in the official code, docs/methods.md §4.5);
     ``length``: the rationale reached L without stopping — it gets the non-stop penalty."""
     ids = list(sample.ids)
     if sample.finish_reason == "eos":
@@ -145,7 +140,7 @@ def score_ids(model, xs: Sequence[Sequence[int]], zs: Sequence[Sequence[int]], y
 
 
 def score_separate(model, xs, zs, ys, pad_id: int, layout: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
-    """The official code's way (papers.md §4.8): log π(z|x) from a pass over ``[x z]`` and log π(y|x⊕z)
+    """The official code's way (docs/methods.md §4.8): log π(z|x) from a pass over ``[x z]`` and log π(y|x⊕z)
     from a second pass over ``[x z y]``, both left-padded. Same numbers as `score_ids`, ~2x the compute."""
     empty = [[] for _ in xs]
     ids, att, pos, zp, _, first = pack(xs, zs, empty, pad_id, layout)
@@ -153,14 +148,6 @@ def score_separate(model, xs, zs, ys, pad_id: int, layout: str = "left") -> tupl
     ids, att, pos, _, yp, _ = pack(xs, zs, ys, pad_id, layout)
     (ly,) = _sums(model, ids, att, pos, [yp], int(yp[1].min()) if yp.shape[1] else 0, len(xs))
     return lz, ly
-
-
-def _pad_id(tokenizer) -> int:
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    if tokenizer.eos_token_id is not None:
-        return tokenizer.eos_token_id
-    return 0
 
 
 def score(model, tokenizer, prompts: Sequence[str], rationales: Sequence[str], answers: Sequence[str],
@@ -174,7 +161,6 @@ def score(model, tokenizer, prompts: Sequence[str], rationales: Sequence[str], a
     Σ_t log π(z_t | x, z_<t) and Σ_t log π(y_t | x⊕z, y_<t). Gradients flow unless called under no_grad.
     batch_size: score in chunks of this many samples (memory), default all at once.
     """
-    from ponder.chat import end_of_turn_id
     if not (len(prompts) == len(rationales) == len(answers)):
         raise ValueError(f"prompts, rationales and answers differ in number: {len(prompts)}, {len(rationales)}, "
                          f"{len(answers)}")
@@ -183,7 +169,7 @@ def score(model, tokenizer, prompts: Sequence[str], rationales: Sequence[str], a
     zs = [list(tokenizer(z, add_special_tokens=False)["input_ids"]) if z else [] for z in rationales]
     ys = [answer_ids(tokenizer, a, eot) for a in answers]
     step = batch_size or max(1, len(xs))
-    parts = [score_ids(model, xs[i:i + step], zs[i:i + step], ys[i:i + step], _pad_id(tokenizer), layout)
+    parts = [score_ids(model, xs[i:i + step], zs[i:i + step], ys[i:i + step], pad_id(tokenizer), layout)
              for i in range(0, len(xs), step)]
     if not parts:
         empty = torch.zeros(0)
@@ -197,7 +183,7 @@ def score(model, tokenizer, prompts: Sequence[str], rationales: Sequence[str], a
 
 
 def nonstop_penalty(rewards: torch.Tensor, stopped: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
-    """Rationales that reached the length limit without a stop get γ × the batch mean reward (papers.md §4.5,
+    """Rationales that reached the length limit without a stop get γ × the batch mean reward (docs/methods.md §4.5,
     following TRL's RLOO penalty; the official code uses γ = 2 and the mean over the local batch). The
     self-rewards are log-likelihoods (negative), so this doubles the badness of an average rationale."""
     stopped = stopped.to(torch.bool)
@@ -210,7 +196,7 @@ def self_rewards(logp_y: torch.Tensor, logp_z: torch.Tensor, ref_logp_z: torch.T
                  stopped: torch.Tensor, beta: float, gamma: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(reward, kl) per rollout, detached: r = penalised log π(y|x⊕z) − β·(log π(z|x) − log π₀(z|x)).
     kl is the single-sample sequence-level estimate log π(z|x) − log π₀(z|x) folded into the reward
-    (papers.md §4.8 step 4); zero without a reference model (β = 0)."""
+    (docs/methods.md §4.4); zero without a reference model (β = 0)."""
     logp_y, logp_z = logp_y.detach(), logp_z.detach()
     kl = logp_z - ref_logp_z.detach() if ref_logp_z is not None else torch.zeros_like(logp_z)
     return nonstop_penalty(logp_y, stopped, gamma) - beta * kl, kl
@@ -226,121 +212,3 @@ def loss_terms(logp_z: torch.Tensor, logp_y: torch.Tensor, advantages: torch.Ten
     if sft_weight:
         loss = loss - sft_weight * logp_y
     return loss
-
-
-# ----------------------------------------------------------------------------------------------------------
-# `ponder demo` hook (issue 7)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def demo(run_dir, base: str, problems: list, quick: bool = False, *, steps: int | None = None,
-         questions: int | None = None, k: int = 8, lr: float | None = None, sft_weight: float = 0.0,
-         sft_lr: float | None = None, samples: int = 8, seed: int = 0) -> dict:
-    """A short version of the testbed experiment for ``ponder demo``: base model vs plain SFT on gold rationales
-    vs LaTRO, the two SFT/LaTRO runs with the same data budget (the same number of training questions), greedy
-    accuracy and maj@k on the given held-out `problems`. Writes ``latro_demo.png`` (training curves and the
-    accuracies) into `run_dir`. quick=True: a few steps on at most 8 problems (checks the plumbing only).
-    The keyword arguments make it the full testbed experiment of docs/results/latro.md (e.g. steps=150)."""
-    import time
-    from pathlib import Path
-
-    from ponder import data, metrics, models
-    from ponder.trainers.latro import LaTROConfig, LaTROTrainer, plot
-    from ponder.trainers.sft import SFTConfig, SFTTrainer
-
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # Full mode: DEMO_STEPS updates of DEMO_QUESTIONS questions x K rationales (the testbed config's recipe,
-    # shortened); sft_weight = 0 (the official default; see docs/results/latro.md for Eq. 4's sft_weight = 1).
-    if quick:
-        steps, questions, k, samples, problems = 2, 2, 2, 2, list(problems)[:8]
-    steps, questions = steps or DEMO_STEPS, questions or DEMO_QUESTIONS
-    lr, sft_lr = lr or DEMO_LR, sft_lr or DEMO_SFT_LR
-    n_train = steps * questions
-    common = dict(report_to=[], disable_tqdm=True, save_strategy="no", logging_steps=1 if quick else 5,
-                  lr_scheduler_type="constant", seed=seed)
-    timings, evals = {}, {}
-
-    def evaluate(model, tok):
-        model.eval()
-        r = metrics.evaluate(model, tok, problems, samples=samples, max_new_tokens=96, batch_size=128, seed=seed)
-        return {"greedy": r["greedy_accuracy"], "maj": r[f"maj@{samples}"]}
-
-    model, tok = models.load(str(base))
-    t = time.time()
-    evals["base"] = evaluate(model, tok)
-    timings["eval_base"] = time.time() - t
-
-    # LaTRO: K self-sampled rationales per question, self-reward log p("The answer is {gold}." | x, z).
-    t = time.time()
-    cfg = LaTROConfig(output_dir=str(run_dir / "latro"), model=str(base), num_generations=k,
-                      per_device_train_batch_size=questions * k, max_rationale_length=64, max_steps=steps,
-                      learning_rate=lr, beta=0.05, sft_weight=sft_weight, prompt_template="{question}",
-                      stop=["The answer is"], rollout_batch_size=128, **common)
-    train = data.load_problems("testbed", n=n_train, split="train", seed=seed + 1)
-    tr = LaTROTrainer(model=model, args=cfg, train_dataset=train, processing_class=tok)
-    tr.train()
-    timings["train_latro"] = time.time() - t
-    t = time.time()
-    evals["latro"] = evaluate(tr.model, tok)
-    timings["eval_latro"] = time.time() - t
-    history = tr.state.log_history
-
-    # SFT on gold rationales: the same questions, one gold rationale each, batches of `questions`.
-    t = time.time()
-    sft_model, _ = models.load(str(base))
-    scfg = SFTConfig(output_dir=str(run_dir / "sft"), model=str(base), per_device_train_batch_size=questions,
-                     max_steps=steps, learning_rate=sft_lr, **common)
-    conv = gold_conversations(train)
-    st = SFTTrainer(model=sft_model, args=scfg, train_dataset=conv, processing_class=tok)
-    st.train()
-    timings["train_sft"] = time.time() - t
-    t = time.time()
-    evals["sft"] = evaluate(st.model, tok)
-    timings["eval_sft"] = time.time() - t
-
-    maj = f"maj@{samples}"
-    curve = history + [{"step": 0, "eval_greedy_accuracy": evals["base"]["greedy"], f"eval_{maj}": evals["base"]["maj"]},
-                       {"step": steps, "eval_greedy_accuracy": evals["latro"]["greedy"],
-                        f"eval_{maj}": evals["latro"]["maj"]}]
-    png = plot(curve, run_dir / "latro_demo.png",
-               f"LaTRO on the testbed: {steps} steps x {questions} questions x K={k}",
-               baselines={"SFT greedy": evals["sft"]["greedy"], f"SFT {maj}": evals["sft"]["maj"]})
-    names = {"base": "testbed (base)", "sft": f"SFT on gold rationales ({n_train} questions)",
-             "latro": f"LaTRO ({n_train} questions x K={k})"}
-    rows = [[names[m], evals[m]["greedy"], evals[m]["maj"]] for m in ("base", "sft", "latro")]
-    wins = {(o, name): evals["latro"][m] > evals[o][m] for o in ("base", "sft")
-            for name, m in (("greedy", "greedy"), (maj, "maj"))}
-    verdict = ("appeared" if all(wins.values()) else "partly appeared" if any(wins.values()) else "did not appear")
-    detail = "; ".join(f"LaTRO > {'SFT' if o == 'sft' else 'base'} on {key}: {'yes' if w else 'no'}"
-                       for (o, key), w in wins.items())
-    notes = [f"The paper's direction (LaTRO > base and LaTRO > SFT) {verdict} in this run on {len(problems)} "
-             f"held-out problems ({detail}).",
-             f"LaTRO here uses sft_weight = {sft_weight:g} (the official code's default is 0, the paper's Eq. 4 is "
-             "1; on the testbed weight 1 makes the model hedge its answers and accuracy drops, docs/results/latro.md).",
-             "SFT and LaTRO train on the same questions; SFT gets one gold rationale per question (the testbed's "
-             "own 'direct' format), "
-             f"LaTRO samples K = {k} of its own and is rewarded by log p(gold answer | rationale)."]
-    final = next((h for h in reversed(history) if "reward" in h), {})
-    return {"title": "LaTRO: self-rewarding latent reasoning (testbed)",
-            "columns": ["model", "greedy accuracy", maj], "rows": rows, "plots": [png.name], "notes": notes,
-            "metrics": {"evals": evals, "seconds": timings, "steps": steps, "train_questions": n_train, "k": k,
-                        "lr": lr, "sft_lr": sft_lr, "sft_weight": sft_weight, "final_reward": final.get("reward"),
-                        "final_kl": final.get("kl")}}
-
-
-# LaTRO's lr: 1e-5 kept the testbed's accuracy and improved it a little; 5e-5 and 2e-4 drifted (KL of several
-# nats) and lost accuracy. SFT on gold rationales gets its best of 1e-5, 5e-5, 2e-4 (docs/results/latro.md).
-DEMO_STEPS, DEMO_QUESTIONS, DEMO_LR, DEMO_SFT_LR = 30, 4, 1e-5, 5e-5
-
-
-def gold_conversations(problems: list) -> list[list[dict]]:
-    """Testbed problems with their gold rationale in the ``direct`` format the testbed was pre-trained on
-    (SFT on a mixture of the four strategies first costs accuracy: it teaches new formats, not arithmetic)."""
-    from ponder import testbed
-    out = []
-    for p in problems:
-        reasoning, ans = testbed.solve(testbed.Arith(*(int(p.meta[k]) for k in "abc")), "direct")
-        out.append([{"role": "user", "content": p.question},
-                    {"role": "assistant", "reasoning": reasoning, "content": testbed.answer_text(ans)}])
-    return out

@@ -2,11 +2,13 @@
 
 Explicit pairs are what make layouts other than "previous index predicts next index" correct: in the one-pass
 layout the first answer token of a turn is predicted from the last reasoning token, which is not the token
-before it in the sequence (papers.md §2.7). Reductions are explicit because the papers differ: LaTRO sums,
+before it in the sequence (docs/methods.md §2.7). Reductions are explicit because the papers differ: LaTRO sums,
 RISE averages per sample, SSFT length-normalises its matching cost.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -68,3 +70,15 @@ def reduce(values: torch.Tensor, groups: torch.Tensor, num_groups: int, how: str
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-token cross-entropy (fused kernel; equals -logprobs_of)."""
     return F.cross_entropy(logits, targets, reduction="none")
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded ids, attention mask and position ids (0 at each prompt's first real token)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(list(p))
+        att[r, width - len(p):] = 1
+    pos = (att.cumsum(-1) - 1).clamp(min=0)
+    return ids, att, pos

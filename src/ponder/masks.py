@@ -1,4 +1,4 @@
-"""The one-pass layout for multi-turn reasoning (arXiv 2504.18246, papers.md §2.3–2.5).
+"""The one-pass layout for multi-turn reasoning (arXiv 2504.18246, docs/methods.md §2.3–2.5).
 
 At inference a chat template drops earlier turns' reasoning, so turn k is generated from a context holding
 earlier answers but not earlier reasoning. One-pass trains every turn of a conversation in a single forward:
@@ -15,7 +15,7 @@ per turn, ``[t_k r_k^out]``, which sees the trunk up to the end of ``h_k`` plus 
 any order), but with the trunk first the visible keys of every block of queries form one contiguous range
 plus the branch itself, which is what makes `sparse_attention_forward` cheap. Because a branch's first
 token is not preceded by its context in the sequence, labels are explicit (predictor, target) pairs; they also
-avoid the official code's misaligned first answer token (papers.md §2.7).
+avoid the official code's misaligned first answer token (docs/methods.md §2.7).
 
 Turns without reasoning whose answer renders the same in both views have no branch: their answer is trained in
 the trunk, where it stands (the official code silently drops their loss). System and user messages and
@@ -29,6 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv
 
 from ponder.chat import Rendered, RenderError, render_turns
 
@@ -155,7 +158,7 @@ def _train_pairs(lay: Layout, targets: list[int], first_pred: int, w: float, msg
 
 
 def allowed(roles_q, turns_q, samples_q, idx_q, roles_k, turns_k, samples_k, idx_k):
-    """The one-pass mask predicate (papers.md §2.4), written for broadcasting tensors (dense masks) and for
+    """The one-pass mask predicate (docs/methods.md §2.4), written for broadcasting tensors (dense masks) and for
     scalars inside a FlexAttention `mask_mod` alike. True where query q may attend to key k."""
     same_turn = turns_q == turns_k
     visible = (((roles_k == HUMAN) & (turns_k <= turns_q))
@@ -181,7 +184,7 @@ class Batch:
 
     def dense_mask(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Additive float mask (B, 1, T, T): 0 where allowed, finfo.min elsewhere. (A bool 4D mask is silently
-        misapplied under eager attention, and -inf gives NaN on fully masked rows: feasibility.md §4.)"""
+        misapplied under eager attention, and -inf gives NaN on fully masked rows: docs/methods.md §5.)"""
         idx = torch.arange(self.input_ids.shape[1])
         ok = allowed(self.roles[:, :, None], self.turns[:, :, None], self.samples[:, :, None], idx[None, :, None],
                      self.roles[:, None, :], self.turns[:, None, :], self.samples[:, None, :], idx[None, None, :])
@@ -244,6 +247,72 @@ def collate(layouts: Sequence[Layout], pad_id: int, row_length: int | None = Non
     pairs = torch.tensor([pr, pp, pt], dtype=torch.long).reshape(3, -1)
     return Batch(ids, pos, roles, turns, samples, weights, pairs, torch.tensor(pe, dtype=torch.long),
                  torch.tensor(pm, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared-prefix rows (SSFT matching costs: one prompt, many short branches)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PrefixRow:
+    """One row of the cost forward: ids, position ids, per-token branch (0 = a shared prompt, 1.. = a branch,
+    -1 = padding), and the cells it scores: (question, tag i, trace j, indices of the targets)."""
+    ids: list[int]
+    pos: list[int]
+    branch: list[int]
+    cells: list[tuple[int, int, int, list[int]]]
+
+
+def shared_prefix_rows(items, prefix_len: int | None, layout: str, row_tokens: int) -> list[PrefixRow]:
+    """Lay out every (question, tag i, trace j) prefix [prompt | tag_i | r_j[:L]] for one forward.
+
+    ``shared``: per question, rows [prompt | tag_1 r_1[:L] | tag_1 r_2[:L] | ... ] holding the prompt once and as
+    many branches as fit in `row_tokens` (at least one); each branch sees the prompt and itself (a custom
+    mask) and its positions continue from the prompt. ``packed``: each prefix is an independent sequence with
+    its own copy of the prompt, packed back to back into rows of at most `row_tokens` tokens with positions
+    restarting (transformers then builds the block-diagonal mask itself from the restarting position ids).
+    Either way the attention cost is ~ tokens x row length, so `row_tokens` bounds it."""
+    rows: list[PrefixRow] = []
+    for q, (prompt, tags, traces) in enumerate(items):
+        pre = [list(t[:prefix_len]) if prefix_len else list(t) for t in traces]
+        if any(not p for p in pre):
+            raise ValueError("a trace has no trained tokens to score")
+        for i, tag in enumerate(tags):
+            for j, r in enumerate(pre):
+                seq = list(tag) + r
+                if layout == "shared":
+                    fresh = not rows or rows[-1].cells[-1][0] != q or len(rows[-1].ids) + len(seq) > row_tokens
+                    if fresh:
+                        rows.append(PrefixRow(list(prompt), list(range(len(prompt))), [0] * len(prompt), []))
+                    row = rows[-1]
+                    b = max(row.branch) + 1
+                else:
+                    if not rows or len(rows[-1].ids) + len(prompt) + len(seq) > row_tokens:
+                        rows.append(PrefixRow([], [], [], []))
+                    row = rows[-1]
+                    b = max(row.branch, default=0) + 1
+                    row.ids += prompt
+                    row.pos += list(range(len(prompt)))
+                    row.branch += [b] * len(prompt)
+                start = len(row.ids) + len(tag)
+                row.ids += seq
+                row.pos += list(range(len(prompt), len(prompt) + len(seq)))
+                row.branch += [b] * len(seq)
+                row.cells.append((q, i, j, list(range(start, start + len(r)))))
+    return rows
+
+
+def shared_prefix_mask(branch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, T, T) additive float mask: causal, and a query sees keys of the shared prompt (branch 0) and of
+    its own branch. Padding (-1) queries see only themselves (finfo.min, not -inf: no NaN; docs/methods.md §5)."""
+    t = branch.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    q, k = branch[:, :, None], branch[:, None, :]
+    allowed = causal & ((k == 0) | (k == q)) & (q >= 0) & (k >= 0)
+    allowed |= torch.eye(t, dtype=torch.bool)
+    out = torch.zeros(allowed.shape, dtype=dtype)
+    return out.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -326,8 +395,6 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     Each row is split once at every job boundary (``split``/``unbind``, whose backward is one concatenation —
     slicing per job would allocate a full-size zero gradient per slice), and each job runs one 4-D sdpa call,
     which takes the fused CPU kernel rather than the unfused math path."""
-    import torch.nn.functional as F
-    from transformers.integrations.sdpa_attention import repeat_kv
     plan: SparsePlan = kwargs["ponder_plan"]
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
@@ -360,7 +427,6 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
 
 
 def _register_sparse():
-    from transformers import AttentionInterface
     if SPARSE_IMPL not in AttentionInterface._global_mapping:
         AttentionInterface.register(SPARSE_IMPL, sparse_attention_forward)
 

@@ -7,6 +7,9 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from ponder import rollout, verify
+from ponder.data import Problem, as_problem
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k) (Chen et al. 2021),
@@ -37,12 +40,14 @@ def maj_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> bool:
     return i is not None and bool(correct[i])
 
 
-def mean(xs: Sequence[float]) -> float:
+def mean(xs) -> float:
+    """Mean of an iterable of numbers (bools count as 0/1); 0.0 when empty."""
+    xs = list(xs)
     return sum(xs) / len(xs) if xs else 0.0
 
 
 def sequential_metrics(answers: Sequence[Sequence[str | None]], correct: Sequence[Sequence[bool]]) -> dict[str, Any]:
-    """RISE's sequential-evaluation metrics (arXiv 2407.18219 §6; papers.md §3.7) from the answers and their
+    """RISE's sequential-evaluation metrics (arXiv 2407.18219 §6; docs/methods.md §3.7) from the answers and their
     correctness at each turn, both of shape (problems, turns) with T = turns:
 
     - ``m1@t1``: accuracy of the first turn's single sample;
@@ -77,15 +82,15 @@ def sequential_metrics(answers: Sequence[Sequence[str | None]], correct: Sequenc
     return out
 
 
-def evaluate(model, tokenizer, problems: Sequence[Any], samples: int = 8, temperature: float = 1.0,
+def evaluate(model, tokenizer, problems: Sequence[Problem | dict], samples: int = 8, temperature: float = 1.0,
              max_new_tokens: int = 256, batch_size: int = 64, seed: int = 0, prompt: str = "{question}",
              greedy: bool = True) -> dict[str, Any]:
     """Greedy accuracy, and over `samples` samples at `temperature`: mean accuracy, pass@k for k = 1, 2, 4, ...
     up to `samples`, and maj@`samples`. Also returns per-problem records."""
-    from ponder import rollout, verify
-    prompts = [prompt.format(question=_q(p)) for p in problems]
+    problems = [as_problem(p, f"problems[{i}]", i) for i, p in enumerate(problems)]
+    prompts = [prompt.format(question=p.question) for p in problems]
     out: dict[str, Any] = {"n": len(problems)}
-    records = [{"id": _id(p, i), "question": _q(p), "answer": _a(p)} for i, p in enumerate(problems)]
+    records = [{"id": p.id, "question": p.question, "answer": p.answer} for p in problems]
     if greedy:
         g = rollout.sample(model, tokenizer, prompts, n=1, temperature=0.0, max_new_tokens=max_new_tokens,
                            batch_size=batch_size, seed=seed, description="greedy")
@@ -113,14 +118,3 @@ def evaluate(model, tokenizer, problems: Sequence[Any], samples: int = 8, temper
     out["records"] = records
     return out
 
-
-def _q(p):
-    return p["question"] if isinstance(p, dict) else p.question
-
-
-def _a(p):
-    return p["answer"] if isinstance(p, dict) else p.answer
-
-
-def _id(p, i):
-    return (p.get("id") if isinstance(p, dict) else getattr(p, "id", None)) or str(i)

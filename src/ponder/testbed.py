@@ -1,4 +1,5 @@
-"""The testbed: a tiny reasoning model that ponder pre-trains from scratch on 2 CPU cores, and its data.
+"""The testbed's task, tokenizer and shipped weights: a tiny reasoning model ponder pre-trains from scratch on
+2 CPU cores (the pre-training recipe is `ponder.recipes.testbed`; its weights ship in ``weights/testbed``).
 
 The task is `a+b*c` (a, b two-digit, c one-digit) with step-by-step reasoning in a ``<think>`` block and the
 answer sentence "The answer is N." (LaTRO's answer template). The data has what every method needs:
@@ -8,37 +9,37 @@ answer sentence "The answer is N." (LaTRO's answer template). The data has what 
 - retry episodes: a wrong first attempt with a plausible arithmetic slip, the RISE retry feedback, then a
   correct attempt (RISE), so the model knows the multi-turn format and makes fixable first-attempt errors.
 
-The model is a character-level Llama (4 layers, hidden 192, ~1.8M parameters) trained for a fixed number of
-steps (not seconds: this machine's CPU is shared, so wall-clock budgets do not repeat).
+The model is a character-level Llama (4 layers, hidden 192, ~1.8M parameters). Its weights ship with the
+package (checked by SHA-256), so every machine starts from the same model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
-import shutil
+import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
 from ponder.chat import CHATML_TEMPLATE, THINK_CLOSE, THINK_OPEN
+from ponder.prompts import ANSWER_TEMPLATE, RETRY_PROMPT
 
 SPECIAL_TOKENS = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", THINK_OPEN, THINK_CLOSE]
 CHARSET = [c for c in string.printable if c not in "\r\x0b\x0c"]  # letters, digits, punctuation, space, \t, \n
 WORDS = ["system", "user", "assistant", "The answer is"]
-RETRY_PROMPT = "The answer is incorrect. Please try again. Here's the question: {query}"
-ANSWER_TEMPLATE = "The answer is {answer}."
 TASK = "testbed"
-VERSION = 1  # bump when the data or the recipe changes, so cached builds are rebuilt
+VERSION = 1  # bump when the data or the recipe changes
 
 
 def build_tokenizer():
     """The project tokenizer: one token per character plus ChatML/think specials (deterministic, no training)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + CHARSET + WORDS)}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
@@ -108,7 +109,6 @@ def answer_text(n: int) -> str:
 
 def strategy_of(reasoning: str) -> str | None:
     """Which of `STRATEGIES` a reasoning text follows (by its shape), or None."""
-    import re
     steps = [s for s in reasoning.strip().split(". ") if s]
     if len(steps) == 2:
         return "direct" if re.match(r"^\d{2}\*\d=", steps[0]) else "swap" if re.match(r"^\d\*\d{2}=", steps[0]) else None
@@ -199,6 +199,12 @@ def retry_episode(p: Arith, rng: random.Random, wrong_attempts: int = 1, strateg
     return msgs + [_assistant(reasoning, ans)]
 
 
+def gold_conversation(problem) -> list[dict[str, Any]]:
+    """A testbed `Problem` with its gold rationale in the ``direct`` format the testbed was pre-trained on (the
+    SFT baseline of LaTRO: one gold rationale per question)."""
+    return single_turn(Arith(*(int(problem.meta[k]) for k in "abc")), random.Random(0), "direct")
+
+
 def trace_set(p: Arith) -> dict[str, Any]:
     """One question with one trace per strategy (SSFT's TraceSet record)."""
     traces = []
@@ -257,101 +263,39 @@ def pretraining_conversations(n: int, seed: int = 0, mix: dict[str, float] | Non
 
 
 # ----------------------------------------------------------------------------------------------------------
-# build
+# the shipped weights
 # ----------------------------------------------------------------------------------------------------------
 
 MODEL_CONFIG = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
                     num_key_value_heads=6, head_dim=32, max_position_embeddings=2048)
+WEIGHTS = Path(__file__).parent / "weights" / "testbed"
 
 
-def default_dir() -> Path:
-    from ponder.models import home
-    return home() / f"testbed-v{VERSION}"
-
-
-def ensure(path: Path | None = None, **build_kwargs) -> Path:
-    """The cached testbed directory, built first if missing (one process builds; others wait)."""
-    path = Path(path or os.environ.get("PONDER_TESTBED") or default_dir())
-    if (path / "config.json").exists():
-        return path
-    from filelock import FileLock
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
+def weights_dir() -> Path:
+    """The testbed model directory: ``$PONDER_TESTBED`` if set (a rebuilt model), else the weights shipped in
+    the package, checked against the SHA-256 recorded when they were built (`ponder testbed build --ship`)."""
+    override = os.environ.get("PONDER_TESTBED")
+    if override:
+        path = Path(override)
         if not (path / "config.json").exists():
-            build(path, **build_kwargs)
-    return path
+            raise FileNotFoundError(f"PONDER_TESTBED={override}: no model there (config.json missing); build one "
+                                    "with `ponder testbed build --out DIR`")
+        return path
+    info = WEIGHTS / "testbed.json"
+    if not info.exists():
+        raise FileNotFoundError(f"{WEIGHTS}: the shipped testbed weights are missing; reinstall ponder or build "
+                                "them with `ponder testbed build --ship`")
+    want = json.loads(info.read_text()).get("sha256")
+    got = file_sha256(WEIGHTS / "model.safetensors")
+    if want != got:
+        raise ValueError(f"{WEIGHTS / 'model.safetensors'}: SHA-256 {got[:12]}… does not match testbed.json "
+                         f"({str(want)[:12]}…); the shipped weights were changed or damaged")
+    return WEIGHTS
 
 
-class _StopAtAccuracy:
-    """Every `every` steps from `start`, greedy accuracy on validation problems (fresh training-distribution
-    problems, never the held-out test set); stop once it reaches `target`. The step at which a 2M model
-    "gets" the arithmetic varies a lot with the data order (seen: 9-57% greedy at equal steps), so the build
-    trains until it is middling instead of for a fixed number of steps. Deterministic for a given seed."""
-
-    def __init__(self, tokenizer, target: float, start: int, every: int, n: int = 100, seed: int = 777):
-        from transformers import TrainerCallback
-        self.tok, self.target, self.start, self.every = tokenizer, target, start, every
-        self.problems = problems(n, seed=seed, split="train")
-        self.history: list[tuple[int, float]] = []
-        outer = self
-
-        class CB(TrainerCallback):
-            def on_step_end(self, args, state, control, model=None, **kw):
-                step = state.global_step
-                if step >= outer.start and (step - outer.start) % outer.every == 0:
-                    acc = outer.accuracy(model)
-                    outer.history.append((step, acc))
-                    if acc >= outer.target:
-                        control.should_training_stop = True
-        self.callback = CB()
-
-    def accuracy(self, model) -> float:
-        from ponder import rollout, verify
-        out = rollout.sample(model, self.tok, [p["question"] for p in self.problems], temperature=0.0,
-                             max_new_tokens=48, batch_size=len(self.problems), progress=False)
-        return sum(verify.is_correct(p, s[0].text) for p, s in zip(self.problems, out)) / len(self.problems)
-
-
-def build(out: Path, max_steps: int = 700, target: float = 0.35, batch_size: int = 64, lr: float = 3e-3,
-          seed: int = 0, log: bool = True) -> dict[str, Any]:
-    """Pre-train the testbed model from scratch with ponder's SFT trainer (until validation greedy accuracy
-    reaches `target`, at most `max_steps`) and save it atomically to `out`."""
-    import time
-
-    import torch
-    from transformers import LlamaForCausalLM
-
-    from ponder.models import tiny_config
-    from ponder.trainers.sft import SFTConfig, SFTTrainer
-
-    t0 = time.time()
-    out = Path(out)
-    tok = build_tokenizer()
-    cfg = tiny_config(len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, **MODEL_CONFIG)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
-    convs = pretraining_conversations(max_steps * batch_size, seed=seed)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    args = SFTConfig(output_dir=str(tmp / "trainer"), max_steps=max_steps, per_device_train_batch_size=batch_size,
-                     learning_rate=lr, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
-                     warmup_steps=30, weight_decay=0.01, adam_beta2=0.98, max_grad_norm=1.0, logging_steps=25,
-                     save_strategy="no", report_to=[], seed=seed, train_sampling_strategy="random",
-                     packing=True, packing_length=256, disable_tqdm=not log, max_length=512)
-    stopper = _StopAtAccuracy(tok, target, start=240, every=40)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=convs, processing_class=tok,
-                         callbacks=[stopper.callback])
-    result = trainer.train()
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    info = {"version": VERSION, "steps": result.global_step, "max_steps": max_steps, "target": target,
-            "validation_accuracy": stopper.history, "batch_size": batch_size, "lr": lr, "seed": seed,
-            "train_loss": result.training_loss, "params": sum(p.numel() for p in model.parameters()),
-            "build_seconds": time.time() - t0}
-    (tmp / "testbed.json").write_text(json.dumps(info, indent=2))
-    shutil.rmtree(tmp / "trainer", ignore_errors=True)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return info
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -8,11 +8,21 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
 T = TypeVar("T")
 
 
 def console():
-    from rich.console import Console
     return Console(stderr=True)
 
 
@@ -26,14 +36,6 @@ def progress_bar(description: str, total: int | None, unit: str = ""):
     if quiet():
         yield lambda n=1: None
         return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
     cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn(unit), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*cols, console=console(), transient=False, disable=not sys.stderr.isatty()) as p:
@@ -57,13 +59,11 @@ def fmt(v: Any) -> str:
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    from rich.table import Table
     t = Table(title=title)
     for c in columns:
         t.add_column(c)
     for r in rows:
         t.add_row(*[fmt(v) for v in r])
-    from rich.console import Console
     Console().print(t)
 
 

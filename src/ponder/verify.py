@@ -12,7 +12,8 @@ from __future__ import annotations
 import re
 import threading
 from decimal import Decimal, InvalidOperation
-from typing import Any
+
+from ponder.data import Problem, as_problem
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -124,16 +125,8 @@ def math_equal(gold: str, text: str) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _meta(problem: Any) -> dict:
-    return problem.get("meta", {}) if isinstance(problem, dict) else getattr(problem, "meta", {}) or {}
-
-
-def _gold(problem: Any) -> str:
-    return str(problem["answer"] if isinstance(problem, dict) else problem.answer)
-
-
-def verifier_of(problem: Any) -> str:
-    meta = _meta(problem)
+def verifier_of(problem: Problem | dict) -> str:
+    meta = as_problem(problem).meta
     if meta.get("verifier"):
         return meta["verifier"]
     task = meta.get("task", "")
@@ -172,9 +165,10 @@ def _rg_extract(text: str, gold: str) -> str | None:
     return last_number(text) if numeric else None
 
 
-def extract(problem: Any, text: str) -> str | None:
+def extract(problem: Problem | dict, text: str) -> str | None:
     """The answer in `text`, in the canonical form majority votes compare."""
-    kind, gold = verifier_of(problem), _gold(problem)
+    problem = as_problem(problem)
+    kind, gold = verifier_of(problem), problem.answer
     if kind in ("answer_is", "testbed"):
         return answer_is(text, numeric=canonical_number(gold) is not None)
     if kind == "gsm8k":
@@ -192,12 +186,13 @@ def extract(problem: Any, text: str) -> str | None:
     return answer_is(text, numeric=True)
 
 
-def score(problem: Any, text: str) -> float:
+def score(problem: Problem | dict, text: str) -> float:
     """Reward in [0, 1] for `text` as an answer to `problem` (1.0 = correct)."""
-    kind, gold = verifier_of(problem), _gold(problem)
+    problem = as_problem(problem)
+    kind, gold = verifier_of(problem), problem.answer
     if kind.startswith("rg:"):
         import reasoning_gym as rg
-        entry = _meta(problem).get("entry") or {"question": "", "answer": gold, "metadata": {}}
+        entry = problem.meta.get("entry") or {"question": "", "answer": gold, "metadata": {}}
         pred = _rg_extract(text, gold)
         if pred is None:
             return 0.0
@@ -209,12 +204,12 @@ def score(problem: Any, text: str) -> float:
     return _numeric_or_text(extract(problem, text), gold)
 
 
-def is_correct(problem: Any, text: str) -> bool:
+def is_correct(problem: Problem | dict, text: str) -> bool:
     return score(problem, text) >= 1.0
 
 
 def rise_gsm8k_reward(text: str, gold: str) -> float:
-    """RISE's GSM8K reward (papers.md §3.3): +1 if the last ``\\boxed{}`` (an integer, commas removed) equals
+    """RISE's GSM8K reward (docs/methods.md §3.3): +1 if the last ``\\boxed{}`` (an integer, commas removed) equals
     the gold, 0 if it does not, -1 if there is no parsable boxed answer."""
     b = boxed(text)
     n = canonical_number(b) if b is not None else None

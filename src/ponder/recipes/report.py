@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 from ponder import ui
+from ponder.recipes.common import pyplot
 
 SKIP_CURVES = {"epoch", "step", "total_flos", "train_runtime", "train_samples_per_second",
                "train_steps_per_second", "train_loss"}
@@ -39,7 +41,7 @@ def section_md(sec: dict[str, Any]) -> str:
 
 def write(run_dir: Path, title: str, sections: list[dict[str, Any]], intro: list[str] = ()) -> Path:
     """Write ``report.md`` (and ``sections.json``, to re-render) into `run_dir`; plot paths are relative to it."""
-    import os
+
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     text = "\n".join([f"# {title}", "", *intro, ""]) + "\n" + "\n".join(section_md(s) for s in sections)
@@ -53,9 +55,7 @@ def write(run_dir: Path, title: str, sections: list[dict[str, Any]], intro: list
 
 def plot_curves(series: dict[str, list[tuple[float, float]]], path: Path, title: str, xlabel: str = "step") -> Path:
     """One small panel per named curve (x, y), in a grid; saved as PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     names = [k for k, v in series.items() if v]
     cols = min(3, len(names)) or 1
     rows = math.ceil(len(names) / cols) or 1

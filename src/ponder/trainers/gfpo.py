@@ -1,4 +1,4 @@
-"""Global Forking Policy Optimization (GFPO; arXiv 2510.05132 v3, papers.md §1.5): a few RL steps after SSFT
+"""Global Forking Policy Optimization (GFPO; arXiv 2510.05132 v3, docs/methods.md §1.5): a few RL steps after SSFT
 that teach the model to *choose* its forking token.
 
 Per question x and step: the model samples G tags g_1..G from π(g | x) and then a full trace after each tag;
@@ -7,7 +7,7 @@ A_k = (r_k - mean(r)) / (std(r) + eps) (`ponder.advantages.group_normalized`), a
 
     L(θ) = - (1 / (B·G)) Σ_x Σ_k A_k · log π_θ(g_k | x)
 
-The rollouts are not back-propagated: the gradient flows only through the tag token's log-prob (papers.md §1.5:
+The rollouts are not back-propagated: the gradient flows only through the tag token's log-prob (docs/methods.md §1.5:
 "the policy gradient is applied only to the output distribution of the global forking token").
 
 Choices of ours (the paper's RL code is unreleased):
@@ -33,15 +33,15 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from ponder import ssft
+from ponder import rollout, ssft, ui, verify
 from ponder.advantages import group_normalized
-from ponder.data import DataError
-from ponder.trainers.sft import PonderTrainer, model_and_tokenizer
-from ponder.trainers.ssft import ForkingConfig, collate, save_merged, setup_model
+from ponder.chat import generation_prompt, pad_id
+from ponder.data import DataError, as_problem, load_problems
+from ponder.trainers.base import PonderTrainer, model_and_tokenizer, save_merged
+from ponder.trainers.ssft import ForkingConfig, collate, setup_model
 
 
 @dataclass
@@ -85,36 +85,30 @@ class GFPOTrainer(PonderTrainer):
         self.tags = ssft.forking_tags(args.num_tags)
         missing = [t for t in self.tags if t not in tok.get_vocab()]
         if missing:
-            from ponder import ui
             ui.info(f"[yellow]warning:[/] the model has no {', '.join(missing)}; adding them (GFPO normally "
                     "starts from an SSFT model)")
         model, tag_ids = setup_model(model, tok, self.tags, True, args.token_init, args.lora, args.tags_only,
                                      args.seed)
         self.tag_ids = [t[0] for t in tag_ids]
-        if reward_fn is None:
-            from ponder.verify import score as reward_fn
-        self.reward_fn = reward_fn
+        self.reward_fn = reward_fn or verify.score
         data = train_dataset if train_dataset is not None else args.dataset
         if data is None:
             raise ValueError("no training problems: pass train_dataset or set `dataset` in the config")
         if isinstance(data, str):
-            from ponder.data import load_problems
             data = load_problems(data, n=args.dataset_size, split="train", seed=args.data_seed or args.seed)
-        from ponder.chat import generation_prompt
-        from ponder.metrics import _id, _q
-        items = [{"id": _id(p, i), "prompt": generation_prompt(tok, [{"role": "user", "content": _q(p)}]),
-                  "problem": p, "units": args.num_generations} for i, p in enumerate(data)]
+        problems = [as_problem(p, f"train_dataset[{i}]", i) for i, p in enumerate(data)]
+        items = [{"id": p.id, "prompt": generation_prompt(tok, [{"role": "user", "content": p.question}]),
+                  "problem": p, "units": args.num_generations} for p in problems]
         if not items:
             raise DataError("no training problems")
         self.data_stats = {"train": Counter(examples=len(items))}
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad_id = pad_id(tok)
         self._stats: Counter = Counter()
         super().__init__(model=model, args=args, train_dataset=items, processing_class=tok,
                          data_collator=collate, **kwargs)
 
     def rollouts(self, model, items, chosen: torch.Tensor) -> torch.Tensor:
         """Generate a trace after each sampled tag and score it: rewards (B, G)."""
-        from ponder import rollout
         g = chosen.shape[1]
         prompts = [it["prompt"] + [self.tag_ids[int(t)]] for it, row in zip(items, chosen) for t in row]
         out = rollout.sample(self.accelerator.unwrap_model(model), self.processing_class, prompts, n=1,
@@ -158,17 +152,3 @@ class GFPOTrainer(PonderTrainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         save_merged(self, output_dir, _internal_call)
-
-
-def tag_distribution(model, tokenizer, problems: list[Any], num_tags: int, batch_size: int = 64) -> torch.Tensor:
-    """Mean π(g | x) over problems (what GFPO moves): a (N,) tensor."""
-    from ponder.chat import generation_prompt
-    from ponder.metrics import _q
-    tags = ssft.forking_tags(num_tags)
-    ids = [t[0] for t in ssft.tag_token_ids(tokenizer, tags)]
-    prompts = [generation_prompt(tokenizer, [{"role": "user", "content": _q(p)}]) for p in problems]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    with torch.no_grad():
-        ps = [ssft.tag_logprobs(model, prompts[i:i + batch_size], ids, pad).exp() for i in
-              range(0, len(prompts), batch_size)]
-    return torch.cat(ps).mean(0)

@@ -1,4 +1,4 @@
-"""LaTRO trainer (arXiv 2411.04282, papers.md §4): self-rewarding latent reasoning optimisation.
+"""LaTRO trainer (arXiv 2411.04282, docs/methods.md §4): self-rewarding latent reasoning optimisation.
 
 Per optimizer micro-step, on the prompts of the batch (TRL's shape: rollouts inside the training step):
 1. K rationales per question from the current policy (no grad; temperature 1, at most L tokens, stopped at the
@@ -17,31 +17,30 @@ micro-batch samples its own rollouts with the same (not yet updated) weights, wh
 estimator (a single gradient step per batch, no PPO ratio) except that the non-stop penalty's batch mean is
 over the micro-batch. Batch arithmetic follows TRL's RLOOTrainer: `per_device_train_batch_size` counts
 rollouts (a multiple of `num_generations`); `num_train_epochs` counts passes over the questions (the official
-code's "epochs" count rollouts: its GSM8K "6 epochs" are ~0.37 passes, papers.md §4.6).
+code's "epochs" count rollouts: its GSM8K "6 epochs" are ~0.37 passes, docs/methods.md §4.6).
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 from transformers import TrainingArguments
 
-from ponder import latro
+from ponder import latro, metrics, rollout
 from ponder.advantages import rloo_advantages
-from ponder.data import DataError, Problem
-from ponder.trainers.sft import PonderTrainer, model_and_tokenizer
+from ponder.chat import end_of_turn_id, pad_id
+from ponder.data import DataError, Problem, resolve_problems
+from ponder.trainers.base import PonderTrainer, model_and_tokenizer
 
 
 @dataclass
 class LaTROConfig(TrainingArguments):
-    """Defaults are the paper's GSM8K recipe (papers.md §4.6): K = 16, 48 rollouts per device per update,
+    """Defaults are the paper's GSM8K recipe (docs/methods.md §4.6): K = 16, 48 rollouts per device per update,
     lr 5e-7 (no warm-up, linear decay), β = 0.05, L = 500, temperature 1, γ = 2."""
     model: str = field(default="testbed", metadata={"help": "model spec for ponder.models.load (CLI runs)"})
     dataset: str | None = field(default=None, metadata={"help": "problems: testbed | rg:<task> | .jsonl | hf:<name>"})
@@ -120,28 +119,9 @@ class GroupSampler(torch.utils.data.Sampler):
                 yield i
 
 
-def _problem(p: Any, where: str) -> Problem:
-    if isinstance(p, Problem):
-        return p
-    if isinstance(p, dict) and "question" in p and "answer" in p:
-        return Problem(str(p.get("id", where)), str(p["question"]), str(p["answer"]), dict(p.get("meta") or {}))
-    raise DataError(f"{where}: expected a problem with 'question' and 'answer', got {type(p).__name__}")
-
-
-def resolve_problems(spec, n: int | None, split: str, where: str) -> list[Problem]:
-    if spec is None:
-        raise ValueError(f"no {where}: pass it to the trainer or set `dataset` in the config")
-    if isinstance(spec, str):
-        from ponder.data import load_problems
-        return load_problems(spec, n=n, split=split)
-    items = list(spec)[:n] if n else list(spec)
-    return [_problem(p, f"{where}[{i}]") for i, p in enumerate(items)]
-
-
 def encode_problems(tokenizer, problems: list[Problem], prompt_template: str, answer_template: str
                     ) -> list[dict[str, Any]]:
     """Per problem: x (chat-templated prompt ids) and y (answer ids + end-of-turn)."""
-    from ponder.chat import end_of_turn_id
     eot = end_of_turn_id(tokenizer)
     out = []
     for i, p in enumerate(problems):
@@ -181,7 +161,7 @@ class LaTROTrainer(PonderTrainer):
         # Reference π₀ = the initial policy. With LoRA, the base weights are π₀: disable the adapter for the
         # reference pass instead of holding a second copy.
         self.ref_model = None
-        if args.beta > 0 and not _is_peft(model):
+        if args.beta > 0 and not isinstance(model, PeftModel):
             self.ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
             self.ref_model.eval().requires_grad_(False)
             disable_dropout(self.ref_model)
@@ -199,7 +179,6 @@ class LaTROTrainer(PonderTrainer):
         self.data_stats = {"train": {"problems": len(train), "eval_problems": len(self.eval_problems)}}
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._micro = (-1, 0)  # (global_step, micro-steps done in it): seeds the rollouts, so resume repeats them
-        from ponder.chat import end_of_turn_id
         self._eos = sorted({end_of_turn_id(tok), *([tok.eos_token_id] if tok.eos_token_id is not None else [])})
         super().__init__(model=model, args=args, train_dataset=train, eval_dataset=self.eval_problems or None,
                          processing_class=tok, data_collator=collate, **kwargs)
@@ -223,7 +202,6 @@ class LaTROTrainer(PonderTrainer):
 
     def rollouts(self, model, prompt_ids: list[list[int]]):
         """K rationales for each prompt: (xs, zs, stopped) with one entry per rollout, grouped by prompt."""
-        from ponder import rollout
         a = self.args
         samples = rollout.sample(model, self.processing_class, prompt_ids, n=a.num_generations,
                                  max_new_tokens=a.max_rationale_length, temperature=a.temperature, stop=a.stop,
@@ -241,7 +219,7 @@ class LaTROTrainer(PonderTrainer):
     def ref_logp_z(self, model, xs, zs) -> torch.Tensor:
         """Σ log π₀(z|x): a pass over [x z] only (an empty y) with the frozen copy or the disabled adapter."""
         empty = [[] for _ in xs]
-        pad = latro._pad_id(self.processing_class)
+        pad = pad_id(self.processing_class)
         if self.ref_model is not None:
             return latro.score_ids(self.ref_model, xs, zs, empty, pad)[0]
         with model.disable_adapter():
@@ -258,7 +236,7 @@ class LaTROTrainer(PonderTrainer):
         xs, zs, stopped = self.rollouts(policy, prompts[::k])
         ys = [y for y in answers[::k] for _ in range(k)]
         stopped = stopped.to(self.accelerator.device)
-        logp_z, logp_y = latro.score_ids(model, xs, zs, ys, latro._pad_id(self.processing_class))
+        logp_z, logp_y = latro.score_ids(model, xs, zs, ys, pad_id(self.processing_class))
         ref = self.ref_logp_z(policy, xs, zs) if a.beta > 0 else None
         reward, kl = latro.self_rewards(logp_y, logp_z, ref, stopped, a.beta, a.nonstop_penalty)
         adv = rloo_advantages(reward.view(-1, k)).view(-1)
@@ -296,7 +274,6 @@ class LaTROTrainer(PonderTrainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Greedy accuracy and maj@k (k = eval_samples, temperature 1) on held-out problems, the paper's two
         inference modes (Table 2); logged, and usable as `metric_for_best_model` (e.g. eval_greedy_accuracy)."""
-        from ponder import metrics
         a = self.args
         if eval_dataset is not None:
             problems = resolve_problems(eval_dataset, a.n_eval, a.eval_split, "eval_dataset")
@@ -313,90 +290,3 @@ class LaTROTrainer(PonderTrainer):
         self.log(out)
         self.control = self.callback_handler.on_evaluate(a, self.state, self.control, out)
         return out
-
-
-def _is_peft(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# report
-# ----------------------------------------------------------------------------------------------------------
-
-PLOTS = (("reward", "self-reward Σ log π(y|x⊕z)"), ("kl", "KL estimate log π − log π₀"),
-         ("advantage_std", "advantage spread (std within group)"), ("eval_greedy_accuracy", "held-out accuracy"))
-
-
-YLABELS = {"reward": "nats (higher is better)", "kl": "nats per rationale", "advantage_std": "nats",
-           "eval_greedy_accuracy": "accuracy"}
-
-
-def series(log_history: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    pts = [(h["step"], h[key]) for h in log_history if key in h and h[key] is not None]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
-def plot(log_history: list[dict[str, Any]], path: Path, title: str = "LaTRO",
-         baselines: dict[str, float] | None = None) -> Path:
-    """A 2x2 PNG: self-reward, KL, advantage spread, held-out greedy accuracy and maj@k over steps
-    (`baselines`: other models' accuracies, drawn as dashed horizontal lines in the accuracy panel)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    for ax, (key, label) in zip(axes.flat, PLOTS):
-        xs, ys = series(log_history, key)
-        if key.startswith("eval_") or len(xs) < 20:
-            ax.plot(xs, ys, marker="o", label=key.removeprefix("eval_"))
-        else:  # per-log values are noisy (a few questions each): show them faintly under a running mean
-            w = max(5, len(xs) // 15)
-            ax.plot(xs, ys, alpha=0.3, color="C0")
-            ax.plot(xs, [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))],
-                    color="C0", label=f"running mean ({w} logs)")
-            ax.legend()
-        if key == "eval_greedy_accuracy":
-            maj = next((k for h in log_history for k in h if k.startswith("eval_maj@")), None)
-            if maj:
-                mx, my = series(log_history, maj)
-                ax.plot(mx, my, marker="s", label=maj.removeprefix("eval_"))
-            for i, (name, v) in enumerate((baselines or {}).items()):  # same colour as the metric it compares to
-                ax.axhline(v, linestyle="--", color=f"C{i % 2}", alpha=0.8, label=name)
-            ax.legend()
-        ax.set_title(label)
-        ax.set_ylabel(YLABELS[key])
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def write_report(out: Path, cfg: LaTROConfig, log_history: list[dict[str, Any]], summary: dict[str, Any]) -> Path:
-    """runs/<name>/report.md: the configuration that matters, evaluation over steps, and the PNG."""
-    from ponder import ui
-    png = plot(log_history, out / "latro.png", f"LaTRO: {cfg.model} on {cfg.dataset}")
-    evals = [h for h in log_history if "eval_greedy_accuracy" in h]
-    maj = next((k for h in evals for k in h if k.startswith("eval_maj@")), None)
-    lines = [f"# LaTRO: {cfg.model} on {cfg.dataset}", "",
-             f"K = {cfg.num_generations}, L = {cfg.max_rationale_length}, β = {cfg.beta}, γ = {cfg.nonstop_penalty}, "
-             f"sft_weight = {cfg.sft_weight}, lr = {cfg.learning_rate}, rollouts per step = "
-             f"{cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * max(1, cfg.world_size)}, "
-             f"steps = {summary.get('steps')}, {summary.get('seconds', 0):.0f} s.", "",
-             f"![training curves]({png.name})", "", "## Held-out evaluation", "",
-             "| step | greedy accuracy | " + (f"{maj.removeprefix('eval_')} |" if maj else "") + " sample accuracy |",
-             "|---|---|" + ("---|" if maj else "") + "---|"]
-    for h in evals:
-        row = f"| {h['step']} | {ui.fmt(h['eval_greedy_accuracy'])} | "
-        if maj:
-            row += f"{ui.fmt(h.get(maj, math.nan))} | "
-        lines.append(row + f"{ui.fmt(h.get('eval_sample_accuracy', math.nan))} |")
-    lines += ["", "## Summary", "", "```json", json.dumps(summary, indent=2, default=str), "```"]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    return out / "report.md"

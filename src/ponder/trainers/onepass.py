@@ -13,27 +13,25 @@ Batches are made of conversations in every mode, so a run's loss curve does not 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ponder import masks
-from ponder.chat import render
+from ponder import masks, ui
+from ponder.chat import pad_id
 from ponder.data import DataError, as_conversation
-from ponder.logprobs import cross_entropy, logits_at, logprobs_of, token_logprobs
-from ponder.trainers.sft import (
+from ponder.logprobs import cross_entropy, logits_at, shift_pairs
+from ponder.onepass import check_backend, chunks, onepass_logits
+from ponder.trainers.base import (
     PonderTrainer,
-    SFTConfig,
-    _report_stats,
-    _resolve,
-    encode,
     model_and_tokenizer,
     pad_collate,
+    report_stats,
+    resolve_conversations,
+    source_name,
 )
-
-CUSTOM_MASK_BACKENDS = ("eager", "sdpa", "flex_attention")
+from ponder.trainers.sft import SFTConfig, encode
 
 
 @dataclass
@@ -54,152 +52,10 @@ class OnePassConfig(SFTConfig):
         super().__post_init__()
 
 
-def check_backend(model) -> str:
-    impl = getattr(model.config, "_attn_implementation", None) or "eager"
-    if impl not in CUSTOM_MASK_BACKENDS:
-        raise ValueError(f"attention backend {impl!r} cannot take the one-pass block-sparse mask; load the model "
-                         "with attn_implementation='sdpa' or 'eager' (CPU, dense mask) or 'flex_attention' (GPU)")
-    return impl
-
-
-def attention_for(model, batch: masks.Batch, prefer: str = "auto"):
-    """A mask for `batch`: a BlockMask under flex_attention (or prefer="flex"), else a dense additive mask."""
-    impl = check_backend(model)
-    flex = prefer == "flex" or (prefer == "auto" and impl == "flex_attention")
-    if flex and impl != "flex_attention":
-        raise ValueError("attention='flex' needs a model loaded with attn_implementation='flex_attention'")
-    if flex:
-        return batch.block_mask()
-    dtype = next(model.parameters()).dtype
-    return batch.dense_mask(dtype if dtype.is_floating_point else torch.float32).to(batch.input_ids.device)
-
-
-def onepass_logits(model, batch: masks.Batch, attention: str = "auto") -> torch.Tensor:
-    """Logits at the batch's predictor positions, (P, vocab).
-
-    attention: ``flex`` (BlockMask; GPU — no CPU backward in torch 2.13), ``dense`` (additive float mask, O(T^2)
-    per query), ``sparse`` (blocks of queries against the keys they may see; exact, cost ~ visible keys),
-    ``auto`` (flex under flex_attention, else sparse)."""
-    impl = check_backend(model)
-    mode = ("flex" if impl == "flex_attention" else "sparse") if attention == "auto" else attention
-    p = batch.pairs
-    if mode == "sparse":
-        dtype = next(model.parameters()).dtype
-        plan = masks.sparse_plan(batch, dtype if dtype.is_floating_point else torch.float32)
-        with masks.sparse_attention(model):
-            return logits_at(model, batch.input_ids, (p[0], p[1]), None, batch.position_ids, ponder_plan=plan)
-    return logits_at(model, batch.input_ids, (p[0], p[1]), attention_for(model, batch, mode), batch.position_ids)
-
-
-def chunks(turns: Sequence[int], k: int) -> list[list[int]]:
-    """Split assistant turns into k contiguous chunks of near-equal size."""
-    k = min(k, len(turns))
-    size, extra = divmod(len(turns), k)
-    out, at = [], 0
-    for i in range(k):
-        n = size + (i < extra)
-        out.append(list(turns[at:at + n]))
-        at += n
-    return out
-
-
-def _by_message(values: torch.Tensor, messages: torch.Tensor) -> list[torch.Tensor]:
-    """Split per-pair values into one tensor per assistant message, in message order."""
-    return [values[messages == m] for m in sorted(set(messages.tolist()))]
-
-
-def onepass_logprobs(model, tokenizer, messages: Sequence[dict[str, Any]], attention: str = "auto"
-                     ) -> list[torch.Tensor]:
-    """Per assistant turn, the log-probs of its trained tokens (reasoning block + answer + end-of-turn token)
-    from ONE forward pass over the one-pass layout."""
-    msgs = [{k: v for k, v in m.items() if k != "weight"} for m in messages]  # every turn, weight 1
-    lay = masks.onepass_layout(tokenizer, msgs)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batch = masks.collate([lay], pad)
-    logits = onepass_logits(model, batch, attention)
-    lp = logprobs_of(logits, batch.input_ids[batch.pairs[0], batch.pairs[2]])
-    return _by_message(lp, batch.pair_message)
-
-
-def npass_logprobs(model, tokenizer, messages: Sequence[dict[str, Any]]) -> list[torch.Tensor]:
-    """The N-pass reference: per assistant turn, one forward over the conversation up to that turn (history
-    reasoning stripped) and the log-probs of that turn's trained tokens."""
-    return [token_logprobs(model, ids, target_mask=target) for ids, target in npass_samples(tokenizer, messages)]
-
-
-def onepass_step(model, batch: masks.Batch, attention: str = "auto") -> list[torch.Tensor]:
-    """One training step's compute on a collated one-pass batch: forward (mask or sparse plan built here, as in
-    the trainer), backward of the summed target log-probs. Returns the detached log-probs per assistant turn."""
-    lp = logprobs_of(onepass_logits(model, batch, attention), batch.input_ids[batch.pairs[0], batch.pairs[2]])
-    lp.sum().backward()
-    return _by_message(lp.detach(), batch.pair_message)
-
-
-def npass_samples(tokenizer, messages: Sequence[dict[str, Any]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The N-pass samples of a conversation: (ids, trained-token mask) per assistant turn, history reasoning
-    stripped."""
-    msgs = as_conversation(list(messages), "messages").messages
-    out = []
-    for k, m in enumerate(msgs):
-        if m["role"] == "assistant":
-            segs = render(tokenizer, msgs[:k + 1])
-            out.append((torch.tensor([segs.ids]), torch.tensor([segs.trained_mask([k])])))
-    return out
-
-
-def npass_step(model, samples: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-    """N-pass: each sample's forward+backward on its own (no padding; activations freed before the next, as a
-    trainer with batch size 1 would). Returns the detached log-probs per assistant turn."""
-    out = []
-    for ids, target in samples:
-        lp = token_logprobs(model, ids, target_mask=target)
-        lp.sum().backward()
-        out.append(lp.detach())
-    return out
-
-
-def compare(model, tokenizer, messages: Sequence[dict[str, Any]], repeats: int = 3, attention: str = "auto",
-            on_step=None, warmup: bool = True) -> dict[str, float]:
-    """One-pass vs N-pass on one conversation, side by side: tokens forwarded, the ideal ratio (N-pass tokens /
-    one-pass tokens), median forward+backward seconds of each (repeats interleaved, so both see the same
-    machine load; preparation not timed, as a trainer prepares once) and the largest log-prob difference.
-    `on_step(mode)` is called around each timed step (e.g. to sample memory); `warmup` runs each once untimed
-    first (the first call of a shape pays for allocator growth)."""
-    import contextlib
-    import statistics
-    import time
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batch = masks.collate([masks.onepass_layout(tokenizer, messages)], pad)
-    samples = npass_samples(tokenizer, messages)
-    runs = {"onepass": lambda: onepass_step(model, batch, attention), "npass": lambda: npass_step(model, samples)}
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for fn in runs.values() if warmup else ():
-        fn()
-    diff = 0.0
-    for _ in range(repeats):
-        out = {}
-        for mode, fn in runs.items():
-            model.zero_grad(set_to_none=True)
-            with (on_step(mode) if on_step else contextlib.nullcontext()):
-                t = time.perf_counter()
-                out[mode] = fn()
-                times[mode].append(time.perf_counter() - t)
-        diff = max(diff, max((a - b).abs().max().item() for a, b in zip(out["onepass"], out["npass"])))
-    model.zero_grad(set_to_none=True)
-    n_one, n_n = batch.input_ids.numel(), sum(ids.numel() for ids, _ in samples)
-    one_s, n_s = statistics.median(times["onepass"]), statistics.median(times["npass"])
-    return {"depth": len(samples), "onepass_tokens": n_one, "npass_tokens": n_n, "ideal": n_n / n_one,
-            "onepass_s": one_s, "npass_s": n_s, "speedup": n_s / one_s, "maxdiff": diff}
-
-
-# ----------------------------------------------------------------------------------------------------------
-
-
 def prepare(tokenizer, items, mode: str, max_length: int, normalization: str, kpass_chunks: int = 2,
             where: str = "dataset"):
     """Per conversation, the units the collator packs: one Layout (onepass), one Layout per chunk (kpass),
     or one SFT example per assistant turn (npass). Over-length conversations are skipped and counted."""
-    from ponder import ui
     out, stats = [], Counter()
     for i, item in enumerate(ui.progress(items, "laying out")):
         conv = as_conversation(item, f"{where}[{i}]")
@@ -264,16 +120,16 @@ class OnePassTrainer(PonderTrainer):
         tok = processing_class
         self.data_stats: dict[str, Counter] = {}
         train, self.data_stats["train"] = prepare(
-            tok, _resolve(train_dataset if train_dataset is not None else args.dataset, "train"), args.mode,
-            args.max_length, args.loss_normalization, args.kpass_chunks, where=_name(args.dataset))
+            tok, resolve_conversations(train_dataset if train_dataset is not None else args.dataset, "train"), args.mode,
+            args.max_length, args.loss_normalization, args.kpass_chunks, where=source_name(args.dataset))
         if not train:
             raise DataError("no trainable conversations left after skipping (see the counts above)")
         evald = None
         if eval_dataset is not None:
-            evald, self.data_stats["eval"] = prepare(tok, _resolve(eval_dataset, "test"), args.mode, args.max_length,
+            evald, self.data_stats["eval"] = prepare(tok, resolve_conversations(eval_dataset, "test"), args.mode, args.max_length,
                                                      args.loss_normalization, args.kpass_chunks, "eval_dataset")
-        _report_stats(self.data_stats)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        report_stats(self.data_stats)
+        pad = pad_id(tok)
         super().__init__(model=model, args=args, train_dataset=train, eval_dataset=evald, processing_class=tok,
                          data_collator=make_collate(args.mode, pad, args.packing_length if args.packing else None),
                          **kwargs)
@@ -281,7 +137,6 @@ class OnePassTrainer(PonderTrainer):
     def weighted_loss_sum(self, model, inputs):
         w = inputs["weights"]
         if "pairs" not in inputs:  # npass: plain causal samples
-            from ponder.logprobs import shift_pairs
             pairs = shift_pairs(w != 0)
             logits = logits_at(model, inputs["input_ids"], (pairs[0], pairs[1]), inputs.get("attention_mask"))
         else:
@@ -292,6 +147,3 @@ class OnePassTrainer(PonderTrainer):
         ce = cross_entropy(logits, inputs["input_ids"][pairs[0], pairs[2]])
         return (ce * w[pairs[0], pairs[2]].to(ce.dtype)).sum()
 
-
-def _name(spec) -> str:
-    return spec if isinstance(spec, str) else "train_dataset"

@@ -1,4 +1,4 @@
-"""RISE training: reward-weighted regression on multi-turn trajectories (arXiv 2407.18219; papers.md §3.5-3.6).
+"""RISE training: reward-weighted regression on multi-turn trajectories (arXiv 2407.18219; docs/methods.md §3.5-3.6).
 
 The official code turns a trajectory with T attempts into T examples — the conversation truncated after attempt
 i, only attempt i trained with weight w_i = exp(r_i/τ) — and minimises the mean over examples of
@@ -10,7 +10,7 @@ ONE sequence with a weight on each attempt, trained by `OnePassTrainer` with the
 optimizer batch): the same loss and gradient (tests/test_rise.py, fp64), about (T+1)/2 times fewer tokens
 forwarded (bench/rise.py). ``mode: npass`` trains the official per-turn examples instead (the reference).
 
-Hyperparameters of the paper's runs (papers.md §3.6): lr 1e-5, cosine, warmup 0.04, weight decay 0,
+Hyperparameters of the paper's runs (docs/methods.md §3.6): lr 1e-5, cosine, warmup 0.04, weight decay 0,
 per-device batch 1 × 16 accumulation; τ = 0.4.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ponder import rise
 from ponder.data import DataError
 from ponder.trainers.onepass import OnePassConfig, OnePassTrainer
 
@@ -26,49 +27,17 @@ from ponder.trainers.onepass import OnePassConfig, OnePassTrainer
 class RISEConfig(OnePassConfig):
     loss_normalization: str = field(default="messages", metadata={
         "help": "messages = RISE's per-example mean CE x weight, averaged (the official loss); tokens"})
-    # conversion (papers.md §3.5)
+    # conversion (docs/methods.md §3.5)
     tau: float = field(default=0.4, metadata={"help": "weight exp(reward / tau)"})
     criteria: str = field(default="all", metadata={"help": "all | better | best | success"})
     remove_duplicates: bool = field(default=False, metadata={"help": "drop repeated / empty attempts"})
     only_success: bool = field(default=False, metadata={"help": "drop trajectories that never succeed"})
-    # collection (papers.md §3.4)
-    task: str = field(default="testbed", metadata={"help": "problems: testbed | rg:<task> | file.jsonl | hf:..."})
-    train_problems: int = field(default=512, metadata={"help": "problems collected per iteration (fresh ones)"})
-    collect_turns: int = field(default=2, metadata={"help": "turns per collected episode"})
-    samples: list[int] = field(default_factory=lambda: [1, 8], metadata={
-        "help": "candidates per turn, best-of-n (last value repeats); [1, 16] = the official self-distillation"})
-    teacher: str | None = field(default=None, metadata={"help": "distillation: a model spec for teacher turns"})
-    teacher_turns: list[int] | None = field(default=None, metadata={"help": "0-based turns played by the teacher "
-                                                                   "(default: all after the first)"})
-    temperature: float = field(default=1.0, metadata={"help": "collection sampling temperature"})
-    max_new_tokens: int = field(default=256, metadata={"help": "per attempt"})
-    generation_batch_size: int = field(default=64, metadata={"help": "sequences per generation batch"})
-    reward: str = field(default="verify", metadata={"help": "verify (ponder.verify.score) | gsm8k (+1/0/-1)"})
-    demo: bool = field(default=False, metadata={"help": "instruction + one-shot demo prefix (math chat models)"})
-    iterations: int = field(default=1, metadata={"help": "collect -> train rounds, each with the newest model"})
-    # evaluation (papers.md §3.7)
-    eval_problems: int = field(default=200, metadata={"help": "held-out problems"})
-    eval_split: str = field(default="test")
-    eval_turns: int = field(default=5, metadata={"help": "sequential turns"})
-    eval_parallel: int = field(default=5, metadata={"help": "parallel first-turn samples (m5@t1)"})
-    context_window: int = field(default=2, metadata={"help": "sliding window; 0 = full history"})
-    eval_temperature: float = field(default=1.0, metadata={"help": "the official evaluation samples at 1.0"})
-    eval_base: bool = field(default=True, metadata={"help": "evaluate the starting model too"})
 
     def __post_init__(self):
-        from ponder.rise import CRITERIA, REWARDS
-        if self.criteria not in CRITERIA:
-            raise ValueError(f"criteria must be one of {', '.join(CRITERIA)}, got {self.criteria!r}")
-        if self.reward not in REWARDS:
-            raise ValueError(f"reward must be one of {', '.join(REWARDS)}, got {self.reward!r}")
-        if isinstance(self.samples, int):
-            self.samples = [self.samples]
-        if not self.samples or any(not isinstance(n, int) or n < 1 for n in self.samples):
-            raise ValueError(f"samples must be a list of positive integers, got {self.samples!r}")
+        if self.criteria not in rise.CRITERIA:
+            raise ValueError(f"criteria must be one of {', '.join(rise.CRITERIA)}, got {self.criteria!r}")
         if self.tau <= 0:
             raise ValueError(f"tau must be > 0, got {self.tau}")
-        if self.collect_turns < 1 or self.eval_turns < 1 or self.iterations < 0:
-            raise ValueError("collect_turns and eval_turns must be >= 1 and iterations >= 0")
         if self.output_dir is None:
             self.output_dir = "runs/rise"
         super().__post_init__()
@@ -83,7 +52,6 @@ class RISETrainer(OnePassTrainer):
 
     def __init__(self, model=None, args: RISEConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, **kwargs):
-        from ponder import rise
         args = args or RISEConfig()
         src = train_dataset if train_dataset is not None else args.dataset
         if src is None:

@@ -1,10 +1,10 @@
-"""Set supervised fine-tuning (SSFT) with global forking tokens (arXiv 2510.05132, papers.md §1.3).
+"""Set supervised fine-tuning (SSFT) with global forking tokens (arXiv 2510.05132, docs/methods.md §1.3).
 
 Per question, per step: the N x M matching-cost matrix (`ponder.ssft.costs_from_ids`, no gradient, one forward
 for the whole batch of questions), the Hungarian assignment σ̂ (`ponder.ssft.match`), then the NLL of the M
 matched full traces — the only sequences that are back-propagated:
 
-    L_Hungarian(θ) = - Σ_j Σ_t log π_θ( r^(j)_t | x, g^(σ̂(j)), r^(j)_{<t} )        (papers.md §1.3)
+    L_Hungarian(θ) = - Σ_j Σ_t log π_θ( r^(j)_t | x, g^(σ̂(j)), r^(j)_{<t} )        (docs/methods.md §1.3)
 
 normalised like SFT (`loss_normalization`: per trained token over the optimizer batch, or per trace).
 
@@ -25,42 +25,39 @@ rows are trained alongside the adapters (PEFT ``trainable_token_indices``).
 
 from __future__ import annotations
 
-import copy
 import random
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from peft import TrainableTokensConfig, get_peft_model
 
-from ponder import ssft
-from ponder.chat import THINK_OPEN
-from ponder.data import DataError, TraceSet, traceset_from_record
+from ponder import models, ssft, ui
+from ponder.chat import THINK_OPEN, pad_id
+from ponder.data import DataError, TraceSet, load_tracesets, traceset_from_record
 from ponder.logprobs import cross_entropy, logits_at, shift_pairs
-from ponder.trainers.sft import (
+from ponder.trainers.base import (
     PonderTrainer,
-    SFTConfig,
-    _report_stats,
     model_and_tokenizer,
     pack_collate,
     pad_collate,
+    report_stats,
+    save_merged,
+    source_name,
 )
+from ponder.trainers.sft import SFTConfig
 
 ASSIGNMENTS = ("hungarian", "random", "mixed", "fixed")
 
 
 @dataclass
 class ForkingConfig(SFTConfig):
-    """What SSFT and GFPO share: how the forking tokens are initialised and trained, and the recipe's forking
-    evaluation after training."""
+    """What SSFT and GFPO share: how the forking tokens are initialised and trained."""
     token_init: str = field(default="auto", metadata={"help": "auto | mean | mean+noise | <an existing token>"})
     tags_only: bool = field(default=False, metadata={"help": "train only the forking-token rows (PEFT "
                                                              "TrainableTokens); with lora: adapters + tag rows"})
-    eval_problems: int = field(default=0, metadata={"help": "recipe: held-out problems to evaluate after training"})
-    eval_task: str = field(default="testbed", metadata={"help": "recipe: problems for the evaluation"})
-    eval_per_tag: int = field(default=2, metadata={"help": "recipe: samples per tag (k = N * eval_per_tag)"})
-    eval_temperature: float = field(default=1.0, metadata={"help": "recipe: sampling temperature"})
-    eval_max_new_tokens: int = field(default=128, metadata={"help": "recipe: completion budget"})
 
 
 @dataclass
@@ -105,22 +102,85 @@ def setup_model(model, tokenizer, tags: list[str], forking: bool, token_init: st
     """Add the forking tokens (if `forking`; missing ones only), then wrap the model for LoRA (+ the tag rows,
     PEFT ``trainable_token_indices``) or tag-rows-only training (PEFT `TrainableTokensConfig`). Returns
     (model, the ids of each tag)."""
-    from ponder.models import add_special_tokens, apply_lora
     if forking:
-        add_special_tokens(model, tokenizer, tags, resolve_token_init(tokenizer, token_init), seed=seed)
+        models.add_special_tokens(model, tokenizer, tags, resolve_token_init(tokenizer, token_init), seed=seed)
     tag_ids = ssft.tag_token_ids(tokenizer, tags, single=forking)
     flat = sorted({t for ids in tag_ids for t in ids})
     if lora is not None:
         opts = dict(lora)
         if forking:
             opts.setdefault("trainable_token_indices", flat)
-        model = apply_lora(model, opts)
+        model = models.apply_lora(model, opts)
     elif tags_only:
         if not forking:
             raise ValueError("tags_only trains the forking-token rows; assignment=mixed has none")
-        from peft import TrainableTokensConfig, get_peft_model
         model = get_peft_model(model, TrainableTokensConfig(token_indices=flat))
     return model, tag_ids
+
+
+class MatchStats:
+    """Which tag wins which source, and how stable that is (docs/methods.md §1.8 "matching statistics").
+
+    Per logging window: the source x tag count matrix; `purity` (share of each source's matches that go to its
+    most frequent tag, pooled over sources: 1 = every source always gets the same tag, ~1/N·(a bit more) for
+    random assignment); `distinct_modal_tags` (how many different tags are some source's favourite);
+    `agree_prev` (share of sources whose favourite tag is the same as in the previous window);
+    `revisit_same` (share of re-visited questions whose whole assignment is unchanged)."""
+
+    def __init__(self, num_tags: int):
+        self.num_tags = num_tags
+        self.window: dict[str, Counter] = {}
+        self.total: dict[str, Counter] = {}
+        self.last: dict[str, tuple[int, ...]] = {}
+        self.prev_modal: dict[str, int] = {}
+        self.revisits = self.revisit_same = 0
+        self.cost_matched = self.cost_all = 0.0
+        self.n_questions = 0
+        self.history: list[dict[str, Any]] = []
+
+    def update(self, qid: str, sources: Sequence[str], sigma: Sequence[int], cost: torch.Tensor | None = None):
+        for s, t in zip(sources, sigma):
+            self.window.setdefault(s, Counter())[t] += 1
+            self.total.setdefault(s, Counter())[t] += 1
+        key = tuple(sigma)
+        if qid in self.last:
+            self.revisits += 1
+            self.revisit_same += self.last[qid] == key
+        self.last[qid] = key
+        if cost is not None:
+            self.cost_matched += ssft.assignment_cost(cost, sigma) / len(sigma)
+            self.cost_all += float(cost.mean())
+        self.n_questions += 1
+
+    @staticmethod
+    def _purity(counts: dict[str, Counter]) -> float:
+        n = sum(sum(c.values()) for c in counts.values())
+        return sum(max(c.values()) for c in counts.values()) / n if n else 0.0
+
+    def summary(self, step: int) -> dict[str, float]:
+        """Scalars for the trainer log (and a history entry with the window's count matrix); resets the window."""
+        if not self.n_questions:
+            return {}
+        modal = {s: c.most_common(1)[0][0] for s, c in self.window.items()}
+        out = {"match/purity": self._purity(self.window), "match/distinct_modal_tags": len(set(modal.values()))}
+        if self.prev_modal:
+            common = [s for s in modal if s in self.prev_modal]
+            out["match/agree_prev"] = sum(modal[s] == self.prev_modal[s] for s in common) / max(len(common), 1)
+        if self.revisits:
+            out["match/revisit_same"] = self.revisit_same / self.revisits
+        if self.cost_all:
+            out["match/cost_matched"] = self.cost_matched / self.n_questions
+            out["match/cost_mean"] = self.cost_all / self.n_questions
+        self.history.append({"step": step, **out,
+                             "counts": {s: [c[t] for t in range(self.num_tags)] for s, c in self.window.items()}})
+        self.prev_modal = modal
+        self.window, self.revisits, self.revisit_same = {}, 0, 0
+        self.cost_matched = self.cost_all = 0.0
+        self.n_questions = 0
+        return out
+
+    def totals(self) -> dict[str, list[int]]:
+        return {s: [c[t] for t in range(self.num_tags)] for s, c in sorted(self.total.items())}
 
 
 def as_traceset(item: Any, where: str, index: int = 0) -> TraceSet:
@@ -136,7 +196,6 @@ def prepare(tokenizer, items, num_tags: int, max_length: int, normalization: str
             tag_len: int, where: str = "dataset"):
     """Encode TraceSets once (`ponder.ssft.encode`): any tag can then be put in front of any trace. Questions
     with more traces than tags or over-length traces are skipped and counted."""
-    from ponder import ui
     out, stats = [], Counter()
     for i, item in enumerate(ui.progress(items, "encoding trace sets")):
         loc = f"{where}[{i}]"
@@ -194,7 +253,6 @@ class SSFTTrainer(PonderTrainer):
         if data is None:
             raise ValueError("no training data: pass train_dataset or set `dataset` in the config")
         if isinstance(data, str):
-            from ponder.data import load_tracesets
             data = load_tracesets(data, n=args.dataset_size, seed=args.data_seed or args.seed)
         data = list(data)
         if data and args.assignment != "mixed":
@@ -204,12 +262,12 @@ class SSFTTrainer(PonderTrainer):
         tag_len = max(len(t) for t in self.tag_ids)
         n_tags = 10**9 if args.assignment == "mixed" else args.num_tags  # mixed: one tag for any number of traces
         train, self.data_stats["train"] = prepare(tok, data, n_tags, args.max_length, args.loss_normalization,
-                                                  args.train_tag, tag_len, where=_name(args.dataset))
+                                                  args.train_tag, tag_len, where=source_name(args.dataset))
         if not train:
             raise DataError("no trainable trace sets left after skipping (see the counts above)")
-        _report_stats(self.data_stats)
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.match_stats = ssft.MatchStats(len(self.tags))
+        report_stats(self.data_stats)
+        self.pad_id = pad_id(tok)
+        self.match_stats = MatchStats(len(self.tags))
         super().__init__(model=model, args=args, train_dataset=train, processing_class=tok, data_collator=collate,
                          **kwargs)
 
@@ -282,37 +340,3 @@ class SSFTTrainer(PonderTrainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         save_merged(self, output_dir, _internal_call)
-
-    def train(self, *args, **kwargs):
-        """Train, then write the matching statistics (``matching.json``, ``matching.png``) to output_dir."""
-        result = super().train(*args, **kwargs)
-        if self.args.assignment != "mixed" and self.args.should_save:
-            import json
-            import os
-            self.match_stats.summary(self.state.global_step)  # flush the last window
-            os.makedirs(self.args.output_dir, exist_ok=True)
-            out = {"tags": self.tags, "totals": self.match_stats.totals(), "history": self.match_stats.history}
-            with open(os.path.join(self.args.output_dir, "matching.json"), "w") as f:
-                json.dump(out, f, indent=1)
-            if out["totals"]:
-                ssft.plot_matching(out["history"], out["totals"], os.path.join(self.args.output_dir, "matching.png"),
-                                   f"SSFT matching ({self.args.assignment})")
-        return result
-
-
-def save_merged(trainer, output_dir, internal: bool) -> None:
-    """Checkpoints keep PEFT adapters (for resume); the final model is saved merged (a plain
-    `save_pretrained` model that `ponder.models.load`, transformers and vLLM read directly)."""
-    from peft import PeftModel
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if internal or not isinstance(model, PeftModel):
-        return PonderTrainer.save_model(trainer, output_dir, _internal_call=internal)
-    output_dir = output_dir or trainer.args.output_dir
-    if trainer.args.should_save:
-        merged = copy.deepcopy(model).merge_and_unload()
-        merged.save_pretrained(output_dir)
-        trainer.processing_class.save_pretrained(output_dir)
-
-
-def _name(spec) -> str:
-    return spec if isinstance(spec, str) else "train_dataset"

@@ -1,0 +1,288 @@
+"""`ponder rise`: the RISE loop (arXiv 2407.18219) — evaluate the base model, then per iteration collect
+trajectories with the newest model, convert them, train (`RISETrainer`), evaluate — and its report, plot and
+demo. The pieces are `ponder.rise` (environment, collection, conversion, evaluation) and
+`ponder.trainers.rise` (the reward-weighted trainer)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ponder import data, models, rise, ui
+from ponder.config import load_config, to_yaml
+from ponder.data import write_jsonl
+from ponder.recipes.common import pyplot, write_json
+from ponder.rise import HEADLINE, Env, collect, collection_summary, evaluate, headline
+from ponder.trainers.rise import RISEConfig, RISETrainer
+
+
+@dataclass
+class RISERunConfig(RISEConfig):
+    """The recipe's settings on top of the trainer's: collection (arXiv 2407.18219 §4, official
+    `workflow_gen.py`), evaluation (§5, `workflow_eval.py`) and the number of iterations."""
+    task: str = field(default="testbed", metadata={"help": "problems: testbed | rg:<task> | file.jsonl | hf:..."})
+    train_problems: int = field(default=512, metadata={"help": "problems collected per iteration (fresh ones)"})
+    collect_turns: int = field(default=2, metadata={"help": "turns per collected episode"})
+    samples: list[int] = field(default_factory=lambda: [1, 8], metadata={
+        "help": "candidates per turn, best-of-n (last value repeats); [1, 16] = the official self-distillation"})
+    teacher: str | None = field(default=None, metadata={"help": "distillation: a model spec for teacher turns"})
+    teacher_turns: list[int] | None = field(default=None, metadata={"help": "0-based turns played by the teacher "
+                                                                   "(default: all after the first)"})
+    temperature: float = field(default=1.0, metadata={"help": "collection sampling temperature"})
+    max_new_tokens: int = field(default=256, metadata={"help": "per attempt"})
+    generation_batch_size: int = field(default=64, metadata={"help": "sequences per generation batch"})
+    reward: str = field(default="verify", metadata={"help": "verify (ponder.verify.score) | gsm8k (+1/0/-1)"})
+    demo: bool = field(default=False, metadata={"help": "instruction + one-shot demo prefix (math chat models)"})
+    iterations: int = field(default=1, metadata={"help": "collect -> train rounds, each with the newest model"})
+    eval_problems: int = field(default=200, metadata={"help": "held-out problems"})
+    eval_split: str = field(default="test")
+    eval_turns: int = field(default=5, metadata={"help": "sequential turns"})
+    eval_parallel: int = field(default=5, metadata={"help": "parallel first-turn samples (m5@t1)"})
+    context_window: int = field(default=2, metadata={"help": "sliding window; 0 = full history"})
+    eval_temperature: float = field(default=1.0, metadata={"help": "the official evaluation samples at 1.0"})
+    eval_base: bool = field(default=True, metadata={"help": "evaluate the starting model too"})
+
+    def __post_init__(self):
+        if self.reward not in rise.REWARDS:
+            raise ValueError(f"reward must be one of {', '.join(rise.REWARDS)}, got {self.reward!r}")
+        if isinstance(self.samples, int):
+            self.samples = [self.samples]
+        if not self.samples or any(not isinstance(n, int) or n < 1 for n in self.samples):
+            raise ValueError(f"samples must be a list of positive integers, got {self.samples!r}")
+        if self.collect_turns < 1 or self.eval_turns < 1 or self.iterations < 0:
+            raise ValueError("collect_turns and eval_turns must be >= 1 and iterations >= 0")
+        super().__post_init__()
+
+
+def run_rise(config_path, overrides: list[str]) -> dict[str, Any]:
+    """`ponder rise -c CONFIG key=value ...`."""
+    cfg = load_config(RISERunConfig, config_path, overrides)
+    return run(cfg, config_text=to_yaml(cfg))
+
+def run(cfg, config_text: str | None = None) -> dict[str, Any]:
+    """`ponder rise`: evaluate the base model, then per iteration collect trajectories with the newest model,
+    convert them, train (`RISETrainer`), evaluate; write runs/<name>/{config.yaml, iter-k/trajectories.jsonl,
+    iter-k/final/, eval/*.jsonl, metrics.json, report.md, accuracy_by_turn.png}."""
+    t0 = time.time()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if config_text is not None:
+        (out / "config.yaml").write_text(config_text)
+    model, tok = models.load(cfg.model, dtype=cfg.dtype, lora=cfg.lora)
+    teacher = models.load(cfg.teacher, dtype=cfg.dtype) if cfg.teacher else None
+    env = Env(cfg.reward, cfg.demo)
+    test = data.load_problems(cfg.task, n=cfg.eval_problems, split=cfg.eval_split, seed=cfg.seed)
+    eval_kw = dict(env=env, turns=cfg.eval_turns, parallel=cfg.eval_parallel, context_window=cfg.context_window,
+                   temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                   batch_size=cfg.generation_batch_size)
+    results: dict[str, Any] = {"config": {k: getattr(cfg, k) for k in _RUN_FIELDS}, "evals": {}, "iterations": []}
+
+    def do_eval(name):
+        ui.info(f"[bold]evaluating {name}[/] on {len(test)} {cfg.eval_split} problems "
+                f"({cfg.eval_turns} sequential turns, {cfg.eval_parallel} parallel samples)")
+        r = evaluate(model, tok, test, **eval_kw)
+        write_jsonl(out / "eval" / f"{name}.jsonl", r.pop("records"))
+        results["evals"][name] = r
+        ui.print_table(f"{name}: {cfg.model} on {cfg.task}", ["metric", "value"],
+                       headline(r, cfg.eval_turns, cfg.eval_parallel) + [
+                           (f"accuracy at turn {k + 1}", a) for k, a in enumerate(r["accuracy_by_turn"])])
+        return r
+
+    if cfg.eval_base:
+        do_eval("base")
+    for it in range(1, cfg.iterations + 1):
+        it_dir = out / f"iter-{it}"
+        ui.info(f"[bold]iteration {it}/{cfg.iterations}[/]: collecting {cfg.train_problems} episodes "
+                f"({cfg.collect_turns} turns, samples per turn {cfg.samples})")
+        probs = data.load_problems(cfg.task, n=cfg.train_problems, split="train", seed=cfg.seed + it)
+        t = time.time()
+        trajs = collect(model, tok, probs, env, turns=cfg.collect_turns, samples=cfg.samples, teacher=teacher,
+                        teacher_turns=cfg.teacher_turns, temperature=cfg.temperature,
+                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7919 * it,
+                        batch_size=cfg.generation_batch_size)
+        collect_s = time.time() - t
+        write_jsonl(it_dir / "trajectories.jsonl", trajs)
+        summary = collection_summary(trajs)
+        ui.print_table(f"iteration {it}: collection", ["turn", "episodes", "chosen attempt correct",
+                                                       "candidates correct"],
+                       [(b["turn"], b["episodes"], b["success"], b["candidate_success"]) for b in summary["by_turn"]])
+        # the model already carries its LoRA adapters (loaded above): the trainer must not add another set
+        args = dataclasses.replace(cfg, output_dir=str(it_dir / "train"), dataset=None, lora=None)
+        trainer = RISETrainer(model=model, args=args, train_dataset=trajs, processing_class=tok)
+        t = time.time()
+        res = trainer.train()
+        train_s = time.time() - t
+        model = trainer.model
+        trainer.save_model(str(it_dir / "final"))
+        results["iterations"].append({"iteration": it, "collection": summary, "collect_seconds": collect_s,
+                                      "train_seconds": train_s, "train_loss": res.training_loss,
+                                      "steps": res.global_step,
+                                      "data": {k: dict(v) for k, v in trainer.data_stats.items()}})
+        do_eval(f"iter-{it}")
+    results["seconds"] = time.time() - t0
+    write_json(out / "metrics.json", results)
+    write_report(out, results, cfg)
+    ui.info(f"report: {out / 'report.md'}   metrics: {out / 'metrics.json'}")
+    return results
+
+
+_RUN_FIELDS = ("model", "task", "reward", "demo", "iterations", "train_problems", "collect_turns", "samples",
+               "teacher", "temperature", "tau", "criteria", "remove_duplicates", "only_success", "mode",
+               "max_steps", "learning_rate", "per_device_train_batch_size", "eval_problems", "eval_turns",
+               "eval_parallel", "context_window", "eval_temperature", "max_new_tokens", "seed")
+
+
+def plot_by_turn(evals: dict[str, dict[str, Any]], path: Path) -> None:
+    """Accuracy at each turn alone, majority over turns 1..k (m1@tk) and any-correct (p1@tk), one line per
+    model (base, iter-1, ...), with the parallel baselines at equal compute (m{k}@t1, p{k}@t1) dashed."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    panels = [("accuracy_by_turn", "accuracy of turn k alone", None),
+              ("majority_by_turn", "m1@tk: majority over turns 1..k (dashed: parallel)", "m"),
+              ("pass_by_turn", "p1@tk: some turn in 1..k correct (dashed: parallel)", "p")]
+    for ax, (key, title, baseline) in zip(axes, panels):
+        for j, (name, r) in enumerate(evals.items()):
+            ys = [100 * y for y in r[key]]
+            ax.plot(range(1, len(ys) + 1), ys, marker="o", label=name, color=f"C{j}")
+            parallel = [x for x in r if baseline and x.startswith(baseline) and x.endswith("@t1") and x != "m1@t1"]
+            if parallel:
+                ax.axhline(100 * r[parallel[0]], color=f"C{j}", ls="--", lw=1, label=f"{name} {parallel[0]}")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("turn k")
+        ax.set_xticks(range(1, len(ys) + 1))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("% of problems")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, results: dict[str, Any], cfg) -> None:
+    evals = results["evals"]
+    T, k = cfg.eval_turns, cfg.eval_parallel
+    keys = [h.format(k=k, T=T) for h in HEADLINE]
+    lines = [f"# RISE: {cfg.model} on {cfg.task}", "",
+             f"{cfg.iterations} iteration(s); collection: {cfg.train_problems} problems, {cfg.collect_turns} turns, "
+             f"samples per turn {cfg.samples}" + (f", teacher {cfg.teacher}" if cfg.teacher else "") +
+             f"; weights exp(r/{cfg.tau}), criteria {cfg.criteria}; training {cfg.max_steps} steps per iteration "
+             f"({cfg.mode}).", "",
+             f"Evaluation on {cfg.eval_problems} {cfg.eval_split} problems: {T} sequential turns (feedback always "
+             f"\"incorrect\", context window {cfg.context_window}) and {k} parallel first-turn samples, "
+             f"temperature {cfg.eval_temperature}. m1@t{T}: majority over the turns' answers (ties: earliest "
+             f"turn); p1@t{T}: some turn correct (oracle).", "",
+             "| model | " + " | ".join(keys) + " | answer changed between turns |",
+             "|---|" + "---|" * (len(keys) + 1)]
+    for name, r in evals.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * r[x]:.1f}" if x in r else "-" for x in keys) +
+                     f" | {100 * r['changed_answer_rate']:.1f} |")
+    lines += ["", "Accuracy (%) at each turn:", "", "| model | " + " | ".join(f"t{j + 1}" for j in range(T)) + " |",
+              "|---|" + "---|" * T]
+    for name, r in evals.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * a:.1f}" for a in r["accuracy_by_turn"]) + " |")
+    diag = [("right_after_wrong", "accuracy after a wrong turn"), ("right_after_right", "accuracy after a correct turn"),
+            ("repeats_shown_wrong", "repeats the wrong answer it was shown"),
+            ("fresh_gives_shown_wrong", "a fresh sample gives that wrong answer")]
+    lines += ["", "Self-correction diagnostics (%, over turns 2..T):", "",
+              "| model | " + " | ".join(d for _, d in diag) + " |", "|---|" + "---|" * len(diag)]
+    for name, r in evals.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * r[x]:.1f}" if x in r else "-" for x, _ in diag) + " |")
+    if evals:
+        plot_by_turn(evals, out / "accuracy_by_turn.png")
+        lines += ["", "![accuracy by turn](accuracy_by_turn.png)"]
+    for itr in results["iterations"]:
+        c = itr["collection"]
+        lines += ["", f"## Iteration {itr['iteration']}", "",
+                  f"Collection ({itr['collect_seconds']:.0f} s): {c['episodes']} episodes, "
+                  f"{100 * c['success']:.1f}% solved within {cfg.collect_turns} turns. "
+                  f"Training ({itr['train_seconds']:.0f} s): {itr['steps']} steps, loss {itr['train_loss']:.4g}.", "",
+                  "| turn | episodes | chosen attempt correct (%) | candidates correct (%) |", "|---|---|---|---|"]
+        lines += [f"| {b['turn']} | {b['episodes']} | {100 * b['success']:.1f} | {100 * b['candidate_success']:.1f} |"
+                  for b in c["by_turn"]]
+        d = itr["data"].get("train", {})
+        lines += ["", "Training data: " + ", ".join(f"{key} {ui.fmt(v)}" for key, v in sorted(d.items()))]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `ponder demo` hook
+# ----------------------------------------------------------------------------------------------------------
+
+
+def demo(run_dir: Path, base: str, problems: list, quick: bool = False) -> dict[str, Any]:
+    """A short RISE run for `ponder demo`: one iteration of collection (2-turn episodes, best of n at the second
+    turn) with the `base` model, reward-weighted SFT on the trajectories, then the sequential (5 turns, feedback
+    always "incorrect") and parallel (5 samples) evaluation of base and RISE on `problems`. Writes
+    ``rise_accuracy_by_turn.png`` into `run_dir` and returns the demo table (base vs RISE: m1@t1, m5@t1, m1@t5,
+    p1@t5). ``quick``: a few problems, 2 turns and a few steps — a structural check, not a result.
+
+    The full mode is a reduced `configs/rise/testbed.yaml` (160 instead of 2x1024 collected episodes, 30 steps of 8
+    instead of 2x100 of 16) sized to about a minute on two cores; docs/results/rise.md has the full run."""
+    t0 = time.time()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if quick:
+        problems = list(problems)[:6]
+        n_train, samples, steps, T, k, new = 6, [1, 2], 2, 2, 2, 32
+    else:
+        n_train, samples, steps, T, k, new = 160, [1, 8], 30, 5, 5, 64
+    env = Env()
+    model, tok = models.load(str(base))
+    eval_kw = dict(env=env, turns=T, parallel=k, context_window=2, temperature=0.5, max_new_tokens=new,
+                   seed=0, batch_size=256, progress=not quick)
+    evals: dict[str, dict[str, Any]] = {}
+    ui.info(f"[bold]rise[/]: evaluating the base model on {len(problems)} problems ({T} turns, {k} parallel)")
+    evals["base"] = evaluate(model, tok, problems, **eval_kw)
+    train = data.load_problems("testbed", n=n_train, split="train", seed=1)
+    ui.info(f"[bold]rise[/]: collecting {n_train} 2-turn episodes (samples per turn {samples})")
+    t = time.time()
+    trajs = collect(model, tok, train, env, turns=2, samples=samples, temperature=1.0, max_new_tokens=new,
+                    seed=7919, batch_size=256, progress=not quick)
+    collect_s = time.time() - t
+    args = RISEConfig(output_dir=str(run_dir / "rise-train"), criteria="better", max_steps=steps,
+                      per_device_train_batch_size=8, learning_rate=1e-4, lr_scheduler_type="cosine",
+                      warmup_steps=0.04, weight_decay=0.0, logging_steps=max(steps // 4, 1), save_strategy="no",
+                      report_to="none", disable_tqdm=quick, seed=0)
+    trainer = RISETrainer(model=model, args=args, train_dataset=trajs, processing_class=tok)
+    t = time.time()
+    trainer.train()
+    train_s = time.time() - t
+    model = trainer.model
+    ui.info(f"[bold]rise[/]: evaluating the RISE model on {len(problems)} problems")
+    evals["RISE"] = evaluate(model, tok, problems, **eval_kw)
+    for r in evals.values():
+        r.pop("records")
+    plot = "rise_accuracy_by_turn.png"
+    plot_by_turn(evals, run_dir / plot)
+
+    keys = [h.format(k=k, T=T) for h in HEADLINE[:4]]
+    columns = ["model"] + keys + [f"acc t{j + 1}" for j in range(T)]
+    rows = [[name] + [round(100 * r[x], 1) for x in keys] + [round(100 * a, 1) for a in r["accuracy_by_turn"]]
+            for name, r in evals.items()]
+    b, r = evals["base"], evals["RISE"]
+    rises = r["accuracy_by_turn"][-1] > r["accuracy_by_turn"][0]
+    beats = r[f"m1@t{T}"] > r[f"m{k}@t1"]
+    keeps = r["m1@t1"] >= b["m1@t1"]
+    shape = "appeared" if rises and beats and keeps else "did not fully appear"
+    notes = [f"Paper's direction {shape} in this run (wanted: accuracy rises over turns, m1@t{T} > m{k}@t1, "
+             f"m1@t1 not below base): turn-{T} vs turn-1 accuracy {100 * r['accuracy_by_turn'][-1]:.1f} vs "
+             f"{100 * r['accuracy_by_turn'][0]:.1f}, m1@t{T} {100 * r[f'm1@t{T}']:.1f} vs m{k}@t1 "
+             f"{100 * r[f'm{k}@t1']:.1f}, m1@t1 {100 * r['m1@t1']:.1f} vs base {100 * b['m1@t1']:.1f}.",
+             f"One iteration: {n_train} episodes collected in {collect_s:.0f} s (best of {samples[-1]} at turn 2), "
+             f"{steps} reward-weighted SFT steps (exp(r/0.4), criteria better) in {train_s:.0f} s; evaluation at "
+             f"temperature 0.5, feedback always \"incorrect\", context window 2; % of {len(problems)} problems.",
+             f"Accuracy by turn, base: {_pct(b['accuracy_by_turn'])}; RISE: {_pct(r['accuracy_by_turn'])} "
+             "(the full two-iteration run is in docs/results/rise.md)."]
+    metrics = {name: {x: r[x] for x in keys + ["accuracy_by_turn", "majority_by_turn", "pass_by_turn",
+                                               "changed_answer_rate"]} for name, r in evals.items()}
+    metrics["seconds"] = time.time() - t0
+    return {"title": f"RISE: multi-turn self-correction ({len(problems)} held-out problems, %)",
+            "columns": columns, "rows": rows, "plots": [plot], "notes": notes, "metrics": metrics}
+
+
+def _pct(xs) -> str:
+    return " -> ".join(f"{100 * x:.1f}" for x in xs)

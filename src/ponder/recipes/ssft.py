@@ -1,0 +1,277 @@
+"""`ponder ssft` / `ponder gfpo`: global forking tokens (arXiv 2510.05132) — training runs with their matching
+statistics, the forking-token evaluation of the final model (Pass@1, pass@k, Cons@k, per-tag accuracy,
+length and strategy) with its plots, and the SSFT demo."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ponder import data, models, ssft, ui
+from ponder.chat import THINK_OPEN
+from ponder.config import load_config
+from ponder.recipes.common import pyplot, run_training, write_json
+from ponder.trainers.gfpo import GFPOConfig, GFPOTrainer
+from ponder.trainers.ssft import SSFTConfig, SSFTTrainer
+
+
+@dataclass
+class ForkingEval:
+    """The recipe's forking evaluation after training (`ponder.ssft.evaluate_forking`)."""
+    eval_problems: int = field(default=0, metadata={"help": "held-out problems to evaluate after training"})
+    eval_task: str = field(default="testbed", metadata={"help": "problems for the evaluation"})
+    eval_per_tag: int = field(default=2, metadata={"help": "samples per tag (k = N * eval_per_tag)"})
+    eval_temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    eval_max_new_tokens: int = field(default=128, metadata={"help": "completion budget"})
+
+
+@dataclass
+class SSFTRunConfig(SSFTConfig, ForkingEval):
+    pass
+
+
+@dataclass
+class GFPORunConfig(GFPOConfig, ForkingEval):
+    pass
+
+
+def write_matching(trainer: SSFTTrainer, out: Path) -> None:
+    """The run's matching statistics: ``matching.json`` (counts per source and tag, purity and stability over
+    steps) and ``matching.png``."""
+    stats = trainer.match_stats
+    stats.summary(trainer.state.global_step)  # flush the last window
+    res = {"tags": trainer.tags, "totals": stats.totals(), "history": stats.history}
+    write_json(out / "matching.json", res)
+    if res["totals"]:
+        plot_matching(res["history"], res["totals"], out / "matching.png", f"SSFT matching ({trainer.args.assignment})")
+
+
+def evaluate_forking_run(model_dir: Path | str, tags: list[str], out: Path, task: str, n: int, per_tag: int,
+                         temperature: float, max_new_tokens: int, title: str, seed: int = 0,
+                         extra_lines: list[str] | None = None, group_size: int | None = None) -> dict[str, Any]:
+    """Forking-token evaluation of a saved model -> out/{eval.json, eval_samples.jsonl, forking.png, report.md}."""
+    model, tok = models.load(str(model_dir))
+    probs = data.load_problems(task, n=n, split="test", seed=seed)
+    r = ssft.evaluate_forking(model, tok, probs, tags, per_tag=per_tag, temperature=temperature,
+                              max_new_tokens=max_new_tokens, seed=seed, group_size=group_size)
+    records = r.pop("records")
+    write_json(out / "eval.json", r)
+    data.write_jsonl(out / "eval_samples.jsonl", records)
+    plot_forking(r, out / "forking.png", title)
+    rows = ssft.summary_rows(r)
+    ui.print_table(f"{title}: {n} held-out {task} problems, {len(tags)} tag(s) x {per_tag}", ["metric", "value"], rows)
+    lines = [f"# {title}", "", f"Model: `{model_dir}`. {n} held-out `{task}` problems; {per_tag} samples per tag "
+             f"at temperature {temperature} (k = {r['k']})" + (f", plus {r['k']} samples with a model-sampled tag."
+                                                  if len(tags) > 1 else "."), "",
+             "| metric | value |", "|---|---|"] + [f"| {k} | {ui.fmt(v)} |" for k, v in rows]
+    lines += ["", "## Per tag", "", "| tag | accuracy | mean tokens | strategies |", "|---|---|---|---|"]
+    for t, row in r["per_tag"].items():
+        strat = ", ".join(f"{s} {v:.2f}" for s, v in row.get("strategies", {}).items())
+        lines.append(f"| `{t}` | {row['accuracy']:.3f} | {row['mean_tokens']:.1f} | {strat} |")
+    lines += ["", "![per-tag accuracy, length and strategies](forking.png)", ""] + (extra_lines or [])
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    ui.info(f"report: {out / 'report.md'}")
+    return r
+
+
+def run_ssft(config_path, overrides: list[str]):
+    """SSFT (or the SFT-mixed / random-assignment baselines), its matching statistics, and the forking
+    evaluation of the final model."""
+    metrics, trainer, cfg = run_training(SSFTRunConfig, SSFTTrainer, config_path, overrides, "ssft")
+    out = Path(cfg.output_dir)
+    if cfg.assignment != "mixed":
+        write_matching(trainer, out)
+    if cfg.eval_problems:
+        extra = ["## Matching statistics", "", "![matching](matching.png)", ""] if (out / "matching.png").exists() \
+            else []
+        # SFT-mixed has one tag: k = N·per_tag samples of <think>, voted in groups of N like the tagged runs
+        per_tag = cfg.eval_per_tag * (cfg.num_tags if cfg.assignment == "mixed" else 1)
+        metrics["eval"] = evaluate_forking_run(out / "final", cfg.tags, out, cfg.eval_task, cfg.eval_problems,
+                                               per_tag, cfg.eval_temperature, cfg.eval_max_new_tokens,
+                                               f"SSFT ({cfg.assignment})", extra_lines=extra, group_size=cfg.num_tags)
+        write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def run_gfpo(config_path, overrides: list[str]):
+    """GFPO from an SSFT model + the tag distribution before/after + forking evaluation of the final model."""
+    cfg = load_config(GFPORunConfig, config_path, overrides)
+    probe = data.load_problems(cfg.eval_task, n=100, split="test")
+
+    def dist(spec):
+        m, tok = models.load(spec)
+        if any(t not in tok.get_vocab() for t in ssft.forking_tags(cfg.num_tags)):
+            return None  # a model without forking tokens (GFPO adds them)
+        return [round(float(x), 4) for x in ssft.tag_distribution(m, tok, probe, cfg.num_tags)]
+
+    before = dist(cfg.model)
+    metrics = run_training(GFPORunConfig, GFPOTrainer, config_path, overrides, "gfpo")[0]
+    out = Path(cfg.output_dir)
+    after = dist(str(out / "final"))
+    metrics["tag_distribution"] = {"before": before, "after": after}
+    before = before or [float("nan")] * len(after)
+    ui.print_table("mean π(g|x) over 100 held-out problems", ["tag", "before", "after"],
+                   [(f"<think{i + 1}>", b, a) for i, (b, a) in enumerate(zip(before, after))])
+    if cfg.eval_problems:
+        extra = ["## Tag distribution π(g|x) (mean over 100 held-out problems)", "", "| tag | before | after |",
+                 "|---|---|---|"] + [f"| `<think{i + 1}>` | {b:.3f} | {a:.3f} |" for i, (b, a) in
+                                     enumerate(zip(before, after))]
+        metrics["eval"] = evaluate_forking_run(out / "final", ssft.forking_tags(cfg.num_tags), out, cfg.eval_task,
+                                               cfg.eval_problems, cfg.eval_per_tag, cfg.eval_temperature,
+                                               cfg.eval_max_new_tokens, "GFPO", extra_lines=extra)
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def plot_forking(res: dict[str, Any], path, title: str = "") -> None:
+    """PNG: per-tag accuracy, per-tag mean length, and (testbed) the strategy mix of each tag."""
+    plt = pyplot()
+    per = res["per_tag"]
+    tags = list(per)
+    strat = all("strategies" in per[t] for t in tags)
+    fig, axes = plt.subplots(1, 3 if strat else 2, figsize=(13 if strat else 9, 3.6))
+    axes[0].bar(tags, [per[t]["accuracy"] for t in tags], color="tab:blue")
+    axes[0].set_ylim(0, 1)
+    axes[0].set_title("accuracy per tag")
+    axes[0].set_ylabel("accuracy")
+    axes[1].bar(tags, [per[t]["mean_tokens"] for t in tags], color="tab:orange")
+    axes[1].set_title("mean completion length per tag")
+    axes[1].set_ylabel("tokens")
+    if strat:
+        names = sorted({s for t in tags for s in per[t]["strategies"]})
+        bottom = [0.0] * len(tags)
+        for s in names:
+            vals = [per[t]["strategies"].get(s, 0.0) for t in tags]
+            axes[2].bar(tags, vals, bottom=bottom, label=s)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        axes[2].set_ylim(0, 1)
+        axes[2].set_title("strategy share per tag")
+        axes[2].set_ylabel("share of samples")
+        axes[2].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: bars reach 1.0
+    for ax in axes:
+        ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_matching(history: list[dict[str, Any]], totals: dict[str, list[int]], path, title: str = "") -> None:
+    """PNG: the source x tag count matrix over the whole run, and purity / stability over steps."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    sources = list(totals)
+    mat = [[c / max(sum(totals[s]), 1) for c in totals[s]] for s in sources]
+    im = axes[0].imshow(mat, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    axes[0].set_yticks(range(len(sources)), sources)
+    n = len(next(iter(totals.values()))) if totals else 0
+    axes[0].set_xticks(range(n), [ssft.TAG_FORMAT.format(i + 1) for i in range(n)], rotation=45, fontsize=8)
+    axes[0].set_title("share of each source's matches per tag")
+    axes[0].set_ylabel("trace source")
+    fig.colorbar(im, ax=axes[0])
+    steps = [h["step"] for h in history]
+    for key in ("match/purity", "match/agree_prev", "match/revisit_same"):
+        pts = [(s, h[key]) for s, h in zip(steps, history) if key in h]
+        if pts:
+            axes[1].plot(*zip(*pts), marker=".", label=key.split("/")[1])
+    axes[1].set_ylim(0, 1.05)
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("fraction (10-step window)")
+    axes[1].legend(fontsize=8)
+    axes[1].set_title("matching purity and stability")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def demo(run_dir, base: str, problems: list, quick: bool = False, *, steps: int | None = None,
+         batch: int | None = None, lr: float = 3e-3, scheduler: str = "constant") -> dict[str, Any]:
+    """A short SSFT testbed experiment for ``ponder demo``: from the testbed model at `base`, train SSFT
+    (Hungarian matching to N = 6 forking tokens) and the SFT-mixed baseline (all traces under ``<think>``) for the
+    same number of steps on ``testbed:traces`` (4 strategies per problem), then evaluate SFT-mixed and SSFT on
+    `problems` with k = 6 samples each (one per tag for SSFT, 6 under ``<think>`` otherwise).
+
+    The full experiment (600 steps, k = 12, random-assignment ablation) is ``ponder ssft -c
+    configs/ssft/testbed.yaml``; this one is budgeted to ~75 s, far too short for SSFT to reach its final
+    accuracy, so the notes say what appeared in *this* run. Writes ``ssft_forking.png`` and ``ssft_matching.png``.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    steps = steps or (2 if quick else 32)
+    batch = batch or (2 if quick else 8)
+    n_data = 8 if quick else steps * batch  # each trace set seen once
+    per_tag, max_new = (1, 40) if quick else (1, 64)
+    num_tags = 6
+    common = dict(model=str(base), dataset="testbed:traces", dataset_size=n_data, num_tags=num_tags, prefix_len=16,
+                  max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
+                  lr_scheduler_type=scheduler, warmup_steps=0, logging_steps=max(steps // 5, 1),
+                  save_strategy="no", report_to="none", disable_tqdm=True, dataloader_pin_memory=False, seed=0)
+
+    def train(assignment):
+        cfg = SSFTConfig(output_dir=str(run_dir / f"ssft-{assignment}"), assignment=assignment, **common)
+        tr = SSFTTrainer(args=cfg)
+        tr.train()
+        return tr
+
+    def ev(model, tok, tags, k_per_tag):
+        model.eval()
+        r = ssft.evaluate_forking(model, tok, problems, tags, per_tag=k_per_tag, sampled=0, group_size=num_tags,
+                             temperature=0.7, max_new_tokens=max_new, batch_size=128, seed=0)
+        r.pop("records")
+        return r
+
+    k = num_tags * per_tag
+    res = {}  # the starting model is evaluated by `ponder demo` itself (its first table)
+    mixed = train("mixed")
+    res["SFT-mixed"] = ev(mixed.model, mixed.processing_class, [THINK_OPEN], k)
+    hung = train("hungarian")
+    res["SSFT"] = ev(hung.model, hung.processing_class, hung.tags, per_tag)
+
+    plot_forking(res["SSFT"], run_dir / "ssft_forking.png", f"SSFT after {steps} steps: per-tag statistics")
+    hung.match_stats.summary(hung.state.global_step)
+    plot_matching(hung.match_stats.history, hung.match_stats.totals(), run_dir / "ssft_matching.png",
+                  f"SSFT matching over {steps} steps")
+
+    def modal(r):  # the most frequent strategy of each tag's samples
+        return {max(v["strategies"], key=v["strategies"].get) for v in r["per_tag"].values()}
+
+    def row(name, r):
+        tag1 = r[f"pass@1/{r['tags'][0]}"]
+        return [name, round(tag1, 3), round(r[f"pass@{k}"], 3), round(r[f"cons@{k}"], 3),
+                round(r[f"distinct_strategies@{k}"], 2), round(r[f"distinct_answers@{k}"], 2), len(modal(r))]
+
+    rows = [row(n, r) for n, r in res.items()]
+    s, m = res["SSFT"], res["SFT-mixed"]
+    cs, cm, ps, pm = s[f"cons@{k}"], m[f"cons@{k}"], s[f"pass@{k}"], m[f"pass@{k}"]
+    better = cs >= cm and ps >= pm and (cs > cm or ps > pm)  # a tie at zero is not the paper's direction
+    specialised = len(modal(s)) > 1
+    n = len(problems)
+    se = max(((cs * (1 - cs) + cm * (1 - cm)) / n) ** 0.5, ((ps * (1 - ps) + pm * (1 - pm)) / n) ** 0.5, 1 / n)
+    noise = max(abs(cs - cm), abs(ps - pm)) < 2 * se
+    verdict = ("appeared" if better else "did NOT appear") + (" (difference within noise)" if noise else "")
+    notes = [
+        f"Paper's direction (SSFT >= SFT-mixed on Cons@{k} and pass@{k}) {verdict}; tags "
+        + (f"specialised ({len(modal(s))} modal strategies over 6 tags)" if specialised else "not specialised yet")
+        + f". Cons@{k} {cs:.3f} vs {cm:.3f}, pass@{k} {ps:.3f} vs {pm:.3f}"
+        + (", under 2 standard errors." if noise else "."),
+        f"{steps} training steps x {batch} questions (4 traces each) per run, the same for SSFT and SFT-mixed; "
+        f"k = {k} samples at temperature 0.7 on {n} held-out problems (SSFT: one per forking tag).",
+        "A ~1-minute cut of the experiment; the reference is the 600-step run (ponder ssft -c "
+        "configs/ssft/testbed.yaml, with assignment=mixed / random for the baselines).",
+    ]
+    notes.append("The starting model knows one strategy; at this budget both fine-tuned models are midway through "
+                 "learning three new ones, so compare them with each other, not with the starting model.")
+    metrics = {name: {kk: v for kk, v in r.items() if kk != "tags"} for name, r in res.items()}
+    metrics["seconds"] = time.time() - t0
+    metrics["steps"] = steps
+    return {"title": f"SSFT (global forking tokens) vs SFT-mixed, {steps} steps each",
+            "columns": ["model", "pass@1 (<think1> / <think>)", f"pass@{k}", f"cons@{k}",
+                        f"distinct strategies@{k}", f"distinct answers@{k}",
+                        "tags' modal strategies"],
+            "rows": rows, "plots": ["ssft_forking.png", "ssft_matching.png"], "notes": notes, "metrics": metrics}

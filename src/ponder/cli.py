@@ -168,6 +168,27 @@ def demo_cmd(only: list[str] = typer.Option(None, help="methods to run: onepass,
         raise typer.Exit(1)
 
 
+@app.command("experiment")
+def experiment_cmd(spec: Path = typer.Argument(..., help="an experiment spec, e.g. configs/experiments/rise.yaml"),
+                   seeds: str = typer.Option(None, help="comma-separated seeds (default: the spec's)"),
+                   only: list[str] = typer.Option(None, help="arms to run (default all); others are only summarised"),
+                   force: bool = typer.Option(False, help="re-run finished (arm, seed) runs"),
+                   summarise: bool = typer.Option(False, help="only rewrite the results from finished runs")):
+    """Run an experiment's arms over several seeds; write docs/results/<name>.md with mean ± s.e., the paired
+    difference of each claim with its 95% interval and a verdict, and a plot."""
+    from ponder.recipes import experiment
+    try:
+        seed_list = [int(x) for x in seeds.split(",")] if seeds else None
+        if summarise:
+            s = experiment.load_spec(spec)
+            experiment.write_results(s, Path("runs/experiments") / s["name"], seed_list or s["seeds"],
+                                     Path("docs/results"), spec)
+        else:
+            experiment.run_experiment(spec, seed_list, only or None, force)
+    except ValueError as e:
+        _fail(e)
+
+
 @app.command("report")
 def report_cmd(run_dir: Path = typer.Argument(..., help="a run directory (runs/<name>) or the demo's")):
     """Render a run's metrics (metrics.json, trainer log history, saved sections) into RUN_DIR/report.md."""

@@ -226,7 +226,7 @@ _RG_NAMES: list[str] | None = None
 def load_conversations(spec: str, n: int | None = None, split: str = "train", seed: int = 0
                        ) -> list[Conversation]:
     """Conversations from JSONL / HF datasets, or generated: ``testbed:multi`` (follow-up conversations of
-    2-8 turns with reasoning), ``testbed:retry`` (RISE-style retry episodes), ``testbed:single``."""
+    2-8 turns with reasoning), ``testbed:retry`` (RISE-style retry episodes), ``testbed:single``, ``testbed:gold``."""
     if spec.startswith("testbed:"):
         return [Conversation(m, f"{spec}-{i}") for i, m in
                 enumerate(testbed.conversations(spec.split(":", 1)[1], n or 1000, seed=seed, split=split))]

@@ -222,11 +222,13 @@ def _train_problems(rng: random.Random):
 
 
 def conversations(kind: str, n: int, seed: int = 0, split: str = "train") -> list[list[dict[str, Any]]]:
-    """Generated conversations: ``multi`` (2-8 turns), ``retry`` or ``single``; split="test" uses the
+    """Generated conversations: ``multi`` (2-8 turns), ``retry``, ``single`` (a random strategy) or ``gold``
+    (the ``direct`` strategy the testbed was pre-trained on: LaTRO's SFT baseline); split="test" uses the
     held-out problems."""
     rng = random.Random(seed)
     probs = iter(heldout(n)) if split == "test" else _train_problems(rng)
     makers = {"multi": lambda p: multi_turn(p, rng, rng.randint(2, 8)),
+              "gold": lambda p: single_turn(p, rng, "direct"),
               "retry": lambda p: retry_episode(p, rng, wrong_attempts=rng.choice([1, 1, 2])),
               "single": lambda p: single_turn(p, rng)}
     if kind not in makers:

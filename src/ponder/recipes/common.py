@@ -36,19 +36,23 @@ def resume_arg(cfg):
     return True if r in ("last", "true", "True") else r
 
 
-def start_run(config_cls, config_path, overrides: list[str]):
-    """Load the config and create its output directory with the config it ran with (``config.yaml``)."""
-    cfg = load_config(config_cls, config_path, overrides)
+def start_run(cfg) -> Path:
+    """Create the run's output directory and record the config it runs with (``config.yaml``)."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
-    return cfg, out
+    return out
 
 
 def run_training(config_cls, trainer_cls, config_path, overrides: list[str], title: str):
+    """`ponder <method> -c CONFIG key=value ...` for the plain training commands: see `train`."""
+    return train(load_config(config_cls, config_path, overrides), trainer_cls, title)
+
+
+def train(cfg, trainer_cls, title: str):
     """Config -> trainer -> train -> runs/<name>/{config.yaml, final/, metrics.json} and a summary table.
-    Returns (metrics, trainer, cfg)."""
-    cfg, out = start_run(config_cls, config_path, overrides)
+    Returns (metrics, trainer)."""
+    out = start_run(cfg)
     trainer = trainer_cls(args=cfg)
     t = time.time()
     result = trainer.train(resume_from_checkpoint=resume_arg(cfg))
@@ -61,4 +65,4 @@ def run_training(config_cls, trainer_cls, config_path, overrides: list[str], tit
             ("seconds", metrics["seconds"])] + [(f"data: {k}", v) for k, v in sorted(stats["train"].items())]
     ui.print_table(f"{title}: {cfg.model} on {cfg.dataset}", ["metric", "value"], rows)
     ui.info(f"model: {out / 'final'}   metrics: {out / 'metrics.json'}")
-    return metrics, trainer, cfg
+    return metrics, trainer

@@ -10,15 +10,21 @@ from pathlib import Path
 from typing import Any
 
 from ponder import data, metrics, models, testbed, ui
+from ponder.config import load_config
 from ponder.recipes.common import pyplot, resume_arg, start_run, write_json
 from ponder.trainers.latro import LaTROConfig, LaTROTrainer
 from ponder.trainers.sft import SFTConfig, SFTTrainer
 
 
 def run_latro(config_path, overrides: list[str]):
+    """`ponder latro -c CONFIG key=value ...`: see `run`."""
+    return run(load_config(LaTROConfig, config_path, overrides))
+
+
+def run(cfg: LaTROConfig) -> dict[str, Any]:
     """LaTRO: train with periodic held-out evaluation, evaluate the final model, write metrics.json and
     report.md with the training-curve PNG (reward, KL, advantage spread, accuracy)."""
-    cfg, out = start_run(LaTROConfig, config_path, overrides)
+    out = start_run(cfg)
     trainer = LaTROTrainer(args=cfg)
     t = time.time()
     result = trainer.train(resume_from_checkpoint=resume_arg(cfg))

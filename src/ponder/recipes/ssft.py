@@ -12,7 +12,7 @@ from typing import Any
 from ponder import data, models, ssft, ui
 from ponder.chat import THINK_OPEN
 from ponder.config import load_config
-from ponder.recipes.common import pyplot, run_training, write_json
+from ponder.recipes.common import pyplot, train, write_json
 from ponder.trainers.gfpo import GFPOConfig, GFPOTrainer
 from ponder.trainers.ssft import SSFTConfig, SSFTTrainer
 
@@ -77,9 +77,14 @@ def evaluate_forking_run(model_dir: Path | str, tags: list[str], out: Path, task
 
 
 def run_ssft(config_path, overrides: list[str]):
+    """`ponder ssft -c CONFIG key=value ...`: see `ssft_run`."""
+    return ssft_run(load_config(SSFTRunConfig, config_path, overrides))
+
+
+def ssft_run(cfg: SSFTRunConfig) -> dict[str, Any]:
     """SSFT (or the SFT-mixed / random-assignment baselines), its matching statistics, and the forking
     evaluation of the final model."""
-    metrics, trainer, cfg = run_training(SSFTRunConfig, SSFTTrainer, config_path, overrides, "ssft")
+    metrics, trainer = train(cfg, SSFTTrainer, "ssft")
     out = Path(cfg.output_dir)
     if cfg.assignment != "mixed":
         write_matching(trainer, out)
@@ -96,8 +101,12 @@ def run_ssft(config_path, overrides: list[str]):
 
 
 def run_gfpo(config_path, overrides: list[str]):
+    """`ponder gfpo -c CONFIG key=value ...`: see `gfpo_run`."""
+    return gfpo_run(load_config(GFPORunConfig, config_path, overrides))
+
+
+def gfpo_run(cfg: GFPORunConfig) -> dict[str, Any]:
     """GFPO from an SSFT model + the tag distribution before/after + forking evaluation of the final model."""
-    cfg = load_config(GFPORunConfig, config_path, overrides)
     probe = data.load_problems(cfg.eval_task, n=100, split="test")
 
     def dist(spec):
@@ -107,7 +116,7 @@ def run_gfpo(config_path, overrides: list[str]):
         return [round(float(x), 4) for x in ssft.tag_distribution(m, tok, probe, cfg.num_tags)]
 
     before = dist(cfg.model)
-    metrics = run_training(GFPORunConfig, GFPOTrainer, config_path, overrides, "gfpo")[0]
+    metrics = train(cfg, GFPOTrainer, "gfpo")[0]
     out = Path(cfg.output_dir)
     after = dist(str(out / "final"))
     metrics["tag_distribution"] = {"before": before, "after": after}

@@ -1,0 +1,67 @@
+"""Summaries with error bars: mean ± standard error over seeds, and paired differences between arms with a 95%
+interval (Student's t over the per-seed differences: the seeds are the replicates, the arms share them).
+
+Effects are claims: `verdict` says "yes" only when the interval excludes zero in the claimed direction, and
+says "no effect at 95%" (or "opposite") otherwise, as plainly as a success.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from scipy import stats as _scipy_stats
+
+
+def mean_se(xs: Sequence[float]) -> tuple[float, float]:
+    """(mean, standard error of the mean) of the values; s.e. is nan for fewer than two values."""
+    xs = [float(x) for x in xs]
+    if not xs:
+        return math.nan, math.nan
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, math.nan
+    var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+    return m, math.sqrt(var / len(xs))
+
+
+def t_interval(mean: float, se: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Two-sided Student-t interval with n - 1 degrees of freedom."""
+    if n < 2 or math.isnan(se):
+        return math.nan, math.nan
+    q = float(_scipy_stats.t.ppf(0.5 + confidence / 2, n - 1))
+    return mean - q * se, mean + q * se
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
+    """a[i] - b[i] over paired replicates (the same seed in both arms): mean, s.e., the t interval, n."""
+    if len(a) != len(b):
+        raise ValueError(f"paired values differ in number: {len(a)} vs {len(b)}")
+    d = [float(x) - float(y) for x, y in zip(a, b)]
+    m, se = mean_se(d)
+    lo, hi = t_interval(m, se, len(d), confidence)
+    return {"mean": m, "se": se, "lo": lo, "hi": hi, "n": len(d)}
+
+
+def verdict(diff: dict[str, float], direction: str = ">") -> str:
+    """Is the claimed direction ('>': a above b, '>=': a not below b) supported by the interval?
+
+    '>': "yes" when the interval lies above 0; "opposite" when it lies below; else "no effect at 95%".
+    '>=': "yes" when the interval's upper end is >= 0 (a is not shown to be below b); else "no (below)"."""
+    lo, hi = diff["lo"], diff["hi"]
+    if math.isnan(lo):
+        return "n/a (one seed)"
+    if direction == ">":
+        return "yes" if lo > 0 else "opposite" if hi < 0 else "no effect at 95%"
+    if direction == ">=":
+        return "yes" if hi >= 0 else "no (below)"
+    raise ValueError(f"direction must be '>' or '>=', got {direction!r}")
+
+
+def fmt_pm(mean: float, se: float, scale: float = 100.0, digits: int = 1) -> str:
+    """'30.2 ± 1.1' (values scaled, e.g. accuracies in %)."""
+    if math.isnan(mean):
+        return "-"
+    if math.isnan(se):
+        return f"{scale * mean:.{digits}f}"
+    return f"{scale * mean:.{digits}f} ± {scale * se:.{digits}f}"

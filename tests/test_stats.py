@@ -1,0 +1,34 @@
+"""Error bars: mean ± s.e., the paired t interval and the verdicts, against hand computations."""
+
+import math
+
+import pytest
+
+from ponder import stats
+
+
+def test_mean_se_by_hand():
+    m, se = stats.mean_se([0.2, 0.3, 0.4])
+    assert m == pytest.approx(0.3)
+    assert se == pytest.approx(math.sqrt(0.01 / 3))       # sample variance 0.01, n = 3
+    assert math.isnan(stats.mean_se([0.5])[1])
+
+
+def test_paired_difference_uses_t_with_n_minus_1():
+    a, b = [0.30, 0.34, 0.32], [0.25, 0.27, 0.30]         # differences 0.05, 0.07, 0.02
+    d = stats.paired_difference(a, b)
+    assert d["mean"] == pytest.approx(0.14 / 3)
+    sd = math.sqrt(sum((x - 0.14 / 3) ** 2 for x in (0.05, 0.07, 0.02)) / 2)
+    assert d["se"] == pytest.approx(sd / math.sqrt(3))
+    assert d["hi"] - d["mean"] == pytest.approx(4.302652729911275 * d["se"])   # t_{0.975, 2}
+    assert stats.verdict(d, ">") == "no effect at 95%"   # 3 seeds: t = 4.30 makes the interval wide
+
+
+def test_verdicts():
+    assert stats.verdict({"lo": -0.01, "hi": 0.05}, ">") == "no effect at 95%"
+    assert stats.verdict({"lo": -0.05, "hi": -0.01}, ">") == "opposite"
+    assert stats.verdict({"lo": -0.05, "hi": 0.01}, ">=") == "yes"
+    assert stats.verdict({"lo": -0.05, "hi": -0.01}, ">=") == "no (below)"
+    assert stats.verdict({"lo": math.nan, "hi": math.nan}, ">") == "n/a (one seed)"
+    with pytest.raises(ValueError, match="paired values differ"):
+        stats.paired_difference([1, 2], [1])

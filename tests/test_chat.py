@@ -101,6 +101,26 @@ def test_equals_chat_template_and_prefix_property(tok, seed):
 
 
 @pytest.mark.parametrize("seed", range(8))
+def test_reasoning_all_keeps_every_turn_and_is_prefix_closed(tok, seed):
+    """reasoning="all" (RISE's history kept in full): every assistant turn carries its reasoning block, the ids
+    equal apply_chat_template on those contents, and the generation prompt with history kept is a prefix of
+    the full rendering (what makes a kept-history trajectory one causal sequence)."""
+    rng = random.Random(seed)
+    msgs = random_conversation(rng, turns=rng.randint(1, 4), system=seed % 3 == 0, words=representable(tok))
+    norm = normalize_messages(msgs)
+    full = render(tok, msgs, reasoning="all")
+    body = [{"role": m["role"], "content": chat.assistant_body(m, True) if m["role"] == "assistant" else m["content"]}
+            for m in norm]
+    assert full.ids == tok.apply_chat_template(body, tokenize=True, return_dict=False)
+    for k, m in enumerate(norm):
+        if m["role"] == "assistant":
+            prompt = chat.generation_prompt(tok, msgs[:k], history_reasoning="keep")
+            assert full.ids[:len(prompt)] == prompt
+            trained = [t for t, on in zip(full.ids, full.trained_mask([k])) if on]
+            assert tok.decode(trained) == chat.assistant_body(m, True) + tok.decode([chat.end_of_turn_id(tok)])
+
+
+@pytest.mark.parametrize("seed", range(8))
 def test_render_turns_matches_per_turn_rendering(tok, seed):
     rng = random.Random(100 + seed)
     msgs = random_conversation(rng, turns=rng.randint(1, 5), system=seed % 2 == 0, p_reasoning=0.6,

@@ -135,17 +135,18 @@ def test_degenerate_filter():
 
 class Script:
     """Stands in for `ponder.rollout.sample`: returns scripted texts per (turn, problem question) and records
-    the prompts (message lists) and the model each call was made with."""
+    the prompts (the token ids the environment rendered, decoded) and the model each call was made with."""
 
-    def __init__(self, texts):
-        self.texts, self.calls = texts, []
+    def __init__(self, texts, tok):
+        self.texts, self.tok, self.calls = texts, tok, []
 
     def __call__(self, model, tok, prompts, n=1, seed=0, **kw):
-        self.calls.append({"model": model, "prompts": [list(p) for p in prompts], "n": n})
+        decoded = [self.tok.decode(p) for p in prompts]
+        self.calls.append({"model": model, "prompts": decoded, "n": n})
         turn = len(self.calls) - 1
         out = []
-        for i, p in enumerate(prompts):
-            q = p[0]["content"] if p[0]["content"] != rise.INSTRUCTION else p[2]["content"].split("\n")[-1]
+        for i, p in enumerate(decoded):
+            q = next(q for q in self.texts if q in p)
             texts = self.texts[q][turn]
             assert len(texts) == n
             out.append([Sample(i, [], [], t, "eos") for t in texts])
@@ -156,14 +157,15 @@ PROBS = [{"id": "a", "question": "10+20*3=?", "answer": "70", "meta": {"task": "
          {"id": "b", "question": "11+10*2=?", "answer": "31", "meta": {"task": "testbed"}}]
 
 
-def test_collect_best_of_n_early_stop_and_teacher(monkeypatch):
+def test_collect_best_of_n_early_stop_and_teacher(monkeypatch, tb_tok):
     from ponder import rollout
     script = Script({
         "10+20*3=?": [[reply("r", 60)], [reply("r", 61), reply("r", 70), reply("r2", 70)]],
         "11+10*2=?": [[reply("r", 31)]],
-    })
+    }, tb_tok)
     monkeypatch.setattr(rollout, "sample", script)
-    recs = rise.collect("learner", None, PROBS, turns=3, samples=[1, 3], teacher=("teacher", None), progress=False)
+    recs = rise.collect("learner", tb_tok, PROBS, turns=3, samples=[1, 3], teacher=("teacher", tb_tok),
+                        progress=False)
     a, b = recs
     assert [x["reward"] for x in a["attempts"]] == [0.0, 1.0] and a["success"] and a["max_reward"] == 1.0
     assert a["attempts"][1]["text"] == reply("r", 70)            # best of 3; the first of the tied best
@@ -174,18 +176,19 @@ def test_collect_best_of_n_early_stop_and_teacher(monkeypatch):
     assert [c["model"] for c in script.calls] == ["learner", "teacher"]   # turn 3 never runs: all done
     assert [c["n"] for c in script.calls] == [1, 3]
     assert len(script.calls[1]["prompts"]) == 1                  # only the unfinished episode continues
-    assert script.calls[1]["prompts"][0][1] == {"role": "assistant", "reasoning": "r", "content": "The answer is 60."}
+    # the paper's MDP: the earlier attempt is shown in full, reasoning included (history_reasoning keep)
+    assert "<|im_start|>assistant\n<think>\nr\n</think>\n\nThe answer is 60.<|im_end|>" in script.calls[1]["prompts"][0]
     assert a["attempts"][0]["source"] == "policy" and a["attempts"][1]["source"] == "teacher"
     assert rise.collection_summary(recs)["by_turn"][0] == {"turn": 1, "episodes": 2, "success": 0.5,
                                                             "candidate_success": 0.5}
 
 
-def test_collect_drops_degenerate_samples(monkeypatch):
+def test_collect_drops_degenerate_samples(monkeypatch, tb_tok):
     from ponder import rollout
     junk = "9 " * 200
-    script = Script({"10+20*3=?": [[junk, reply("r", 70)]], "11+10*2=?": [[junk, junk]]})
+    script = Script({"10+20*3=?": [[junk, reply("r", 70)]], "11+10*2=?": [[junk, junk]]}, tb_tok)
     monkeypatch.setattr(rollout, "sample", script)
-    a, b = rise.collect("m", None, PROBS, turns=2, samples=2, progress=False)
+    a, b = rise.collect("m", tb_tok, PROBS, turns=2, samples=2, progress=False)
     assert a["attempts"][0]["text"] == reply("r", 70) and a["attempts"][0]["candidates"][0]["degenerate"]
     assert b["attempts"] == [] and b["blocked"] and not b["success"]
 
@@ -300,10 +303,11 @@ def random_trajectories(seed, n=5):
     return out
 
 
-def official_loss(model, tok, trajectories, tau=0.4, criteria="all"):
+def official_loss(model, tok, trajectories, tau=0.4, criteria="all", history="keep"):
     """The official RISE loss (FastChat CustomTrainer): one example per kept turn — the conversation truncated
-    after that attempt, history reasoning not rendered, only the last attempt labelled — HF's mean token CE
-    over its labels, times exp(r/τ), averaged over the examples. Written from `chat.render` and full logits."""
+    after that attempt (earlier attempts shown in full with `history` keep, without their reasoning with
+    strip), only the last attempt labelled — HF's mean token CE over its labels, times exp(r/τ), averaged over
+    the examples. Written from `chat.render` and full logits."""
     losses = []
     for t in trajectories:
         conv = rise.to_conversation(t, tau, criteria)
@@ -313,7 +317,7 @@ def official_loss(model, tok, trajectories, tau=0.4, criteria="all"):
         for k, m in enumerate(msgs):
             if m["role"] != "assistant" or not m["weight"]:
                 continue
-            segs = chat.render(tok, msgs[:k + 1])
+            segs = chat.render(tok, msgs[:k + 1], reasoning="all" if history == "keep" else "last")
             ids = torch.tensor([segs.ids])
             labels = torch.tensor([[x if on else -100 for x, on in zip(segs.ids, segs.trained_mask([k]))]])
             logits = model(input_ids=ids).logits
@@ -331,17 +335,20 @@ def _rmsnorm_fp64(self, h):
     return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
 
-@pytest.mark.parametrize("criteria", ["all", "better"])
-def test_one_sequence_loss_and_gradient_equal_official(tiny64, tmp_path, criteria, monkeypatch):
+@pytest.mark.parametrize("criteria, history", [("all", "keep"), ("better", "keep"), ("all", "strip"),
+                                               ("better", "strip")])
+def test_one_sequence_loss_and_gradient_equal_official(tiny64, tmp_path, criteria, history, monkeypatch):
     # HF's LlamaRMSNorm computes in fp32 even in an fp64 model; its backward then rounds each example's
     # gradient at fp32 precision (differences ~1e-9). In true fp64 the two formulations agree to ~1e-16.
     from transformers.models.llama import modeling_llama
     monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", _rmsnorm_fp64)
     model, tok = tiny64
     trajs = random_trajectories(1, n=6)
-    args = RISEConfig(output_dir=str(tmp_path), report_to=[], disable_tqdm=True, criteria=criteria)
+    args = RISEConfig(output_dir=str(tmp_path), report_to=[], disable_tqdm=True, criteria=criteria,
+                      history_reasoning=history)
     tr = RISETrainer(model=model, args=args, train_dataset=trajs, processing_class=tok)
     batch = tr.data_collator([tr.train_dataset[i] for i in range(len(tr.train_dataset))])
+    assert ("pairs" in batch) == (history == "strip")     # keep: an ordinary causal sequence; strip: one-pass
     params = list(model.parameters())
 
     model.zero_grad()
@@ -349,7 +356,7 @@ def test_one_sequence_loss_and_gradient_equal_official(tiny64, tmp_path, criteri
     loss.backward()
     g1 = [p.grad.clone() for p in params]
     model.zero_grad()
-    ref = official_loss(model, tok, trajs, criteria=criteria)
+    ref = official_loss(model, tok, trajs, criteria=criteria, history=history)
     ref.backward()
     g2 = [p.grad.clone() for p in params]
     model.zero_grad()
@@ -369,12 +376,13 @@ def _train(mode, tmp_path, trajs, **kw):
     return torch.cat([p.detach().flatten() for p in model.parameters()]), tr.data_stats["train"]
 
 
-def test_training_run_equals_per_turn_examples(tmp_path):
+@pytest.mark.parametrize("history", ["keep", "strip"])
+def test_training_run_equals_per_turn_examples(tmp_path, history):
     """Whole runs with gradient accumulation: one sequence per trajectory ends with the same weights as the
     official per-turn examples, forwarding fewer tokens."""
     trajs = random_trajectories(5, n=12)
-    one, s1 = _train("onepass", tmp_path, trajs)
-    ref, s2 = _train("npass", tmp_path, trajs)
+    one, s1 = _train("onepass", tmp_path / history, trajs, history_reasoning=history)
+    ref, s2 = _train("npass", tmp_path / history, trajs, history_reasoning=history)
     assert (one - ref).abs().max().item() < 1e-9
     assert s1["tokens_forwarded"] < s2["tokens_forwarded"] and s1["turns"] == s2["turns"]
 
@@ -424,22 +432,22 @@ def test_sequential_metrics_bad_shapes():
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_evaluate_feedback_window_and_metrics(monkeypatch):
+def test_evaluate_feedback_window_and_metrics(monkeypatch, tb_tok):
     from ponder import rollout
     seq = {"10+20*3=?": [[reply("r", 60)], [reply("r", 70)], [reply("r", 70)]],
            "11+10*2=?": [[reply("r", 31)], [reply("r", 30)], [reply("r", 32)]]}
     script = Script({q: v + [[reply("p", 70), reply("p", 60), reply("p", 1)] if q[0:2] == "10" else
-                              [reply("p", 5), reply("p", 6), reply("p", 7)]] for q, v in seq.items()})
+                              [reply("p", 5), reply("p", 6), reply("p", 7)]] for q, v in seq.items()}, tb_tok)
     monkeypatch.setattr(rollout, "sample", script)
-    r = rise.evaluate("m", None, PROBS, turns=3, parallel=3, context_window=2, progress=False)
+    r = rise.evaluate("m", tb_tok, PROBS, turns=3, parallel=3, context_window=2, progress=False)
     assert r["m1@t1"] == 0.5 and r["accuracy_by_turn"] == [0.5, 0.5, 0.5]
     # a: 60, 70, 70 -> majority 70 (right); b: 31, 30, 32 -> three-way tie, the earliest (31, right) wins
     assert r["m1@t3"] == 1.0 and r["p1@t3"] == 1.0
     assert r["m3@t1"] == 0.5 and r["p3@t1"] == 0.5
     third = script.calls[2]["prompts"]                  # turn 3 sees the question and only the last attempt
-    assert [len(p) for p in third] == [3, 3]
-    assert third[1][1]["content"] == "The answer is 30."
-    assert all(p[2]["content"].startswith("The answer is incorrect.") for p in third)   # even after a correct turn
+    assert all(p.count("<|im_start|>user") == 2 and p.count("<|im_start|>assistant") == 2 for p in third)
+    assert "The answer is 30." in third[1] and "The answer is 31." not in third[1]
+    assert all("<|im_start|>user\nThe answer is incorrect." in p for p in third)   # even after a correct turn
     assert r["records"][1]["answers"] == ["31", "30", "32"] and r["records"][1]["correct"] == [True, False, False]
     # transitions: a 60->70 (wrong->right), 70->70 (right->right); b 31->30 (right->wrong), 30->32 (wrong->wrong)
     assert r["changed_answer_rate"] == 0.75 and r["right_after_wrong"] == 0.5 and r["right_after_right"] == 0.5
@@ -498,3 +506,18 @@ def test_demo_hook_quick(tmp_path):
     assert out["plots"] and all((tmp_path / p).stat().st_size > 0 for p in out["plots"])
     assert "Paper's direction" in out["notes"][0]
     assert ("did not fully appear" in out["notes"][0]) != (" appeared in this run" in out["notes"][0])
+
+
+def test_history_reasoning_keep_shows_earlier_attempts_in_full_and_strip_hides_them(tb_tok):
+    """docs/methods.md §3.2: the paper's MDP shows an earlier attempt in full (keep); strip renders it as a chat
+    template does at inference. Both through the one renderer."""
+    msgs = [{"role": "user", "content": "10+20*3=?"}, {"role": "assistant", "reasoning": "20*3=61. 10+61=71.",
+                                                       "content": "The answer is 71."},
+            {"role": "user", "content": rise.RETRY_PROMPT.format(query="10+20*3=?")}]
+    keep = tb_tok.decode(rise.Env(history_reasoning="keep").prompt(tb_tok, msgs))
+    strip = tb_tok.decode(rise.Env(history_reasoning="strip").prompt(tb_tok, msgs))
+    assert "<think>\n20*3=61. 10+61=71.\n</think>\n\nThe answer is 71." in keep
+    assert "20*3=61" not in strip and "<|im_start|>assistant\nThe answer is 71.<|im_end|>" in strip
+    assert keep.endswith("<|im_start|>assistant\n") and strip.endswith("<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match="history_reasoning must be one of"):
+        rise.Env(history_reasoning="hide")

@@ -1,6 +1,8 @@
 """Golden tests for answer extraction and scoring, including the awkward cases."""
 
+import json
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -109,9 +111,32 @@ def test_reasoning_gym_scoring_counts_only_exact():
     assert verify.is_correct(p, f"The answer is {gold}.")
 
 
-@pytest.mark.parametrize("text, reward", [
-    ("so \\boxed{72}", 1.0), ("\\boxed{1,000}", 0.0), ("\\boxed{71}", 0.0), ("72", -1.0), ("\\boxed{x}", -1.0),
-])
-def test_rise_gsm8k_reward(text, reward):
-    gold = "1000" if "1,000" in text and reward == 1.0 else "72"
-    assert verify.rise_gsm8k_reward(text, gold) == reward
+GOLDEN = json.loads((Path(__file__).parent / "data" / "rise_official_golden.json").read_text())
+
+
+@pytest.mark.parametrize("row", GOLDEN, ids=lambda r: repr(r["text"][:30]) + "|" + repr(r["gold_field"][-12:]))
+def test_rise_official_reward_matches_the_official_code(row):
+    """Golden values produced by running the official `GSM8KEnv.evaluate_response` (cmu-mind/RISE 4a2806e) on
+    these strings. Where the official code raises: a gold without '#### N' raises here too; a crash from its
+    eval() of the gold's <<…>> annotations does not happen here (ponder never evaluates text; the reward is what
+    the official code computes from the rest); a boxed integer too large for float scores -1."""
+    text, gold, want = row["text"], row["gold_field"], row["official"]
+    if want == "raise:TypeError":
+        with pytest.raises(ValueError, match="no '#### N'"):
+            verify.rise_official_reward(text, gold)
+    elif want in ("raise:NameError", "raise:ZeroDivisionError"):
+        expected = 1 if verify.rise_official_answer(text) == 72 else -1
+        assert verify.rise_official_reward(text, gold) == expected
+    elif want == "raise:OverflowError":
+        assert verify.rise_official_reward(text, gold) == -1
+    else:
+        assert verify.rise_official_reward(text, gold) == want
+
+
+def test_rise_official_reward_the_strings_ours_used_to_get_wrong():
+    for text, want in [("\\boxed{72.0}", -1), ("\\boxed{$72}", -1), ("\\boxed{72.}", -1), ("\\boxed 72", -1),
+                       ("\\fbox{72}", -1), ("\\boxed{72} and \\boxed{}", 1)]:
+        assert verify.rise_official_reward(text, "#### 72") == want, text
+    assert verify.rise_official_reward("\\boxed{1e2}", "#### 100") == -1
+    assert verify.rise_official_reward("\\boxed{1}", "#### 1,000") == 1      # the official gold regex stops at ','
+    assert {r["text"] for r in GOLDEN} >= {"\\boxed{72.0}", "\\boxed{1e2}", "\\fbox{72}"}

@@ -24,6 +24,8 @@ THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 KINDS = ("prompt", "tag", "reasoning", "answer", "eot")
 TRAINED_KINDS = frozenset({"tag", "reasoning", "answer", "eot"})
+REASONING_VIEWS = ("last", "none", "all")
+HISTORY_REASONING = ("strip", "keep")
 ROLES = ("system", "user", "assistant")
 _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user",
                    "assistant": "assistant", "model": "assistant"}
@@ -308,13 +310,17 @@ def render(tokenizer, messages: Sequence[dict[str, Any]], add_generation_prompt:
 
     reasoning: ``"last"`` — only the final message, if it is an assistant turn, keeps its reasoning (what a
     model sees when it is trained on / generates that turn); ``"none"`` — every turn without reasoning (the
-    history view). ids equal ``tokenizer.apply_chat_template`` of the same messages with the reasoning block
-    written into the content.
+    history view of chat templates at inference); ``"all"`` — every assistant turn keeps its reasoning (history
+    shown in full: RISE's MDP, docs/methods.md §3.2). ids equal ``tokenizer.apply_chat_template`` of the same
+    messages with the reasoning block written into the content.
     """
     msgs = normalize_messages(messages)
-    if reasoning not in ("last", "none"):
-        raise ValueError(f"reasoning must be 'last' or 'none', got {reasoning!r}")
-    keep = {len(msgs) - 1} if (reasoning == "last" and msgs and msgs[-1]["role"] == "assistant") else set()
+    if reasoning not in REASONING_VIEWS:
+        raise ValueError(f"reasoning must be one of {', '.join(REASONING_VIEWS)}, got {reasoning!r}")
+    if reasoning == "all":
+        keep = {k for k, m in enumerate(msgs) if m["role"] == "assistant"}
+    else:
+        keep = {len(msgs) - 1} if (reasoning == "last" and msgs and msgs[-1]["role"] == "assistant") else set()
     pieces, _ = _pieces(tokenizer, msgs, keep, add_generation_prompt)
     segs = Rendered(s for p in pieces for s in _tokenize_piece(tokenizer, p))
     _check_tokenization(tokenizer, pieces, segs)
@@ -347,10 +353,19 @@ def render_turns(tokenizer, messages: Sequence[dict[str, Any]]) -> Turns:
     return Turns(history, final, msgs)
 
 
-def generation_prompt(tokenizer, messages: Sequence[dict[str, Any]]) -> list[int]:
-    """Token ids of `messages` (history reasoning stripped) followed by the assistant header: what a model
-    is given to generate the next assistant turn."""
-    return render(tokenizer, messages, add_generation_prompt=True, reasoning="none").ids
+def generation_prompt(tokenizer, messages: Sequence[dict[str, Any]], history_reasoning: str = "strip") -> list[int]:
+    """Token ids of `messages` followed by the assistant header: what a model is given to generate the next
+    assistant turn. history_reasoning: ``strip`` (earlier reasoning removed, as chat templates do at inference)
+    or ``keep`` (earlier attempts shown in full)."""
+    return render(tokenizer, messages, add_generation_prompt=True,
+                  reasoning=history_view(history_reasoning)).ids
+
+
+def history_view(history_reasoning: str) -> str:
+    """``strip`` | ``keep`` -> the `render` view of a conversation's history (``none`` | ``all``)."""
+    if history_reasoning not in HISTORY_REASONING:
+        raise ValueError(f"history_reasoning must be one of {', '.join(HISTORY_REASONING)}, got {history_reasoning!r}")
+    return "all" if history_reasoning == "keep" else "none"
 
 
 def pad_id(tokenizer) -> int:

@@ -110,6 +110,7 @@ def problem_from_record(rec: dict[str, Any], where: str, index: int) -> Problem:
     meta = dict(rec.get("meta") or {})
     if solution is not None:
         meta.setdefault("solution", solution)
+        meta.setdefault("answer_field", raw)  # the raw GSM8K field: RISE's official reward reads it as-is
         meta.setdefault("verifier", "gsm8k")
     return Problem(str(rec.get("id", index)), question, answer, meta)
 

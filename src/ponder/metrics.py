@@ -24,20 +24,24 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - prod
 
 
-def majority(answers: Sequence[str | None]) -> int | None:
-    """Index of the sample carrying the most frequent non-empty answer. Ties go to the answer seen first
-    (the lowest sample index), as `max(list, key=count)` does in the SSFT evaluation code. None if no sample
-    has an answer."""
-    counts = Counter(a for a in answers if a is not None)
+def majority(answers: Sequence[str | None], none_votes: bool = False) -> int | None:
+    """Index of the sample carrying the most frequent answer; ties go to the answer seen first (the lowest
+    sample index), as Python's ``max(list, key=list.count)`` does.
+
+    none_votes False: samples without an answer (None) do not vote; None if no sample has one.
+    none_votes True: "no answer" is a candidate like any other and can win (the official SSFT Cons@k,
+    docs/methods.md §1.11)."""
+    counts = Counter(a for a in answers if none_votes or a is not None)
     if not counts:
         return None
     best = max(counts.values())
-    return next(i for i, a in enumerate(answers) if a is not None and counts[a] == best)
+    return next(i for i, a in enumerate(answers) if (none_votes or a is not None) and counts[a] == best)
 
 
-def maj_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> bool:
-    i = majority(answers)
-    return i is not None and bool(correct[i])
+def maj_correct(answers: Sequence[str | None], correct: Sequence[bool], none_votes: bool = False) -> bool:
+    """Is the majority answer correct? (A winning "no answer" is not.)"""
+    i = majority(answers, none_votes)
+    return i is not None and answers[i] is not None and bool(correct[i])
 
 
 def mean(xs) -> float:

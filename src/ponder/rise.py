@@ -13,12 +13,14 @@ data (weights exp(r/τ), criteria all / better / best / success), the sequential
 trainer is `ponder.trainers.rise.RISETrainer`: a trajectory is trained as ONE sequence with a
 weight per attempt, which equals the official one-example-per-turn loss (tests/test_rise.py proves it).
 
-Rendering follows `ponder.chat`: earlier attempts appear without their reasoning (as a chat template shows
-them at inference), so an attempt is generated from the earlier answers, not the earlier reasoning.
+History: by default (`Env.history_reasoning = "keep"`, the paper's MDP) an earlier attempt is shown in full,
+reasoning included, so the next attempt can see where it went wrong; ``strip`` renders earlier attempts as chat
+templates do at inference (answers only). One renderer either way (`ponder.chat.generation_prompt`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,14 +29,14 @@ from typing import Any
 
 from ponder import metrics, rollout, ui, verify
 from ponder.advantages import reward_weights
-from ponder.chat import normalize_messages
+from ponder.chat import HISTORY_REASONING, generation_prompt, normalize_messages
 from ponder.data import DataError, Problem, as_problem, read_jsonl
 from ponder.prompts import DEMO_ANSWER, FIRST_TURN_PROMPT, INSTRUCTION, RETRY_PROMPT, SUCCESS_PROMPT
 
 __all__ = ["RETRY_PROMPT", "FIRST_TURN_PROMPT", "SUCCESS_PROMPT", "INSTRUCTION", "DEMO_ANSWER", "Env", "collect",
            "convert", "evaluate", "reward_weight"]
 
-REWARDS = ("verify", "gsm8k")
+REWARDS = ("verify", "rise_official", "gsm8k")  # gsm8k: the old name of rise_official
 CRITERIA = ("all", "better", "best", "success")
 TAU = 0.4
 
@@ -65,19 +67,35 @@ class Env:
     """The RISE multi-turn environment around single-turn problems.
 
     reward: ``verify`` — `ponder.verify.score` (any task ponder can check; 1 = correct, partial credit counts
-    as not yet successful) or ``gsm8k`` — the official GSM8K reward (+1 correct last ``\\boxed{}`` integer, 0
-    wrong, -1 none parsable; `ponder.verify.rise_gsm8k_reward`).
+    as not yet successful) or ``rise_official`` — the official GSM8K reward, exactly (+1 / 0 / -1 for no
+    parsable boxed integer; `ponder.verify.rise_official_reward`, docs/methods.md §3.9); ``gsm8k`` is its old
+    name.
     demo: prefix the episode with the instruction + one-shot demo (math chat models); the first real user turn
     is then `FIRST_TURN_PROMPT`. Without it the first user turn is the bare question (the testbed).
     evaluation: the feedback is always `RETRY_PROMPT` and a correct attempt does not end the episode.
+    history_reasoning: ``keep`` — an earlier attempt is shown in full in later turns' context (the paper's MDP:
+    the next state is the previous state + the attempt + the feedback); ``strip`` — earlier attempts appear
+    without their reasoning, as a chat template shows them at inference (docs/methods.md §3.2).
     """
     reward: str = "verify"
     demo: bool = False
     evaluation: bool = False
+    history_reasoning: str = "keep"
 
     def __post_init__(self):
         if self.reward not in REWARDS:
             raise ValueError(f"reward must be one of {', '.join(REWARDS)}, got {self.reward!r}")
+        if self.history_reasoning not in HISTORY_REASONING:
+            raise ValueError(f"history_reasoning must be one of {', '.join(HISTORY_REASONING)}, got "
+                             f"{self.history_reasoning!r}")
+
+    @property
+    def official(self) -> bool:
+        return self.reward in ("rise_official", "gsm8k")
+
+    def prompt(self, tokenizer, messages: list[dict[str, Any]]) -> list[int]:
+        """The token ids an attempt is generated from (the history rendered with or without its reasoning)."""
+        return generation_prompt(tokenizer, messages, self.history_reasoning)
 
     @property
     def prefix_len(self) -> int:
@@ -93,17 +111,16 @@ class Env:
 
     def score(self, problem: Problem | dict, text: str) -> float:
         problem = as_problem(problem)
-        if self.reward == "gsm8k":
-            return verify.rise_gsm8k_reward(text, problem.answer)
+        if self.official:
+            return float(verify.rise_official_reward(text, problem.meta.get("answer_field") or f"#### {problem.answer}"))
         return float(verify.score(problem, text))
 
     def answer(self, problem: Problem | dict, text: str) -> str | None:
         """The answer a majority vote compares (`None`: no answer)."""
         problem = as_problem(problem)
-        if self.reward == "gsm8k":
-            b = verify.boxed(text)
-            n = verify.canonical_number(b) if b is not None else None
-            return n if n is not None and "." not in n else None
+        if self.official:
+            n = verify.rise_official_answer(text)
+            return None if n is None else str(n)
         return verify.extract(problem, text)
 
     def feedback(self, problem: Problem | dict, reward: float) -> tuple[str, bool]:
@@ -193,7 +210,8 @@ def collect(model, tokenizer, problems: Sequence[Problem | dict], env: Env | Non
             raise ValueError(f"turn {t} is a teacher turn but no teacher was given")
         m, tok = teacher if use_teacher else (model, tokenizer)
         n = _per_turn(samples, t)
-        out = rollout.sample(m, tok, [e["messages"] for e in active], n=n, max_new_tokens=max_new_tokens,
+        out = rollout.sample(m, tok, [env.prompt(tok, e["messages"]) for e in active], n=n,
+                             max_new_tokens=max_new_tokens,
                              temperature=temperature, top_p=top_p, seed=seed + 1000 * t, batch_size=batch_size,
                              progress=progress, description=f"collect turn {t + 1}/{turns} ({n}/episode)")
         for e, row in zip(active, out):
@@ -378,7 +396,7 @@ def evaluate(model, tokenizer, problems: Sequence[Problem | dict], env: Env | No
     Returns m1@t1, m1@t{turns}, p1@t{turns} (`ponder.metrics.sequential_metrics`), m{parallel}@t1 (majority of
     the parallel samples) and p{parallel}@t1 (any parallel sample correct), per-turn accuracy, and records.
     """
-    env = Env(env.reward, env.demo, evaluation=True) if env is not None else Env(evaluation=True)
+    env = dataclasses.replace(env or Env(), evaluation=True)
     problems = [as_problem(p, f"problems[{i}]", i) for i, p in enumerate(problems)]
     msgs = [env.reset(p) for p in problems]
     texts: list[list[str]] = [[] for _ in problems]
@@ -386,7 +404,7 @@ def evaluate(model, tokenizer, problems: Sequence[Problem | dict], env: Env | No
     correct: list[list[bool]] = [[] for _ in problems]
     rewards: list[list[float]] = [[] for _ in problems]
     for t in range(turns):
-        prompts = [window(m, env.prefix_len, context_window) for m in msgs]
+        prompts = [env.prompt(tokenizer, window(m, env.prefix_len, context_window)) for m in msgs]
         out = rollout.sample(model, tokenizer, prompts, n=1, max_new_tokens=max_new_tokens, temperature=temperature,
                              seed=seed + 1000 * t, batch_size=batch_size, progress=progress,
                              description=f"sequential turn {t + 1}/{turns}")
@@ -399,10 +417,10 @@ def evaluate(model, tokenizer, problems: Sequence[Problem | dict], env: Env | No
             correct[i].append(r >= 1.0)
     result: dict[str, Any] = {"n": len(problems)}
     result.update(metrics.sequential_metrics(answers, correct))
-    records = [{"id": p.id, "question": p.question, "answer": p.answer, "turns": texts[i], "answers": answers[i], "rewards": rewards[i], "correct": correct[i]}
-               for i, p in enumerate(problems)]
+    records = [{"id": p.id, "question": p.question, "answer": p.answer, "turns": texts[i], "answers": answers[i],
+                "rewards": rewards[i], "correct": correct[i]} for i, p in enumerate(problems)]
     if parallel:
-        out = rollout.sample(model, tokenizer, [env.reset(p) for p in problems], n=parallel,
+        out = rollout.sample(model, tokenizer, [env.prompt(tokenizer, env.reset(p)) for p in problems], n=parallel,
                              max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + 999_983,
                              batch_size=batch_size, progress=progress, description=f"parallel x{parallel}")
         pc = [[env.score(p, s.text) >= 1.0 for s in row] for p, row in zip(problems, out)]

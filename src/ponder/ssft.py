@@ -9,17 +9,10 @@ turn, docs/methods.md §1.4). Set SFT (SSFT) matches traces to tags per question
 - assignment:  σ̂ = argmin_σ Σ_j C[σ(j), j] over injective σ: traces -> tags (`match`, the Hungarian algorithm);
 - loss:  -Σ_j Σ_t log π(r^(j)_t | x, g^(σ̂(j)), r^(j)_{<t}) on the M matched full traces (`trainers/ssft.py`).
 
-Evaluation (§1.7): Pass@1 with ``<think1>`` and with a model-sampled tag, pass@k, Cons@k across tags (the
-official grouping and first-seen tie rule), per-tag accuracy / length / strategy, distinct answers and
-strategies among the k samples (`evaluate_forking`).
-
-Choices of ours (the paper's training code is unreleased):
-- The tag is conditioning, not a target: SSFT trains the trace tokens only (the equation sums over r_t), so
-  π(g|x) is left to GFPO (``train_tag=True`` in `SSFTConfig` also trains it).
-- We place the tag right after the template's assistant header and do NOT add the official eval code's second
-  ``<|im_start|>`` before it (``<|im_start|>assistant\\n<think3>\\n...``): `ponder.chat.render` owns the layout.
-- Sampling "a tag" means sampling the first assistant token from the model's distribution restricted to the N
-  tags (all other logits masked, then renormalised): `tag_logits` / `tag_logprobs`.
+Evaluation (§1.7, §1.11): Pass@1 with ``<think1>`` and with a model-chosen tag, pass@k, Cons@k with the
+official rules, per-tag accuracy / length / strategy (`evaluate_forking`). Our choices where the paper's
+training code is unreleased (the tag's place, its initialisation, the tag is conditioning not a target, the tag
+policy) are in docs/methods.md §1.4 and §1.10.
 """
 
 from __future__ import annotations
@@ -34,7 +27,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from ponder import masks, rollout, testbed, ui, verify
-from ponder.chat import THINK_OPEN, generation_prompt, pad_id, render
+from ponder.chat import generation_prompt, pad_id, render
 from ponder.data import Problem, as_problem
 from ponder.logprobs import left_pad
 from ponder.metrics import maj_correct, mean, pass_at_k
@@ -244,39 +237,48 @@ def assignment_cost(cost: torch.Tensor, sigma: Sequence[int]) -> float:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def tag_logits(model, prompts: Sequence[Sequence[int]], tag_ids: Sequence[int], pad_id: int = 0) -> torch.Tensor:
-    """(B, N) logits of the N tag tokens as the first assistant token after each prompt (a generation prompt
-    ending with the assistant header). Differentiable; one forward, logits kept only at the last position."""
+def first_token_logprobs(model, prompts: Sequence[Sequence[int]], pad_id: int = 0,
+                         temperature: float = 1.0) -> torch.Tensor:
+    """(B, V) log π(· | x) of the first assistant token after each prompt (a generation prompt ending with the
+    assistant header), over the full vocabulary at `temperature`. Differentiable; one forward over the
+    left-padded prompts, logits kept only at the last position."""
     ids, att, pos = left_pad(prompts, pad_id)
     device = next(model.parameters()).device
     out = model(input_ids=ids.to(device), attention_mask=att.to(device), position_ids=pos.to(device),
                 use_cache=False, logits_to_keep=1)
-    return out.logits[:, -1, list(tag_ids)]
-
-
-def tag_logprobs(model, prompts: Sequence[Sequence[int]], tag_ids: Sequence[int], pad_id: int = 0,
-                 temperature: float = 1.0) -> torch.Tensor:
-    """log π(g | x) over the N tags: the next-token distribution at the start of the assistant turn restricted
-    to the tags and renormalised (every other token's logit masked), at `temperature`. (B, N)."""
-    logits = tag_logits(model, prompts, tag_ids, pad_id)
+    logits = out.logits[:, -1]
     logits = logits if logits.dtype == torch.float64 else logits.float()
     return torch.log_softmax(logits / temperature, dim=-1)
 
 
-def tag_distribution(model, tokenizer, problems: list[Any], num_tags: int, batch_size: int = 64) -> torch.Tensor:
-    """Mean π(g | x) over problems (what GFPO moves): a (N,) tensor."""
+def tag_logprobs(model, prompts: Sequence[Sequence[int]], tag_ids: Sequence[int], pad_id: int = 0,
+                 temperature: float = 1.0, policy: str = "tags") -> torch.Tensor:
+    """(B, N) log π(g | x) of each tag as the first assistant token (docs/methods.md §1.10).
+    policy ``full``: the tags' log-probs under the full-vocabulary softmax (they need not sum to one: other
+    first tokens keep the rest); ``tags``: the distribution restricted to the N tags and renormalised."""
+    if policy not in TAG_POLICIES:
+        raise ValueError(f"tag policy must be one of {', '.join(TAG_POLICIES)}, got {policy!r}")
+    full = first_token_logprobs(model, prompts, pad_id, temperature)[:, list(tag_ids)]
+    return full if policy == "full" else torch.log_softmax(full, dim=-1)
+
+
+def tag_distribution(model, tokenizer, problems: list[Any], num_tags: int, batch_size: int = 64,
+                     policy: str = "full") -> torch.Tensor:
+    """Mean π(g | x) over problems (what GFPO moves): a (N,) tensor (under ``full`` the tags' mass need not
+    sum to one)."""
     tags = forking_tags(num_tags)
     ids = [t[0] for t in tag_token_ids(tokenizer, tags)]
     prompts = [generation_prompt(tokenizer, [{"role": "user", "content": as_problem(p).question}]) for p in problems]
     pad = pad_id(tokenizer)
     with torch.no_grad():
-        ps = [tag_logprobs(model, prompts[i:i + batch_size], ids, pad).exp() for i in
+        ps = [tag_logprobs(model, prompts[i:i + batch_size], ids, pad, policy=policy).exp() for i in
               range(0, len(prompts), batch_size)]
     return torch.cat(ps).mean(0)
 
 
 def sample_tags(logp: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, n) tag indices drawn from exp(logp) (rows of log-probs over the N tags), with replacement."""
+    """(B, n) column indices drawn from exp(logp) (rows of log-probs over tags or the vocabulary), with
+    replacement."""
     return torch.multinomial(logp.detach().exp().float().cpu(), n, replacement=True, generator=generator)
 
 
@@ -285,28 +287,54 @@ def sample_tags(logp: torch.Tensor, n: int, generator: torch.Generator | None = 
 # ----------------------------------------------------------------------------------------------------------
 
 
-def round_robin(per_tag: Sequence[Sequence[Any]]) -> list[Any]:
-    """[tag1 s1, tag2 s1, ..., tagN s1, tag1 s2, ...]: the order in which consensus metrics see samples, so a
-    tie goes to the earlier tag of the earliest round (the official `max(list, key=count)` bias to <think1>)."""
-    k = len(per_tag[0])
-    if any(len(s) != k for s in per_tag):
+CONS_RULES = ("official", "ponder")
+TAG_POLICIES = ("full", "tags")
+CONS_ORDERS = ("round_robin", "tag_blocks")
+
+
+def round_robin(per_tag: Sequence[Sequence[Any]], k: int | None = None) -> list[Any]:
+    """[tag1 s1, tag2 s1, ..., tagN s1, tag1 s2, ...], cut to the first `k` (default all): the order in which
+    the official tag-balanced Cons@k sees samples (`maj_sot@k`; its first 32 of 6 tags are 6, 6, 5, 5, 5, 5
+    samples), so a tie goes to the earlier tag of the earliest round (docs/methods.md §1.11)."""
+    n = len(per_tag[0])
+    if any(len(s) != n for s in per_tag):
         raise ValueError("every tag needs the same number of samples")
-    return [s[i] for i in range(k) for s in per_tag]
+    out = [s[i] for i in range(n) for s in per_tag]
+    return out if k is None else out[:k]
 
 
-def cons_at_k(answers: Sequence[str | None], correct: Sequence[bool], group_size: int | None = None) -> float:
-    """Consensus accuracy of one problem's samples (in `round_robin` order).
+def fair_split(k: int, num_tags: int) -> list[int]:
+    """How the official evaluation spreads k samples over N tags: k // N each, the first k % N tags one more."""
+    base, rem = divmod(k, num_tags)
+    return [base + (i < rem) for i in range(num_tags)]
 
-    group_size None: one majority vote over all samples (docs/methods.md §1.7 Cons@32). Otherwise the samples are cut
+
+def tag_blocks(per_tag: Sequence[Sequence[Any]], k: int | None = None) -> list[Any]:
+    """All of tag 1's samples, then tag 2's, ... cut to the first `k`: the order of the official plain maj@k."""
+    out = [x for s in per_tag for x in s]
+    return out if k is None else out[:k]
+
+
+def cons_at_k(answers: Sequence[str | None], correct: Sequence[bool], group_size: int | None = None,
+              rule: str = "official") -> float:
+    """Consensus accuracy of one problem's samples (in `round_robin` order) (docs/methods.md §1.11).
+
+    group_size None: one majority vote over all samples (the official Cons@32). Otherwise the samples are cut
     into consecutive groups of `group_size` (with N tags and group_size N, each group holds one sample of every
     tag in tag order: the official "native Cons@6", 11 groups x 6 tags), each group is majority-voted and
-    scored, and the scores are averaged. Ties go to the answer seen first (`ponder.metrics.majority`)."""
+    scored, and the scores are averaged. Ties go to the answer seen first.
+    rule ``official``: a sample without an answer (None) is a candidate like any other — if "no answer" wins,
+    the vote scores 0; ``ponder``: unanswered samples do not vote (our earlier variant)."""
+    if rule not in CONS_RULES:
+        raise ValueError(f"cons rule must be one of {', '.join(CONS_RULES)}, got {rule!r}")
+    none_votes = rule == "official"
     if group_size is None:
-        return float(maj_correct(answers, correct))
+        return float(maj_correct(answers, correct, none_votes))
     if group_size < 1 or len(answers) % group_size:
         raise ValueError(f"{len(answers)} samples do not split into groups of {group_size}")
     groups = range(0, len(answers), group_size)
-    return sum(maj_correct(answers[g:g + group_size], correct[g:g + group_size]) for g in groups) / len(groups)
+    return sum(maj_correct(answers[g:g + group_size], correct[g:g + group_size], none_votes)
+               for g in groups) / len(groups)
 
 
 def reasoning_of(completion: str) -> str:
@@ -322,16 +350,21 @@ def reasoning_of(completion: str) -> str:
 def evaluate_forking(model, tokenizer, problems: Sequence[Problem | dict], tags: Sequence[str], per_tag: int = 2,
                      sampled: int | None = None, group_size: int | None = None, temperature: float = 1.0,
                      max_new_tokens: int = 256, batch_size: int = 64, seed: int = 0,
-                     prompt: str = "{question}") -> dict[str, Any]:
-    """Diversity evaluation of a model with forking tokens (docs/methods.md §1.7).
+                     prompt: str = "{question}", cons_k: int | None = None, cons_rule: str = "official",
+                     cons_order: str = "round_robin", tag_policy: str = "full") -> dict[str, Any]:
+    """Diversity evaluation of a model with forking tokens (docs/methods.md §1.7, §1.11).
 
     For every problem: `per_tag` samples with each tag forced (k = len(tags)·per_tag) and `sampled` samples
-    (default k; 0 with a single tag) whose tag the model samples itself (`tag_logprobs` at `temperature`). Reports
+    (default k; 0 with a single tag) whose tag the model chooses itself: ``tag_policy="full"`` — plain sampling
+    from the prompt, the first token drawn from the full vocabulary (the paper's GFPO evaluation; a first token
+    that is no tag counts as ``other``); ``"tags"`` — the first token drawn among the tags only. Reports
     - ``pass@1/<tag1>`` (the paper's Pass@1), ``pass@1/sampled``, ``pass@1/tags`` (mean over forced samples);
     - ``pass@k`` (any of the k forced samples correct; unbiased estimator with n = k) and ``pass@k/sampled``;
-    - ``cons@k`` (one majority vote over the k forced samples, round-robin order) and ``cons@G/groups`` (groups
-      of `group_size`, default len(tags): one sample per tag per group, the paper's "native" Cons@N), and
-      ``maj@k/sampled``;
+    - ``cons@K`` — one majority vote over the first K = `cons_k` (default k) forced samples in `cons_order`
+      (``round_robin``: the official tag-balanced Cons@K, 6, 6, 5, 5, 5, 5 samples for 32 over 6 tags;
+      ``tag_blocks``: the official plain maj@K) — and ``cons@G/groups`` (groups of `group_size`, default
+      len(tags): one sample per tag per group, the paper's "native" Cons@N), and ``maj@k/sampled``; votes follow
+      `cons_rule` (``official``: "no answer" is a candidate; ``ponder``: it does not vote);
     - per tag: accuracy, mean completion length (tokens), share of each recognised strategy (testbed);
     - ``distinct_answers@k`` / ``distinct_strategies@k``: mean number of different final answers / solution
       strategies among the k forced samples (and among the sampled ones).
@@ -341,6 +374,11 @@ def evaluate_forking(model, tokenizer, problems: Sequence[Problem | dict], tags:
     tags = list(tags)
     t_ids = tag_token_ids(tokenizer, tags, single=False)
     k = len(tags) * per_tag
+    cons_k = cons_k or k
+    if cons_k > k:
+        raise ValueError(f"cons_k={cons_k} needs at least {-(-cons_k // len(tags))} samples per tag, got {per_tag}")
+    if cons_order not in CONS_ORDERS or tag_policy not in TAG_POLICIES:
+        raise ValueError(f"cons_order must be one of {CONS_ORDERS} and tag_policy one of {TAG_POLICIES}")
     sampled = (k if len(tags) > 1 else 0) if sampled is None else sampled  # one tag: sampling it = forcing it
     group_size = group_size or len(tags)
     pad = pad_id(tokenizer)
@@ -365,7 +403,14 @@ def evaluate_forking(model, tokenizer, problems: Sequence[Problem | dict], tags:
         forced.append([[score(p, s, tags[ti]) for s in out[pi * len(tags) + ti]] for ti in range(len(tags))])
 
     sampled_recs: list[list[dict]] = [[] for _ in problems]
-    if sampled:
+    if sampled and tag_policy == "full":
+        first = {t[0]: tag for t, tag in zip(t_ids, tags)}
+        souts = rollout.sample(model, tokenizer, base, n=sampled, temperature=temperature,
+                               max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed + 2,
+                               description="sampled-tag samples")
+        for pi, p in enumerate(problems):
+            sampled_recs[pi] = [score(p, s, first.get(s.ids[0] if s.ids else None, "other")) for s in souts[pi]]
+    elif sampled:
         gen = torch.Generator().manual_seed(seed + 1)
         logp = torch.cat([tag_logprobs(model, base[i:i + batch_size], [t[0] for t in t_ids], pad, temperature)
                           .detach() for i in range(0, len(base), batch_size)]) if len(tags) > 1 else \
@@ -383,10 +428,12 @@ def evaluate_forking(model, tokenizer, problems: Sequence[Problem | dict], tags:
     res[f"pass@1/{tags[0]}"] = mean([mean([r["correct"] for r in f[0]]) for f in forced])
     res["pass@1/tags"] = mean([mean([r["correct"] for r in fl]) for fl in flat])
     res[f"pass@{k}"] = mean([pass_at_k(k, sum(r["correct"] for r in fl), k) for fl in flat])
-    res[f"cons@{k}"] = mean([cons_at_k([r["answer"] for r in fl], [r["correct"] for r in fl]) for fl in flat])
+    voted = [(round_robin if cons_order == "round_robin" else tag_blocks)(f, cons_k) for f in forced]
+    res[f"cons@{cons_k}"] = mean([cons_at_k([r["answer"] for r in v], [r["correct"] for r in v], rule=cons_rule)
+                                  for v in voted])
     if k % group_size == 0:
         res[f"cons@{group_size}/groups"] = mean([cons_at_k([r["answer"] for r in fl], [r["correct"] for r in fl],
-                                                            group_size) for fl in flat])
+                                                            group_size, cons_rule) for fl in flat])
     res[f"distinct_answers@{k}"] = mean([len({r["answer"] for r in fl if r["answer"] is not None}) for fl in flat])
     if is_testbed:
         res[f"distinct_strategies@{k}"] = mean([len({r["strategy"] for r in fl if r["strategy"]}) for fl in flat])
@@ -395,15 +442,15 @@ def evaluate_forking(model, tokenizer, problems: Sequence[Problem | dict], tags:
         res["pass@1/sampled"] = mean([mean([r["correct"] for r in s]) for s in sampled_recs])
         res[f"pass@{sampled}/sampled"] = mean([pass_at_k(sampled, sum(r["correct"] for r in s), sampled)
                                                 for s in sampled_recs])
-        res[f"maj@{sampled}/sampled"] = mean([float(maj_correct([r["answer"] for r in s], [r["correct"] for r in s]))
-                                               for s in sampled_recs])
+        res[f"maj@{sampled}/sampled"] = mean([cons_at_k([r["answer"] for r in s], [r["correct"] for r in s],
+                                                         rule=cons_rule) for s in sampled_recs])
         res[f"distinct_answers@{sampled}/sampled"] = mean([len({r["answer"] for r in s if r["answer"] is not None})
                                                             for s in sampled_recs])
         if is_testbed:
             res[f"distinct_strategies@{sampled}/sampled"] = mean([len({r["strategy"] for r in s if r["strategy"]})
                                                                    for s in sampled_recs])
         share = Counter(r["tag"] for s in sampled_recs for r in s)
-        res["sampled_tag_share"] = {t: share[t] / (len(problems) * sampled) for t in tags}
+        res["sampled_tag_share"] = {t: share[t] / (len(problems) * sampled) for t in [*tags, "other"] if share[t]}
     per = {}
     for ti, t in enumerate(tags):
         rs = [r for f in forced for r in f[ti]]
@@ -417,15 +464,3 @@ def evaluate_forking(model, tokenizer, problems: Sequence[Problem | dict], tags:
                       for p, f, s in zip(problems, forced, sampled_recs)]
     ui.info(f"forking eval: {len(problems)} problems, {len(tags)} tags x {per_tag} + {sampled} sampled-tag samples")
     return res
-
-
-def summary_rows(res: dict[str, Any]) -> list[tuple[str, Any]]:
-    """The scalar metrics of an `evaluate_forking` result, for tables."""
-    return [(k, v) for k, v in res.items() if isinstance(v, (int, float)) and k not in ("n", "k", "per_tag")]
-
-
-def default_tags(tokenizer, num_tags: int) -> list[str]:
-    """``<think1..N>`` if the tokenizer has them, else the plain ``<think>`` opener."""
-    tags = forking_tags(num_tags)
-    vocab = tokenizer.get_vocab()
-    return tags if all(t in vocab for t in tags) else [THINK_OPEN]

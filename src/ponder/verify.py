@@ -208,11 +208,40 @@ def is_correct(problem: Problem | dict, text: str) -> bool:
     return score(problem, text) >= 1.0
 
 
-def rise_gsm8k_reward(text: str, gold: str) -> float:
-    """RISE's GSM8K reward (docs/methods.md §3.3): +1 if the last ``\\boxed{}`` (an integer, commas removed) equals
-    the gold, 0 if it does not, -1 if there is no parsable boxed answer."""
-    b = boxed(text)
-    n = canonical_number(b) if b is not None else None
-    if n is None or "." in n:
-        return -1.0
-    return 1.0 if n == canonical_number(gold) else 0.0
+_RISE_BOX = re.compile(r"boxed{([^}]+)}")
+_RISE_GOLD = re.compile(r"####\s*([-+]?\d+(?:\.\d+)?)")
+_RISE_MAX_DIGITS = 300  # float(int) overflows near 1e308; the official code raises there, ponder scores -1
+
+
+def rise_official_answer(text: str) -> int | None:
+    """The official RISE GSM8K answer extraction (`environments/gsm8k.py`, docs/methods.md §3.9): the content of
+    the LAST match of ``boxed{([^}]+)}`` (no brace balancing; ``\\fbox``, ``\\boxed 72`` and an empty box never
+    match), commas removed, converted with Python's `int` (which accepts spaces, a sign, leading zeros and
+    digit underscores, and rejects ``72.0``, ``1e2``, ``$72``); None when there is none."""
+    found = _RISE_BOX.findall(text)
+    if not found:
+        return None
+    content = found[-1].replace(",", "")
+    if len(content) > _RISE_MAX_DIGITS + 50:
+        return None
+    try:
+        n = int(content)
+    except ValueError:
+        return None
+    return n if len(str(abs(n))) <= _RISE_MAX_DIGITS else None
+
+
+def rise_official_reward(text: str, gold: str) -> int:
+    """The official RISE GSM8K reward (arXiv 2407.18219; `GSM8KEnv.evaluate_response` at commit 4a2806e),
+    reproduced exactly without its `eval` of the gold solution's ``<<…>>`` annotations (whose result it discards):
+    -1 when `text` has no boxed integer (`rise_official_answer`), else +1 if ``float(answer) == float(gold)`` and
+    0 otherwise. `gold` is the GSM8K answer field: its number is read after the first ``####`` with the official
+    regex, so ``#### 1,000`` reads as 1, as it does officially (docs/methods.md §3.9). A gold without ``#### N``
+    raises ValueError (the official code raises too)."""
+    answer = rise_official_answer(text)
+    if answer is None:
+        return -1
+    g = _RISE_GOLD.search(gold)
+    if g is None:
+        raise ValueError(f"RISE official reward: the gold answer field has no '#### N': {gold[-60:]!r}")
+    return 1 if float(answer) == float(g.group(1)) else 0

@@ -34,7 +34,8 @@ class RISERunConfig(RISEConfig):
     temperature: float = field(default=1.0, metadata={"help": "collection sampling temperature"})
     max_new_tokens: int = field(default=256, metadata={"help": "per attempt"})
     generation_batch_size: int = field(default=64, metadata={"help": "sequences per generation batch"})
-    reward: str = field(default="verify", metadata={"help": "verify (ponder.verify.score) | gsm8k (+1/0/-1)"})
+    reward: str = field(default="verify", metadata={"help": "verify (ponder.verify.score) | rise_official (the "
+                                                                   "official GSM8K reward +1/0/-1; alias gsm8k)"})
     demo: bool = field(default=False, metadata={"help": "instruction + one-shot demo prefix (math chat models)"})
     iterations: int = field(default=1, metadata={"help": "collect -> train rounds, each with the newest model"})
     eval_problems: int = field(default=200, metadata={"help": "held-out problems"})
@@ -73,7 +74,7 @@ def run(cfg, config_text: str | None = None) -> dict[str, Any]:
         (out / "config.yaml").write_text(config_text)
     model, tok = models.load(cfg.model, dtype=cfg.dtype, lora=cfg.lora)
     teacher = models.load(cfg.teacher, dtype=cfg.dtype) if cfg.teacher else None
-    env = Env(cfg.reward, cfg.demo)
+    env = Env(cfg.reward, cfg.demo, history_reasoning=cfg.history_reasoning)
     test = data.load_problems(cfg.task, n=cfg.eval_problems, split=cfg.eval_split, seed=cfg.seed)
     eval_kw = dict(env=env, turns=cfg.eval_turns, parallel=cfg.eval_parallel, context_window=cfg.context_window,
                    temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
@@ -129,7 +130,7 @@ def run(cfg, config_text: str | None = None) -> dict[str, Any]:
     return results
 
 
-_RUN_FIELDS = ("model", "task", "reward", "demo", "iterations", "train_problems", "collect_turns", "samples",
+_RUN_FIELDS = ("model", "task", "reward", "demo", "history_reasoning", "iterations", "train_problems", "collect_turns", "samples",
                "teacher", "temperature", "tau", "criteria", "remove_duplicates", "only_success", "mode",
                "max_steps", "learning_rate", "per_device_train_batch_size", "eval_problems", "eval_turns",
                "eval_parallel", "context_window", "eval_temperature", "max_new_tokens", "seed")

@@ -60,7 +60,7 @@ def evaluate_forking_run(model_dir: Path | str, tags: list[str], out: Path, task
     write_json(out / "eval.json", r)
     data.write_jsonl(out / "eval_samples.jsonl", records)
     plot_forking(r, out / "forking.png", title)
-    rows = ssft.summary_rows(r)
+    rows = [(k, v) for k, v in r.items() if isinstance(v, (int, float)) and k not in ("n", "k", "per_tag")]
     ui.print_table(f"{title}: {n} held-out {task} problems, {len(tags)} tag(s) x {per_tag}", ["metric", "value"], rows)
     lines = [f"# {title}", "", f"Model: `{model_dir}`. {n} held-out `{task}` problems; {per_tag} samples per tag "
              f"at temperature {temperature} (k = {r['k']})" + (f", plus {r['k']} samples with a model-sampled tag."
@@ -113,7 +113,7 @@ def gfpo_run(cfg: GFPORunConfig) -> dict[str, Any]:
         m, tok = models.load(spec)
         if any(t not in tok.get_vocab() for t in ssft.forking_tags(cfg.num_tags)):
             return None  # a model without forking tokens (GFPO adds them)
-        return [round(float(x), 4) for x in ssft.tag_distribution(m, tok, probe, cfg.num_tags)]
+        return [round(float(x), 4) for x in ssft.tag_distribution(m, tok, probe, cfg.num_tags, policy=cfg.tag_policy)]
 
     before = dist(cfg.model)
     metrics = train(cfg, GFPOTrainer, "gfpo")[0]
@@ -121,7 +121,7 @@ def gfpo_run(cfg: GFPORunConfig) -> dict[str, Any]:
     after = dist(str(out / "final"))
     metrics["tag_distribution"] = {"before": before, "after": after}
     before = before or [float("nan")] * len(after)
-    ui.print_table("mean π(g|x) over 100 held-out problems", ["tag", "before", "after"],
+    ui.print_table(f"mean π(g|x) over 100 held-out problems (tag policy {cfg.tag_policy})", ["tag", "before", "after"],
                    [(f"<think{i + 1}>", b, a) for i, (b, a) in enumerate(zip(before, after))])
     if cfg.eval_problems:
         extra = ["## Tag distribution π(g|x) (mean over 100 held-out problems)", "", "| tag | before | after |",

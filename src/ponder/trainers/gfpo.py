@@ -11,10 +11,11 @@ The rollouts are not back-propagated: the gradient flows only through the tag to
 "the policy gradient is applied only to the output distribution of the global forking token").
 
 Choices of ours (the paper's RL code is unreleased):
-- Making the first sampled token a tag: π(g | x) is the model's next-token distribution at the start of the
-  assistant turn *restricted to the N forking tokens* (all other logits masked, then renormalised), at the
-  sampling temperature. We sample from exactly that distribution, so the update is the exact REINFORCE
-  gradient of what was sampled; the trace after the tag is sampled by ordinary generation.
+- The tag policy (``tag_policy``, docs/methods.md §1.10): ``full`` (default, the paper) samples the first
+  assistant token from the model's full next-token distribution at the sampling temperature — usually a forking
+  tag, possibly another token (the trace then continues after it and is scored like any other); ``tags`` restricts
+  that distribution to the N tags and renormalises. Either way we sample from exactly the distribution whose
+  log-prob is differentiated, so the update is the exact REINFORCE gradient of what was sampled.
 - Because the model is causal, log π(g | x) depends only on the prompt: the loss forward covers the prompts
   alone (one left-padded forward per batch), which equals the GRPO-style loss on the full rollouts with the
   token loss mask zero everywhere but the tag position (tested) at a fraction of the cost.
@@ -23,9 +24,9 @@ Choices of ours (the paper's RL code is unreleased):
 - Which parameters move: the tag log-prob depends on *every* parameter (the whole network computes the hidden
   state at the tag position), so "only through the tag position" still updates the trace policy. On the 1.8M
   testbed, full-parameter GFPO at lr 1e-3 drove the reward from 0.09 to 0 within 8 steps (the traces broke);
-  the testbed config therefore trains the forking-token rows only (``tags_only``: PEFT TrainableTokens; the
-  testbed ties input/output embeddings, so the tag rows are also the tag logits' weights). At the paper's scale
-  (32B, ~10 steps, small lr) full-parameter updates are what the paper did.
+  the testbed config therefore trains the forking-token rows only (``tags_only``: PEFT TrainableTokens on the
+  input rows and, for a model with untied embeddings, the output rows the tag log-prob depends on). At the
+  paper's scale (32B, ~10 steps, small lr) full-parameter updates are what the paper did.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ class GFPOConfig(ForkingConfig):
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (tag and trace)"})
     max_new_tokens: int = field(default=128, metadata={"help": "rollout length budget"})
     scale_rewards: bool = field(default=True, metadata={"help": "divide advantages by the group std (GRPO)"})
+    tag_policy: str = field(default="full", metadata={"help": "full (the first token from the whole vocabulary, "
+                                                               "the paper) | tags (restricted to the N tags)"})
     generation_batch_size: int = field(default=64, metadata={"help": "sequences per generation batch"})
 
     def __post_init__(self):
@@ -61,14 +64,17 @@ class GFPOConfig(ForkingConfig):
             raise ValueError("num_generations must be >= 2 (the advantage is relative to the group)")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0 (GFPO samples its tags)")
+        if self.tag_policy not in ssft.TAG_POLICIES:
+            raise ValueError(f"tag_policy must be one of {', '.join(ssft.TAG_POLICIES)}, got {self.tag_policy!r}")
         if self.output_dir is None:
             self.output_dir = "runs/gfpo"
         super().__post_init__()
 
 
 def gfpo_loss_sum(logp: torch.Tensor, chosen: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
-    """-Σ_{x,k} A_k · log π(g_k | x).  logp: (B, N) log-probs over the tags; chosen: (B, G) sampled tag
-    indices; advantages: (B, G). The caller divides by B·G (PonderTrainer's units)."""
+    """-Σ_{x,k} A_k · log π(g_k | x).  logp: (B, C) log-probs over the candidate first tokens (the N tags, or
+    the whole vocabulary); chosen: (B, G) sampled columns; advantages: (B, G). The caller divides by B·G
+    (PonderTrainer's units)."""
     picked = logp.gather(1, chosen.to(logp.device))
     return -(advantages.to(picked.dtype).to(picked.device) * picked).sum()
 
@@ -107,10 +113,10 @@ class GFPOTrainer(PonderTrainer):
         super().__init__(model=model, args=args, train_dataset=items, processing_class=tok,
                          data_collator=collate, **kwargs)
 
-    def rollouts(self, model, items, chosen: torch.Tensor) -> torch.Tensor:
-        """Generate a trace after each sampled tag and score it: rewards (B, G)."""
-        g = chosen.shape[1]
-        prompts = [it["prompt"] + [self.tag_ids[int(t)]] for it, row in zip(items, chosen) for t in row]
+    def rollouts(self, model, items, first: torch.Tensor) -> torch.Tensor:
+        """Generate a trace after each sampled first token and score it: rewards (B, G)."""
+        g = first.shape[1]
+        prompts = [it["prompt"] + [int(t)] for it, row in zip(items, first) for t in row]
         out = rollout.sample(self.accelerator.unwrap_model(model), self.processing_class, prompts, n=1,
                              temperature=self.args.temperature, max_new_tokens=self.args.max_new_tokens,
                              batch_size=self.args.generation_batch_size, progress=False,
@@ -121,12 +127,15 @@ class GFPOTrainer(PonderTrainer):
         return torch.tensor(r, dtype=torch.float64)
 
     def weighted_loss_sum(self, model, inputs):
-        items = inputs["items"]
-        logp = ssft.tag_logprobs(model, [it["prompt"] for it in items], self.tag_ids, self.pad_id,
-                                 self.args.temperature)
+        items, prompts = inputs["items"], [it["prompt"] for it in inputs["items"]]
+        if self.args.tag_policy == "full":
+            logp = ssft.first_token_logprobs(model, prompts, self.pad_id, self.args.temperature)   # (B, V)
+        else:
+            logp = ssft.tag_logprobs(model, prompts, self.tag_ids, self.pad_id, self.args.temperature, "tags")
         gen = torch.Generator().manual_seed(self.args.seed * 1000003 + self.state.global_step)
         chosen = ssft.sample_tags(logp, self.args.num_generations, gen)
-        rewards = self.rollouts(model, items, chosen)
+        first = chosen if self.args.tag_policy == "full" else torch.tensor(self.tag_ids)[chosen]
+        rewards = self.rollouts(model, items, first)
         adv = group_normalized(rewards, scale=self.args.scale_rewards)
         if model.training:
             s = self._stats
@@ -135,17 +144,20 @@ class GFPOTrainer(PonderTrainer):
             s["reward"] += float(rewards.sum())
             s["zero_std_groups"] += int((rewards.std(1, unbiased=False) == 0).sum())
             p = logp.detach().exp()
-            s["entropy"] += float(-(p * logp.detach()).sum(-1).sum())
-            for t in chosen.flatten().tolist():
-                s[f"tag{t}"] += 1
+            s["entropy"] += float(-(p * logp.detach().clamp(min=-1e4)).sum(-1).sum())
+            s["candidates"] = logp.shape[1]
+            index = {t: i for i, t in enumerate(self.tag_ids)}
+            for t in first.flatten().tolist():
+                s[f"tag{index[t]}" if t in index else "other"] += 1
         return gfpo_loss_sum(logp, chosen, adv)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         s = self._stats
         if "loss" in logs and s["n"]:
             logs = {**logs, "reward": s["reward"] / s["n"], "frac_reward_zero_std": s["zero_std_groups"] / s["groups"],
-                    "tag_entropy": s["entropy"] / s["groups"], "tag_entropy_max": math.log(len(self.tags)),
+                    "tag_entropy": s["entropy"] / s["groups"], "tag_entropy_max": math.log(s["candidates"]),
                     "completion_tokens": s["tokens"] / s["n"],
+                    "tag_share/other": s["other"] / s["n"],
                     **{f"tag_share/{t}": s[f"tag{i}"] / s["n"] for i, t in enumerate(self.tags)}}
             self._stats = Counter()
         super().log(logs, start_time)

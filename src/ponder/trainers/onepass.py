@@ -19,13 +19,14 @@ from typing import Any
 import torch
 
 from ponder import masks, ui
-from ponder.chat import pad_id
+from ponder.chat import HISTORY_REASONING, pad_id
 from ponder.data import DataError, as_conversation
 from ponder.logprobs import cross_entropy, logits_at, shift_pairs
 from ponder.onepass import check_backend, chunks, onepass_logits
 from ponder.trainers.base import (
     PonderTrainer,
     model_and_tokenizer,
+    pack_collate,
     pad_collate,
     report_stats,
     resolve_conversations,
@@ -39,12 +40,17 @@ class OnePassConfig(SFTConfig):
     mode: str = field(default="onepass", metadata={"help": "onepass | npass | kpass"})
     kpass_chunks: int = field(default=2, metadata={"help": "kpass: number of chunks of turns"})
     attention: str = field(default="auto", metadata={"help": "auto | sparse | dense | flex (no CPU backward)"})
+    history_reasoning: str = field(default="strip", metadata={
+        "help": "strip (later turns do not see earlier reasoning, as at inference) | keep (they do)"})
 
     def __post_init__(self):
         if self.mode not in ("onepass", "npass", "kpass"):
             raise ValueError(f"mode must be onepass, npass or kpass, got {self.mode!r}")
         if self.attention not in ("auto", "sparse", "dense", "flex"):
             raise ValueError(f"attention must be auto, sparse, dense or flex, got {self.attention!r}")
+        if self.history_reasoning not in HISTORY_REASONING:
+            raise ValueError(f"history_reasoning must be one of {', '.join(HISTORY_REASONING)}, got "
+                             f"{self.history_reasoning!r}")
         if self.kpass_chunks < 1:
             raise ValueError("kpass_chunks must be >= 1")
         if self.output_dir is None:
@@ -53,9 +59,13 @@ class OnePassConfig(SFTConfig):
 
 
 def prepare(tokenizer, items, mode: str, max_length: int, normalization: str, kpass_chunks: int = 2,
-            where: str = "dataset"):
+            where: str = "dataset", history_reasoning: str = "strip"):
     """Per conversation, the units the collator packs: one Layout (onepass), one Layout per chunk (kpass),
-    or one SFT example per assistant turn (npass). Over-length conversations are skipped and counted."""
+    or one SFT example per assistant turn (npass). Over-length conversations are skipped and counted.
+
+    history_reasoning ``keep``: later turns see earlier reasoning, so the conversation is an ordinary causal
+    sequence — onepass / kpass train it as one SFT example (every turn where it stands), npass as one example
+    per turn; no duplicated answers are needed."""
     out, stats = [], Counter()
     for i, item in enumerate(ui.progress(items, "laying out")):
         conv = as_conversation(item, f"{where}[{i}]")
@@ -67,8 +77,13 @@ def prepare(tokenizer, items, mode: str, max_length: int, normalization: str, kp
                 for k in asst:
                     sub = [dict(m, weight=(m.get("weight", 1.0) if j == k else 0.0)) if m["role"] == "assistant"
                            else m for j, m in enumerate(msgs[:k + 1])]
-                    parts.append(encode(tokenizer, sub, normalization))
+                    parts.append(encode(tokenizer, sub, normalization, history_reasoning))
                     parts[-1].pop("hidden_reasoning_turns")
+                lengths = [len(p["input_ids"]) for p in parts]
+            elif history_reasoning == "keep":
+                parts = [encode(tokenizer, msgs, normalization, "keep")] if asst else []
+                for p in parts:
+                    p.pop("hidden_reasoning_turns")
                 lengths = [len(p["input_ids"]) for p in parts]
             else:
                 groups = [asst] if mode == "onepass" else chunks(asst, kpass_chunks)
@@ -92,13 +107,14 @@ def prepare(tokenizer, items, mode: str, max_length: int, normalization: str, kp
     return out, stats
 
 
-def make_collate(mode: str, pad_id: int, packing_length: int | None):
-    sft_collate = pad_collate(pad_id)
+def make_collate(plain: bool, pad_id: int, packing_length: int | None):
+    """plain: the parts are ordinary causal SFT examples (npass, or history_reasoning keep); else Layouts."""
+    sft_collate = pack_collate(pad_id, packing_length) if packing_length else pad_collate(pad_id)
 
     def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
         parts = [p for b in batch for p in b["parts"]]
         units = torch.tensor([b["units"] for b in batch])
-        if mode == "npass":
+        if plain:
             out = sft_collate(parts)
             out["units"] = units
             return out
@@ -115,30 +131,33 @@ class OnePassTrainer(PonderTrainer):
                  processing_class=None, **kwargs):
         args = args or OnePassConfig()
         model, processing_class = model_and_tokenizer("OnePassTrainer", model, processing_class, args)
-        if args.mode != "npass":
+        plain = args.mode == "npass" or args.history_reasoning == "keep"
+        if not plain:
             check_backend(model)
         tok = processing_class
         self.data_stats: dict[str, Counter] = {}
-        train, self.data_stats["train"] = prepare(
-            tok, resolve_conversations(train_dataset if train_dataset is not None else args.dataset, "train"), args.mode,
-            args.max_length, args.loss_normalization, args.kpass_chunks, where=source_name(args.dataset))
+        opts = dict(mode=args.mode, max_length=args.max_length, normalization=args.loss_normalization,
+                    kpass_chunks=args.kpass_chunks, history_reasoning=args.history_reasoning)
+        source = train_dataset if train_dataset is not None else args.dataset
+        train, self.data_stats["train"] = prepare(tok, resolve_conversations(source, "train"),
+                                                  where=source_name(args.dataset), **opts)
         if not train:
             raise DataError("no trainable conversations left after skipping (see the counts above)")
         evald = None
         if eval_dataset is not None:
-            evald, self.data_stats["eval"] = prepare(tok, resolve_conversations(eval_dataset, "test"), args.mode, args.max_length,
-                                                     args.loss_normalization, args.kpass_chunks, "eval_dataset")
+            evald, self.data_stats["eval"] = prepare(tok, resolve_conversations(eval_dataset, "test"),
+                                                     where="eval_dataset", **opts)
         report_stats(self.data_stats)
-        pad = pad_id(tok)
         super().__init__(model=model, args=args, train_dataset=train, eval_dataset=evald, processing_class=tok,
-                         data_collator=make_collate(args.mode, pad, args.packing_length if args.packing else None),
+                         data_collator=make_collate(plain, pad_id(tok), args.packing_length if args.packing else None),
                          **kwargs)
 
     def weighted_loss_sum(self, model, inputs):
         w = inputs["weights"]
-        if "pairs" not in inputs:  # npass: plain causal samples
+        if "pairs" not in inputs:  # plain causal samples (npass, or history kept)
             pairs = shift_pairs(w != 0)
-            logits = logits_at(model, inputs["input_ids"], (pairs[0], pairs[1]), inputs.get("attention_mask"))
+            logits = logits_at(model, inputs["input_ids"], (pairs[0], pairs[1]), inputs.get("attention_mask"),
+                               inputs.get("position_ids"))
         else:
             pairs = inputs["pairs"]
             batch = masks.Batch(inputs["input_ids"], inputs["position_ids"], inputs["roles"], inputs["turns"],

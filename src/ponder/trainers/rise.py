@@ -2,13 +2,15 @@
 
 The official code turns a trajectory with T attempts into T examples — the conversation truncated after attempt
 i, only attempt i trained with weight w_i = exp(r_i/τ) — and minimises the mean over examples of
-w_i · (mean token cross-entropy of attempt i). Earlier attempts are visible context in example i, and their
-reasoning is hidden from later turns (history turns render without reasoning, as at inference), so the T
-examples are exactly the N-pass samples of the one-pass layout (`ponder.masks`). Here a trajectory is therefore
-ONE sequence with a weight on each attempt, trained by `OnePassTrainer` with the ``messages`` normalisation
-(each weighted message's mean token CE × its weight, summed, divided by the number of weighted messages in the
-optimizer batch): the same loss and gradient (tests/test_rise.py, fp64), about (T+1)/2 times fewer tokens
-forwarded (bench/rise.py). ``mode: npass`` trains the official per-turn examples instead (the reference).
+w_i · (mean token cross-entropy of attempt i). Earlier attempts are visible context in example i, so the T
+examples are the N-pass samples of ONE sequence, and a trajectory trains as one sequence with a weight on each
+attempt (`OnePassTrainer` with the ``messages`` normalisation: each weighted message's mean token CE × its
+weight, summed, divided by the number of weighted messages in the optimizer batch) — the same loss and gradient
+(tests/test_rise.py, fp64), about (T+1)/2 times fewer tokens forwarded (bench/rise.py).
+
+``history_reasoning: keep`` (the default, the paper's MDP: earlier attempts shown in full) makes that sequence an
+ordinary causal one; ``strip`` (earlier reasoning hidden, as at inference) uses the one-pass layout
+(`ponder.masks`). ``mode: npass`` trains the official per-turn examples instead (the reference).
 
 Hyperparameters of the paper's runs (docs/methods.md §3.6): lr 1e-5, cosine, warmup 0.04, weight decay 0,
 per-device batch 1 × 16 accumulation; τ = 0.4.
@@ -27,6 +29,8 @@ from ponder.trainers.onepass import OnePassConfig, OnePassTrainer
 class RISEConfig(OnePassConfig):
     loss_normalization: str = field(default="messages", metadata={
         "help": "messages = RISE's per-example mean CE x weight, averaged (the official loss); tokens"})
+    history_reasoning: str = field(default="keep", metadata={
+        "help": "keep (earlier attempts shown in full: the paper's MDP) | strip (earlier reasoning hidden)"})
     # conversion (docs/methods.md §3.5)
     tau: float = field(default=0.4, metadata={"help": "weight exp(reward / tau)"})
     criteria: str = field(default="all", metadata={"help": "all | better | best | success"})

@@ -79,12 +79,18 @@ def token_weights(segments: Rendered, weights: dict[int, float], normalization: 
     return out
 
 
-def encode(tokenizer, messages: list[dict[str, Any]], normalization: str = "tokens") -> dict[str, Any]:
-    """One SFT example: ids, per-token weights, the number of loss units, and untrainable history turns."""
-    segs = render(tokenizer, messages)
+def encode(tokenizer, messages: list[dict[str, Any]], normalization: str = "tokens",
+           history_reasoning: str = "strip") -> dict[str, Any]:
+    """One SFT example: ids, per-token weights, the number of loss units, and untrainable history turns.
+
+    history_reasoning ``strip``: history turns render without reasoning (as at inference), so a weighted
+    history turn that has reasoning cannot be trained here and is counted; ``keep``: every turn renders with
+    its reasoning and every weighted turn is trained where it stands (the sequence is an ordinary causal one)."""
+    keep = history_reasoning == "keep"
+    segs = render(tokenizer, messages, reasoning="all" if keep else "last")
     weights = message_weights(messages)
     last = len(messages) - 1
-    hidden = [i for i in weights if i != last and messages[i].get("reasoning") and weights[i]]
+    hidden = [] if keep else [i for i in weights if i != last and messages[i].get("reasoning") and weights[i]]
     for i in hidden:
         weights[i] = 0.0
     weights = {i: w for i, w in weights.items() if w}

@@ -106,16 +106,33 @@ def setup_model(model, tokenizer, tags: list[str], forking: bool, token_init: st
         models.add_special_tokens(model, tokenizer, tags, resolve_token_init(tokenizer, token_init), seed=seed)
     tag_ids = ssft.tag_token_ids(tokenizer, tags, single=forking)
     flat = sorted({t for ids in tag_ids for t in ids})
+    # The tag's log-prob as a first token depends on the tags' OUTPUT rows; on a model whose input and output
+    # embeddings are tied those are the input rows, otherwise both rows must be trainable (docs/methods.md §1.10).
+    rows = embedding_modules(model)
     if lora is not None:
         opts = dict(lora)
         if forking:
-            opts.setdefault("trainable_token_indices", flat)
+            opts.setdefault("trainable_token_indices", {name: flat for name in rows} if len(rows) > 1 else flat)
         model = models.apply_lora(model, opts)
     elif tags_only:
         if not forking:
             raise ValueError("tags_only trains the forking-token rows; assignment=mixed has none")
-        model = get_peft_model(model, TrainableTokensConfig(token_indices=flat))
+        # tied: PEFT finds the embedding and ties the output layer itself; untied: name both rows
+        model = get_peft_model(model, TrainableTokensConfig(token_indices=flat,
+                                                            target_modules=rows if len(rows) > 1 else None))
     return model, tag_ids
+
+
+def embedding_modules(model) -> list[str]:
+    """The input embedding's module name and, when its weight is not tied to it, the output embedding's."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+    rows = [names[id(inp)]]
+    if out is not None and out.weight.data_ptr() != inp.weight.data_ptr():
+        if id(out) not in names:
+            raise ValueError("tags_only on a model with untied output embeddings that PEFT cannot reach")
+        rows.append(names[id(out)])
+    return rows
 
 
 class MatchStats:

@@ -57,7 +57,20 @@ def test_retry_episode_shape():
 def test_pretraining_excludes_heldout():
     held = {p.question for p in testbed.heldout(1000)}
     convs = testbed.pretraining_conversations(3000, seed=5)
-    assert not {c[0]["content"] for c in convs} & held
+    assert not {c["messages"][0]["content"] for c in convs} & held
+
+
+def test_pretraining_mix_two_strategies_and_both_history_views():
+    from collections import Counter
+    convs = testbed.pretraining_conversations(4000, seed=1)
+    firsts = Counter(testbed.strategy_of(c["messages"][1]["reasoning"]) for c in convs)
+    assert set(firsts) == {"direct", "split"} and 0.65 < firsts["direct"] / sum(firsts.values()) < 0.85
+    retry = [c for c in convs if c.get("meta")]
+    assert 0.07 < len(retry) / len(convs) < 0.13
+    assert {c["meta"]["history_reasoning"] for c in retry} == {"keep", "strip"}
+    # failed attempts are context only: never trained (they carry the slip)
+    assert all(m.get("weight", 1.0) == 0.0 for c in retry for m in c["messages"][1:-1:2])
+    assert all("weight" not in c["messages"][-1] for c in retry)
 
 
 def test_tokenizer_round_trip(tb_tok):

@@ -35,7 +35,7 @@ SPECIAL_TOKENS = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", THINK_OPEN, TH
 CHARSET = [c for c in string.printable if c not in "\r\x0b\x0c"]  # letters, digits, punctuation, space, \t, \n
 WORDS = ["system", "user", "assistant", "The answer is"]
 TASK = "testbed"
-VERSION = 1  # bump when the data or the recipe changes
+VERSION = 2  # bump when the data or the recipe changes
 
 
 def build_tokenizer():
@@ -188,14 +188,23 @@ def slip(rng: random.Random) -> int:
     return rng.choice([-1, 1]) * rng.choice([1, 2, 10, 10, 20, 100])
 
 
-def retry_episode(p: Arith, rng: random.Random, wrong_attempts: int = 1, strategy: str | None = None
-                  ) -> list[dict[str, Any]]:
-    """Wrong attempt(s) with an arithmetic slip, the RISE retry feedback after each, then a correct attempt."""
+def retry_episode(p: Arith, rng: random.Random, wrong_attempts: int = 1, strategy: str | None = None,
+                  strategies: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """Wrong attempt(s) with an arithmetic slip, the RISE retry feedback after each, then a correct attempt;
+    each attempt's strategy is `strategy`, else drawn from `strategies` (default `STRATEGY_WEIGHTS`). Only the
+    final attempt is trained (the failed ones carry weight 0: context)."""
+    def pick():
+        if strategy:
+            return strategy
+        w = strategies or STRATEGY_WEIGHTS
+        return rng.choices(list(w), weights=list(w.values()))[0]
+
     msgs = [{"role": "user", "content": p.question}]
     for _ in range(wrong_attempts):
-        reasoning, ans = solve(p, strategy or _pick_strategy(rng), slip=slip(rng))
-        msgs += [_assistant(reasoning, ans), {"role": "user", "content": RETRY_PROMPT.format(query=p.question)}]
-    reasoning, ans = solve(p, strategy or _pick_strategy(rng))
+        reasoning, ans = solve(p, pick(), slip=slip(rng))
+        msgs += [dict(_assistant(reasoning, ans), weight=0.0),
+                 {"role": "user", "content": RETRY_PROMPT.format(query=p.question)}]
+    reasoning, ans = solve(p, pick())
     return msgs + [_assistant(reasoning, ans)]
 
 
@@ -242,25 +251,42 @@ def trace_sets(n: int, seed: int = 0, split: str = "train") -> list[dict[str, An
     return [trace_set(next(probs)) for _ in range(n)]
 
 
-def pretraining_conversations(n: int, seed: int = 0, mix: dict[str, float] | None = None) -> list[list[dict]]:
-    """The pre-training data, in training order (held-out problems excluded). Every solution uses the
-    ``direct`` strategy: a 2M model learns the arithmetic slowly and each extra format competes for the same
-    few minutes (a mixture of all four strategies cut greedy accuracy from ~57% to ~10% at equal steps). The
-    other strategies are what SSFT teaches; the retry episodes and follow-ups are here so the model knows
-    those formats before RISE and one-pass train on them."""
-    mix = mix or {"single": 0.88, "multi": 0.04, "retry": 0.08}
+PRETRAIN_STRATEGIES = {"direct": 0.75, "split": 0.25}
+
+
+def pretraining_conversations(n: int, seed: int = 0, mix: dict[str, float] | None = None,
+                              strategies: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """The pre-training data (records with ``messages`` and ``meta``), in training order (held-out problems
+    excluded).
+
+    Solutions use two of the four strategies (`PRETRAIN_STRATEGIES`): mostly ``direct`` (one 2-digit x 1-digit
+    product: short, and the step a 2M model gets wrong most), sometimes ``split`` (tens and units separately:
+    longer, easier steps). A model that knows a short and a careful way gives every method something to act on
+    — LaTRO can prefer the rationale that makes the answer likely, RISE can learn to try the careful way after
+    a failure, GFPO can pick the better tag — while the other two strategies are left for SSFT to teach (a
+    mixture of all four cut greedy accuracy from ~57% to ~10% at equal steps in v1). Retry episodes (wrong
+    attempt(s) with a slip, the RISE feedback, a fresh attempt from the same strategy mix — the data never
+    shows a switch) come in both history views: half show the failed attempts in full
+    (``meta.history_reasoning: keep``, the RISE MDP), half as chat templates do at inference; follow-ups
+    (multi-turn) always hide earlier reasoning (the one-pass setting)."""
+    mix = mix or {"single": 0.86, "multi": 0.04, "retry": 0.10}
+    strategies = strategies or PRETRAIN_STRATEGIES
+    names, sw = list(strategies), list(strategies.values())
     rng, out = random.Random(seed), []
     kinds, weights = list(mix), list(mix.values())
     for p in _train_problems(rng):
         if len(out) >= n:
             break
         kind = rng.choices(kinds, weights=weights)[0]
+        pick = rng.choices(names, weights=sw)[0]
         if kind == "single":
-            out.append(single_turn(p, rng, "direct"))
+            out.append({"messages": single_turn(p, rng, pick)})
         elif kind == "multi":
-            out.append(multi_turn(p, rng, rng.randint(2, 4), strategy="direct"))
+            out.append({"messages": multi_turn(p, rng, rng.randint(2, 4), strategy=pick)})
         else:
-            out.append(retry_episode(p, rng, wrong_attempts=rng.choice([1, 1, 2]), strategy="direct"))
+            msgs = retry_episode(p, rng, wrong_attempts=rng.choice([1, 1, 2]), strategies=strategies)
+            keep = rng.random() < 0.5
+            out.append({"messages": msgs, "meta": {"history_reasoning": "keep" if keep else "strip"}})
     return out
 
 

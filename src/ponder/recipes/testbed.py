@@ -52,7 +52,7 @@ class StopAtAccuracy:
         return sum(verify.is_correct(p, s[0].text) for p, s in zip(self.problems, out)) / len(self.problems)
 
 
-def build(out: Path, max_steps: int = 700, target: float = 0.35, batch_size: int = 64, lr: float = 3e-3,
+def build(out: Path, max_steps: int = 1200, target: float = 0.35, batch_size: int = 64, lr: float = 3e-3,
           seed: int = 0, log: bool = True) -> dict[str, Any]:
     """Pre-train the testbed model from scratch with ponder's SFT trainer (until validation greedy accuracy
     reaches `target`, at most `max_steps`) and save it atomically to `out`."""

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ponder import masks, ui
-from ponder.chat import HISTORY_REASONING, pad_id
+from ponder.chat import pad_id
 from ponder.data import DataError, as_conversation
 from ponder.logprobs import cross_entropy, logits_at, shift_pairs
 from ponder.onepass import check_backend, chunks, onepass_logits
@@ -40,17 +40,12 @@ class OnePassConfig(SFTConfig):
     mode: str = field(default="onepass", metadata={"help": "onepass | npass | kpass"})
     kpass_chunks: int = field(default=2, metadata={"help": "kpass: number of chunks of turns"})
     attention: str = field(default="auto", metadata={"help": "auto | sparse | dense | flex (no CPU backward)"})
-    history_reasoning: str = field(default="strip", metadata={
-        "help": "strip (later turns do not see earlier reasoning, as at inference) | keep (they do)"})
 
     def __post_init__(self):
         if self.mode not in ("onepass", "npass", "kpass"):
             raise ValueError(f"mode must be onepass, npass or kpass, got {self.mode!r}")
         if self.attention not in ("auto", "sparse", "dense", "flex"):
             raise ValueError(f"attention must be auto, sparse, dense or flex, got {self.attention!r}")
-        if self.history_reasoning not in HISTORY_REASONING:
-            raise ValueError(f"history_reasoning must be one of {', '.join(HISTORY_REASONING)}, got "
-                             f"{self.history_reasoning!r}")
         if self.kpass_chunks < 1:
             raise ValueError("kpass_chunks must be >= 1")
         if self.output_dir is None:

@@ -23,7 +23,7 @@ import torch
 from transformers import TrainingArguments
 
 from ponder import ui
-from ponder.chat import Rendered, pad_id, render
+from ponder.chat import HISTORY_REASONING, Rendered, pad_id, render
 from ponder.data import DataError, as_conversation
 from ponder.logprobs import cross_entropy, logits_at, shift_pairs
 from ponder.trainers.base import (
@@ -47,6 +47,9 @@ class SFTConfig(TrainingArguments):
     lora: dict | None = field(default=None, metadata={"help": "PEFT LoRA options, e.g. {r: 16, alpha: 32}"})
     attn_implementation: str | None = field(default=None, metadata={
         "help": "sdpa | eager | flex_attention (GPU: the one-pass BlockMask); default: ponder.models.load's"})
+    history_reasoning: str = field(default="strip", metadata={
+        "help": "strip (later turns do not see earlier reasoning, as at inference) | keep (they do); a record's "
+                "meta.history_reasoning overrides it"})
     packing: bool = field(default=False, metadata={"help": "pack examples into rows (block-diagonal attention)"})
     packing_length: int = field(default=512, metadata={"help": "tokens per packed row"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep ponder's loss weights"})
@@ -55,6 +58,9 @@ class SFTConfig(TrainingArguments):
     def __post_init__(self):
         if self.loss_normalization not in ("tokens", "messages"):
             raise ValueError(f"loss_normalization must be 'tokens' or 'messages', got {self.loss_normalization!r}")
+        if self.history_reasoning not in HISTORY_REASONING:
+            raise ValueError(f"history_reasoning must be one of {', '.join(HISTORY_REASONING)}, got "
+                             f"{self.history_reasoning!r}")
         if self.output_dir is None:
             self.output_dir = "runs/sft"
         if not torch.cuda.is_available():
@@ -99,13 +105,14 @@ def encode(tokenizer, messages: list[dict[str, Any]], normalization: str = "toke
     return {"input_ids": segs.ids, "weights": tw, "units": units, "hidden_reasoning_turns": len(hidden)}
 
 
-def prepare(tokenizer, items, max_length: int, normalization: str, where: str = "dataset"):
+def prepare(tokenizer, items, max_length: int, normalization: str, where: str = "dataset",
+            history_reasoning: str = "strip"):
     """Encode a dataset; over-length and weightless examples are skipped and counted."""
     examples, stats = [], Counter()
     for i, item in enumerate(ui.progress(items, "tokenizing")):
         conv = as_conversation(item, f"{where}[{i}]")
         try:
-            ex = encode(tokenizer, conv.messages, normalization)
+            ex = encode(tokenizer, conv.messages, normalization, conv.meta.get("history_reasoning", history_reasoning))
         except ValueError as e:
             raise DataError(f"{where}[{i}]: {e}") from None
         stats["hidden_reasoning_turns"] += ex.pop("hidden_reasoning_turns")
@@ -132,13 +139,15 @@ class SFTTrainer(PonderTrainer):
         train_dataset = resolve_conversations(train_dataset if train_dataset is not None else args.dataset, "train")
         self.data_stats: dict[str, Counter] = {}
         train, self.data_stats["train"] = prepare(tok, train_dataset, args.max_length, args.loss_normalization,
-                                                  where=source_name(args.dataset))
+                                                  where=source_name(args.dataset),
+                                                  history_reasoning=args.history_reasoning)
         if not train:
             raise DataError("no trainable examples left after skipping (see the counts above)")
         evald = None
         if eval_dataset is not None:
             evald, self.data_stats["eval"] = prepare(tok, resolve_conversations(eval_dataset, "test"), args.max_length,
-                                                     args.loss_normalization, where="eval_dataset")
+                                                     args.loss_normalization, where="eval_dataset",
+                                                     history_reasoning=args.history_reasoning)
         report_stats(self.data_stats)
         pad = pad_id(tok)
         collate = pack_collate(pad, args.packing_length) if args.packing else pad_collate(pad)

@@ -26,6 +26,7 @@ from ponder.onepass import check_backend, chunks, onepass_logits
 from ponder.trainers.base import (
     PonderTrainer,
     model_and_tokenizer,
+    no_examples_left,
     pad_collate,
     report_stats,
     resolve_conversations,
@@ -123,7 +124,8 @@ class OnePassTrainer(PonderTrainer):
             tok, resolve_conversations(train_dataset if train_dataset is not None else args.dataset, "train"), args.mode,
             args.max_length, args.loss_normalization, args.kpass_chunks, where=source_name(args.dataset))
         if not train:
-            raise DataError("no trainable conversations left after skipping (see the counts above)")
+            raise no_examples_left("conversations", source_name(args.dataset), self.data_stats["train"],
+                                   args.max_length)
         evald = None
         if eval_dataset is not None:
             evald, self.data_stats["eval"] = prepare(tok, resolve_conversations(eval_dataset, "test"), args.mode, args.max_length,

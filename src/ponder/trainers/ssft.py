@@ -41,6 +41,7 @@ from ponder.logprobs import cross_entropy, logits_at, shift_pairs
 from ponder.trainers.base import (
     PonderTrainer,
     model_and_tokenizer,
+    no_examples_left,
     pack_collate,
     pad_collate,
     report_stats,
@@ -264,7 +265,7 @@ class SSFTTrainer(PonderTrainer):
         train, self.data_stats["train"] = prepare(tok, data, n_tags, args.max_length, args.loss_normalization,
                                                   args.train_tag, tag_len, where=source_name(args.dataset))
         if not train:
-            raise DataError("no trainable trace sets left after skipping (see the counts above)")
+            raise no_examples_left("trace sets", source_name(args.dataset), self.data_stats["train"], args.max_length)
         report_stats(self.data_stats)
         self.pad_id = pad_id(tok)
         self.match_stats = MatchStats(len(self.tags))

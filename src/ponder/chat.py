@@ -83,11 +83,12 @@ def normalize_messages(messages: Sequence[dict[str, Any]], where: str = "message
         reasoning = m.get("reasoning", m.get("reasoning_content"))
         if reasoning is not None and not isinstance(reasoning, str):
             raise RenderError(f"{loc}.reasoning: expected a string, got {type(reasoning).__name__}")
-        if text_key not in m and reasoning is None:
+        if content is None and reasoning is None:
             # text under an unexpected key ('text', 'message', ...) would otherwise train an empty message
-            others = sorted(k for k in m if k not in ("role", "from", "weight", "tag"))
-            raise RenderError(f"{loc}: missing field '{text_key}'" + (f" (found {', '.join(map(repr, others))})"
-                                                                      if others else " (the message has no text)"))
+            others = sorted(k for k in m if k not in ("role", "from", "weight", "tag", text_key))
+            what = f"field '{text_key}' is null" if text_key in m else f"missing field '{text_key}'"
+            raise RenderError(f"{loc}: {what}" + (f" (found {', '.join(map(repr, others))})" if others
+                                                  else " (the message has no text)"))
         content = content or ""
         if role == "assistant" and reasoning is None:
             inline = _INLINE_THINK.match(content)

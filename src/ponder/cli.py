@@ -16,8 +16,19 @@ CONFIG_HELP = "YAML config file (fields of the method's Config; any TrainingArgu
 OVERRIDES_HELP = "key=value overrides, e.g. max_steps=20 lora.r=8"
 
 
+def _end_progress_bars() -> None:
+    """Close the progress bars an exception left open (transformers' tqdm), so a message starts on its own line."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def _fail(e: Exception) -> None:
-    msg = " ".join(str(e).split()) if isinstance(e, OSError) else str(e)  # one line, whatever the library wrote
+    _end_progress_bars()
+    msg = " ".join(str(e).split())  # one line, whatever a library wrote
     typer.secho(f"error: {msg}", err=True, fg="red")
     raise typer.Exit(2)
 
@@ -32,6 +43,7 @@ def _guarded(fn):
     except (ValueError, OSError) as e:
         _fail(e)
     except KeyboardInterrupt:
+        _end_progress_bars()
         typer.secho("interrupted: nothing half-written is left (checkpoints and the final model are written "
                     "atomically); resume with resume_from_checkpoint=last", err=True, fg="yellow")
         raise typer.Exit(130) from None

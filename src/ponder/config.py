@@ -147,10 +147,8 @@ def _check_type(cls, name: str, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: field '{name}' is a mapping of options (e.g. {name}.r=8 on the command "
                               f"line, or '{name}: {{r: 8}}' in YAML), got {value!r}")
         return _check_lora(value, where) if name == "lora" else value
-    if tp is list:
-        if isinstance(value, str):  # a single item (e.g. one stop string)
-            return value
-        if not isinstance(value, list):
+    if tp is list:  # a single item is accepted: the configs wrap it (one stop string, samples=8)
+        if isinstance(value, dict):
             raise ConfigError(f"{where}: field '{name}' must be a list, got {value!r}")
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -203,6 +201,10 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
             d[keys[-1]] = v
             _check_type(cls, keys[0], values[keys[0]], loc)
         where[keys[0]] = loc
+    for k, (lo, what) in _BOUNDS.items():
+        v = values.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < lo:
+            raise ConfigError(f"{where.get(k, cls.__name__)}: {k} must be {what}, got {v!r}")
     try:
         return cls(**values)
     except (TypeError, ValueError) as e:
@@ -212,6 +214,12 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
              re.search(rf"(?<![\w.]){re.escape(str(v))}(?![\w.])", str(e))]
         src = named[0] if named else ", ".join(sorted({v for v in where.values() if v != "defaults"})) or cls.__name__
         raise ConfigError(f"{src}: {e}") from None
+
+
+#: Settings no run can use below a bound, checked where they are read (TrainingArguments checks them only when
+#: the optimizer or dataloader is built, long after the model is loaded).
+_BOUNDS = {"learning_rate": (0, ">= 0"), "per_device_train_batch_size": (1, ">= 1"),
+           "gradient_accumulation_steps": (1, ">= 1"), "num_train_epochs": (0, ">= 0"), "max_length": (1, ">= 1")}
 
 
 def _unknown(cls, key: str, loc: str, fields: set[str]) -> str:

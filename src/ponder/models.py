@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import importlib.util
 import os
+import pickle
 import shutil
 import socket
 from pathlib import Path
@@ -139,6 +140,9 @@ def _from_dir(path: Path, dtype, attn_implementation, trust_remote_code: bool = 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kw)
     except OSError as e:  # missing or unreadable weights: transformers' message names the files it looked for
         raise ModelNotFound(f"{path}: cannot load the model ({' '.join(str(e).split())})") from None
+    except pickle.UnpicklingError:
+        raise ModelNotFound(f"{path}: the weights file holds more than tensors and torch's weights_only unpickler "
+                            "refused it (ponder never unpickles code); convert it to safetensors") from None
     return model.eval(), tok
 
 

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -612,7 +613,7 @@ def _lock(run: Path, pid: int) -> None:
 
 @row("second-run-same-output-dir")
 def test_a_second_run_into_a_busy_output_dir_is_refused(tmp_path):
-    other = subprocess.Popen(["sleep", "30"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         _lock(tmp_path / "run", other.pid)
         r = cli(*sft_args(tmp_path))

@@ -135,8 +135,8 @@ def guard(task: str, answer: str, entry: dict[str, Any]) -> float | None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-class SandboxError(RuntimeError):
-    pass
+class SandboxError(OSError):
+    """The sandbox process could not be started or stopped answering (an environment problem, not bad input)."""
 
 
 class Sandbox:
@@ -153,12 +153,15 @@ class Sandbox:
         self._dir = tempfile.mkdtemp(prefix="ponder-rg-")
         os.chmod(self._dir, 0o755)
         env = {"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", "LC_ALL": "C.UTF-8"}
-        self._proc = subprocess.Popen([sys.executable, "-I", str(SERVER)], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=self._dir, env=env)
+        with open(os.path.join(self._dir, "stderr"), "wb") as err:
+            self._proc = subprocess.Popen([sys.executable, "-I", str(SERVER)], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=err, cwd=self._dir, env=env)
         line = self._readline(120.0)
         if not line.startswith(b'{"ready"'):
+            with open(os.path.join(self._dir, "stderr"), "rb") as err:
+                tail = " ".join(err.read().decode(errors="replace").split()[-30:])
             self.close()
-            raise SandboxError("the reasoning-gym scoring sandbox did not start")
+            raise SandboxError(f"the reasoning-gym scoring sandbox ({SERVER.name}, POSIX only) did not start: {tail}")
 
     def _readline(self, timeout: float) -> bytes:
         assert self._proc is not None and self._proc.stdout is not None

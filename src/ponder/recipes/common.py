@@ -47,13 +47,18 @@ def resume_arg(cfg):
 
 
 def _alive(pid: int) -> bool:
+    """Is `pid` a live Python process (a reused pid of some other program does not hold a run)?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
         return True
-    return True
+    try:
+        return b"python" in Path(f"/proc/{pid}/cmdline").read_bytes() or b"ponder" in \
+            Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # no /proc (macOS): trust the pid
+        return True
 
 
 def lock_output_dir(out: Path) -> Path:

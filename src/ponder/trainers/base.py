@@ -142,7 +142,7 @@ class PonderTrainer(Trainer):
     # ---- the whole run's train_loss across resumes -------------------------------------------------------
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        self._loss_before, self._whole_loss = 0.0, None
+        self._loss_before, self._whole_loss, self._nonfinite = 0.0, None, None
         ckpt = resume_from_checkpoint
         if ckpt is True:
             ckpt = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
@@ -175,7 +175,8 @@ class PonderTrainer(Trainer):
         try:
             super()._save_checkpoint(model, trial)
             if self.args.should_save:
-                loss_sum = self._loss_before + self._total_loss_scalar + float(self._tr_loss)
+                # HF's running sums of this train() call: drained at each log, plus what is not logged yet
+                loss_sum = self._loss_before + self._total_loss_scalar + float(getattr(self, "_tr_loss", 0.0))
                 with open(os.path.join(staging, name, LOSS_FILE), "w") as f:
                     json.dump({"loss_sum": loss_sum, "global_step": self.state.global_step}, f)
         except OSError as e:
@@ -186,6 +187,9 @@ class PonderTrainer(Trainer):
                                   + (f"the previous checkpoint {os.path.basename(kept)} is intact (resume with "
                                      "resume_from_checkpoint=last)" if kept else "no checkpoint was written")
                                   ) from None
+        except BaseException:  # Ctrl-C while writing: nothing half-written is left behind
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         finally:
             del self._get_output_dir
         if self.args.should_save:

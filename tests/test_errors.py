@@ -587,6 +587,17 @@ def test_over_length_examples_are_counted_and_reported(tmp_path):
     assert re.search(r"data: skipped_too_long\s*│\s*2", r.output)
 
 
+@row("max-length-over-context")
+def test_max_length_beyond_the_models_context_is_capped_and_reported(tmp_path):
+    rows = [conv(i) for i in range(7)] + [{"messages": [{"role": "user", "content": "1 " * 2300},
+                                                         {"role": "assistant", "content": "2"}]}]
+    r = cli(*sft_args(tmp_path, jsonl(tmp_path / "d.jsonl", rows), "max_length=8192"))
+    assert r.exit_code == 0, r.output
+    assert "warning: max_length 8192 is longer than the model's context (4096 tokens); examples longer than 4096 " \
+           "tokens are skipped and counted" in r.output
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["data"]["train"]["skipped_too_long"] == 1
+
+
 @row("eval-some-prompts-too-long")
 def test_eval_skips_and_counts_prompts_longer_than_the_context(tmp_path):
     r = cli(*eval_on(tmp_path, [{"question": "1+1", "answer": "2"}, {"question": "1 " * 2500, "answer": "2"}]))

@@ -231,6 +231,17 @@ def save_merged(trainer, output_dir, internal: bool) -> None:
         trainer.processing_class.save_pretrained(output_dir)
 
 
+def fit_context(model, max_length: int) -> int:
+    """`max_length` capped at the model's context: longer examples are then skipped and counted, never trained
+    at positions the model was not built for."""
+    ctx = models.context_length(model)
+    if ctx is not None and max_length > ctx:
+        ui.warn(f"max_length {max_length} is longer than the model's context ({ctx} tokens); examples longer "
+                f"than {ctx} tokens are skipped and counted")
+        return ctx
+    return max_length
+
+
 def resolve_conversations(ds, split: str):
     """Conversations from a data spec string (`ponder.data.load_conversations`) or as given."""
     if ds is None:

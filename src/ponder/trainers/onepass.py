@@ -25,6 +25,7 @@ from ponder.logprobs import cross_entropy, logits_at, shift_pairs
 from ponder.onepass import check_backend, chunks, onepass_logits
 from ponder.trainers.base import (
     PonderTrainer,
+    fit_context,
     model_and_tokenizer,
     no_examples_left,
     pad_collate,
@@ -116,6 +117,7 @@ class OnePassTrainer(PonderTrainer):
                  processing_class=None, **kwargs):
         args = args or OnePassConfig()
         model, processing_class = model_and_tokenizer("OnePassTrainer", model, processing_class, args)
+        args.max_length = fit_context(model, args.max_length)
         if args.mode != "npass":
             check_backend(model)
         tok = processing_class

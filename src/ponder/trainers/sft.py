@@ -28,6 +28,7 @@ from ponder.data import DataError, as_conversation
 from ponder.logprobs import cross_entropy, logits_at, shift_pairs
 from ponder.trainers.base import (
     PonderTrainer,
+    fit_context,
     model_and_tokenizer,
     no_examples_left,
     pack_collate,
@@ -125,6 +126,7 @@ class SFTTrainer(PonderTrainer):
                  processing_class=None, **kwargs):
         args = args or SFTConfig()
         model, processing_class = model_and_tokenizer("SFTTrainer", model, processing_class, args)
+        args.max_length = fit_context(model, args.max_length)
         tok = processing_class
         train_dataset = resolve_conversations(train_dataset if train_dataset is not None else args.dataset, "train")
         self.data_stats: dict[str, Counter] = {}

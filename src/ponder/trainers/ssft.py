@@ -40,6 +40,7 @@ from ponder.data import DataError, TraceSet, load_tracesets, traceset_from_recor
 from ponder.logprobs import cross_entropy, logits_at, shift_pairs
 from ponder.trainers.base import (
     PonderTrainer,
+    fit_context,
     model_and_tokenizer,
     no_examples_left,
     pack_collate,
@@ -246,6 +247,7 @@ class SSFTTrainer(PonderTrainer):
                  processing_class=None, **kwargs):
         args = args or SSFTConfig()
         model, processing_class = model_and_tokenizer("SSFTTrainer", model, processing_class, args, lora=False)
+        args.max_length = fit_context(model, args.max_length)
         tok = processing_class
         model, self.tag_ids = setup_model(model, tok, args.tags, args.assignment != "mixed", args.token_init,
                                           args.lora, args.tags_only, args.seed)

@@ -113,6 +113,14 @@ def _base_type(tp):
     return None
 
 
+def _allows_mapping(tp) -> bool:
+    """Can the field hold a dict (``lora``, ``lr_scheduler_kwargs: dict | str``, ...)?"""
+    if tp is dict or typing.get_origin(tp) is dict:
+        return True
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and any(_allows_mapping(a)
+                                                                          for a in typing.get_args(tp))
+
+
 #: The LoRA options ponder documents, with their types (PEFT's `LoraConfig`; `models.apply_lora` checks the
 #: names of the others against it).
 LORA_TYPES: dict[str, tuple[type, ...]] = {
@@ -187,7 +195,7 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
         if len(keys) == 1:
             values[keys[0]] = _check_type(cls, keys[0], v, loc)
         else:
-            if _base_type(typing.get_type_hints(cls).get(keys[0])) is not dict:
+            if not _allows_mapping(typing.get_type_hints(cls).get(keys[0])):
                 raise ConfigError(f"{loc}: field '{keys[0]}' is not a mapping, so '{'.'.join(keys)}' has no "
                                   f"meaning; write {keys[0]}=VALUE")
             d = values.get(keys[0]) or {}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -93,7 +92,7 @@ def _eval(model, task, n, samples, temperature, max_new_tokens, batch_size, spli
           trust_remote_code):
     from ponder import data, metrics, models, prompts, ui
     from ponder.config import parse_override
-    from ponder.recipes.common import lock_output_dir
+    from ponder.recipes.common import lock_output_dir, write_json
     prompts.check_template(prompt, ("question",), "--prompt")
     if n < 1 or samples < 0 or max_new_tokens < 1 or batch_size < 1 or temperature < 0:
         raise ValueError("--n, --max-new-tokens and --batch-size must be >= 1, --samples and --temperature >= 0")
@@ -107,8 +106,8 @@ def _eval(model, task, n, samples, temperature, max_new_tokens, batch_size, spli
     records = r.pop("records")
     summary = {"model": model, "task": task, "task_config": task_config or [], "split": split,
                "temperature": temperature, **r}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    (out / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in records))
+    write_json(out / "metrics.json", summary)  # atomic: Ctrl-C never leaves half a file
+    data.write_jsonl(out / "samples.jsonl", records)
     ui.print_table(f"{model} on {task} ({r['n']} problems)", ["metric", "value"],
                    [(k, v) for k, v in r.items() if k not in ("n", "skipped_too_long")])
     if r.get("skipped_too_long"):

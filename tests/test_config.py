@@ -52,3 +52,10 @@ def test_yes_no_stay_strings(tmp_path):
     p = write(tmp_path, "save_strategy: no\nreport_to: none\nbf16: false\n")
     cfg = load_config(SFTConfig, p, ["eval_strategy=no", "output_dir=" + str(tmp_path)])
     assert cfg.save_strategy == "no" and cfg.eval_strategy == "no" and cfg.bf16 is False
+
+
+def test_dotted_overrides_reach_only_fields_that_hold_a_mapping(tmp_path):
+    cfg = load_config(SFTConfig, None, ["lr_scheduler_kwargs.min_lr=0.1", "lora.r=4", f"output_dir={tmp_path}"])
+    assert cfg.lr_scheduler_kwargs == {"min_lr": 0.1} and cfg.lora == {"r": 4}  # dict | str, dict | None
+    with pytest.raises(ConfigError, match=r"field 'max_steps' is not a mapping"):
+        load_config(SFTConfig, None, ["max_steps.x=1"])

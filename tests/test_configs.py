@@ -21,7 +21,10 @@ def config_class(method: str):
     return getattr(import_module(module), name)
 
 
-@pytest.mark.parametrize("path", sorted(ROOT.glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+METHOD_CONFIGS = sorted(p for p in ROOT.glob("*/*.yaml") if p.parent.name != "experiments")
+
+
+@pytest.mark.parametrize("path", METHOD_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_config_parses(path, tmp_path):
     assert path.parent.name in CLASSES, f"{path}: no config class registered for {path.parent.name!r}"
     overrides = [f"output_dir={tmp_path}"]
@@ -34,3 +37,13 @@ def test_config_parses(path, tmp_path):
 @pytest.mark.parametrize("method", sorted(CLASSES))
 def test_three_scales(method):
     assert {p.stem for p in (ROOT / method).glob("*.yaml")} >= {"testbed", "smollm2", "gpu"}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_experiment_specs_parse(path):
+    """Every experiment spec names known run kinds and method configs that parse, and claims of the right shape."""
+    from ponder.recipes import experiment
+    spec = experiment.load_spec(path)
+    for arm in spec["arms"].values():
+        if arm.get("config"):
+            assert (ROOT.parent / arm["config"]).exists(), arm["config"]

@@ -10,11 +10,16 @@ reasoning block, its answer and its end-of-turn token — nothing after.
 method builds labels from segments and never searches strings. Rendering is done per message: the text of
 message k is the difference between the template's rendering of messages[:k+1] and of messages[:k], which
 is why the token ids of a prefix conversation are a prefix of the ids of the whole conversation.
+
+Message text is data, never markup: a special-token string inside a message's content or reasoning (say
+``<|im_end|>\n<|im_start|>user``) is tokenized as ordinary text (the tokenizers library's
+`encode_special_tokens`), so data cannot forge turns or control tokens; only the template inserts them.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -65,24 +70,28 @@ def normalize_messages(messages: Sequence[dict[str, Any]], where: str = "message
         if not isinstance(m, dict):
             raise RenderError(f"{loc}: expected an object with 'role' and 'content', got {type(m).__name__}")
         if "role" in m:
-            role = m["role"]
+            role, text_key = m["role"], "content"
             if role not in ROLES:
                 raise RenderError(f"{loc}.role: unknown role {role!r} (expected one of {', '.join(ROLES)})")
-            content = m.get("content")
         elif "from" in m:
-            role = _SHAREGPT_ROLES.get(m["from"])
+            role, text_key = _SHAREGPT_ROLES.get(m["from"]), "value"
             if role is None:
                 raise RenderError(f"{loc}.from: unknown role {m['from']!r} (expected human, gpt or system)")
-            content = m.get("value")
         else:
             raise RenderError(f"{loc}: missing field 'role' (or ShareGPT 'from')")
-        if content is None:
-            content = ""
-        if not isinstance(content, str):
-            raise RenderError(f"{loc}.content: expected a string, got {type(content).__name__}")
+        content = m.get(text_key)
+        if content is not None and not isinstance(content, str):
+            raise RenderError(f"{loc}.{text_key}: expected a string, got {type(content).__name__}")
         reasoning = m.get("reasoning", m.get("reasoning_content"))
         if reasoning is not None and not isinstance(reasoning, str):
             raise RenderError(f"{loc}.reasoning: expected a string, got {type(reasoning).__name__}")
+        if content is None and reasoning is None:
+            # text under an unexpected key ('text', 'message', ...) would otherwise train an empty message
+            others = sorted(k for k in m if k not in ("role", "from", "weight", "tag", text_key))
+            what = f"field '{text_key}' is null" if text_key in m else f"missing field '{text_key}'"
+            raise RenderError(f"{loc}: {what}" + (f" (found {', '.join(map(repr, others))})" if others
+                                                  else " (the message has no text)"))
+        content = content or ""
         if role == "assistant" and reasoning is None:
             inline = _INLINE_THINK.match(content)
             if inline:
@@ -94,7 +103,7 @@ def normalize_messages(messages: Sequence[dict[str, Any]], where: str = "message
             msg["tag"] = m["tag"]
         if m.get("weight") is not None:
             w = m["weight"]
-            if isinstance(w, bool) or not isinstance(w, (int, float)):
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
                 raise RenderError(f"{loc}.weight: expected a number, got {w!r}")
             msg["weight"] = float(w)
         out.append(msg)
@@ -153,9 +162,11 @@ class Rendered(list):
 
 @dataclass
 class _Piece:
-    """The text a message adds to the rendering, split into (kind, text) spans."""
+    """The text a message adds to the rendering, split into (kind, text) spans; `escape`: character ranges of
+    special-token strings that come from message text (tokenized as text, not as control tokens)."""
     message: int | None
     spans: list[tuple[str, str]] = field(default_factory=list)
+    escape: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -180,6 +191,31 @@ def _special_strings(tokenizer) -> list[str]:
     return sorted(specials, key=len, reverse=True)
 
 
+def _special_ranges(text: str, specials: list[str], offset: int = 0) -> list[tuple[int, int]]:
+    """Where special-token strings occur in `text` (leftmost, longest first), shifted by `offset`."""
+    out, i = [], 0
+    while specials:
+        hits = [(text.find(s, i), -len(s)) for s in specials]
+        hits = [h for h in hits if h[0] >= 0]
+        if not hits:
+            break
+        at, neg = min(hits)
+        out.append((offset + at, offset + at - neg))
+        i = at - neg
+    return out
+
+
+def _content_escapes(piece: str, content: str, k: int, specials: list[str]) -> list[tuple[int, int]]:
+    """Escape ranges for a non-assistant message whose template inserts `content` verbatim into `piece`."""
+    if not content or not any(s in content for s in specials):
+        return []
+    at = piece.find(content)
+    if at < 0 or piece.find(content, at + 1) >= 0:
+        raise RenderError(f"message {k}: its text contains special-token strings and the chat template does not "
+                          "insert it verbatim exactly once, so ponder cannot keep them as text; remove them")
+    return _special_ranges(content, specials, at)
+
+
 def _split_assistant(piece: str, header: str, body: str, msg: dict, k: int, specials: list[str],
                      with_reasoning: bool) -> _Piece:
     """Split the text of an assistant message into header / tag / reasoning / answer / eot / trailer."""
@@ -193,6 +229,11 @@ def _split_assistant(piece: str, header: str, body: str, msg: dict, k: int, spec
                           "verbatim in the rendering); ponder needs templates that insert content as-is")
     out = _Piece(k, [("prompt", header + rest[:at])])
     content_start = len(body) - len(msg["content"])
+    start = len(header) + at  # where the body begins in the piece
+    out.escape = _special_ranges(msg["content"], specials, start + content_start)
+    if with_reasoning and msg.get("reasoning") is not None:
+        r_at = len(msg.get("tag") or THINK_OPEN) + 1
+        out.escape = _special_ranges(msg["reasoning"], specials, start + r_at) + out.escape
     block = body[:content_start]          # reasoning block (possibly opened by a tag), or "" without reasoning
     tag = msg.get("tag") if with_reasoning else None
     if tag:
@@ -242,7 +283,8 @@ def _pieces(tokenizer, msgs: list[dict], reasoning_for: set[int], add_generation
             pieces.append(_split_assistant(piece, headers[k], tmsgs[k]["content"], msgs[k], k, specials,
                                            k in reasoning_for))
         else:
-            pieces.append(_Piece(k, [("prompt", piece)]))
+            pieces.append(_Piece(k, [("prompt", piece)],
+                                 _content_escapes(piece, tmsgs[k]["content"], k, specials)))
     if add_generation_prompt:
         gen = _template_text(tokenizer, tmsgs, add_generation_prompt=True)
         pieces.append(_Piece(None, [("prompt", gen[len(texts[-1]):])]))
@@ -261,7 +303,7 @@ def _tokenize_piece(tokenizer, piece: _Piece) -> list[Segment]:
     text = piece.text
     if not text:
         return []
-    ids, offsets = _encode(tokenizer, text)
+    ids, offsets = _encode(tokenizer, text, piece.escape)
     ends, kinds, pos = [], [], 0
     for kind, t in piece.spans:
         pos += len(t)
@@ -283,19 +325,52 @@ def _tokenize_piece(tokenizer, piece: _Piece) -> list[Segment]:
     return [Segment(kind, tuple(ids), piece.message) for kind, ids in runs]
 
 
-def _encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+def _encode(tokenizer, text: str, escape: Sequence[tuple[int, int]] = ()) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids and character offsets, without special tokens (the Rust tokenizer directly when there is
-    one: the Python wrapper costs more than the tokenization itself on short texts)."""
+    one: the Python wrapper costs more than the tokenization itself on short texts). The `escape` ranges
+    (special-token strings from message text) are tokenized as ordinary text."""
+    if not escape:
+        return _encode_plain(tokenizer, text, False)
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    pos = 0
+    for a, b in [*sorted(escape), (len(text), len(text))]:
+        for lo, hi, as_text in ((pos, a, False), (a, b, True)):
+            if hi > lo:
+                i, o = _encode_plain(tokenizer, text[lo:hi], as_text)
+                ids.extend(i)
+                offsets.extend((x + lo, y + lo) for x, y in o)
+        pos = b
+    return ids, offsets
+
+
+def _encode_plain(tokenizer, text: str, as_text: bool) -> tuple[list[int], list[tuple[int, int]]]:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        enc = backend.encode(text, add_special_tokens=False)
+        if not as_text:
+            enc = backend.encode(text, add_special_tokens=False)
+            return enc.ids, enc.offsets
+        backend.encode_special_tokens = True
+        try:
+            enc = backend.encode(text, add_special_tokens=False)
+        finally:
+            backend.encode_special_tokens = False
         return enc.ids, enc.offsets
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=as_text)
     return enc["input_ids"], enc["offset_mapping"]
 
 
+def text_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of plain text from data (an answer, a target): special-token strings in it stay text."""
+    return _encode(tokenizer, text, _special_ranges(text, _special_strings(tokenizer)))[0]
+
+
 def _check_tokenization(tokenizer, pieces: list[_Piece], segs: list[Segment]) -> None:
-    full = _encode(tokenizer, "".join(p.text for p in pieces))[0]
+    escape, at = [], 0
+    for p in pieces:
+        escape += [(a + at, b + at) for a, b in p.escape]
+        at += len(p.text)
+    full = _encode(tokenizer, "".join(p.text for p in pieces), escape)[0]
     mine = [t for s in segs for t in s.ids]
     if full != mine:
         i = next((j for j, (a, b) in enumerate(zip(full, mine)) if a != b), min(len(full), len(mine)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -16,9 +15,39 @@ CONFIG_HELP = "YAML config file (fields of the method's Config; any TrainingArgu
 OVERRIDES_HELP = "key=value overrides, e.g. max_steps=20 lora.r=8"
 
 
+def _end_progress_bars() -> None:
+    """Close the progress bars an exception left open (transformers' tqdm), so a message starts on its own line."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def _fail(e: Exception) -> None:
-    typer.secho(f"error: {e}", err=True, fg="red")
+    _end_progress_bars()
+    msg = " ".join(str(e).split())  # one line, whatever a library wrote
+    typer.secho(f"error: {msg}", err=True, fg="red")
     raise typer.Exit(2)
+
+
+def _guarded(fn):
+    """Run a command body: a user mistake (ValueError: bad config, data or settings; OSError: files, disk) is a
+    one-line error with exit code 2, Ctrl-C a short message with exit code 130 — never a traceback. Locks on
+    output directories are released either way."""
+    from ponder.recipes.common import release_locks
+    try:
+        return fn()
+    except (ValueError, OSError) as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        _end_progress_bars()
+        typer.secho("interrupted: nothing half-written is left (checkpoints and the final model are written "
+                    "atomically); resume with resume_from_checkpoint=last", err=True, fg="yellow")
+        raise typer.Exit(130) from None
+    finally:
+        release_locks()
 
 
 @app.command("eval")
@@ -40,39 +69,51 @@ def eval_cmd(model: str = typer.Option("testbed", help="model spec: testbed | sm
              tags: str = typer.Option(None, help="--forking: comma-separated tags instead of <think1..N> "
                                                  "(e.g. '<think>' for an SFT-mixed model)"),
              group_size: int = typer.Option(None, help="--forking: Cons@G groups of G samples (default: the "
-                                                       "number of tags)")):
+                                                       "number of tags)"),
+             trust_remote_code: bool = typer.Option(False, help="run Python code the model folder ships (custom "
+                                                                "modelling); off unless you set it")):
     """Greedy accuracy, pass@k and maj@k of a model on a task; prints a table and writes metrics.json.
     With --forking N: the forking-token diversity evaluation (report.md with per-tag plots)."""
-    from ponder import data, metrics, models, ui
     if forking is not None or tags:
         from ponder.recipes.ssft import evaluate_forking_run
         from ponder.ssft import forking_tags
-        try:
+
+        def forking_eval():
             tag_list = [t.strip() for t in tags.split(",")] if tags else forking_tags(forking)
-            out = out or Path("runs") / f"eval-forking-{Path(model).name}-{task.replace(':', '_').replace('/', '_')}"
-            evaluate_forking_run(model, tag_list, out, task, n, per_tag, temperature, max_new_tokens,
+            dest = out or Path("runs") / f"eval-forking-{Path(model).name}-{task.replace(':', '_').replace('/', '_')}"
+            evaluate_forking_run(model, tag_list, dest, task, n, per_tag, temperature, max_new_tokens,
                                  f"forking eval of {model}", seed=seed, group_size=group_size)
-        except ValueError as e:
-            _fail(e)
-        return
-    try:
-        from ponder.config import parse_override
-        opts = {k[0]: v for k, v in (parse_override(x) for x in task_config or [])}
-        problems = data.load_problems(task, n=n, split=split, seed=seed, **opts)
-        m, tok = models.load(model)
-    except ValueError as e:
-        _fail(e)
+        return _guarded(forking_eval)
+    _guarded(lambda: _eval(model, task, n, samples, temperature, max_new_tokens, batch_size, split, seed, prompt,
+                           task_config, out, trust_remote_code))
+
+
+def _eval(model, task, n, samples, temperature, max_new_tokens, batch_size, split, seed, prompt, task_config, out,
+          trust_remote_code):
+    from ponder import data, metrics, models, prompts, ui
+    from ponder.config import parse_override
+    from ponder.recipes.common import lock_output_dir, write_json
+    prompts.check_template(prompt, ("question",), "--prompt")
+    if n < 1 or samples < 0 or max_new_tokens < 1 or batch_size < 1 or temperature < 0:
+        raise ValueError("--n, --max-new-tokens and --batch-size must be >= 1, --samples and --temperature >= 0")
+    opts = {k[0]: v for k, v in (parse_override(x) for x in task_config or [])}
+    problems = data.load_problems(task, n=n, split=split, seed=seed, **opts)
+    m, tok = models.load(model, trust_remote_code=trust_remote_code)
+    out = out or Path("runs") / f"eval-{Path(model).name}-{task.replace(':', '_').replace('/', '_')}"
+    lock_output_dir(out)
     r = metrics.evaluate(m, tok, problems, samples=samples, temperature=temperature, max_new_tokens=max_new_tokens,
                          batch_size=batch_size, seed=seed, prompt=prompt)
-    out = out or Path("runs") / f"eval-{Path(model).name}-{task.replace(':', '_').replace('/', '_')}"
-    out.mkdir(parents=True, exist_ok=True)
     records = r.pop("records")
     summary = {"model": model, "task": task, "task_config": task_config or [], "split": split,
                "temperature": temperature, **r}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    (out / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in records))
+    write_json(out / "metrics.json", summary)  # atomic: Ctrl-C never leaves half a file
+    data.write_jsonl(out / "samples.jsonl", records)
     ui.print_table(f"{model} on {task} ({r['n']} problems)", ["metric", "value"],
-                   [(k, v) for k, v in r.items() if k != "n"])
+                   [(k, v) for k, v in r.items() if k not in ("n", "skipped_too_long")])
+    if r.get("skipped_too_long"):
+        ui.warn(f"skipped {r['skipped_too_long']} of {r['n'] + r['skipped_too_long']} problems whose prompt plus "
+                f"--max-new-tokens {max_new_tokens} does not fit the model's context ({models.context_length(m)} "
+                "tokens); the metrics are over the rest")
     ui.info(f"wrote {out / 'metrics.json'}")
 
 
@@ -132,10 +173,7 @@ def _training_command(name: str, recipe: str, doc: str) -> None:
     def command(config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
                 overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP)):
         from importlib import import_module
-        try:
-            getattr(import_module(f"ponder.recipes.{recipe}"), f"run_{name}")(config, overrides or [])
-        except ValueError as e:
-            _fail(e)
+        _guarded(lambda: getattr(import_module(f"ponder.recipes.{recipe}"), f"run_{name}")(config, overrides or []))
     command.__doc__ = doc
     app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)
 

@@ -1,7 +1,9 @@
 """YAML config + ``key=value`` command-line overrides -> a method's Config dataclass (torchtune's shape).
 
 Errors name the file, the line and the field: ``configs/sft.yaml:7: unknown field 'lerning_rate' in SFTConfig
-(did you mean 'learning_rate'?)``. Dotted overrides reach into dict fields: ``lora.r=8``.
+(did you mean 'learning_rate'?)``. Dotted overrides reach into dict fields only: ``lora.r=8``. YAML is read with a
+SafeLoader (no Python tags), duplicated keys are an error naming both lines, and the text must be UTF-8.
+docs/errors.md lists every bad input and what it gets.
 """
 
 from __future__ import annotations
@@ -37,13 +39,44 @@ def _load(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
+def read_text(path: Path, what: str = "file") -> str:
+    """A file's text as UTF-8; a bad byte is reported with the file, line and column."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a {what}")
+    if not path.exists():
+        raise ConfigError(f"{path}: no such {what}")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {col})") from None
+
+
+def _duplicate_keys(node, path: Path) -> None:
+    """A key given twice in one mapping (YAML would silently keep the last): an error naming both lines."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode):
+                line = k.start_mark.line + 1
+                if k.value in seen:
+                    raise ConfigError(f"{path}:{line}: duplicated key '{k.value}' (also on line {seen[k.value]}); "
+                                      "YAML would silently keep the last one")
+                seen[k.value] = line
+            _duplicate_keys(v, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for v in node.value:
+            _duplicate_keys(v, path)
+
+
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     """The mapping at the top of a YAML file and the line of each top-level key."""
-    if not path.exists():
-        raise ConfigError(f"{path}: no such config file")
-    text = path.read_text()
+    text = read_text(path, "config file")
     try:
         node = yaml.compose(text, Loader=_Loader)
+        _duplicate_keys(node, path)
         data = _load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -73,15 +106,58 @@ def _base_type(tp):
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return _base_type(args[0]) if len(args) == 1 else None
-    if tp in (int, float, bool, str):
+    if tp in (int, float, bool, str, dict, list):
         return tp
+    if origin in (dict, list):
+        return origin
     return None
+
+
+def _allows_mapping(tp) -> bool:
+    """Can the field hold a dict (``lora``, ``lr_scheduler_kwargs: dict | str``, ...)?"""
+    if tp is dict or typing.get_origin(tp) is dict:
+        return True
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and any(_allows_mapping(a)
+                                                                          for a in typing.get_args(tp))
+
+
+#: The LoRA options ponder documents, with their types (PEFT's `LoraConfig`; `models.apply_lora` checks the
+#: names of the others against it).
+LORA_TYPES: dict[str, tuple[type, ...]] = {
+    "r": (int,), "alpha": (int, float), "lora_alpha": (int, float), "dropout": (int, float),
+    "lora_dropout": (int, float), "target_modules": (list, str), "modules_to_save": (list,), "bias": (str,),
+    "use_rslora": (bool,), "use_dora": (bool,), "trainable_token_indices": (list, dict), "layers_to_transform": (list, int),
+}
+
+
+def _check_lora(value: dict, where: str) -> dict:
+    for k, v in value.items():
+        types_ = LORA_TYPES.get(k)
+        if types_ is None or v is None:
+            continue
+        if int in types_ and float not in types_ and isinstance(v, str) and re.fullmatch(r"-?\d+", v.strip()):
+            v = value[k] = int(v)
+        if isinstance(v, bool) and bool not in types_ or not isinstance(v, types_):
+            names = " or ".join(t.__name__ for t in types_)
+            raise ConfigError(f"{where}: lora.{k} must be {names}, got {v!r}")
+        if k == "r" and v < 1:
+            raise ConfigError(f"{where}: lora.r must be >= 1, got {v}")
+    return value
 
 
 def _check_type(cls, name: str, value: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     tp = _base_type(hints.get(name))
     if tp is None or value is None:
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: field '{name}' is a mapping of options (e.g. {name}.r=8 on the command "
+                              f"line, or '{name}: {{r: 8}}' in YAML), got {value!r}")
+        return _check_lora(value, where) if name == "lora" else value
+    if tp is list:  # a single item is accepted: the configs wrap it (one stop string, samples=8)
+        if isinstance(value, dict):
+            raise ConfigError(f"{where}: field '{name}' must be a list, got {value!r}")
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -119,18 +195,39 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
         if len(keys) == 1:
             values[keys[0]] = _check_type(cls, keys[0], v, loc)
         else:
-            d = values.setdefault(keys[0], {}) or {}
-            values[keys[0]] = d
+            if not _allows_mapping(typing.get_type_hints(cls).get(keys[0])):
+                raise ConfigError(f"{loc}: field '{keys[0]}' is not a mapping, so '{'.'.join(keys)}' has no "
+                                  f"meaning; write {keys[0]}=VALUE")
+            d = values.get(keys[0]) or {}
+            if not isinstance(d, dict):
+                raise ConfigError(f"{loc}: field '{keys[0]}' is {d!r}, not a mapping")
+            d = values[keys[0]] = dict(d)
             for k in keys[1:-1]:
                 d = d.setdefault(k, {})
+                if not isinstance(d, dict):
+                    raise ConfigError(f"{loc}: '{k}' in '{'.'.join(keys)}' is not a mapping")
             d[keys[-1]] = v
+            _check_type(cls, keys[0], values[keys[0]], loc)
         where[keys[0]] = loc
+    for k, (lo, what) in _BOUNDS.items():
+        v = values.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < lo:
+            raise ConfigError(f"{where.get(k, cls.__name__)}: {k} must be {what}, got {v!r}")
     try:
         return cls(**values)
     except (TypeError, ValueError) as e:
-        named = [loc for k, loc in where.items() if k in str(e) and loc != "defaults"]
+        named = [loc for k, loc in where.items() if k in str(e) and loc != "defaults"] or \
+            [where[k] for k, v in values.items() if where.get(k, "defaults") != "defaults" and
+             isinstance(v, (str, int, float)) and not isinstance(v, bool) and str(v) and
+             re.search(rf"(?<![\w.]){re.escape(str(v))}(?![\w.])", str(e))]
         src = named[0] if named else ", ".join(sorted({v for v in where.values() if v != "defaults"})) or cls.__name__
         raise ConfigError(f"{src}: {e}") from None
+
+
+#: Settings no run can use below a bound, checked where they are read (TrainingArguments checks them only when
+#: the optimizer or dataloader is built, long after the model is loaded).
+_BOUNDS = {"learning_rate": (0, ">= 0"), "per_device_train_batch_size": (1, ">= 1"),
+           "gradient_accumulation_steps": (1, ">= 1"), "num_train_epochs": (0, ">= 0"), "max_length": (1, ">= 1")}
 
 
 def _unknown(cls, key: str, loc: str, fields: set[str]) -> str:

@@ -55,12 +55,20 @@ class TraceSet:
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield ``("file:line", record)``; malformed lines raise `DataError` naming file and line."""
+    """Yield ``("file:line", record)``; malformed lines (bad JSON, bytes that are not UTF-8) raise `DataError`
+    naming file and line."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a JSONL file")
     if not path.exists():
         raise DataError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as f:
-        for no, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{no}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                                ) from None
             if not line.strip():
                 continue
             try:
@@ -103,16 +111,78 @@ def gsm8k_answer(answer: str) -> tuple[str, str | None]:
     return answer.strip(), None
 
 
+#: The answer checkers `ponder.verify.score` knows, besides ``rg:<task>`` for every reasoning-gym task.
+VERIFIERS = ("math", "gsm8k", "boxed", "answer_is", "testbed")
+
+
+def check_verifier(meta: dict[str, Any], where: str) -> None:
+    """Fail at load time, before any generation, on a ``meta.verifier`` (or ``meta.task``) nobody can score."""
+    name = meta.get("verifier") or (meta.get("task") if str(meta.get("task", "")).startswith("rg:") else None)
+    if name is None:
+        return
+    field_ = "meta.verifier" if meta.get("verifier") else "meta.task"
+    if not isinstance(name, str):
+        raise DataError(f"{where}: {field_} must be a string, got {type(name).__name__}")
+    if name.startswith("rg:"):
+        if name[3:] not in _rg_names():
+            raise DataError(f"{where}: {field_}: reasoning-gym has no task {name[3:]!r} (see `ponder tasks`)")
+    elif name not in VERIFIERS:
+        raise DataError(f"{where}: {field_}: unknown verifier {name!r} (expected one of {', '.join(VERIFIERS)} "
+                        "or rg:<task>)")
+
+
+def _record_meta(rec: dict[str, Any], where: str) -> dict[str, Any]:
+    meta = rec.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise DataError(f"{where}: field 'meta' must be an object, got {type(meta).__name__}")
+    return dict(meta)
+
+
 def problem_from_record(rec: dict[str, Any], where: str, index: int) -> Problem:
+    """A problem from an external record. Its ``meta.entry`` is never trusted: reasoning-gym's scorers evaluate
+    some entry fields, so for ``rg:`` verifiers the entry is regenerated from ``meta.rg`` (seed, size, index,
+    config: what `load_problems` records) or the gold answer alone is used."""
     question = _field(rec, where, "question", "problem", "prompt")
     raw = _field(rec, where, "answer", "solution", "final_answer")
     answer, solution = gsm8k_answer(raw)
-    meta = dict(rec.get("meta") or {})
+    meta = _record_meta(rec, where)
     if solution is not None:
         meta.setdefault("solution", solution)
         meta.setdefault("answer_field", raw)  # the raw GSM8K field: RISE's official reward reads it as-is
         meta.setdefault("verifier", "gsm8k")
+    check_verifier(meta, where)
+    meta.pop("entry", None)
+    if meta.get("rg") is not None:
+        meta["entry"] = _rg_regenerate(meta, question, answer, where)
     return Problem(str(rec.get("id", index)), question, answer, meta)
+
+
+def _rg_regenerate(meta: dict[str, Any], question: str, answer: str, where: str) -> dict[str, Any]:
+    """The reasoning-gym entry of a problem written by `load_problems`, rebuilt from (task, seed, size, index,
+    config); it must give the record's question and answer."""
+    spec, task = meta["rg"], str(meta.get("verifier") or meta.get("task") or "")
+    try:
+        seed, size, index = int(spec["seed"]), int(spec["size"]), int(spec["index"])
+        config = dict(spec.get("config") or {})
+    except (TypeError, KeyError, ValueError):
+        raise DataError(f"{where}: meta.rg must be an object with seed, size, index (and config), got {spec!r}"
+                        ) from None
+    if not task.startswith("rg:") or not 0 <= index < size:
+        raise DataError(f"{where}: meta.rg needs meta.verifier rg:<task> and 0 <= index < size")
+    key = (task, seed, size, json.dumps(config, sort_keys=True))
+    if key not in _RG_CACHE:
+        import reasoning_gym as rg
+        try:
+            _RG_CACHE[key] = rg.create_dataset(task[3:], seed=seed, size=size, **config)
+        except (TypeError, AssertionError, ValueError) as e:
+            raise DataError(f"{where}: meta.rg: cannot regenerate {task} ({e})") from None
+    entry = _RG_CACHE[key][index]
+    if entry["question"] != question or str(entry["answer"]) != answer:
+        raise DataError(f"{where}: meta.rg regenerates a different problem than this record's question/answer")
+    return entry
+
+
+_RG_CACHE: dict[tuple, Any] = {}
 
 
 def conversation_from_record(rec: dict[str, Any], where: str, index: int) -> Conversation:
@@ -125,7 +195,7 @@ def conversation_from_record(rec: dict[str, Any], where: str, index: int) -> Con
         raise DataError(str(e)) from None
     if not any(m["role"] == "assistant" for m in msgs):
         raise DataError(f"{where}: messages: the conversation has no assistant turn, nothing to train on")
-    return Conversation(msgs, str(rec.get("id", index)), dict(rec.get("meta") or {}))
+    return Conversation(msgs, str(rec.get("id", index)), _record_meta(rec, where))
 
 
 def traceset_from_record(rec: dict[str, Any], where: str, index: int) -> TraceSet:
@@ -142,7 +212,7 @@ def traceset_from_record(rec: dict[str, Any], where: str, index: int) -> TraceSe
         reasoning = _field(t, tw, "reasoning", "reasoning_content")
         content = _field(t, tw, "content")
         out.append({"reasoning": reasoning, "content": content, "source": str(t.get("source", j))})
-    return TraceSet(question, answer, out, str(rec.get("id", index)), dict(rec.get("meta") or {}))
+    return TraceSet(question, answer, out, str(rec.get("id", index)), _record_meta(rec, where))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -174,9 +244,18 @@ def _rows(spec: str, split: str) -> Iterator[tuple[str, dict]]:
         yield from read_jsonl(spec)
     elif spec.startswith("hf:") or Path(spec).is_dir():
         yield from _hf_rows(spec, split)
+    elif "/" in spec or os.sep in spec or spec.startswith("."):
+        raise DataError(f"{spec}: no such file or directory (a dataset directory or a .jsonl file was expected)")
     else:
         raise DataError(f"unknown data source {spec!r}: expected 'testbed', 'rg:<task>', a .jsonl file, "
                         "'hf:<dataset>[:<config>]' or a dataset directory")
+
+
+def _nonempty(out: list, spec: str, n: int | None, what: str) -> list:
+    """An empty source is an error (an evaluation on it would report accuracy 0 on 0 problems)."""
+    if not out and n != 0:
+        raise DataError(f"{spec}: no {what} in it (the source is empty)")
+    return out
 
 
 def rg_tasks() -> list[str]:
@@ -200,18 +279,22 @@ def load_problems(spec: str, n: int | None = None, seed: int = 0, split: str = "
         if task not in _rg_names():
             raise DataError(f"unknown task {spec!r}: reasoning-gym has no task {task!r} "
                             f"(see `ponder tasks`; e.g. {', '.join(_rg_names()[:6])}, ...)")
+        rg_seed, size = seed + (10**6 if split == "test" else 0), n or 100
         try:
-            ds = rg.create_dataset(task, seed=seed + (10**6 if split == "test" else 0), size=n or 100, **task_config)
+            ds = rg.create_dataset(task, seed=rg_seed, size=size, **task_config)
         except (TypeError, AssertionError) as e:
             raise DataError(f"{spec}: bad task option(s) {task_config}: {e}") from None
+        # meta.rg lets a problem written to a file be regenerated when read back (its entry is not trusted)
         return [Problem(f"{task}-{split}-{i}", e["question"], str(e["answer"]),
-                        {"task": f"rg:{task}", "verifier": f"rg:{task}", "entry": e}) for i, e in enumerate(ds)]
+                        {"task": f"rg:{task}", "verifier": f"rg:{task}", "entry": e,
+                         "rg": {"seed": rg_seed, "size": size, "index": i, "config": dict(task_config)}})
+                for i, e in enumerate(ds)]
     out = []
     for i, (where, rec) in enumerate(_rows(spec, split)):
         out.append(problem_from_record(rec, where, i))
         if n is not None and len(out) >= n:
             break
-    return out
+    return _nonempty(out, spec, n, "problems")
 
 
 def _rg_names() -> list[str]:
@@ -236,7 +319,7 @@ def load_conversations(spec: str, n: int | None = None, split: str = "train", se
         out.append(conversation_from_record(rec, where, i))
         if n is not None and len(out) >= n:
             break
-    return out
+    return _nonempty(out, spec, n, "conversations")
 
 
 def load_tracesets(spec: str, n: int | None = None, split: str = "train", seed: int = 0) -> list[TraceSet]:
@@ -249,7 +332,7 @@ def load_tracesets(spec: str, n: int | None = None, split: str = "train", seed: 
         out.append(traceset_from_record(rec, where, i))
         if n is not None and len(out) >= n:
             break
-    return out
+    return _nonempty(out, spec, n, "trace sets")
 
 
 def as_problem(item: Any, where: str = "problem", index: int = 0) -> Problem:
@@ -261,8 +344,9 @@ def as_problem(item: Any, where: str = "problem", index: int = 0) -> Problem:
         if "question" not in item or "answer" not in item:
             missing = "question" if "question" not in item else "answer"
             raise DataError(f"{where}: missing field '{missing}'")
-        return Problem(str(item.get("id", index)), str(item["question"]), str(item["answer"]),
-                       dict(item.get("meta") or {}))
+        meta = _record_meta(item, where)
+        check_verifier(meta, where)
+        return Problem(str(item.get("id", index)), str(item["question"]), str(item["answer"]), meta)
     raise DataError(f"{where}: expected a problem (question, answer), got {type(item).__name__}")
 
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ponder.chat import end_of_turn_id, generation_prompt, pad_id
+from ponder.chat import end_of_turn_id, generation_prompt, pad_id, text_ids
 from ponder.logprobs import logits_at, logprobs_of, reduce
 from ponder.prompts import ANSWER_TEMPLATE, STOP_STRINGS
 from ponder.prompts import LATRO_PROMPT as PROMPT_TEMPLATE
@@ -46,7 +46,7 @@ def answer_ids(tokenizer, answer: str, eot: int | None = None) -> list[int]:
     """y: the answer text (e.g. "The answer is 42.") followed by the end-of-turn token."""
     if eot is None:
         eot = end_of_turn_id(tokenizer)
-    return list(tokenizer(answer, add_special_tokens=False)["input_ids"]) + [eot]
+    return text_ids(tokenizer, answer) + [eot]  # special-token strings in a gold answer stay text
 
 
 def rationale_of(sample, eos_ids: Sequence[int] = ()) -> tuple[list[int], bool]:

@@ -9,6 +9,8 @@ from typing import Any
 
 from ponder import rollout, verify
 from ponder.data import Problem, as_problem
+from ponder.models import check_context, over_context
+from ponder.prompts import check_template
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -90,10 +92,18 @@ def evaluate(model, tokenizer, problems: Sequence[Problem | dict], samples: int 
              max_new_tokens: int = 256, batch_size: int = 64, seed: int = 0, prompt: str = "{question}",
              greedy: bool = True) -> dict[str, Any]:
     """Greedy accuracy, and over `samples` samples at `temperature`: mean accuracy, pass@k for k = 1, 2, 4, ...
-    up to `samples`, and maj@`samples`. Also returns per-problem records."""
+    up to `samples`, and maj@`samples`. Also returns per-problem records. Problems whose prompt plus
+    `max_new_tokens` does not fit the model's context are skipped and counted (``skipped_too_long``)."""
+    check_template(prompt, ("question",), "prompt")
     problems = [as_problem(p, f"problems[{i}]", i) for i, p in enumerate(problems)]
-    prompts = [prompt.format(question=p.question) for p in problems]
-    out: dict[str, Any] = {"n": len(problems)}
+    prompts = [rollout.prompt_ids(tokenizer, prompt.format(question=p.question)) for p in problems]
+    long = set(over_context(model, prompts, max_new_tokens))  # counted and skipped, never generated from
+    if long and len(long) == len(problems):
+        check_context(model, prompts, max_new_tokens)  # nothing left to evaluate: refuse, naming a prompt
+    if long:
+        problems = [p for i, p in enumerate(problems) if i not in long]
+        prompts = [x for i, x in enumerate(prompts) if i not in long]
+    out: dict[str, Any] = {"n": len(problems), **({"skipped_too_long": len(long)} if long else {})}
     records = [{"id": p.id, "question": p.question, "answer": p.answer} for p in problems]
     if greedy:
         g = rollout.sample(model, tokenizer, prompts, n=1, temperature=0.0, max_new_tokens=max_new_tokens,

@@ -7,12 +7,18 @@ spec is one of
   dequantised once and cached as safetensors (a GGUF-loaded model can be neither saved nor trained);
 - a local directory in `save_pretrained` format;
 - a Hugging Face hub id, used from the local cache (downloaded only when the hub is reachable).
+
+Nothing a model folder ships runs as code unless the user says so (`trust_remote_code`, default False), and
+weights are read with safetensors or torch's `weights_only` unpickler (transformers' defaults, never turned off).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import importlib.util
 import os
+import pickle
 import shutil
 import socket
 from pathlib import Path
@@ -52,7 +58,7 @@ def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def load(spec: str, dtype: str | torch.dtype = "float32", lora: dict[str, Any] | None = None,
          add_tokens: list[str] | None = None, token_init: str = "mean", attn_implementation: str | None = None,
-         seed: int = 0, config_overrides: dict[str, Any] | None = None):
+         seed: int = 0, config_overrides: dict[str, Any] | None = None, trust_remote_code: bool = False):
     """Load a causal LM and its tokenizer.
 
     dtype: fp32 by default (bf16 is 3-4x slower on CPUs without native bf16).
@@ -61,8 +67,13 @@ def load(spec: str, dtype: str | torch.dtype = "float32", lora: dict[str, Any] |
     add_tokens: special tokens to add (e.g. ``<think1>..<think6>``); their embedding rows are initialised by
         `token_init`: ``"mean"`` (mean of the existing rows), ``"mean+noise"`` (mean plus N(0, 0.02·std)),
         or an existing token string whose row is copied (e.g. ``"<think>"``).
+    trust_remote_code: run the Python files a model folder or hub repository ships (its own modelling or
+        tokenizer code). Off unless the user sets it: such a model is refused with transformers' message.
     """
     dtype = as_dtype(dtype)
+    if not isinstance(spec, str) or not spec:
+        raise ModelNotFound(f"model must be a spec string ({', '.join(NAMED)}, a directory or a hub id), got {spec!r}")
+    trust = bool(trust_remote_code)
     if spec == "tiny-random":
         model, tok = _tiny_random(dtype, seed, config_overrides or {}, attn_implementation)
     elif spec == "testbed":
@@ -70,9 +81,12 @@ def load(spec: str, dtype: str | torch.dtype = "float32", lora: dict[str, Any] |
     elif spec == "smollm2-135m":
         model, tok = _from_dir(smollm2_dir(), dtype, attn_implementation)
     elif Path(spec).expanduser().is_dir():
-        model, tok = _from_dir(Path(spec).expanduser(), dtype, attn_implementation)
+        model, tok = _from_dir(Path(spec).expanduser(), dtype, attn_implementation, trust)
+    elif _looks_like_path(spec):
+        what = "a file, not a model directory" if Path(spec).expanduser().exists() else "no such model directory"
+        raise ModelNotFound(f"{spec}: {what} (a folder written by save_pretrained was expected)")
     else:
-        model, tok = _from_hub(spec, dtype, attn_implementation)
+        model, tok = _from_hub(spec, dtype, attn_implementation, trust)
     if add_tokens:
         add_special_tokens(model, tok, add_tokens, token_init, seed=seed)
     if lora is not None:
@@ -104,10 +118,31 @@ def _tiny_random(dtype, seed, overrides, attn_implementation):
     return model.to(dtype).eval(), tok
 
 
-def _from_dir(path: Path, dtype, attn_implementation):
-    tok = AutoTokenizer.from_pretrained(path)
+#: Files one of which a folder must hold for transformers to build its tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A spec that can only be meant as a local path (a hub id is ``org/name``)."""
+    return (spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec
+            or Path(spec).expanduser().exists())
+
+
+def _from_dir(path: Path, dtype, attn_implementation, trust_remote_code: bool = False):
+    if not (path / "config.json").exists():
+        raise ModelNotFound(f"{path}: no config.json, so this is not a model folder written by save_pretrained")
+    if not any((path / f).exists() for f in TOKENIZER_FILES):
+        raise ModelNotFound(f"{path}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); save the "
+                            "tokenizer next to the model (tokenizer.save_pretrained(folder))")
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kw)
+    except OSError as e:  # missing or unreadable weights: transformers' message names the files it looked for
+        raise ModelNotFound(f"{path}: cannot load the model ({' '.join(str(e).split())})") from None
+    except pickle.UnpicklingError:
+        raise ModelNotFound(f"{path}: the weights file holds more than tensors and torch's weights_only unpickler "
+                            "refused it (ponder never unpickles code); convert it to safetensors") from None
     return model.eval(), tok
 
 
@@ -122,10 +157,11 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _from_hub(spec, dtype, attn_implementation):
+def _from_hub(spec, dtype, attn_implementation, trust_remote_code: bool = False):
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    kw["trust_remote_code"] = trust_remote_code
     try:
-        tok = AutoTokenizer.from_pretrained(spec, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(spec, local_files_only=True, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, local_files_only=True, **kw)
         return model.eval(), tok
     except OSError:
@@ -134,9 +170,10 @@ def _from_hub(spec, dtype, attn_implementation):
         raise ModelNotFound(f"unknown model spec {spec!r}: not one of {', '.join(NAMED)}, not a local directory, "
                             "and not a model in the Hugging Face cache")
     if not _hub_reachable():
-        raise ModelNotFound(f"model {spec!r} is not in the local Hugging Face cache and the hub is unreachable "
-                            "(offline): download it on a connected machine or pass a local directory")
-    tok = AutoTokenizer.from_pretrained(spec)
+        raise ModelNotFound(f"model {spec!r} is not a local directory, not in the local Hugging Face cache and the "
+                            "hub is unreachable (offline): check the name, download it on a connected machine or pass "
+                            "a local directory")
+    tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, **kw)
     return model.eval(), tok
 
@@ -211,10 +248,50 @@ def add_special_tokens(model, tokenizer, tokens: list[str], init: str = "mean", 
     return ids
 
 
+def context_length(model) -> int | None:
+    """The most positions the model was built for (its config's max_position_embeddings or equivalent)."""
+    cfg = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def over_context(model, prompt_ids: list[list[int]], max_new_tokens: int) -> list[int]:
+    """Indices of the prompts whose length plus `max_new_tokens` does not fit the model's context (vLLM's rule:
+    generating past it is extrapolation the model was never trained for)."""
+    ctx = context_length(model)
+    return [] if ctx is None else [i for i, p in enumerate(prompt_ids) if len(p) + max_new_tokens > ctx]
+
+
+def check_context(model, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
+    """Refuse to generate from prompts that do not fit the context (callers that can skip use `over_context`)."""
+    bad = over_context(model, prompt_ids, max_new_tokens)
+    if bad:
+        i = bad[0]
+        raise ValueError(f"{len(bad)} of {len(prompt_ids)} prompts do not fit the model's context "
+                         f"({context_length(model)} tokens) with max_new_tokens={max_new_tokens} (prompt {i} has "
+                         f"{len(prompt_ids[i])} tokens); shorten the data or lower max_new_tokens")
+
+
+def nonfinite_parameters(model) -> list[str]:
+    """Names of parameters holding NaN or inf (a diverged run must not be saved as a model)."""
+    return [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+
+
 def apply_lora(model, options: dict[str, Any]):
+    if not isinstance(options, dict):
+        raise ValueError(f"lora must be a mapping of LoRA options (e.g. {{r: 16, alpha: 32}}), got {options!r}")
     opts = dict(options)
     names = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
     opts = {names.get(k, k): v for k, v in opts.items()}
+    known = {f.name for f in dataclasses.fields(LoraConfig) if f.init} - {"task_type"}
+    bad = sorted(set(opts) - known)
+    if bad:
+        near = difflib.get_close_matches(bad[0], known | set(names), n=1)
+        raise ValueError(f"lora: unknown option {bad[0]!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+                         + " — see PEFT's LoraConfig")
     opts.setdefault("r", 16)
     opts.setdefault("lora_alpha", 2 * opts["r"])
     opts.setdefault("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"])

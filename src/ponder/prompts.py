@@ -6,6 +6,23 @@ LaTRO (arXiv 2411.04282, App. B): the zero-shot chain-of-thought trigger, the an
 strings that end a rationale. docs/methods.md states where each is used.
 """
 
+import string
+from collections.abc import Sequence
+
+
+def check_template(template: str, fields: Sequence[str], option: str) -> None:
+    """A user's format template may name only `fields`: a ValueError naming the option and the allowed fields
+    (raised when the config is read, not after the model is loaded or generation started)."""
+    allowed = ", ".join("{" + f + "}" for f in fields)
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise ValueError(f"{option}: not a valid template ({e}); write a literal brace as {{{{ or }}}}") from None
+    for name in names:
+        base = name.split(".")[0].split("[")[0]
+        if base not in fields:
+            raise ValueError(f"{option}: unknown field {{{name}}} in {template!r} (allowed: {allowed})")
+
 # --- RISE ---------------------------------------------------------------------------------------------------
 
 #: The introspection prompt after an incorrect attempt (and after every attempt at evaluation).

@@ -18,6 +18,7 @@ import torch
 
 from ponder import ui
 from ponder.chat import end_of_turn_id, generation_prompt, pad_id
+from ponder.models import check_context
 
 
 @dataclass
@@ -102,6 +103,9 @@ def sample(model, tokenizer, prompts: Sequence[Prompt], n: int = 1, max_new_toke
     """
     stop = list(stop or [])
     pids = [prompt_ids(tokenizer, p) for p in prompts]
+    check_context(model, pids, max_new_tokens)  # refuse, never generate past the context silently
+    if temperature == 0 and n > 1:
+        ui.warn(f"temperature 0 with {n} samples per prompt: greedy decoding gives {n} identical samples")
     jobs = sorted(((i, j) for i in range(len(pids)) for j in range(n)), key=lambda ij: (-len(pids[ij[0]]), ij))
     eos = stop_ids(model, tokenizer)
     pad = pad_id(tokenizer)

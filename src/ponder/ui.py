@@ -70,3 +70,8 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
 def info(msg: str) -> None:
     if not quiet():
         console().print(msg)
+
+
+def warn(msg: str) -> None:
+    """A warning: printed even when PONDER_QUIET is set (something the user should change)."""
+    console().print(f"[yellow]warning:[/] {msg}", highlight=False, soft_wrap=True)

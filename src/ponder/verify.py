@@ -4,7 +4,7 @@
 (``problem.meta["verifier"]``, else by task): ``math`` (math-verify, the default), ``gsm8k`` (``#### N``, then
 ``\\boxed{}``, "The answer is", the last number), ``boxed`` (last ``\\boxed{}``), ``answer_is`` (LaTRO's
 extractor), ``rg:<task>`` (reasoning-gym's own `score_answer`; it gives partial credit, so only 1.0 counts as
-correct in `is_correct`). `extract(problem, text)` returns the canonical answer string used for majority votes.
+correct in `is_correct`; scorers that evaluate text never run in this process: `ponder.rgscore`). `extract(problem, text)` returns the canonical answer string used for majority votes.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import re
 import threading
 from decimal import Decimal, InvalidOperation
 
-from ponder.data import Problem, as_problem
+from ponder import rgscore
+from ponder.data import VERIFIERS, Problem, as_problem
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -191,16 +192,18 @@ def score(problem: Problem | dict, text: str) -> float:
     problem = as_problem(problem)
     kind, gold = verifier_of(problem), problem.answer
     if kind.startswith("rg:"):
-        import reasoning_gym as rg
-        entry = problem.meta.get("entry") or {"question": "", "answer": gold, "metadata": {}}
         pred = _rg_extract(text, gold)
         if pred is None:
             return 0.0
-        return float(rg.get_score_answer_fn(kind[3:])(pred, entry))
+        entry = problem.meta.get("entry")
+        if entry is None:  # a record from a file: its entry is never trusted (ponder.data), the gold answer is
+            return _numeric_or_text(pred, gold)
+        # never in this process when the scorer can evaluate text (ponder.rgscore)
+        return rgscore.score(kind[3:], pred, entry, fallback=lambda: _numeric_or_text(pred, gold))
     if kind == "math":
         return float(math_equal(gold, text))
-    if kind not in ("answer_is", "testbed", "gsm8k", "boxed"):
-        raise ValueError(f"unknown verifier {kind!r} (expected math, gsm8k, boxed, answer_is or rg:<task>)")
+    if kind not in VERIFIERS:
+        raise ValueError(f"unknown verifier {kind!r} (expected {', '.join(VERIFIERS)} or rg:<task>)")
     return _numeric_or_text(extract(problem, text), gold)
 
 

@@ -1,16 +1,26 @@
-"""What every recipe shares: writing JSON atomically, the matplotlib backend, and the standard
+"""What every recipe shares: writing JSON atomically, the matplotlib backend, one run per output directory
+(a lock file naming its pid), the final model written atomically and only when finite, and the standard
 config -> trainer -> train -> `runs/<name>/` loop of the training sub-commands."""
 
 from __future__ import annotations
 
+import atexit
+import errno
 import json
 import os
+import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
-from ponder import ui
-from ponder.config import load_config, to_yaml
+from ponder import models, ui
+from ponder.config import ConfigError, load_config, to_yaml
+from ponder.trainers.base import TrainingStopped
+
+#: The lock file a run keeps in its output directory while it runs.
+LOCK = ".ponder.lock"
+_held: dict[Path, int] = {}  # lock path -> how many times this process took it (re-entrant)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -36,12 +46,112 @@ def resume_arg(cfg):
     return True if r in ("last", "true", "True") else r
 
 
-def start_run(cfg) -> Path:
-    """Create the run's output directory and record the config it runs with (``config.yaml``)."""
-    out = Path(cfg.output_dir)
+def _alive(pid: int) -> bool:
+    """Is `pid` a live Python process (a reused pid of some other program does not hold a run)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    try:
+        return b"python" in Path(f"/proc/{pid}/cmdline").read_bytes() or b"ponder" in \
+            Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # no /proc (macOS): trust the pid
+        return True
+
+
+def lock_output_dir(out: Path) -> Path:
+    """Make this process the owner of `out` (``out/.ponder.lock`` holds its pid and host). A second run into the
+    same directory fails with the owner's pid; a lock left by a process that is gone is taken over (said so).
+    Re-entrant within a process; released by `release_locks` (the CLI, after each command) or at exit. Under
+    `accelerate launch` only rank 0 takes it: the processes of one run share their output directory."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out}: is a file, not a directory")
     out.mkdir(parents=True, exist_ok=True)
+    path = (out / LOCK).resolve()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return path
+    if path in _held:
+        _held[path] += 1
+        return path
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = json.loads(path.read_text() or "{}")
+            except (OSError, ValueError):
+                owner = {}
+            pid, host = owner.get("pid"), owner.get("host")
+            if not isinstance(pid, int):
+                if time.time() - path.stat().st_mtime < 5:  # another run is writing it right now
+                    raise ConfigError(f"output_dir {out}: another ponder run is starting in it") from None
+            elif host != me["host"]:
+                raise ConfigError(f"output_dir {out}: in use by a ponder run on host {host} (pid {pid}); wait for "
+                                  f"it or choose another output_dir (delete {path} if that run is gone)") from None
+            elif pid != me["pid"] and _alive(pid):
+                raise ConfigError(f"output_dir {out}: in use by another ponder run (pid {pid}, since "
+                                  f"{owner.get('started', '?')}); wait for it to finish or choose another "
+                                  "output_dir") from None
+            ui.warn(f"taking over the stale lock {path} of pid {pid} (that run is no longer running)")
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        _held[path] = 1
+        return path
+    raise ConfigError(f"output_dir {out}: could not take the lock {path}")
+
+
+def release_locks(path: Path | None = None) -> None:
+    """Release this process's lock on one output directory (all of them without `path`)."""
+    for p in [Path(path) / LOCK] if path is not None else list(_held):
+        p = p.resolve()
+        if p in _held:
+            _held[p] -= 1
+            if _held[p] <= 0 or path is None:
+                del _held[p]
+                p.unlink(missing_ok=True)
+
+
+atexit.register(release_locks)
+
+
+def start_run(cfg) -> Path:
+    """Take the run's output directory (`lock_output_dir`) and record the config it runs with (``config.yaml``)."""
+    out = Path(cfg.output_dir)
+    lock_output_dir(out)
     (out / "config.yaml").write_text(to_yaml(cfg))
     return out
+
+
+def save_final(trainer, final: Path) -> None:
+    """Save the trained model as `final` atomically (a staging folder renamed into place), and never a model
+    holding NaN/inf. A failed write (a full disk) leaves no half-written `final` and says what is intact."""
+    final = Path(final)
+    bad = models.nonfinite_parameters(trainer.model)
+    if bad:
+        raise TrainingStopped(f"the trained weights hold NaN/inf ({len(bad)} tensors, e.g. {bad[0]}): the run "
+                              f"diverged; nothing was saved as {final}")
+    staging = final.with_name(f".{final.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        trainer.save_model(str(staging))
+        if trainer.args.should_save:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise TrainingStopped(f"could not write the final model to {final}: {why}; the checkpoints in "
+                              f"{final.parent} are intact") from None
+    except BaseException:  # Ctrl-C: no half-written model left behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def run_training(config_cls, trainer_cls, config_path, overrides: list[str], title: str):
@@ -56,7 +166,7 @@ def train(cfg, trainer_cls, title: str):
     trainer = trainer_cls(args=cfg)
     t = time.time()
     result = trainer.train(resume_from_checkpoint=resume_arg(cfg))
-    trainer.save_model(str(out / "final"))
+    save_final(trainer, out / "final")
     stats = {k: dict(v) for k, v in trainer.data_stats.items()}
     metrics = {"train_loss": result.training_loss, "steps": result.global_step, "seconds": time.time() - t,
                "data": stats, "log_history": trainer.state.log_history}

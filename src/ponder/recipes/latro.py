@@ -11,7 +11,7 @@ from typing import Any
 
 from ponder import data, metrics, models, testbed, ui
 from ponder.config import load_config
-from ponder.recipes.common import pyplot, resume_arg, start_run, write_json
+from ponder.recipes.common import pyplot, resume_arg, save_final, start_run, write_json
 from ponder.trainers.latro import LaTROConfig, LaTROTrainer
 from ponder.trainers.sft import SFTConfig, SFTTrainer
 
@@ -31,7 +31,7 @@ def run(cfg: LaTROConfig) -> dict[str, Any]:
     seconds = time.time() - t
     if not any("eval_greedy_accuracy" in h and h["step"] == result.global_step for h in trainer.state.log_history):
         trainer.evaluate()
-    trainer.save_model(str(out / "final"))
+    save_final(trainer, out / "final")
     final = next(h for h in reversed(trainer.state.log_history) if "eval_greedy_accuracy" in h)
     metrics = {"train_loss": result.training_loss, "steps": result.global_step, "seconds": seconds,
                "data": trainer.data_stats, "final_eval": final, "log_history": trainer.state.log_history}

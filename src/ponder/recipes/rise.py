@@ -14,7 +14,7 @@ from typing import Any
 from ponder import data, models, rise, ui
 from ponder.config import load_config, to_yaml
 from ponder.data import write_jsonl
-from ponder.recipes.common import pyplot, write_json
+from ponder.recipes.common import lock_output_dir, pyplot, save_final, write_json
 from ponder.rise import HEADLINE, Env, collect, collection_summary, evaluate, headline
 from ponder.trainers.rise import RISEConfig, RISETrainer
 
@@ -69,11 +69,12 @@ def run(cfg, config_text: str | None = None) -> dict[str, Any]:
     iter-k/final/, eval/*.jsonl, metrics.json, report.md, accuracy_by_turn.png}."""
     t0 = time.time()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    lock_output_dir(out)
     if config_text is not None:
         (out / "config.yaml").write_text(config_text)
-    model, tok = models.load(cfg.model, dtype=cfg.dtype, lora=cfg.lora)
-    teacher = models.load(cfg.teacher, dtype=cfg.dtype) if cfg.teacher else None
+    model, tok = models.load(cfg.model, dtype=cfg.dtype, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code)
+    teacher = models.load(cfg.teacher, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code) if cfg.teacher \
+        else None
     env = Env(cfg.reward, cfg.demo, history_reasoning=cfg.history_reasoning)
     test = data.load_problems(cfg.task, n=cfg.eval_problems, split=cfg.eval_split, seed=cfg.seed)
     eval_kw = dict(env=env, turns=cfg.eval_turns, parallel=cfg.eval_parallel, context_window=cfg.context_window,
@@ -117,7 +118,7 @@ def run(cfg, config_text: str | None = None) -> dict[str, Any]:
         res = trainer.train()
         train_s = time.time() - t
         model = trainer.model
-        trainer.save_model(str(it_dir / "final"))
+        save_final(trainer, it_dir / "final")
         results["iterations"].append({"iteration": it, "collection": summary, "collect_seconds": collect_s,
                                       "train_seconds": train_s, "train_loss": res.training_loss,
                                       "steps": res.global_step,

@@ -110,7 +110,7 @@ def gfpo_run(cfg: GFPORunConfig) -> dict[str, Any]:
     probe = data.load_problems(cfg.eval_task, n=100, split="test")
 
     def dist(spec):
-        m, tok = models.load(spec)
+        m, tok = models.load(spec, trust_remote_code=cfg.trust_remote_code)
         if any(t not in tok.get_vocab() for t in ssft.forking_tags(cfg.num_tags)):
             return None  # a model without forking tokens (GFPO adds them)
         return [round(float(x), 4) for x in ssft.tag_distribution(m, tok, probe, cfg.num_tags, policy=cfg.tag_policy)]

@@ -1,10 +1,14 @@
-"""What every trainer shares: `PonderTrainer` (HF `Trainer` with an exact loss denominator and atomic
-checkpoints), loading (model, tokenizer) from a config, the padding/packing collators, and reporting of data
-counts. Trainers are TRL-shaped (`XTrainer` + `XConfig`, configs extend `TrainingArguments`)."""
+"""What every trainer shares: `PonderTrainer` (HF `Trainer` with an exact loss denominator, atomic
+checkpoints, a loud stop on a non-finite loss, and the whole run's train_loss after a resume), loading (model,
+tokenizer) from a config, the padding/packing collators, and reporting of data counts. Trainers are TRL-shaped
+(`XTrainer` + `XConfig`, configs extend `TrainingArguments`)."""
 
 from __future__ import annotations
 
 import copy
+import errno
+import json
+import math
 import os
 import shutil
 from collections import Counter
@@ -13,10 +17,18 @@ from typing import Any
 import torch
 from peft import PeftModel
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from ponder import models, ui
-from ponder.data import load_conversations
+from ponder.data import DataError, load_conversations
+
+#: Written into every checkpoint: the sum of the per-step losses so far, so a resumed run reports the
+#: train_loss of the whole run (HF's covers only the steps of the last `train()` call).
+LOSS_FILE = "ponder_loss.json"
+
+
+class TrainingStopped(ValueError):
+    """A run that cannot go on (a non-finite loss, a full disk); the message says where and what is intact."""
 
 
 def pad_collate(pad_id: int):
@@ -77,6 +89,9 @@ class PonderTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_is_scaled_for_ga = True  # our loss is already divided by the optimizer-batch units
+        self._loss_before = 0.0           # sum of per-step losses of the segments before a resume
+        self._nonfinite: str | None = None
+        self._whole_loss: float | None = None
 
     def _get_num_items_in_batch(self, batch_samples, device):
         units = sum(int(b["units"].sum()) for b in batch_samples)
@@ -97,9 +112,60 @@ class PonderTrainer(Trainer):
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
         return loss
 
+    # ---- divergence: stop loudly, naming the step and the learning rate ---------------------------------
+
+    def _stop_message(self, what: str, step: int) -> str:
+        return (f"{what} at step {step} (learning rate {self._get_learning_rate():.3g}): the "
+                "run diverged and was stopped; nothing was saved as final (earlier checkpoints are kept). Lower "
+                "learning_rate or check the data")
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not bool(torch.isfinite(loss)):
+            self._nonfinite = self._stop_message(f"non-finite loss ({float(loss)})", self.state.global_step + 1)
+            if self.accelerator.num_processes == 1:  # several processes: all stop together after the step
+                raise TrainingStopped(self._nonfinite)
+        return loss
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
+        bad = self._nonfinite
+        if bad is None and grad_norm is not None and not math.isfinite(float(grad_norm)):
+            bad = self._stop_message(f"non-finite gradient norm ({float(grad_norm)})", self.state.global_step)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(torch.tensor(float(bad is not None), device=self.args.device), "max")
+            bad = bad or (self._stop_message("non-finite loss on another process", self.state.global_step)
+                          if float(flag) else None)
+        if bad is not None:  # before logging and saving: the diverged weights never reach a checkpoint
+            raise TrainingStopped(bad)
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
+
+    # ---- the whole run's train_loss across resumes -------------------------------------------------------
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        self._loss_before, self._whole_loss, self._nonfinite = 0.0, None, None
+        ckpt = resume_from_checkpoint
+        if ckpt is True:
+            ckpt = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        if isinstance(ckpt, (str, os.PathLike)) and os.path.isfile(os.path.join(ckpt, LOSS_FILE)):
+            with open(os.path.join(ckpt, LOSS_FILE)) as f:
+                self._loss_before = float(json.load(f)["loss_sum"])
+        out = super().train(resume_from_checkpoint, *args, **kwargs)
+        if self._whole_loss is not None:
+            out.metrics["train_loss"] = self._whole_loss
+            out = out._replace(training_loss=self._whole_loss)
+        return out
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "train_loss" in logs and self.state.global_step > 0:
+            steps_now = self.state.global_step - self._initial_global_step
+            self._whole_loss = (self._loss_before + logs["train_loss"] * steps_now) / self.state.global_step
+            logs["train_loss"] = self._whole_loss
+        super().log(logs, start_time)
+
     def _save_checkpoint(self, model, trial):
         """Write the checkpoint into a staging folder, then rename it into place: a crash never leaves a
-        half-written checkpoint-N that resume would pick up."""
+        half-written checkpoint-N that resume would pick up, and a failed write (a full disk) leaves the
+        previous checkpoints as they were."""
         run_dir = self._get_output_dir(trial=trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging = os.path.join(run_dir, ".staging")
@@ -108,6 +174,22 @@ class PonderTrainer(Trainer):
         self._get_output_dir = lambda trial=None: staging  # type: ignore[method-assign]
         try:
             super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                # HF's running sums of this train() call: drained at each log, plus what is not logged yet
+                loss_sum = self._loss_before + self._total_loss_scalar + float(getattr(self, "_tr_loss", 0.0))
+                with open(os.path.join(staging, name, LOSS_FILE), "w") as f:
+                    json.dump({"loss_sum": loss_sum, "global_step": self.state.global_step}, f)
+        except OSError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            kept = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+            why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            raise TrainingStopped(f"could not write {name} to {run_dir}: {why}; "
+                                  + (f"the previous checkpoint {os.path.basename(kept)} is intact (resume with "
+                                     "resume_from_checkpoint=last)" if kept else "no checkpoint was written")
+                                  ) from None
+        except BaseException:  # Ctrl-C while writing: nothing half-written is left behind
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         finally:
             del self._get_output_dir
         if self.args.should_save:
@@ -127,7 +209,8 @@ def model_and_tokenizer(trainer: str, model, processing_class, args, lora: bool 
     `lora`), and its tokenizer must be given."""
     if isinstance(model, str) or model is None:
         return models.load(model or args.model, dtype=args.dtype, lora=args.lora if lora else None,
-                    attn_implementation=getattr(args, "attn_implementation", None))
+                           attn_implementation=getattr(args, "attn_implementation", None),
+                           trust_remote_code=getattr(args, "trust_remote_code", False))
     if lora and args.lora is not None:
         model = models.apply_lora(model, args.lora)
     if processing_class is None:
@@ -148,6 +231,17 @@ def save_merged(trainer, output_dir, internal: bool) -> None:
         trainer.processing_class.save_pretrained(output_dir)
 
 
+def fit_context(model, max_length: int) -> int:
+    """`max_length` capped at the model's context: longer examples are then skipped and counted, never trained
+    at positions the model was not built for."""
+    ctx = models.context_length(model)
+    if ctx is not None and max_length > ctx:
+        ui.warn(f"max_length {max_length} is longer than the model's context ({ctx} tokens); examples longer "
+                f"than {ctx} tokens are skipped and counted")
+        return ctx
+    return max_length
+
+
 def resolve_conversations(ds, split: str):
     """Conversations from a data spec string (`ponder.data.load_conversations`) or as given."""
     if ds is None:
@@ -160,6 +254,20 @@ def resolve_conversations(ds, split: str):
 def source_name(spec, default: str = "train_dataset") -> str:
     """How data errors name the data: the spec string, or `default` for in-memory data."""
     return spec if isinstance(spec, str) else default
+
+
+#: Counted skips and how they are reported.
+SKIPS = {"skipped_too_long": "longer than max_length{limit}", "skipped_no_trained_tokens": "with nothing to train "
+         "(no assistant turn of weight > 0)", "skipped_more_traces_than_tags": "with more traces than tags"}
+
+
+def no_examples_left(what: str, where: str, stats: Counter, max_length: int | None = None) -> DataError:
+    """The error when every example was skipped: how many were read and why each was skipped."""
+    limit = f" ({max_length} tokens)" if max_length else ""
+    skipped = {k: stats.get(k, 0) for k in SKIPS if stats.get(k, 0)}
+    read = stats.get("examples", 0) + sum(skipped.values())
+    why = "; ".join(f"{n} {SKIPS[k].format(limit=limit)}" for k, n in skipped.items())
+    return DataError(f"no trainable {what} left in {where}: {read} read" + (f", skipped {why}" if why else ""))
 
 
 def report_stats(stats: dict[str, Counter]) -> None:

@@ -35,6 +35,7 @@ from ponder import latro, metrics, rollout
 from ponder.advantages import rloo_advantages
 from ponder.chat import end_of_turn_id, pad_id
 from ponder.data import DataError, Problem, resolve_problems
+from ponder.prompts import check_template
 from ponder.trainers.base import PonderTrainer, model_and_tokenizer
 
 
@@ -65,6 +66,8 @@ class LaTROConfig(TrainingArguments):
                                                               "code's sft_penalty default is 0"})
     rollout_batch_size: int = field(default=64, metadata={"help": "sequences per generate() call"})
     dtype: str = field(default="float32", metadata={"help": "model dtype (fp32 on CPU)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "run Python code a model folder ships (custom "
+                                                                     "modelling); off unless you set it"})
     lora: dict | None = field(default=None, metadata={"help": "PEFT LoRA options, e.g. {r: 16, alpha: 32}"})
     learning_rate: float = field(default=5e-7, metadata={"help": "AdamW learning rate (paper: 5e-7)"})
     per_device_train_batch_size: int = field(default=48, metadata={"help": "rollouts per device per micro-step "
@@ -87,6 +90,8 @@ class LaTROConfig(TrainingArguments):
             raise ValueError("beta and sft_weight must be >= 0")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        check_template(self.prompt_template, ("question",), "prompt_template")
+        check_template(self.answer_template, ("answer",), "answer_template")
         if "{question}" not in self.prompt_template:
             raise ValueError(f"prompt_template must contain {{question}}, got {self.prompt_template!r}")
         if "{answer}" not in self.answer_template:

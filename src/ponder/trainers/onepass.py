@@ -25,7 +25,9 @@ from ponder.logprobs import cross_entropy, logits_at, shift_pairs
 from ponder.onepass import check_backend, chunks, onepass_logits
 from ponder.trainers.base import (
     PonderTrainer,
+    fit_context,
     model_and_tokenizer,
+    no_examples_left,
     pack_collate,
     pad_collate,
     report_stats,
@@ -126,6 +128,7 @@ class OnePassTrainer(PonderTrainer):
                  processing_class=None, **kwargs):
         args = args or OnePassConfig()
         model, processing_class = model_and_tokenizer("OnePassTrainer", model, processing_class, args)
+        args.max_length = fit_context(model, args.max_length)
         plain = args.mode == "npass" or args.history_reasoning == "keep"
         if not plain:
             check_backend(model)
@@ -137,7 +140,8 @@ class OnePassTrainer(PonderTrainer):
         train, self.data_stats["train"] = prepare(tok, resolve_conversations(source, "train"),
                                                   where=source_name(args.dataset), **opts)
         if not train:
-            raise DataError("no trainable conversations left after skipping (see the counts above)")
+            raise no_examples_left("conversations", source_name(args.dataset), self.data_stats["train"],
+                                   args.max_length)
         evald = None
         if eval_dataset is not None:
             evald, self.data_stats["eval"] = prepare(tok, resolve_conversations(eval_dataset, "test"),

@@ -67,7 +67,9 @@ class RISETrainer(OnePassTrainer):
             records, stats = rise.convert(records, args.tau, args.criteria, args.remove_duplicates,
                                           args.only_success)
         if not records:
-            raise DataError("no trajectory has an attempt to train on (see the counts above)")
+            counts = ", ".join(f"{k} {v}" for k, v in (stats or {}).items() if v) or "no records"
+            raise DataError(f"no trajectory has an attempt to train on in "
+                            f"{src if isinstance(src, str) else 'train_dataset'}: {counts}")
         super().__init__(model=model, args=args, train_dataset=records, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
         if stats is not None:

@@ -28,7 +28,9 @@ from ponder.data import DataError, as_conversation
 from ponder.logprobs import cross_entropy, logits_at, shift_pairs
 from ponder.trainers.base import (
     PonderTrainer,
+    fit_context,
     model_and_tokenizer,
+    no_examples_left,
     pack_collate,
     pad_collate,
     report_stats,
@@ -44,6 +46,8 @@ class SFTConfig(TrainingArguments):
     max_length: int = field(default=2048, metadata={"help": "longer examples are skipped and counted"})
     loss_normalization: str = field(default="tokens", metadata={"help": "tokens | messages"})
     dtype: str = field(default="float32", metadata={"help": "model dtype (fp32 on CPU)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "run Python code a model folder ships (custom "
+                                                                     "modelling); off unless you set it"})
     lora: dict | None = field(default=None, metadata={"help": "PEFT LoRA options, e.g. {r: 16, alpha: 32}"})
     attn_implementation: str | None = field(default=None, metadata={
         "help": "sdpa | eager | flex_attention (GPU: the one-pass BlockMask); default: ponder.models.load's"})
@@ -135,6 +139,7 @@ class SFTTrainer(PonderTrainer):
                  processing_class=None, **kwargs):
         args = args or SFTConfig()
         model, processing_class = model_and_tokenizer("SFTTrainer", model, processing_class, args)
+        args.max_length = fit_context(model, args.max_length)
         tok = processing_class
         train_dataset = resolve_conversations(train_dataset if train_dataset is not None else args.dataset, "train")
         self.data_stats: dict[str, Counter] = {}
@@ -142,7 +147,7 @@ class SFTTrainer(PonderTrainer):
                                                   where=source_name(args.dataset),
                                                   history_reasoning=args.history_reasoning)
         if not train:
-            raise DataError("no trainable examples left after skipping (see the counts above)")
+            raise no_examples_left("examples", source_name(args.dataset), self.data_stats["train"], args.max_length)
         evald = None
         if eval_dataset is not None:
             evald, self.data_stats["eval"] = prepare(tok, resolve_conversations(eval_dataset, "test"), args.max_length,

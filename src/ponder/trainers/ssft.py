@@ -40,7 +40,9 @@ from ponder.data import DataError, TraceSet, load_tracesets, traceset_from_recor
 from ponder.logprobs import cross_entropy, logits_at, shift_pairs
 from ponder.trainers.base import (
     PonderTrainer,
+    fit_context,
     model_and_tokenizer,
+    no_examples_left,
     pack_collate,
     pad_collate,
     report_stats,
@@ -262,6 +264,7 @@ class SSFTTrainer(PonderTrainer):
                  processing_class=None, **kwargs):
         args = args or SSFTConfig()
         model, processing_class = model_and_tokenizer("SSFTTrainer", model, processing_class, args, lora=False)
+        args.max_length = fit_context(model, args.max_length)
         tok = processing_class
         model, self.tag_ids = setup_model(model, tok, args.tags, args.assignment != "mixed", args.token_init,
                                           args.lora, args.tags_only, args.seed)
@@ -281,7 +284,7 @@ class SSFTTrainer(PonderTrainer):
         train, self.data_stats["train"] = prepare(tok, data, n_tags, args.max_length, args.loss_normalization,
                                                   args.train_tag, tag_len, where=source_name(args.dataset))
         if not train:
-            raise DataError("no trainable trace sets left after skipping (see the counts above)")
+            raise no_examples_left("trace sets", source_name(args.dataset), self.data_stats["train"], args.max_length)
         report_stats(self.data_stats)
         self.pad_id = pad_id(tok)
         self.match_stats = MatchStats(len(self.tags))

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from ponder import data, metrics, models, testbed
+from ponder import chat, data, metrics, models, testbed
 
 
 def test_testbed_is_middling_and_diverse():
@@ -23,16 +23,31 @@ def test_testbed_is_middling_and_diverse():
 
 
 def test_testbed_handles_retry_and_follow_up_formats():
-    model, tok = models.load("testbed")
+    """The multi-turn formats the methods build on: after the RISE feedback the model answers again (in both
+    history views), and after a follow-up ("Now add 23.") it answers with a reasoning block and the answer sentence
+    (the arithmetic of follow-ups is weak: 4% of the pre-training data; one-pass needs the format, not skill)."""
+    import random
+
     from ponder import rollout
-    p = testbed.heldout(1)[0]
-    retry = [{"role": "user", "content": p.question}, {"role": "assistant", "content": "The answer is 1."},
-             {"role": "user", "content": testbed.RETRY_PROMPT.format(query=p.question)}]
-    follow = [{"role": "user", "content": p.question}, {"role": "assistant", "content": "The answer is 100."},
-              {"role": "user", "content": "Now add 23."}]
-    out = rollout.sample(model, tok, [retry, follow], temperature=0.0, max_new_tokens=64, progress=False)
-    assert out[0][0].finish_reason == "eos" and "The answer is" in out[0][0].text
-    assert out[1][0].text.startswith("<think>\n") and "+23=" in out[1][0].text
+    model, tok = models.load("testbed")
+    rng = random.Random(0)
+    retry, follow = [], []
+    for p in testbed.heldout(20):
+        reasoning, ans = testbed.solve(p, "direct", slip=10)
+        retry.append([{"role": "user", "content": p.question}, {"role": "assistant", "reasoning": reasoning,
+                      "content": testbed.answer_text(ans)},
+                      {"role": "user", "content": testbed.RETRY_PROMPT.format(query=p.question)}])
+        d = rng.randint(10, 99)
+        follow.append(([{"role": "user", "content": p.question},
+                        {"role": "assistant", "content": testbed.answer_text(p.answer)},
+                        {"role": "user", "content": f"Now add {d}."}], d))
+    kept = [rollout.prompt_ids(tok, chat.generation_prompt(tok, m, "keep")) for m in retry]
+    out = rollout.sample(model, tok, retry + kept + [m for m, _ in follow], temperature=0.0, max_new_tokens=64,
+                         progress=False)
+    answered = [o[0].finish_reason == "eos" and "The answer is" in o[0].text for o in out[:40]]
+    assert sum(answered) >= 36, sum(answered)
+    formed = [o[0].text.startswith("<think>\n") and "</think>\n\nThe answer is" in o[0].text for o in out[40:]]
+    assert sum(formed) >= 18, [o[0].text for o in out[40:]]
 
 
 def test_shipped_weights_are_checked_by_hash(tmp_path, monkeypatch):

@@ -1,7 +1,9 @@
 """`ponder testbed build`: pre-train the testbed model from scratch (the only code that does), and ship it.
 
-The recipe: the SFT trainer on `ponder.testbed.pretraining_conversations`, until greedy accuracy on fresh
-validation problems reaches a middling target (so that every method has room to help), at most `max_steps`.
+The recipe: the SFT trainer on `ponder.testbed.pretraining_conversations` (two strategies, retry episodes in
+both history views), until greedy accuracy on fresh validation problems reaches a middling target (so that
+every method has room to help), at most `max_steps`. The shipped v2 weights stopped at step 720 (27 min on one
+core of a loaded 2-core box).
 Deterministic for a seed on one machine; CPUs differ in their float rounding, so two machines may stop at
 different steps — which is why the weights built here ship with the package (``--ship``) and every machine
 starts from the same model.

@@ -18,6 +18,7 @@ policy) are in docs/methods.md §1.4 and §1.10.
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -337,9 +338,13 @@ def cons_at_k(answers: Sequence[str | None], correct: Sequence[bool], group_size
                for g in groups) / len(groups)
 
 
+_OPENER = re.compile(r"^\s*<think\d*>")
+
+
 def reasoning_of(completion: str) -> str:
-    """The reasoning part of a completion generated after a tag (text before ``</think>``)."""
-    return completion.split("</think>", 1)[0].strip()
+    """The reasoning part of a completion (text before ``</think>``), without the opener the model chose itself
+    when its first token was sampled (``<think>``, ``<think3>``, ...)."""
+    return _OPENER.sub("", completion.split("</think>", 1)[0]).strip()
 
 
 # ----------------------------------------------------------------------------------------------------------

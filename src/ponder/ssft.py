@@ -465,6 +465,12 @@ def evaluate_forking(model, tokenizer, problems: Sequence[Problem | dict], tags:
             row["strategies"] = {s: c[s] / len(rs) for s in sorted(c)}
         per[t] = row
     res["per_tag"] = per
+    res["per_problem"] = {f"pass@1/{tags[0]}": [mean([r["correct"] for r in f[0]]) for f in forced],
+                          f"pass@{k}": [float(any(r["correct"] for r in fl)) for fl in flat],
+                          f"cons@{cons_k}": [cons_at_k([r["answer"] for r in v], [r["correct"] for r in v],
+                                                       rule=cons_rule) for v in voted]}
+    if sampled:
+        res["per_problem"]["pass@1/sampled"] = [mean([r["correct"] for r in x]) for x in sampled_recs]
     res["records"] = [{"id": p.id, "question": p.question, "answer": p.answer, "forced": f, "sampled": s}
                       for p, f, s in zip(problems, forced, sampled_recs)]
     ui.info(f"forking eval: {len(problems)} problems, {len(tags)} tags x {per_tag} + {sampled} sampled-tag samples")

@@ -504,8 +504,10 @@ def test_demo_hook_quick(tmp_path):
         assert all(0 <= x <= 100 for x in row[1:])
         assert m["p1@t2"] >= max(m["accuracy_by_turn"])   # some turn correct >= any one turn
     assert out["plots"] and all((tmp_path / p).stat().st_size > 0 for p in out["plots"])
-    assert "Paper's direction" in out["notes"][0]
-    assert ("did not fully appear" in out["notes"][0]) != (" appeared in this run" in out["notes"][0])
+    assert "95% over the" in out["notes"][0] and "docs/results/rise.md" in out["notes"][0]
+    r = out["metrics"]["RISE"]
+    assert f"{100 * (r['m1@t2'] - r['m1@t1']):+.1f} points" in out["notes"][0]   # the note is this run's numbers
+    assert sum(w in out["notes"][0] for w in ("— appeared", "within noise", "opposite appeared")) == 1
 
 
 def test_history_reasoning_keep_shows_earlier_attempts_in_full_and_strip_hides_them(tb_tok):

@@ -158,3 +158,18 @@ def test_model_object_without_tokenizer_is_a_clear_error(tiny, tmp_path):
     with pytest.raises(ValueError, match="SFTTrainer needs the tokenizer"):
         SFTTrainer(model=model, args=args, train_dataset=[[{"role": "user", "content": "1+1"},
                                                           {"role": "assistant", "content": "2"}]])
+
+
+def test_console_shows_a_bar_and_logs_go_to_a_file(tmp_path, capsys):
+    """Users see a progress bar and the summary, not transformers' printed log dictionaries; every logged
+    dictionary is in output_dir/log.jsonl."""
+    import json
+
+    from ponder.data import load_conversations
+    cfg = SFTConfig(model="tiny-random", output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2,
+                    logging_steps=2, report_to="none", save_strategy="no")
+    SFTTrainer(args=cfg, train_dataset=load_conversations("testbed:single", n=8)).train()
+    out = capsys.readouterr()
+    assert "'loss'" not in out.out + out.err and "{'train_runtime'" not in out.out + out.err
+    logs = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in logs if "loss" in x] == [2, 4] and "train_loss" in logs[-1]

@@ -446,5 +446,5 @@ def test_demo_quick_structure(tmp_path):
     assert r["rows"][0][-1] == 1 and 1 <= r["rows"][1][-1] <= 6  # modal strategies: one tag vs six tags
     for p in r["plots"]:
         assert (tmp_path / p).stat().st_size > 1000
-    assert "direction" in r["notes"][0]  # `ponder demo` shows the first note in its summary
+    assert "95% over the" in r["notes"][0] and "docs/results/ssft.md" in r["notes"][0]  # shown in the summary
     assert r["metrics"]["SSFT"]["n"] == 3 and len(r["metrics"]["SSFT"]["per_tag"]) == 6

@@ -32,3 +32,10 @@ def test_verdicts():
     assert stats.verdict({"lo": math.nan, "hi": math.nan}, ">") == "n/a (one seed)"
     with pytest.raises(ValueError, match="paired values differ"):
         stats.paired_difference([1, 2], [1])
+
+
+def test_paired_items_normal_interval_by_hand():
+    a, b = [1, 1, 0, 1], [0, 1, 0, 0]                      # differences 1, 0, 0, 1
+    d = stats.paired_items(a, b)
+    assert d["mean"] == 0.5 and d["se"] == pytest.approx(math.sqrt((4 * 0.25) / 3 / 4))   # s^2 = 1/3, n = 4
+    assert d["lo"] == pytest.approx(0.5 - 1.96 * d["se"]) and d["n"] == 4

@@ -85,6 +85,31 @@ def sequential_metrics(answers: Sequence[Sequence[str | None]], correct: Sequenc
     out: dict[str, Any] = {"turns": T, "m1@t1": acc[0], f"m1@t{T}": maj[-1], f"p1@t{T}": anyc[-1]}
     out.update({"m1@tT": maj[-1], "p1@tT": anyc[-1], "accuracy_by_turn": acc, "majority_by_turn": maj,
                 "pass_by_turn": anyc})
+    out["per_problem"] = {"m1@t1": [float(bool(c[0])) for c in correct],
+                          f"m1@t{T}": [float(maj_correct(list(a), list(c))) for a, c in zip(answers, correct)],
+                          f"p1@t{T}": [float(any(bool(x) for x in c)) for c in correct],
+                          f"acc@t{T}": [float(bool(c[-1])) for c in correct]}
+    return out
+
+
+def transitions(records: list[dict[str, Any]]) -> dict[str, float]:
+    """What a turn does with the previous one (diagnostics of self-correction):
+    ``changed_answer_rate`` — the answer differs from the previous turn's; ``right_after_wrong`` /
+    ``right_after_right`` — accuracy of turns following a wrong / a correct turn; ``repeats_shown_wrong`` —
+    a turn following a wrong answer gives that same answer again, against ``fresh_gives_shown_wrong`` — how
+    often an independent first-turn sample gives it (needs the parallel samples). A model that learned from
+    the feedback repeats a wrong answer less often than a fresh sample produces it."""
+    steps = [(r, k) for r in records for k in range(1, len(r["answers"]))]
+    after_wrong = [(r, k) for r, k in steps if not r["correct"][k - 1]]
+    after_right = [(r, k) for r, k in steps if r["correct"][k - 1]]
+    shown = [(r, k) for r, k in after_wrong if r["answers"][k - 1] is not None]
+    out = {"changed_answer_rate": mean(r["answers"][k] != r["answers"][k - 1] for r, k in steps),
+           "right_after_wrong": mean(r["correct"][k] for r, k in after_wrong),
+           "right_after_right": mean(r["correct"][k] for r, k in after_right),
+           "repeats_shown_wrong": mean(r["answers"][k] == r["answers"][k - 1] for r, k in shown)}
+    if shown and "parallel_answers" in shown[0][0]:
+        out["fresh_gives_shown_wrong"] = mean(a == r["answers"][k - 1] for r, k in shown
+                                               for a in r["parallel_answers"])
     return out
 
 

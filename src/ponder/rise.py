@@ -428,32 +428,12 @@ def evaluate(model, tokenizer, problems: Sequence[Problem | dict], env: Env | No
         result[f"m{parallel}@t1"] = metrics.mean(metrics.maj_correct(a, c) for a, c in zip(pa, pc))
         result[f"p{parallel}@t1"] = metrics.mean(any(c) for c in pc)
         result["parallel_sample_accuracy"] = metrics.mean(metrics.mean(c) for c in pc)
+        result["per_problem"][f"m{parallel}@t1"] = [float(metrics.maj_correct(a, c)) for a, c in zip(pa, pc)]
         for r, row, a, c in zip(records, out, pa, pc):
             r.update(parallel=[s.text for s in row], parallel_answers=a, parallel_correct=c)
-    result.update(transitions(records))
+    result.update(metrics.transitions(records))
     result["records"] = records
     return result
-
-
-def transitions(records: list[dict[str, Any]]) -> dict[str, float]:
-    """What a turn does with the previous one (diagnostics of self-correction):
-    ``changed_answer_rate`` — the answer differs from the previous turn's; ``right_after_wrong`` /
-    ``right_after_right`` — accuracy of turns following a wrong / a correct turn; ``repeats_shown_wrong`` —
-    a turn following a wrong answer gives that same answer again, against ``fresh_gives_shown_wrong`` — how
-    often an independent first-turn sample gives it (needs the parallel samples). A model that learned from
-    the feedback repeats a wrong answer less often than a fresh sample produces it."""
-    steps = [(r, k) for r in records for k in range(1, len(r["answers"]))]
-    after_wrong = [(r, k) for r, k in steps if not r["correct"][k - 1]]
-    after_right = [(r, k) for r, k in steps if r["correct"][k - 1]]
-    shown = [(r, k) for r, k in after_wrong if r["answers"][k - 1] is not None]
-    out = {"changed_answer_rate": metrics.mean(r["answers"][k] != r["answers"][k - 1] for r, k in steps),
-           "right_after_wrong": metrics.mean(r["correct"][k] for r, k in after_wrong),
-           "right_after_right": metrics.mean(r["correct"][k] for r, k in after_right),
-           "repeats_shown_wrong": metrics.mean(r["answers"][k] == r["answers"][k - 1] for r, k in shown)}
-    if shown and "parallel_answers" in shown[0][0]:
-        out["fresh_gives_shown_wrong"] = metrics.mean(a == r["answers"][k - 1] for r, k in shown
-                                               for a in r["parallel_answers"])
-    return out
 
 
 HEADLINE = ("m1@t1", "m{k}@t1", "m1@t{T}", "p1@t{T}", "p{k}@t1")

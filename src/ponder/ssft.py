@@ -18,6 +18,7 @@ policy) are in docs/methods.md §1.4 and §1.10.
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -337,9 +338,13 @@ def cons_at_k(answers: Sequence[str | None], correct: Sequence[bool], group_size
                for g in groups) / len(groups)
 
 
+_OPENER = re.compile(r"^\s*<think\d*>")
+
+
 def reasoning_of(completion: str) -> str:
-    """The reasoning part of a completion generated after a tag (text before ``</think>``)."""
-    return completion.split("</think>", 1)[0].strip()
+    """The reasoning part of a completion (text before ``</think>``), without the opener the model chose itself
+    when its first token was sampled (``<think>``, ``<think3>``, ...)."""
+    return _OPENER.sub("", completion.split("</think>", 1)[0]).strip()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -460,6 +465,12 @@ def evaluate_forking(model, tokenizer, problems: Sequence[Problem | dict], tags:
             row["strategies"] = {s: c[s] / len(rs) for s in sorted(c)}
         per[t] = row
     res["per_tag"] = per
+    res["per_problem"] = {f"pass@1/{tags[0]}": [mean([r["correct"] for r in f[0]]) for f in forced],
+                          f"pass@{k}": [float(any(r["correct"] for r in fl)) for fl in flat],
+                          f"cons@{cons_k}": [cons_at_k([r["answer"] for r in v], [r["correct"] for r in v],
+                                                       rule=cons_rule) for v in voted]}
+    if sampled:
+        res["per_problem"]["pass@1/sampled"] = [mean([r["correct"] for r in x]) for x in sampled_recs]
     res["records"] = [{"id": p.id, "question": p.question, "answer": p.answer, "forced": f, "sampled": s}
                       for p, f, s in zip(problems, forced, sampled_recs)]
     ui.info(f"forking eval: {len(problems)} problems, {len(tags)} tags x {per_tag} + {sampled} sampled-tag samples")

@@ -43,6 +43,17 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     return {"mean": m, "se": se, "lo": lo, "hi": hi, "n": len(d)}
 
 
+def paired_items(a: Sequence[float], b: Sequence[float], z: float = 1.96) -> dict[str, float]:
+    """a[i] - b[i] over paired items of ONE run (e.g. the same held-out problems scored two ways): mean, s.e.
+    and a normal interval (many items). It covers the sampling of problems, not the training seed: the
+    experiment tables (`paired_difference` over seeds) cover that."""
+    if len(a) != len(b):
+        raise ValueError(f"paired values differ in number: {len(a)} vs {len(b)}")
+    d = [float(x) - float(y) for x, y in zip(a, b)]
+    m, se = mean_se(d)
+    return {"mean": m, "se": se, "lo": m - z * se, "hi": m + z * se, "n": len(d)}
+
+
 def verdict(diff: dict[str, float], direction: str = ">") -> str:
     """Is the claimed direction ('>': a above b, '>=': a not below b) supported by the interval?
 

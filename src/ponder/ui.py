@@ -43,6 +43,30 @@ def progress_bar(description: str, total: int | None, unit: str = ""):
         yield lambda n=1: p.advance(task, n)
 
 
+class Bar:
+    """A progress bar that lives across callbacks (a trainer's steps): `advance(n, description)`, `close()`.
+    Draws nothing when PONDER_QUIET is set or stderr is not a terminal."""
+
+    def __init__(self, description: str, total: int | None, unit: str = ""):
+        self.description = description
+        self._p = None
+        if not quiet():
+            cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn(unit), TimeElapsedColumn(), TimeRemainingColumn()]
+            self._p = Progress(*cols, console=console(), transient=False, disable=not sys.stderr.isatty())
+            self._p.start()
+            self._task = self._p.add_task(description, total=total)
+
+    def advance(self, n: int = 1, description: str | None = None) -> None:
+        if self._p is not None:
+            self._p.update(self._task, advance=n, **({"description": description} if description else {}))
+
+    def close(self) -> None:
+        if self._p is not None:
+            self._p.stop()
+            self._p = None
+
+
 def progress(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ponder import models, ui
+from ponder import models, stats, ui
 from ponder.config import ConfigError, load_config, to_yaml
 from ponder.trainers.base import TrainingStopped
 
@@ -38,6 +38,17 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def effect_note(claim: str, a, b, results_md: str, direction: str = ">") -> str:
+    """One line for a demo: the paired difference of `a` and `b` over the run's problems (in points), its 95%
+    interval over problems, and a verdict; the multi-seed table that settles the claim is `results_md`."""
+    d = stats.paired_items(a, b)
+    v = stats.verdict(d, direction)
+    word = {"yes": "appeared", "no effect at 95%": "within noise", "opposite": "the opposite appeared",
+            "no (below)": "it is below"}.get(v, v)
+    return (f"{claim}: {100 * d['mean']:+.1f} points (95% over the {d['n']} problems "
+            f"[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]) — {word} in this run. Several seeds: {results_md}.")
 
 
 def resume_arg(cfg):

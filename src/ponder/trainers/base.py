@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from transformers import Trainer
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from ponder import models, ui
@@ -82,12 +82,48 @@ def pack_collate(pad_id: int, row_length: int):
     return collate
 
 
+class ConsoleLog(TrainerCallback):
+    """What a user sees while a trainer runs: one progress bar carrying the latest loss, not the raw log
+    dictionaries. Every log dictionary goes to ``output_dir/log.jsonl`` (and TensorBoard when `report_to` has
+    it), written by the main process only."""
+
+    def __init__(self, title: str):
+        self.title, self.bar, self.last = title, None, ""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = ui.Bar(self.title, state.max_steps, "steps")
+            self.bar.advance(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.advance(1, f"{self.title}{self.last}")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if "loss" in logs:
+            self.last = f" (loss {ui.fmt(float(logs['loss']))})"
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps({"step": state.global_step, **logs}, default=str) + "\n")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 class PonderTrainer(Trainer):
     """HF Trainer with atomic checkpoints and a loss whose denominator spans the whole optimizer batch
     (`units` per example). Subclasses implement `example_loss_terms` -> (sum of weighted per-token losses)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # our progress bar and log file instead of transformers' printed log dictionaries
+        self.remove_callback(PrinterCallback)
+        self.remove_callback(ProgressCallback)
+        self.add_callback(ConsoleLog(type(self).__name__.removesuffix("Trainer")))
         self.loss_is_scaled_for_ga = True  # our loss is already divided by the optimizer-batch units
         self._loss_before = 0.0           # sum of per-step losses of the segments before a resume
         self._nonfinite: str | None = None

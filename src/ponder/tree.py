@@ -141,8 +141,8 @@ class Flat:
 def flatten(tree: Tree) -> Flat:
     """The trie of the segments' contexts, laid out as runs: a node's first child (in the order segments were
     added) continues its parent's causal run, later children start runs of their own after it (add the
-    longest continuation first: fewest runs, shortest sparse plan). Every segment is forwarded once per distinct context it occurs in (its own, and the copies
-    later turns see without earlier hidden segments)."""
+    longest continuation first: fewest runs, shortest sparse plan). Every segment is forwarded once per
+    distinct context it occurs in (its own, and the copies later turns see without earlier hidden segments)."""
     segs = tree.segments
     child: dict[tuple[int, int], int] = {}     # (parent node, segment) -> node
     seg_of: list[int] = []
@@ -558,12 +558,11 @@ class sparse_attention:
 # the forward
 # ----------------------------------------------------------------------------------------------------------
 
-# The cost rule (measured with bench/tree.py on a 2-core CPU, fp32, sdpa): one sparse job costs about as much
-# as JOB_ELEMENTS score elements of its own (call overhead, the key concatenation, the bias) per head-dim unit
-# of 64, and a dense score element costs about DENSE_ELEMENT sparse ones (the fused kernel with a float mask
-# against the same kernel on exactly the visible keys). Sparse wins unless the plan is many tiny jobs.
-JOB_ELEMENTS = 24_000
-DENSE_ELEMENT = 1.0
+# The cost rule, measured with bench/tree.py (testbed, fp32, CPU sdpa): forward+backward of one score element
+# (query x key) costs about the same in a dense masked call and in a sparse job (~84 ns per layer at 6 heads
+# x 32 dims); a sparse job adds a fixed ~100 us (the call, the key concatenation, the bias), i.e. about
+# JOB_OVERHEAD / (heads x head_dim) elements: element costs grow with heads x head_dim, the overhead does not.
+JOB_OVERHEAD = 1200 * 192
 
 
 def check_backend(model) -> str:
@@ -580,8 +579,8 @@ def _float_dtype(model) -> torch.dtype:
 
 
 def choose(model, packed: Packed, attention: str = "auto", plan: SparsePlan | None = None) -> str:
-    """The attention path: ``flex`` under flex_attention, else ``sparse`` or ``dense`` by estimated cost
-    (`JOB_ELEMENTS`, `DENSE_ELEMENT`), or the one asked for."""
+    """The attention path: ``flex`` under flex_attention, else ``sparse`` or ``dense``, whichever has fewer
+    score elements counting each sparse job's overhead (`JOB_OVERHEAD`), or the one asked for."""
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
     impl = check_backend(model)
@@ -592,11 +591,11 @@ def choose(model, packed: Packed, attention: str = "auto", plan: SparsePlan | No
     if impl == "flex_attention":
         return "flex"
     plan = plan or sparse_plan(packed, torch.float32, bias=False)
-    cfg = model.config
-    head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    cfg = getattr(model, "config", None)
+    heads = getattr(cfg, "num_attention_heads", None) or 1
+    width = heads * (getattr(cfg, "head_dim", None) or getattr(cfg, "hidden_size", heads * 64) // heads)
     B, T = packed.input_ids.shape
-    sparse = plan.elements + plan.jobs * JOB_ELEMENTS * 64 / head
-    return "sparse" if sparse < DENSE_ELEMENT * B * T * T else "dense"
+    return "sparse" if plan.elements + plan.jobs * JOB_OVERHEAD / width < B * T * T else "dense"
 
 
 def logits(model, packed: Packed, attention: str = "auto", block: int = 256) -> torch.Tensor:
@@ -606,12 +605,19 @@ def logits(model, packed: Packed, attention: str = "auto", block: int = 256) -> 
     attention: ``auto`` (flex under flex_attention, else the cheaper of sparse and dense), ``dense``
     (additive float mask, T^2 per row), ``sparse`` (blocks of queries against the keys they may see: exact,
     cost ~ visible keys), ``flex`` (BlockMask; GPU — no CPU backward in torch 2.13)."""
-    mode = choose(model, packed, attention)
+    plan = None
+    if attention == "sparse" or (attention == "auto" and check_backend(model) != "flex_attention"):
+        try:
+            plan = sparse_plan(packed, _float_dtype(model), block)
+        except ValueError:
+            if attention == "sparse":
+                raise
+            attention = "dense"  # a layout the plan cannot serve (a node split, or after its descendants)
+    mode = choose(model, packed, attention, plan)
     rows, preds = packed.pairs[0], packed.pairs[1]
     cols, slot = torch.unique(preds, return_inverse=True)
     kw = {"logits_to_keep": cols}
     if mode == "sparse":
-        plan = sparse_plan(packed, _float_dtype(model), block)
         with sparse_attention(model):
             return logits_at(model, packed.input_ids, (rows, slot), None, packed.position_ids, ponder_plan=plan, **kw)
     mask = packed.block_mask() if mode == "flex" else packed.dense_mask(_float_dtype(model))

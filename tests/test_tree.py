@@ -71,7 +71,7 @@ def grads(model, loss):
     return g
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(forest=trees, attention=st.sampled_from(["dense", "sparse"]), row=st.sampled_from([None, 24, 200]))
 def test_random_trees_equal_separate_passes(tiny64, forest, attention, row):
     model = tiny64

@@ -10,9 +10,11 @@ Cases, per model (segment lengths for scale 1; SmolLM2 runs at 0.5 by default, f
 
 For each: tokens forwarded by the tree and by the separate sequences (their ratio is the ideal speedup), the
 median forward+backward seconds of the tree (the path `ponder.tree.choose` picks, and both paths), of the
-separate sequences as one padded batch and one at a time (the faster is the baseline), the peak extra RSS of
-the tree and of the separate batch, and the largest log-prob difference. Repeats are interleaved, so every
-variant sees the same machine load.
+separate sequences in padded batches (of at most --batch-tokens) and one at a time (the faster is the
+baseline), the peak extra RSS of the tree and of the separate batches (the largest batch is the peak), and the
+largest log-prob difference. Repeats are interleaved and the speedup is the median over repeats of
+(baseline / tree) within a repeat, so both sides of a ratio saw the same machine load. Memory is sampled in a
+child process with a small mmap threshold (bench/onepass.py's PeakRSS), which would also tax the timings.
 
     python bench/tree.py [--models testbed smollm2-135m] [--cases ...] [--repeats 3] [--scales testbed=1 ...]
 """
@@ -20,9 +22,11 @@ variant sees the same machine load.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 
@@ -112,7 +116,19 @@ def build(case, tok, vocab, s):
     raise ValueError(case)
 
 
-def measure(model, tok, case, repeats, scale):
+def batches(seps, budget):
+    """Consecutive separate sequences in padded batches of at most `budget` tokens (at least one each)."""
+    out: list[list] = []
+    for sep in seps:
+        if out and (len(out[-1]) + 1) * max(len(x.ids) for x in out[-1] + [sep]) <= budget:
+            out[-1].append(sep)
+        else:
+            out.append([sep])
+    return out
+
+
+def setup(model, tok, case, scale, batch_tokens):
+    """The four variants of a case as closures, and what the report needs besides their times."""
     pad = pad_id(tok)
     pol, ref = build(case, tok, model.config.vocab_size, scale)
     packed = tree.pack([tree.flatten(pol)], pad)
@@ -120,22 +136,29 @@ def measure(model, tok, case, repeats, scale):
     seps = tree.separate(pol)
     ref_seps = tree.separate(ref) if ref is not None else []
     order = [tok_ for sep in seps for tok_ in sep.tokens]
-    flat_order = tree.flatten(pol).pair_token
-    perm = torch.tensor([order.index(t) for t in flat_order])  # separate order -> tree pair order
-    one = [tree.separate_batch(seps, pad)]
-    one_w = [torch.tensor([w for sep in seps for w in sep.weights], dtype=torch.float64)]
+    perm = torch.tensor([order.index(t) for t in tree.flatten(pol).pair_token])  # separate -> tree pair order
+    chunks = batches(seps, batch_tokens)
+    one = [tree.separate_batch(c, pad) for c in chunks]
+    one_w = [torch.tensor([w for sep in c for w in sep.weights], dtype=torch.float64) for c in chunks]
     each = [tree.separate_batch([sep], pad) for sep in seps]
     each_w = [torch.tensor(sep.weights, dtype=torch.float64) for sep in seps]
-    ref_one = [tree.separate_batch(ref_seps, pad)] if ref_seps else []
+    ref_one = [tree.separate_batch(c, pad) for c in batches(ref_seps, batch_tokens)] if ref_seps else []
     ref_each = [tree.separate_batch([sep], pad) for sep in ref_seps]
-    auto = tree.choose(model, packed)
     runs = {
         "tree_dense": lambda: tree_step(model, packed, "dense", ref_packed),
         "tree_sparse": lambda: tree_step(model, packed, "sparse", ref_packed),
         "separate_batch": lambda: separate_step(model, one, one_w, ref_one),
         "separate_each": lambda: separate_step(model, each, each_w, ref_each),
     }
-    mem = {k: PeakRSS() for k in runs}
+    tree_tokens = packed.tokens + (ref_packed.tokens if ref_packed is not None else 0)
+    sep_tokens = sum(len(x.ids) for x in seps + ref_seps)
+    info = {"case": case, "auto": tree.choose(model, packed), "tree_tokens": tree_tokens,
+            "separate_tokens": sep_tokens, "ideal": sep_tokens / tree_tokens}
+    return runs, perm, info
+
+
+def measure_time(model, runs, perm, repeats):
+    """Median seconds per variant, the per-repeat times, and the largest log-prob difference."""
     times = {k: [] for k in runs}
     diff = 0.0
     for fn in runs.values():  # warm-up: the first call of a shape pays for allocator growth
@@ -145,27 +168,41 @@ def measure(model, tok, case, repeats, scale):
         out = {}
         for k, fn in runs.items():
             model.zero_grad(set_to_none=True)
-            with mem[k]:
-                t = time.perf_counter()
-                out[k] = fn()
-                times[k].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            out[k] = fn()
+            times[k].append(time.perf_counter() - t)
         for k in ("tree_dense", "tree_sparse"):
             diff = max(diff, (out[k] - out["separate_batch"][perm]).abs().max().item())
     model.zero_grad(set_to_none=True)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    tree_tokens = packed.tokens + (ref_packed.tokens if ref_packed is not None else 0)
-    sep_tokens = sum(len(x.ids) for x in seps + ref_seps)
-    base_s = min(med["separate_batch"], med["separate_each"])
-    tree_s = med[f"tree_{auto}"]
-    rss = psutil.Process().memory_info().rss
-    return {"case": case, "auto": auto, "tree_tokens": tree_tokens, "separate_tokens": sep_tokens,
-            "ideal": sep_tokens / tree_tokens, **{f"{k}_s": v for k, v in med.items()},
-            "speedup": base_s / tree_s, "speedup_dense": base_s / med["tree_dense"],
-            "speedup_sparse": base_s / med["tree_sparse"],
-            "mem_tree": mem[f"tree_{auto}"].peak, "mem_separate": mem["separate_batch"].peak,
-            "mem_ratio": mem[f"tree_{auto}"].peak / max(1, mem["separate_batch"].peak),
-            "mem_ratio_total": (rss + mem[f"tree_{auto}"].peak) / (rss + mem["separate_batch"].peak),
-            "maxdiff": diff}
+    return times, diff
+
+
+def measure_memory(model, runs):
+    """Peak extra RSS of one run of each variant (after a warm-up run)."""
+    out = {}
+    for k, fn in runs.items():
+        model.zero_grad(set_to_none=True)
+        fn()
+        model.zero_grad(set_to_none=True)
+        with PeakRSS() as m:
+            fn()
+        out[k] = m.peak
+    model.zero_grad(set_to_none=True)
+    return out, psutil.Process().memory_info().rss
+
+
+def summarise(info, times, diff, mem, rss):
+    auto = info["auto"]
+    base = [min(a, b) for a, b in zip(times["separate_batch"], times["separate_each"])]
+
+    def speedup(k):  # per repeat (the runs of one repeat saw the same load), then the median
+        return statistics.median(b / t for b, t in zip(base, times[k]))
+    return {**info, **{f"{k}_s": statistics.median(v) for k, v in times.items()},
+            "speedup": speedup(f"tree_{auto}"), "speedup_dense": speedup("tree_dense"),
+            "speedup_sparse": speedup("tree_sparse"),
+            "mem_tree": mem[f"tree_{auto}"], "mem_separate": mem["separate_batch"],
+            "mem_ratio": mem[f"tree_{auto}"] / max(1, mem["separate_batch"]),
+            "mem_ratio_total": (rss + mem[f"tree_{auto}"]) / (rss + mem["separate_batch"]), "maxdiff": diff}
 
 
 CASES = ["grpo", "latro", "episode_T2", "episode_T4", "episode_T8", "onepass_d16"]
@@ -176,29 +213,52 @@ def main():
     ap.add_argument("--models", nargs="+", default=["testbed", "smollm2-135m"])
     ap.add_argument("--cases", nargs="+", default=CASES)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch-tokens", type=int, default=2048,
+                    help="the separate sequences go in padded batches of at most this many tokens")
     ap.add_argument("--scales", nargs="+", default=["testbed=1", "smollm2-135m=0.5"],
                     help="MODEL=FACTOR: multiply every segment length (SmolLM2's activations: ~1.2 MB/token)")
+    ap.add_argument("--memory", action="store_true", help="(internal) only the memory runs, as JSON lines")
     args = ap.parse_args()
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # see PeakRSS; must be set before the process starts
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     scales = dict(x.split("=") for x in args.scales)
+    if args.memory:  # a child process started with a small mmap threshold (see PeakRSS)
+        for spec in args.models:
+            model, tok = models.load(spec)
+            model.train()
+            for case in args.cases:
+                runs, _, _ = setup(model, tok, case, float(scales.get(spec, 1)), args.batch_tokens)
+                mem, rss = measure_memory(model, runs)
+                print("MEM " + json.dumps({"model": spec, "case": case, "mem": mem, "rss": rss}), flush=True)
+            del model
+        return
     print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} (1/5/15 min), "
           f"threads {torch.get_num_threads()}", flush=True)
-    results = []
-    for spec in args.models:
-        model, tok = models.load(spec)
+    timed = {}
+    for spec in args.models:  # timing under the default allocator (the small mmap threshold that makes RSS
+        model, tok = models.load(spec)  # sampling reliable also taxes every allocation)
         model.train()
         for case in args.cases:
-            r = measure(model, tok, case, args.repeats, float(scales.get(spec, 1)))
-            r["model"] = spec
+            runs, perm, info = setup(model, tok, case, float(scales.get(spec, 1)), args.batch_tokens)
+            times, diff = measure_time(model, runs, perm, args.repeats)
+            timed[(spec, case)] = (info, times, diff)
+            print(f"{spec:13s} {case:12s} timed: " + "  ".join(f"{k} {statistics.median(v):.3f}s"
+                                                             for k, v in times.items()), flush=True)
+        del model
+    child = subprocess.run([sys.executable, *sys.argv, "--memory"], capture_output=True, text=True,
+                           env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}, check=True)
+    results = []
+    for ln in child.stdout.splitlines():
+        if ln.startswith("MEM "):
+            m = json.loads(ln[4:])
+            r = summarise(*timed[(m["model"], m["case"])], m["mem"], m["rss"])
+            r["model"] = m["model"]
             results.append(r)
-            print(f"{spec:13s} {case:12s} tokens {r['tree_tokens']:5d} vs {r['separate_tokens']:6d} (ideal "
-                  f"{r['ideal']:.2f}x)  tree dense {r['tree_dense_s']:.3f}s sparse {r['tree_sparse_s']:.3f}s "
+            print(f"{r['model']:13s} {r['case']:12s} tokens {r['tree_tokens']:5d} vs {r['separate_tokens']:6d} "
+                  f"(ideal {r['ideal']:.2f}x)  tree dense {r['tree_dense_s']:.3f}s sparse {r['tree_sparse_s']:.3f}s "
                   f"[auto: {r['auto']}]  separate batch {r['separate_batch_s']:.3f}s each "
                   f"{r['separate_each_s']:.3f}s  speedup {r['speedup']:.2f}x ({r['speedup'] / r['ideal']:.2f} of "
                   f"ideal)  peak RSS {r['mem_tree'] / 2**20:.0f} vs {r['mem_separate'] / 2**20:.0f} MiB "
-                  f"(x{r['mem_ratio']:.2f})  max |dlogp| {r['maxdiff']:.1e}", flush=True)
-        del model
+                  f"(x{r['mem_ratio']:.2f}, with the model x{r['mem_ratio_total']:.2f})  max |dlogp| "
+                  f"{r['maxdiff']:.1e}", flush=True)
     print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} (1/5/15 min)")
     for r in results:
         key = f"{r['case']}_{r['model']}"
@@ -207,7 +267,8 @@ def main():
         print(f"RATIO tree_of_ideal_{key}={r['speedup'] / r['ideal']:.3f}")
         print(f"RATIO tree_dense_speedup_{key}={r['speedup_dense']:.3f}")
         print(f"RATIO tree_sparse_speedup_{key}={r['speedup_sparse']:.3f}")
-        print(f"RATIO tree_mem_{key}={r['mem_ratio']:.3f}  # peak extra RSS, tree / separate batch")
+        print(f"RATIO tree_mem_{key}={r['mem_ratio']:.3f}  # peak extra RSS, tree / largest separate batch")
+        print(f"RATIO tree_mem_total_{key}={r['mem_ratio_total']:.3f}  # the same with the process's RSS (model)")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """One-pass multi-turn reasoning SFT (Goru, Mehta, Jain; arXiv 2504.18246): per-token log-probs of every turn
-of a conversation from ONE forward over the one-pass layout (`ponder.masks`, on the tree engine `ponder.tree`), and the N-pass reference.
+of a conversation from ONE forward over the one-pass layout (`ponder.masks`, computed by the tree engine
+`ponder.tree`), and the N-pass reference.
 
 At inference a chat template drops earlier turns' reasoning, so turn k is generated from a context holding
 earlier answers but not earlier reasoning. The N-pass reference renders one sample per assistant turn (history

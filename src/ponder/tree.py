@@ -297,7 +297,8 @@ class Packed:
         padding row would give NaN; never bool: eager attention adds it as 0/1; docs/methods.md §5)."""
         node, end = self.node, self.node_end
         idx = torch.arange(node.shape[1], device=node.device)
-        ok = (node[:, None, :] <= node[:, :, None]) & (node[:, :, None] < end[:, None, :]) & (idx[None, :] <= idx[:, None])
+        q, k = node[:, :, None], node[:, None, :]   # (B, query, key)
+        ok = (k <= q) & (q < end[:, None, :]) & (idx[None, :] <= idx[:, None])
         mask = torch.zeros(ok.shape, dtype=dtype, device=node.device)
         mask.masked_fill_(~ok, torch.finfo(dtype).min)
         return mask[:, None]

@@ -105,7 +105,7 @@ def test_resume_is_exact_and_checkpoints_are_atomic(tmp_path):
 
     straight = run(tmp_path / "a")
     run(tmp_path / "b", crash=True)
-    assert sorted(os.listdir(tmp_path / "b")) == ["checkpoint-3"]  # no staging folder left behind
+    assert sorted(os.listdir(tmp_path / "b")) == ["checkpoint-3", "log.jsonl"]  # no staging folder left behind
     resumed = run(tmp_path / "b", resume=True)
     assert torch.equal(straight, resumed)
     state = json.loads((tmp_path / "b" / "checkpoint-6" / "trainer_state.json").read_text())

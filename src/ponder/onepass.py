@@ -1,5 +1,6 @@
 """One-pass multi-turn reasoning SFT (Goru, Mehta, Jain; arXiv 2504.18246): per-token log-probs of every turn
-of a conversation from ONE forward over the one-pass layout (`ponder.masks`), and the N-pass reference.
+of a conversation from ONE forward over the one-pass layout (`ponder.masks`, computed by the tree engine
+`ponder.tree`), and the N-pass reference.
 
 At inference a chat template drops earlier turns' reasoning, so turn k is generated from a context holding
 earlier answers but not earlier reasoning. The N-pass reference renders one sample per assistant turn (history
@@ -16,23 +17,14 @@ from typing import Any
 
 import torch
 
-from ponder import masks
+from ponder import masks, tree
 from ponder.chat import pad_id, render
 from ponder.data import as_conversation
-from ponder.logprobs import logits_at, logprobs_of, token_logprobs
-
-CUSTOM_MASK_BACKENDS = ("eager", "sdpa", "flex_attention")
-
-
-def check_backend(model) -> str:
-    impl = getattr(model.config, "_attn_implementation", None) or "eager"
-    if impl not in CUSTOM_MASK_BACKENDS:
-        raise ValueError(f"attention backend {impl!r} cannot take the one-pass block-sparse mask; load the model "
-                         "with attn_implementation='sdpa' or 'eager' (CPU, dense mask) or 'flex_attention' (GPU)")
-    return impl
+from ponder.logprobs import logprobs_of, token_logprobs
+from ponder.tree import Packed, check_backend
 
 
-def attention_for(model, batch: masks.Batch, prefer: str = "auto"):
+def attention_for(model, batch: Packed, prefer: str = "auto"):
     """A mask for `batch`: a BlockMask under flex_attention (or prefer="flex"), else a dense additive mask."""
     impl = check_backend(model)
     flex = prefer == "flex" or (prefer == "auto" and impl == "flex_attention")
@@ -44,21 +36,13 @@ def attention_for(model, batch: masks.Batch, prefer: str = "auto"):
     return batch.dense_mask(dtype if dtype.is_floating_point else torch.float32).to(batch.input_ids.device)
 
 
-def onepass_logits(model, batch: masks.Batch, attention: str = "auto") -> torch.Tensor:
-    """Logits at the batch's predictor positions, (P, vocab).
+def onepass_logits(model, batch: Packed, attention: str = "auto") -> torch.Tensor:
+    """Logits at the batch's predictor positions, (P, vocab) (`ponder.tree.logits`).
 
     attention: ``flex`` (BlockMask; GPU — no CPU backward in torch 2.13), ``dense`` (additive float mask, O(T^2)
     per query), ``sparse`` (blocks of queries against the keys they may see; exact, cost ~ visible keys),
-    ``auto`` (flex under flex_attention, else sparse)."""
-    impl = check_backend(model)
-    mode = ("flex" if impl == "flex_attention" else "sparse") if attention == "auto" else attention
-    p = batch.pairs
-    if mode == "sparse":
-        dtype = next(model.parameters()).dtype
-        plan = masks.sparse_plan(batch, dtype if dtype.is_floating_point else torch.float32)
-        with masks.sparse_attention(model):
-            return logits_at(model, batch.input_ids, (p[0], p[1]), None, batch.position_ids, ponder_plan=plan)
-    return logits_at(model, batch.input_ids, (p[0], p[1]), attention_for(model, batch, mode), batch.position_ids)
+    ``auto`` (flex under flex_attention, else the cheaper of sparse and dense)."""
+    return tree.logits(model, batch, attention)
 
 
 def chunks(turns: Sequence[int], k: int) -> list[list[int]]:
@@ -96,7 +80,7 @@ def npass_logprobs(model, tokenizer, messages: Sequence[dict[str, Any]]) -> list
     return [token_logprobs(model, ids, target_mask=target) for ids, target in npass_samples(tokenizer, messages)]
 
 
-def onepass_step(model, batch: masks.Batch, attention: str = "auto") -> list[torch.Tensor]:
+def onepass_step(model, batch: Packed, attention: str = "auto") -> list[torch.Tensor]:
     """One training step's compute on a collated one-pass batch: forward (mask or sparse plan built here, as in
     the trainer), backward of the summed target log-probs. Returns the detached log-probs per assistant turn."""
     lp = logprobs_of(onepass_logits(model, batch, attention), batch.input_ids[batch.pairs[0], batch.pairs[2]])

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from ponder import masks, rollout, testbed, ui, verify
+from ponder import masks, rollout, testbed, tree, ui, verify
 from ponder.chat import generation_prompt, pad_id, render
 from ponder.data import Problem, as_problem
-from ponder.logprobs import left_pad
+from ponder.logprobs import left_pad, reduce
 from ponder.metrics import maj_correct, mean, pass_at_k
 
 TAG_FORMAT = "<think{}>"
@@ -144,41 +144,19 @@ def costs_from_ids(model, items: Sequence[tuple[list[int], Sequence[Sequence[int
 
     items: (prompt ids, ids of each of the N tags, the M traces' trained ids after the tag). Returns per question
     an (N, M) tensor of -mean log-prob of each trace's first `prefix_len` tokens (None or 0: whole trace).
-    layout / row_tokens: see `ponder.masks.shared_prefix_rows`."""
+    layout / row_tokens: see `ponder.masks.shared_prefix_rows` (the trees, packed into rows of `row_tokens`
+    by the tree engine, `ponder.tree`)."""
     if layout not in ("shared", "packed"):
         raise ValueError(f"cost layout must be 'shared' or 'packed', got {layout!r}")
-    rows = masks.shared_prefix_rows(items, prefix_len, layout, row_tokens)
-    width = max(len(r.ids) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    pos = torch.zeros((len(rows), width), dtype=torch.long)
-    branch = torch.full((len(rows), width), -1, dtype=torch.long)
-    for r, row in enumerate(rows):
-        n = len(row.ids)
-        ids[r, :n] = torch.tensor(row.ids)
-        pos[r, :n] = torch.tensor(row.pos)
-        branch[r, :n] = torch.tensor(row.branch)
-        pos[r, n:] = torch.arange(width - n)  # padding: its own packed "sequence", never scored
-    device = next(model.parameters()).device
-    keep = sorted({t - 1 for row in rows for *_, tgt in row.cells for t in tgt})  # predictor positions only
-    mask = None
-    if layout == "shared":
-        dtype = next(model.parameters()).dtype
-        mask = masks.shared_prefix_mask(branch, dtype if dtype.is_floating_point else torch.float32).to(device)
-    out = model(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask, use_cache=False,
-                logits_to_keep=torch.tensor(keep, device=device))
-    logits = out.logits if out.logits.dtype in (torch.float32, torch.float64) else out.logits.float()
-    logp = torch.log_softmax(logits, -1)
-    slot = {p: s for s, p in enumerate(keep)}
-    n_tags = [len(t) for _, t, _ in items]
-    costs = [torch.empty(n, len(tr), dtype=logp.dtype) for n, (_, _, tr) in zip(n_tags, items)]
-    for r, row in enumerate(rows):  # one gather per row, then per-cell means
-        tgt = [t for *_, ts in row.cells for t in ts]
-        lp = logp[r, torch.tensor([slot[t - 1] for t in tgt]), ids[r, tgt]]
-        at = 0
-        for q, i, j, ts in row.cells:
-            costs[q][i, j] = -lp[at:at + len(ts)].mean()
-            at += len(ts)
-    return costs
+    trees = masks.shared_prefix_rows(items, prefix_len, layout, row_tokens)
+    packed = tree.pack([tree.flatten(t) for t in trees], pad_id, row_tokens).to(next(model.parameters()).device)
+    n_cells = [len(tags) * len(traces) for _, tags, traces in items]
+    mean = reduce(tree.logprobs(model, packed), packed.pair_group, sum(n_cells), "mean").cpu()
+    out, at = [], 0
+    for (_, tags, traces), n in zip(items, n_cells):
+        out.append(-mean[at:at + n].reshape(len(tags), len(traces)))
+        at += n
+    return out
 
 
 def matching_costs(model, tokenizer, question: str, traces: Sequence[Any], num_tags: int, prefix_len: int | None,

@@ -2,7 +2,8 @@
 earlier turns' reasoning hidden from later turns exactly as at inference, losses identical to N passes.
 
 Modes (`OnePassConfig.mode`), all trained on the same tokens with the same loss:
-- ``onepass``: the layout of `ponder.masks` (answers duplicated, block-sparse mask, explicit positions);
+- ``onepass``: the layout of `ponder.masks` on the tree engine `ponder.tree` (answers duplicated, block-sparse
+  mask, explicit positions);
 - ``npass``: the reference — one sample per assistant turn (history reasoning stripped, that turn trained);
 - ``kpass``: turns split into `kpass_chunks` chunks, one-pass inside a chunk, earlier chunks as context
   (between the two in memory and time).
@@ -22,7 +23,7 @@ from ponder import masks, ui
 from ponder.chat import pad_id
 from ponder.data import DataError, as_conversation
 from ponder.logprobs import cross_entropy, logits_at, shift_pairs
-from ponder.onepass import check_backend, chunks, onepass_logits
+from ponder.onepass import chunks, onepass_logits
 from ponder.trainers.base import (
     PonderTrainer,
     fit_context,
@@ -35,6 +36,7 @@ from ponder.trainers.base import (
     source_name,
 )
 from ponder.trainers.sft import SFTConfig, encode
+from ponder.tree import check_backend
 
 
 @dataclass
@@ -115,9 +117,9 @@ def make_collate(plain: bool, pad_id: int, packing_length: int | None):
             out = sft_collate(parts)
             out["units"] = units
             return out
-        mb = masks.collate(parts, pad_id, packing_length)
-        return {"input_ids": mb.input_ids, "position_ids": mb.position_ids, "roles": mb.roles, "turns": mb.turns,
-                "samples": mb.samples, "weights": mb.weights, "pairs": mb.pairs, "units": units}
+        out = masks.collate(parts, pad_id, packing_length).inputs()
+        out["units"] = units
+        return out
     return collate
 
 
@@ -152,16 +154,16 @@ class OnePassTrainer(PonderTrainer):
                          **kwargs)
 
     def weighted_loss_sum(self, model, inputs):
-        w = inputs["weights"]
         if "pairs" not in inputs:  # plain causal samples (npass, or history kept)
+            w = inputs["weights"]
             pairs = shift_pairs(w != 0)
             logits = logits_at(model, inputs["input_ids"], (pairs[0], pairs[1]), inputs.get("attention_mask"),
                                inputs.get("position_ids"))
+            w = w[pairs[0], pairs[2]]
         else:
-            pairs = inputs["pairs"]
-            batch = masks.Batch(inputs["input_ids"], inputs["position_ids"], inputs["roles"], inputs["turns"],
-                                inputs["samples"], w, pairs, None, None)  # type: ignore[arg-type]
+            batch = masks.Batch(**{k: inputs[k] for k in masks.Batch.__dataclass_fields__})
+            pairs, w = batch.pairs, batch.pair_weight
             logits = onepass_logits(model, batch, self.args.attention)
         ce = cross_entropy(logits, inputs["input_ids"][pairs[0], pairs[2]])
-        return (ce * w[pairs[0], pairs[2]].to(ce.dtype)).sum()
+        return (ce * w.to(ce.dtype)).sum()
 

@@ -1,0 +1,275 @@
+"""The prefix-tree engine (`ponder.tree`) vs separate sequences, side by side in one run.
+
+Cases, per model (segment lengths for scale 1; SmolLM2 runs at 0.5 by default, for memory):
+- ``grpo``: a GRPO/RLOO group — one prompt (4x the completion: 256 + 8 x 64 tokens), all completions scored;
+- ``latro``: LaTRO, K=8 rationales of one question, each followed by the answer (x 128, z 96, y 16): the
+  policy pass (z and y scored, forward+backward) plus the reference pass over [x z] (forward only);
+- ``episode_T2/4/8``: multi-turn episodes whose reasoning is hidden from later turns (user 16, reasoning 32,
+  answer 16 tokens per turn) vs one sample per turn;
+- ``onepass_d16``: a one-pass conversation of depth 16 (bench/onepass.py's shape, the real chat template).
+
+For each: tokens forwarded by the tree and by the separate sequences (their ratio is the ideal speedup), the
+median forward+backward seconds of the tree (the path `ponder.tree.choose` picks, and both paths), of the
+separate sequences in padded batches (of at most --batch-tokens) and one at a time (the faster is the
+baseline), the peak extra RSS of the tree and of the separate batches (the largest batch is the peak), and the
+largest log-prob difference. Repeats are interleaved and the speedup is the median over repeats of
+(baseline / tree) within a repeat, so both sides of a ratio saw the same machine load. Memory is sampled in a
+child process with a small mmap threshold (bench/onepass.py's PeakRSS), which would also tax the timings.
+
+    python bench/tree.py [--models testbed smollm2-135m] [--cases ...] [--repeats 3] [--scales testbed=1 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+import psutil
+import torch
+from onepass import PeakRSS, conversation
+
+from ponder import masks, models, tree
+from ponder.chat import pad_id
+from ponder.tree import Tree
+
+
+def grpo(rng, vocab, s):
+    t = Tree()
+    p = t.add(ids(rng, vocab, 256 * s))
+    for g in range(8):
+        t.add(ids(rng, vocab, 64 * s), p, weight=1.0, group=g)
+    return t
+
+
+def latro(rng, vocab, s, with_y=True):
+    t = Tree()
+    x = t.add(ids(rng, vocab, 128 * s))
+    for k in range(8):
+        z = t.add(ids(rng, vocab, 96 * s), x, weight=1.0, group=2 * k)
+        if with_y:
+            t.add(ids(rng, vocab, 16 * s), z, weight=1.0, group=2 * k + 1)
+    return t
+
+
+def episode(rng, vocab, s, turns):
+    t = Tree()
+    at = None
+    for k in range(turns):
+        u = t.add(ids(rng, vocab, 16 * s), at, turn=k)
+        r = t.add(ids(rng, vocab, 32 * s), u, weight=1.0, group=k, hidden=True)
+        at = t.add(ids(rng, vocab, 16 * s), r, weight=1.0, group=k)
+    return t
+
+
+def ids(rng, vocab, n):
+    return [rng.randrange(3, vocab) for _ in range(max(1, round(n)))]
+
+
+def tree_step(model, packed, attention, ref=None):
+    """Forward+backward of the weighted log-likelihood; `ref`: a second packed batch forwarded without grad."""
+    lp = tree.logprobs(model, packed, attention)
+    (lp * packed.pair_weight.to(lp.dtype)).sum().backward()
+    if ref is not None:
+        with torch.no_grad():
+            tree.logprobs(model, ref, attention)
+    return lp.detach()
+
+
+def separate_rows(model, batch, grad=True):
+    ids, att, pairs = batch
+    cols, slot = torch.unique(pairs[1], return_inverse=True)
+    with torch.set_grad_enabled(grad):
+        out = model(input_ids=ids, attention_mask=att, use_cache=False, logits_to_keep=cols)
+        logits = out.logits[pairs[0], slot].float()
+        return torch.log_softmax(logits, -1).gather(-1, ids[pairs[0], pairs[2]][:, None])[:, 0]
+
+
+def separate_step(model, batches, weights, ref_batches=()):
+    """Forward+backward over the separate sequences, batch by batch (one padded batch, or one per sequence)."""
+    out = []
+    for b, w in zip(batches, weights):
+        lp = separate_rows(model, b)
+        (lp * w.to(lp.dtype)).sum().backward()
+        out.append(lp.detach())
+    for b in ref_batches:
+        separate_rows(model, b, grad=False)
+    return torch.cat(out)
+
+
+def build(case, tok, vocab, s):
+    """(policy tree, reference tree or None)."""
+    rng = random.Random(case)
+    if case == "grpo":
+        return grpo(rng, vocab, s), None
+    if case == "latro":
+        return latro(rng, vocab, s), latro(random.Random(case), vocab, s, with_y=False)
+    if case.startswith("episode_T"):
+        return episode(rng, vocab, s, int(case[9:])), None
+    if case == "onepass_d16":
+        return masks.onepass_tree(tok, conversation(tok, 16, max(1, round(16 * s)), seed=16)), None
+    raise ValueError(case)
+
+
+def batches(seps, budget):
+    """Consecutive separate sequences in padded batches of at most `budget` tokens (at least one each)."""
+    out: list[list] = []
+    for sep in seps:
+        if out and (len(out[-1]) + 1) * max(len(x.ids) for x in out[-1] + [sep]) <= budget:
+            out[-1].append(sep)
+        else:
+            out.append([sep])
+    return out
+
+
+def setup(model, tok, case, scale, batch_tokens):
+    """The four variants of a case as closures, and what the report needs besides their times."""
+    pad = pad_id(tok)
+    pol, ref = build(case, tok, model.config.vocab_size, scale)
+    packed = tree.pack([tree.flatten(pol)], pad)
+    ref_packed = tree.pack([tree.flatten(ref)], pad) if ref is not None else None
+    seps = tree.separate(pol)
+    ref_seps = tree.separate(ref) if ref is not None else []
+    order = [tok_ for sep in seps for tok_ in sep.tokens]
+    perm = torch.tensor([order.index(t) for t in tree.flatten(pol).pair_token])  # separate -> tree pair order
+    chunks = batches(seps, batch_tokens)
+    one = [tree.separate_batch(c, pad) for c in chunks]
+    one_w = [torch.tensor([w for sep in c for w in sep.weights], dtype=torch.float64) for c in chunks]
+    each = [tree.separate_batch([sep], pad) for sep in seps]
+    each_w = [torch.tensor(sep.weights, dtype=torch.float64) for sep in seps]
+    ref_one = [tree.separate_batch(c, pad) for c in batches(ref_seps, batch_tokens)] if ref_seps else []
+    ref_each = [tree.separate_batch([sep], pad) for sep in ref_seps]
+    runs = {
+        "tree_dense": lambda: tree_step(model, packed, "dense", ref_packed),
+        "tree_sparse": lambda: tree_step(model, packed, "sparse", ref_packed),
+        "separate_batch": lambda: separate_step(model, one, one_w, ref_one),
+        "separate_each": lambda: separate_step(model, each, each_w, ref_each),
+    }
+    tree_tokens = packed.tokens + (ref_packed.tokens if ref_packed is not None else 0)
+    sep_tokens = sum(len(x.ids) for x in seps + ref_seps)
+    info = {"case": case, "auto": tree.choose(model, packed), "tree_tokens": tree_tokens,
+            "separate_tokens": sep_tokens, "ideal": sep_tokens / tree_tokens}
+    return runs, perm, info
+
+
+def measure_time(model, runs, perm, repeats):
+    """Median seconds per variant, the per-repeat times, and the largest log-prob difference."""
+    times = {k: [] for k in runs}
+    diff = 0.0
+    for fn in runs.values():  # warm-up: the first call of a shape pays for allocator growth
+        model.zero_grad(set_to_none=True)
+        fn()
+    for _ in range(repeats):
+        out = {}
+        for k, fn in runs.items():
+            model.zero_grad(set_to_none=True)
+            t = time.perf_counter()
+            out[k] = fn()
+            times[k].append(time.perf_counter() - t)
+        for k in ("tree_dense", "tree_sparse"):
+            diff = max(diff, (out[k] - out["separate_batch"][perm]).abs().max().item())
+    model.zero_grad(set_to_none=True)
+    return times, diff
+
+
+def measure_memory(model, runs):
+    """Peak extra RSS of one run of each variant (after a warm-up run)."""
+    out = {}
+    for k, fn in runs.items():
+        model.zero_grad(set_to_none=True)
+        fn()
+        model.zero_grad(set_to_none=True)
+        with PeakRSS() as m:
+            fn()
+        out[k] = m.peak
+    model.zero_grad(set_to_none=True)
+    return out, psutil.Process().memory_info().rss
+
+
+def summarise(info, times, diff, mem, rss):
+    auto = info["auto"]
+    base = [min(a, b) for a, b in zip(times["separate_batch"], times["separate_each"])]
+
+    def speedup(k):  # per repeat (the runs of one repeat saw the same load), then the median
+        return statistics.median(b / t for b, t in zip(base, times[k]))
+    return {**info, **{f"{k}_s": statistics.median(v) for k, v in times.items()},
+            "speedup": speedup(f"tree_{auto}"), "speedup_dense": speedup("tree_dense"),
+            "speedup_sparse": speedup("tree_sparse"),
+            "mem_tree": mem[f"tree_{auto}"], "mem_separate": mem["separate_batch"],
+            "mem_ratio": mem[f"tree_{auto}"] / max(1, mem["separate_batch"]),
+            "mem_ratio_total": (rss + mem[f"tree_{auto}"]) / (rss + mem["separate_batch"]), "maxdiff": diff}
+
+
+CASES = ["grpo", "latro", "episode_T2", "episode_T4", "episode_T8", "onepass_d16"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["testbed", "smollm2-135m"])
+    ap.add_argument("--cases", nargs="+", default=CASES)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch-tokens", type=int, default=2048,
+                    help="the separate sequences go in padded batches of at most this many tokens")
+    ap.add_argument("--scales", nargs="+", default=["testbed=1", "smollm2-135m=0.5"],
+                    help="MODEL=FACTOR: multiply every segment length (SmolLM2's activations: ~1.2 MB/token)")
+    ap.add_argument("--memory", action="store_true", help="(internal) only the memory runs, as JSON lines")
+    args = ap.parse_args()
+    scales = dict(x.split("=") for x in args.scales)
+    if args.memory:  # a child process started with a small mmap threshold (see PeakRSS)
+        for spec in args.models:
+            model, tok = models.load(spec)
+            model.train()
+            for case in args.cases:
+                runs, _, _ = setup(model, tok, case, float(scales.get(spec, 1)), args.batch_tokens)
+                mem, rss = measure_memory(model, runs)
+                print("MEM " + json.dumps({"model": spec, "case": case, "mem": mem, "rss": rss}), flush=True)
+            del model
+        return
+    print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} (1/5/15 min), "
+          f"threads {torch.get_num_threads()}", flush=True)
+    timed = {}
+    for spec in args.models:  # timing under the default allocator (the small mmap threshold that makes RSS
+        model, tok = models.load(spec)  # sampling reliable also taxes every allocation)
+        model.train()
+        for case in args.cases:
+            runs, perm, info = setup(model, tok, case, float(scales.get(spec, 1)), args.batch_tokens)
+            times, diff = measure_time(model, runs, perm, args.repeats)
+            timed[(spec, case)] = (info, times, diff)
+            print(f"{spec:13s} {case:12s} timed: " + "  ".join(f"{k} {statistics.median(v):.3f}s"
+                                                             for k, v in times.items()), flush=True)
+        del model
+    child = subprocess.run([sys.executable, *sys.argv, "--memory"], capture_output=True, text=True,
+                           env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}, check=True)
+    results = []
+    for ln in child.stdout.splitlines():
+        if ln.startswith("MEM "):
+            m = json.loads(ln[4:])
+            r = summarise(*timed[(m["model"], m["case"])], m["mem"], m["rss"])
+            r["model"] = m["model"]
+            results.append(r)
+            print(f"{r['model']:13s} {r['case']:12s} tokens {r['tree_tokens']:5d} vs {r['separate_tokens']:6d} "
+                  f"(ideal {r['ideal']:.2f}x)  tree dense {r['tree_dense_s']:.3f}s sparse {r['tree_sparse_s']:.3f}s "
+                  f"[auto: {r['auto']}]  separate batch {r['separate_batch_s']:.3f}s each "
+                  f"{r['separate_each_s']:.3f}s  speedup {r['speedup']:.2f}x ({r['speedup'] / r['ideal']:.2f} of "
+                  f"ideal)  peak RSS {r['mem_tree'] / 2**20:.0f} vs {r['mem_separate'] / 2**20:.0f} MiB "
+                  f"(x{r['mem_ratio']:.2f}, with the model x{r['mem_ratio_total']:.2f})  max |dlogp| "
+                  f"{r['maxdiff']:.1e}", flush=True)
+    print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} (1/5/15 min)")
+    for r in results:
+        key = f"{r['case']}_{r['model']}"
+        print(f"RATIO tree_ideal_{key}={r['ideal']:.3f}")
+        print(f"RATIO tree_speedup_{key}={r['speedup']:.3f}  # auto={r['auto']}")
+        print(f"RATIO tree_of_ideal_{key}={r['speedup'] / r['ideal']:.3f}")
+        print(f"RATIO tree_dense_speedup_{key}={r['speedup_dense']:.3f}")
+        print(f"RATIO tree_sparse_speedup_{key}={r['speedup_sparse']:.3f}")
+        print(f"RATIO tree_mem_{key}={r['mem_ratio']:.3f}  # peak extra RSS, tree / largest separate batch")
+        print(f"RATIO tree_mem_total_{key}={r['mem_ratio_total']:.3f}  # the same with the process's RSS (model)")
+
+
+if __name__ == "__main__":
+    main()

@@ -55,12 +55,15 @@ class GFPOConfig(ForkingConfig):
     max_new_tokens: int = field(default=128, metadata={"help": "rollout length budget"})
     scale_rewards: bool = field(default=True, metadata={"help": "divide advantages by the group std (GRPO)"})
     generation_batch_size: int = field(default=64, metadata={"help": "sequences per generation batch"})
+    rollout_backend: str = field(default="auto", metadata={"help": "sampler: auto | generate | lean | vllm "
+                                                                     "(docs/methods.md §6)"})
 
     def __post_init__(self):
         if self.num_generations < 2:
             raise ValueError("num_generations must be >= 2 (the advantage is relative to the group)")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0 (GFPO samples its tags)")
+        rollout.check_backend(self.rollout_backend)
         if self.output_dir is None:
             self.output_dir = "runs/gfpo"
         super().__post_init__()
@@ -114,7 +117,7 @@ class GFPOTrainer(PonderTrainer):
         out = rollout.sample(self.accelerator.unwrap_model(model), self.processing_class, prompts, n=1,
                              temperature=self.args.temperature, max_new_tokens=self.args.max_new_tokens,
                              batch_size=self.args.generation_batch_size, progress=False,
-                             seed=self.args.seed * 100003 + self.state.global_step)
+                             seed=self.args.seed * 100003 + self.state.global_step, backend=self.args.rollout_backend)
         r = [[float(self.reward_fn(it["problem"], out[b * g + k][0].text)) for k in range(g)]
              for b, it in enumerate(items)]
         self._stats["tokens"] += sum(len(s[0].ids) for s in out)

@@ -44,18 +44,70 @@ def attention_for(model, batch: masks.Batch, prefer: str = "auto"):
     return batch.dense_mask(dtype if dtype.is_floating_point else torch.float32).to(batch.input_ids.device)
 
 
+def attention_shape(model, batch: masks.Batch, plan: masks.SparsePlan | None = None) -> dict[str, int]:
+    """The numbers `choose_attention` reads: tokens per row, query width (heads x head dim), linear-layer
+    multiply-adds per token and layer, (query, key) pairs per layer of the dense path and of the block-sparse
+    plan (0 when the layout has no plan), and torch's intra-op threads."""
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    h, heads = cfg.hidden_size, cfg.num_attention_heads
+    d = getattr(cfg, "head_dim", None) or h // heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    inter = getattr(cfg, "intermediate_size", 4 * h)
+    B, T = batch.input_ids.shape
+    pairs = 0 if plan is None else sum((qe - qs) * sum(e - s for s, e in ranges)
+                                       for r in plan.rows for qs, qe, ranges, _ in r)
+    return {"rows": B, "tokens": T, "width": heads * d, "linear_macs": h * (2 * heads * d + 2 * kv * d) + 3 * h * inter,
+            "dense_pairs": B * T * T, "sparse_pairs": pairs, "threads": torch.get_num_threads()}
+
+
+SPARSE_TOKENS_WIDTH = 150_000  # fitted: see choose_attention
+
+
+def choose_attention(rows: int, tokens: int, width: int, linear_macs: int, dense_pairs: int, sparse_pairs: int,
+                     threads: int) -> str:
+    """``dense`` or ``sparse`` for a one-pass batch on CPU (docs/methods.md §6.3); a pure function of shape numbers.
+
+    Cost per layer in multiply-adds: both paths pay the linear layers (rows x tokens x linear_macs); dense
+    pays 2 x width per (query, key) pair of the full square, sparse 2 x width x σ per pair of its plan. σ is
+    the sparse path's cost per pair relative to the dense kernel's, measured (bench/attention.py, and the
+    dense/sparse columns of bench/onepass.py): ≈ 1 with one thread (the fused dense kernel gains nothing
+    over the small ones), and with 2 threads it grows with the work per row, σ ≈ 1 + tokens x width / 1.5e5
+    (the one large dense kernel parallelises, the many small sparse calls and their copies do not). Fitted
+    on the testbed and SmolLM2 at depths 2-16 (tests/test_onepass.py holds the measurements): right at every
+    depth >= 8; at depths 2-4 the two paths are within 15% of each other and it misses 4 of 18 shapes, by
+    4-13%."""
+    if sparse_pairs <= 0:  # no block-sparse plan for this layout
+        return "dense"
+    sigma = 1.0 if threads <= 1 else 1.0 + tokens * width / SPARSE_TOKENS_WIDTH
+    base = rows * tokens * linear_macs
+    dense = base + 2 * width * dense_pairs
+    sparse = base + 2 * width * sigma * sparse_pairs
+    return "sparse" if sparse < dense else "dense"
+
+
 def onepass_logits(model, batch: masks.Batch, attention: str = "auto") -> torch.Tensor:
     """Logits at the batch's predictor positions, (P, vocab).
 
     attention: ``flex`` (BlockMask; GPU — no CPU backward in torch 2.13), ``dense`` (additive float mask, O(T^2)
     per query), ``sparse`` (blocks of queries against the keys they may see; exact, cost ~ visible keys),
-    ``auto`` (flex under flex_attention, else sparse)."""
+    ``auto`` (flex under flex_attention, else dense or sparse by `choose_attention`)."""
     impl = check_backend(model)
-    mode = ("flex" if impl == "flex_attention" else "sparse") if attention == "auto" else attention
+    mode, plan = attention, None
     p = batch.pairs
+    dtype = next(model.parameters()).dtype
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    if attention == "auto":
+        if impl == "flex_attention":
+            mode = "flex"
+        else:
+            try:
+                plan = masks.sparse_plan(batch, dtype)
+            except ValueError:  # not the trunk-first layout: only the dense mask applies
+                plan = None
+            mode = choose_attention(**attention_shape(model, batch, plan))
     if mode == "sparse":
-        dtype = next(model.parameters()).dtype
-        plan = masks.sparse_plan(batch, dtype if dtype.is_floating_point else torch.float32)
+        plan = plan or masks.sparse_plan(batch, dtype)
         with masks.sparse_attention(model):
             return logits_at(model, batch.input_ids, (p[0], p[1]), None, batch.position_ids, ponder_plan=plan)
     return logits_at(model, batch.input_ids, (p[0], p[1]), attention_for(model, batch, mode), batch.position_ids)

@@ -34,6 +34,7 @@ CONFIGS = {  # name -> environment of the child
     "t1": {"OMP_NUM_THREADS": "1"},
     "ponder": {"PONDER_RUNTIME": "1"},                     # ponder.runtime.configure() in the child
 }
+TIMEOUT = 300  # seconds per child (warm-up + repeats); slower counts as TIMEOUT / (repeats + 1) per repeat
 WORKLOADS = ("testbed_train", "testbed_gen", "smollm2_train", "smollm2_gen")
 
 
@@ -92,7 +93,10 @@ def run(workload: str, config: str, competitor: str | None, repeats: int) -> dic
     load = os.getloadavg()[0]
     try:
         out = subprocess.run([sys.executable, __file__, "--child", workload, "--repeats", str(repeats)], env=env,
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True, check=True, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:  # a configuration that stalls this badly is reported as the timeout
+        return {"seconds": float(TIMEOUT) / (repeats + 1), "threads": CONFIGS[config].get("OMP_NUM_THREADS", "?"),
+                "load": load, "timeout": True}
     finally:
         if comp is not None:
             os.killpg(comp.pid, signal.SIGKILL)  # only the competitor we started (its own session)
@@ -121,9 +125,10 @@ def main():
             alone = run(w, c, None, args.repeats)
             cont = run(w, c, args.competitor, args.repeats)
             res[c] = (alone, cont)
+            mark = " (timed out: at least)" if cont.get("timeout") or alone.get("timeout") else ""
             print(f"{w:14s} {c:11s} threads {alone['threads']}: alone {alone['seconds']:7.3f}s (load "
                   f"{alone['load']:.1f})  with competitor {cont['seconds']:7.3f}s (load {cont['load']:.1f})  "
-                  f"slowdown x{cont['seconds'] / alone['seconds']:.2f}", flush=True)
+                  f"slowdown x{cont['seconds'] / alone['seconds']:.2f}{mark}", flush=True)
         base = res.get("default", next(iter(res.values())))[1]["seconds"]
         for c, (alone, cont) in res.items():
             ratios.append((f"threads_{w}_{c}_slowdown", cont["seconds"] / alone["seconds"]))

@@ -12,8 +12,8 @@ scripts/gpu-check.sh (`make test-gpu`) after it installs the `gpu` extra; about 
 
     python scripts/gpu_check.py [--only flex greedy latro gfpo rise speed] [--cpu-smoke]
 
---cpu-smoke runs the same plumbing on CPU (lean backend instead of vLLM, the sparse path instead of flex,
-probes skipped): it checks this script, not the GPU. Exit status 1 if any check fails.
+--cpu-smoke runs the same plumbing on CPU with the testbed model (lean backend instead of vLLM, the sparse
+path instead of flex, probes skipped): it checks this script, not the GPU. Exit status 1 if any check fails.
 """
 
 from __future__ import annotations
@@ -62,8 +62,12 @@ def report(name: str, ok: bool, detail: str, t0: float) -> None:
     print(f"[{'PASS' if ok else 'FAIL'}] {name}: {detail} ({time.time() - t0:.0f} s)", flush=True)
 
 
+def spec() -> str:
+    return "testbed" if SMOKE else "smollm2-135m"   # the smoke run checks plumbing: the small model will do
+
+
 def smollm2(dtype="float32", **kw):
-    model, tok = models.load("smollm2-135m", dtype=dtype, **kw)
+    model, tok = models.load(spec(), dtype=dtype, **kw)
     return model.to(device()), tok
 
 
@@ -96,14 +100,16 @@ def check_flex() -> None:
         batch = on_device(masks.collate([masks.onepass_layout(tok, conversation(8))], chat.pad_id(tok)), device())
         lp_ref = onepass.onepass_step(ref, batch, "dense")
         lp_flex = onepass.onepass_step(flex, batch, "sparse" if SMOKE else "flex")
-        dlp = max((a.float() - b.float()).abs().max().item() for a, b in zip(lp_ref, lp_flex))
+        diffs = torch.cat([(a.float() - b.float()).abs() for a, b in zip(lp_ref, lp_flex)])
         g_ref = torch.cat([p.grad.float().flatten() for p in ref.parameters() if p.grad is not None])
         g_flex = torch.cat([p.grad.float().flatten() for p in flex.parameters() if p.grad is not None])
         rel = ((g_ref - g_flex).norm() / g_ref.norm()).item()
-        tol = TOL[models.as_dtype(dtype)]
-        ok = dlp < tol and rel < (1e-3 if dtype == "float32" else 3e-2) and g_ref.numel() == g_flex.numel()
-        report(f"flex {dtype}", ok, f"max |dlogp| {dlp:.2e} (tol {tol:g}), gradient relative L2 difference "
-                                    f"{rel:.2e} over {g_ref.numel()} values", t0)
+        # bf16 rounds log-probs of magnitude ~10 to ~0.05: two exact kernels differ by that much per token
+        max_tol, mean_tol, g_tol = (2e-3, 2e-4, 1e-3) if dtype == "float32" else (0.25, 2e-2, 3e-2)
+        ok = diffs.max() < max_tol and diffs.mean() < mean_tol and rel < g_tol and g_ref.numel() == g_flex.numel()
+        report(f"flex {dtype}", bool(ok), f"|dlogp| max {diffs.max():.2e} mean {diffs.mean():.2e} (tol {max_tol:g}, "
+                                          f"{mean_tol:g}), gradient relative L2 difference {rel:.2e} (tol {g_tol:g}) "
+                                          f"over {g_ref.numel()} values", t0)
         del ref, flex
 
 
@@ -173,9 +179,9 @@ class WeightProbe(TrainerCallback):
         self.before = None
 
     def on_step_begin(self, args, state, control, model=None, **kw):
-        if not SMOKE:
-            self.before = [continuation_logprobs(model, p, ids) for p, (ids, _) in
-                           zip(self.prompts, engine_logprobs(model, self.tok, self.prompts))]
+        if not SMOKE:  # the engine's greedy probe ids before the step, and the model's log-probs of them
+            self.before = [(ids, continuation_logprobs(model, p, ids))
+                           for p, (ids, _) in zip(self.prompts, engine_logprobs(model, self.tok, self.prompts))]
 
     def on_step_end(self, args, state, control, model=None, **kw):
         self.steps += 1
@@ -186,16 +192,16 @@ class WeightProbe(TrainerCallback):
         if vllm_engine.current().pushes != pushes + 1:
             self.errors.append(f"step {state.global_step}: no weight push after the optimizer step")
         tol = TOL[next(model.parameters()).dtype]
-        for p, (ids, lp_engine), lp_before in zip(self.prompts, probe, self.before):
-            lp_now = continuation_logprobs(model, p, ids)
-            off = (lp_engine - lp_now).abs().max().item()
-            moved = (lp_now - lp_before[:len(lp_now)]).abs().max().item() if len(lp_before) >= len(lp_now) else 1.0
+        moved = 0.0
+        for p, (ids, lp_engine), (ids_before, lp_before) in zip(self.prompts, probe, self.before):
+            off = (lp_engine - continuation_logprobs(model, p, ids)).abs().max().item()
+            moved = max(moved, (continuation_logprobs(model, p, ids_before) - lp_before).abs().max().item())
             if off > tol:
                 self.errors.append(f"step {state.global_step}: engine log-probs differ from the updated model by "
                                    f"{off:.2e} (stale weights?)")
-            if moved < 5 * tol and len(lp_before) >= len(lp_now):
-                self.errors.append(f"step {state.global_step}: the step moved the probe log-probs by only "
-                                   f"{moved:.2e}: inconclusive (raise the check's learning rate)")
+        if moved < 5 * tol:
+            self.errors.append(f"step {state.global_step}: the step moved the probe log-probs by only {moved:.2e}: "
+                               "inconclusive (raise the check's learning rate)")
 
 
 def run_trainer(name: str, trainer, probe: WeightProbe, t0: float) -> None:
@@ -215,7 +221,7 @@ def common(out: Path) -> dict:
 def check_latro(tmp: Path) -> None:
     t0 = time.time()
     model, tok = smollm2()
-    cfg = LaTROConfig(**common(tmp / "latro"), model="smollm2-135m", dataset="testbed", n_train=16,
+    cfg = LaTROConfig(**common(tmp / "latro"), model=spec(), dataset="testbed", n_train=16,
                       num_generations=4, per_device_train_batch_size=8, max_rationale_length=32, beta=0.05,
                       learning_rate=1e-3, rollout_batch_size=64, rollout_backend=backend())
     run_trainer("latro", LaTROTrainer(model=model, args=cfg, processing_class=tok), WeightProbe(tok, "latro"), t0)
@@ -226,7 +232,7 @@ def check_gfpo(tmp: Path) -> None:
     vocabulary matches), tags_only: the pushed weights are PEFT TrainableTokens merged."""
     t0 = time.time()
     tags = ssft.forking_tags(4)
-    base, tok = models.load("smollm2-135m", add_tokens=tags)
+    base, tok = models.load(spec(), add_tokens=tags)
     path = tmp / "smollm2-tags"
     base.save_pretrained(path)
     tok.save_pretrained(path)
@@ -234,7 +240,9 @@ def check_gfpo(tmp: Path) -> None:
     cfg = GFPOConfig(**common(tmp / "gfpo"), model=str(path), dataset="testbed", dataset_size=16, num_tags=4,
                      num_generations=4, per_device_train_batch_size=4, max_new_tokens=32, tags_only=True,
                      learning_rate=5e-1, generation_batch_size=64, rollout_backend=backend())
-    trainer = GFPOTrainer(model=model.to(device()), args=cfg, processing_class=tok)
+    # a reward that varies within every group, so the advantages (and the tag-row updates) are never all zero
+    trainer = GFPOTrainer(model=model.to(device()), args=cfg, processing_class=tok,
+                          reward_fn=lambda problem, text: float(len(text) % 3))
     # only the tag rows move: probe continuations after a tag, where they matter
     prompts = [chat.generation_prompt(tok, [{"role": "user", "content": p}]) + [t]
                for p, t in zip(PROBES, trainer.tag_ids)]

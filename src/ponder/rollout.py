@@ -131,7 +131,8 @@ def sample(model, tokenizer, prompts: Sequence[Prompt], n: int = 1, max_new_toke
     """Sample `n` completions for each prompt; returns ``samples[prompt][j]``.
 
     temperature 0 is greedy decoding. Sequences are generated in batches of `batch_size` (prompts sorted by
-    length to limit padding). Deterministic for a given seed and batch size. suppress_eos: never end at the
+    length to limit padding; the vllm engine takes all at once and batches itself). Deterministic for a given
+    seed and batch size (vllm: a seed per sample, whatever the batching). suppress_eos: never end at the
     end-of-turn token (LaTRO generates full-length rationales and truncates afterwards).
     backend: ``generate`` (HF), ``lean`` (`ponder.decode`), ``vllm`` (`ponder.vllm_engine`, colocated, weights
     pushed when they changed) or ``auto`` (`resolve_backend`). Every backend cuts completions by the same rule

@@ -171,8 +171,12 @@ class VLLMEngine:
                 for o in outs]
 
     def _load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
-        runner = self.llm.llm_engine.model_executor.driver_worker.model_runner  # in-process (external_launcher)
-        runner.model.load_weights(weights)
+        try:  # TRL's path: the in-process worker's model (external_launcher)
+            model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        except AttributeError:  # vLLM's public hook, should the internal path move
+            self.llm.apply_model(lambda m: m.load_weights(weights))
+            return
+        model.load_weights(weights)
 
     def sync_weights(self, model) -> int:
         """Push every weight of `model` into the engine (one tensor at a time), then reset its prefix cache.

@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 # resolve on torch==2.13.0 (a floating torch would pull a multi-GB CUDA build).
 PIPC   := $(PIP) install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: setup demo test test-slow test-all bench lint clean
+.PHONY: setup demo test test-slow test-all test-gpu bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,10 @@ test-slow: setup
 test-all: setup
 	$(PY) -m pytest -q
 
+# on a machine with one NVIDIA GPU: its own venv (.venv-gpu) with the `gpu` extra, then scripts/gpu_check.py
+test-gpu:
+	scripts/gpu-check.sh
+
 bench: setup
 	$(PY) bench/run.py
 
@@ -43,4 +47,4 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) .venv-gpu build *.egg-info src/*.egg-info

@@ -1,8 +1,11 @@
-"""Generation throughput: ponder.rollout.sample vs a plain HF `generate` call, side by side in one run.
+"""Generation throughput: ponder.rollout.sample (backend `auto`, i.e. the lean decode loop on CPU) vs a plain HF
+`generate` call, side by side in one run, interleaved repeats.
 
-For each model (testbed, smollm2-135m) and batch size (1, 16): new tokens per second of both paths,
-generating exactly `--new-tokens` tokens per sequence (neither stops at end-of-turn, so both do the same work),
-and a check that greedy outputs are identical. Prints `RATIO name=value` lines (ponder / plain).
+Equal work: both generate exactly `--new-tokens` tokens per sequence from the same prompts (neither stops at
+end-of-turn), greedy, and the outputs must be identical. Prints `RATIO generation_<model>_bs<B>=ours/plain`
+(new tokens per second). `--eos` adds realistic rollouts on the testbed: both stop rows at end-of-turn
+(`generate` keeps padding finished rows until the last one ends, the lean loop compacts them out); outputs
+are again identical, the work differs: `RATIO generation_eos_testbed_bs<B>`.
 
     python bench/generation.py [--models testbed smollm2-135m] [--new-tokens 64] [--repeats 3]
 """
@@ -10,13 +13,16 @@ and a check that greedy outputs are identical. Prints `RATIO name=value` lines (
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import torch
 
+DEFAULT_BATCHES = {"testbed": [1, 16, 64, 256], "smollm2-135m": [1, 16]}
 
-def plain_generate(model, tok, prompts_ids, new_tokens):
+
+def plain_generate(model, tok, prompts_ids, new_tokens, stop_at_eos=False):
     width = max(len(p) for p in prompts_ids)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ids = torch.full((len(prompts_ids), width), pad, dtype=torch.long)
@@ -25,45 +31,77 @@ def plain_generate(model, tok, prompts_ids, new_tokens):
         ids[r, width - len(p):] = torch.tensor(p)
         att[r, width - len(p):] = 1
     # eos_token_id=None: run on through end-of-turn tokens, exactly as rollout.sample(suppress_eos=True)
-    out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=new_tokens, eos_token_id=None,
+    eos = None
+    if stop_at_eos:
+        from ponder import rollout
+        eos = rollout.stop_ids(model, tok)
+    out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=new_tokens, eos_token_id=eos,
                          do_sample=False, pad_token_id=pad, temperature=None, top_p=None, top_k=None)
-    return out[:, width:].tolist()
+    rows = out[:, width:].tolist()
+    if stop_at_eos:  # up to and including the first end token, as rollout keeps it
+        rows = [r[:next((i + 1 for i, t in enumerate(r) if t in eos), len(r))] for r in rows]
+    return rows
+
+
+def timed(fn):
+    t, c = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - t, time.process_time() - c
+
+
+def compare(name, model, tok, pids, new_tokens, repeats, eos):
+    from ponder import rollout
+    walls = {"ours": [], "plain": []}
+    cpus = {"ours": [], "plain": []}
+    same, tokens = True, 0
+    for _ in range(repeats):  # interleaved, so both sides see the same machine load
+        ours, w, c = timed(lambda: rollout.sample(model, tok, pids, temperature=0.0, max_new_tokens=new_tokens,
+                                                  batch_size=len(pids), progress=False, suppress_eos=not eos))
+        walls["ours"].append(w)
+        cpus["ours"].append(c)
+        ref, w, c = timed(lambda: plain_generate(model, tok, pids, new_tokens, stop_at_eos=eos))
+        walls["plain"].append(w)
+        cpus["plain"].append(c)
+        same &= [r[0].ids for r in ours] == ref
+        tokens = sum(len(r) for r in ref)
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    cpu = {k: statistics.median(v) for k, v in cpus.items()}
+    print(f"{name:26s}: ponder {tokens / med['ours']:8.1f} tok/s   plain generate {tokens / med['plain']:8.1f} tok/s"
+          f"   (wall x{med['plain'] / med['ours']:.2f}, cpu time x{cpu['plain'] / cpu['ours']:.2f})"
+          f"   identical greedy output: {same}", flush=True)
+    return med["plain"] / med["ours"], tokens / med["ours"], same
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["testbed", "smollm2-135m"])
-    ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
+    ap.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="default: " + str(DEFAULT_BATCHES))
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-eos", dest="eos", action="store_false", help="skip the stop-at-end-of-turn comparison")
     args = ap.parse_args()
 
     from ponder import chat, models, rollout
+    print(f"torch threads {torch.get_num_threads()}, load average at start {os.getloadavg()[0]:.2f}; backend "
+          f"auto -> {rollout.resolve_backend('auto', models.load('tiny-random')[0])} on this machine", flush=True)
     rows = []
     for spec in args.models:
         model, tok = models.load(spec)
-        for bs in args.batch_sizes:
+        for bs in args.batch_sizes or DEFAULT_BATCHES.get(spec, [1, 16]):
             questions = [f"What is {17 + i}+{23 * i}*{i % 7 + 2}?" for i in range(bs)]
             pids = [chat.generation_prompt(tok, [{"role": "user", "content": q}]) for q in questions]
-            t_ours, t_plain, same = [], [], True
-            for _ in range(args.repeats):  # interleaved, so both sides see the same machine load
-                t = time.perf_counter()
-                ours = rollout.sample(model, tok, pids, temperature=0.0, max_new_tokens=args.new_tokens,
-                                      batch_size=bs, progress=False, suppress_eos=True)
-                t_ours.append(time.perf_counter() - t)
-                t = time.perf_counter()
-                ref = plain_generate(model, tok, pids, args.new_tokens)
-                t_plain.append(time.perf_counter() - t)
-                same &= [r[0].ids for r in ours] == ref
-            n = bs * args.new_tokens
-            ours_tps, plain_tps = n / statistics.median(t_ours), n / statistics.median(t_plain)
-            rows.append((spec, bs, ours_tps, plain_tps, same))
-            print(f"{spec:14s} batch {bs:3d}: ponder {ours_tps:8.1f} tok/s   plain generate {plain_tps:8.1f} tok/s"
-                  f"   identical greedy output: {same}", flush=True)
-    for spec, bs, o, p, same in rows:
-        print(f"RATIO generation_{spec}_bs{bs}={o / p:.3f}")
-        print(f"TOKS generation_{spec}_bs{bs}={o:.1f}")
-        assert same, f"{spec} batch {bs}: ponder's greedy output differs from plain generate"
+            r, tps, same = compare(f"{spec} batch {bs}", model, tok, pids, args.new_tokens, args.repeats, eos=False)
+            rows.append((f"generation_{spec}_bs{bs}", r, tps, same))
+            if args.eos and spec == "testbed" and bs >= 64:
+                r, tps, same = compare(f"{spec} batch {bs} (stop at eos)", model, tok, pids, args.new_tokens,
+                                       args.repeats, eos=True)
+                rows.append((f"generation_eos_{spec}_bs{bs}", r, tps, same))
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
+    for key, r, tps, _same in rows:
+        print(f"RATIO {key}={r:.3f}")
+        print(f"TOKS {key}={tps:.1f}")
+    bad = [key for key, _, _, same in rows if not same]
+    assert not bad, f"ponder's greedy output differs from plain generate: {bad}"
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def main():
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # see PeakRSS; must be set before the process starts
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     from ponder import models
-    from ponder.trainers.onepass import compare
+    from ponder.recipes.onepass import compare
     results = []
     for spec in args.models:
         model, tok = models.load(spec)

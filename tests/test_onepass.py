@@ -8,10 +8,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ponder import masks, models
+from ponder import masks, models, tree
 from ponder.logprobs import logprobs_of, token_logprobs
 from ponder.masks import ANSWER_IN, ANSWER_OUT, HUMAN, THINK
 from ponder.onepass import attention_for, npass_logprobs, onepass_logits, onepass_logprobs
+from ponder.tree import choose_attention
 
 WORDS = ["12", "+", "7", "=", "19.", "The answer is", "apple", "x", "Now add 5.", "?"]
 
@@ -276,3 +277,52 @@ def test_training_modes_give_the_same_run(tmp_path, norm):
         assert max(abs(a - b) for a, b in zip(one[0], other[0])) < 1e-9
         assert (one[1] - other[1]).abs().max() < 1e-9
     assert one[2]["tokens_forwarded"] < kp[2]["tokens_forwarded"] < ref[2]["tokens_forwarded"]
+
+
+# Measured sparse/dense time ratios (forward+backward of one conversation; bench/attention.py and the
+# dense/sparse columns of bench/onepass.py): (model, depth, threads, tokens, dense pairs, sparse pairs, ratio)
+TESTBED = dict(width=192, linear_macs=442368)
+SMOLLM2 = dict(width=576, linear_macs=3538944)
+MEASURED = [
+    (TESTBED, 8, 2, 847, 717409, 226934, 0.982), (TESTBED, 16, 2, 1682, 2829124, 768078, 0.787),
+    (SMOLLM2, 8, 2, 837, 700569, 225917, 1.148), (SMOLLM2, 16, 2, 1653, 2732409, 739841, 1.212),
+    (TESTBED, 8, 1, 847, 717409, 226934, 0.655), (TESTBED, 16, 1, 1682, 2829124, 768078, 0.554),
+    (TESTBED, 16, 1, 2961, 8767521, 2195687, 0.424), (SMOLLM2, 8, 1, 837, 700569, 225917, 0.921),
+    (SMOLLM2, 16, 1, 1653, 2732409, 739841, 0.797), (SMOLLM2, 16, 1, 1013, 1026169, 309057, 0.859),
+]
+
+
+@pytest.mark.parametrize("model, depth, threads, tokens, dense_pairs, sparse_pairs, ratio", MEASURED)
+def test_choose_attention_picks_the_measured_faster_path(model, depth, threads, tokens, dense_pairs,
+                                                         sparse_pairs, ratio):
+    pick = choose_attention(rows=1, tokens=tokens, dense_pairs=dense_pairs, sparse_pairs=sparse_pairs,
+                            threads=threads, **model)
+    assert pick == ("sparse" if ratio < 1 else "dense")
+
+
+def test_choose_attention_rule():
+    shape = dict(rows=1, tokens=1653, dense_pairs=2732409, sparse_pairs=739841, **SMOLLM2)
+    assert choose_attention(threads=1, **shape) == "sparse"      # one thread: fewer pairs always win
+    assert choose_attention(threads=2, **shape) == "dense"       # SmolLM2 at depth 16, 2 threads
+    assert choose_attention(threads=2, **{**shape, "sparse_pairs": 0}) == "dense"  # no block-sparse plan
+    # hand-computed at 2 threads: sigma = 1 + 1653*576/1.5e5 = 7.347; sparse pairs cost 7.347*739841 =
+    # 5.435e6 > 2.732e6 dense pairs -> dense; at a third of the sparse pairs it flips
+    assert choose_attention(threads=2, **{**shape, "sparse_pairs": 2732409 // 7.347 * 0.99}) == "sparse"
+    assert choose_attention(threads=2, **{**shape, "sparse_pairs": 2732409 // 7.347 * 1.01}) == "dense"
+
+
+def test_auto_attention_uses_the_rule(tb_tok, monkeypatch):
+    """`auto` on a CPU model runs whichever path the rule names (both give the same numbers)."""
+    model, tok = models.load("tiny-random")
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "reasoning": "r r", "content": "a"}] * 3
+    batch = masks.collate([masks.onepass_layout(tok, msgs)], 0)
+    seen = []
+    real = tree.choose_attention
+
+    def spy(**shape):
+        seen.append((shape, real(**shape)))
+        return seen[-1][1]
+    monkeypatch.setattr(tree, "choose_attention", spy)
+    lp = onepass_logits(model, batch, "auto")
+    assert seen and seen[0][0]["sparse_pairs"] > 0 and seen[0][0]["threads"] == torch.get_num_threads()
+    assert torch.allclose(lp, onepass_logits(model, batch, seen[0][1]))

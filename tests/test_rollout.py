@@ -1,9 +1,14 @@
-"""Sampling: greedy equals a plain no-cache argmax loop; stop strings, finish reasons, seeds."""
+"""Sampling: greedy equals a plain no-cache argmax loop; stop strings, finish reasons, seeds; the lean decode
+loop against HF generate (every Sample field), its sampling distribution against the model's softmax."""
+
+import copy
+from collections import Counter
 
 import pytest
 import torch
+from scipy import stats
 
-from ponder import chat, rollout
+from ponder import chat, decode, rollout
 
 
 def argmax_loop(model, ids, steps):
@@ -16,17 +21,6 @@ def argmax_loop(model, ids, steps):
             ids.append(nxt)
             out.append(nxt)
     return out
-
-
-def test_greedy_matches_reference_with_left_padding(tiny):
-    model, tok = tiny
-    prompts = ["1+1=?", "a much longer question that forces left padding", "x"]
-    got = rollout.sample(model, tok, prompts, temperature=0.0, max_new_tokens=12, progress=False,
-                         suppress_eos=True)
-    for p, row in zip(prompts, got):
-        ref = argmax_loop(model, chat.generation_prompt(tok, [{"role": "user", "content": p}]), 12)
-        assert row[0].ids == ref
-        assert row[0].finish_reason == "length"
 
 
 def test_seeded_and_shaped(tiny):
@@ -80,12 +74,188 @@ def test_prompt_forms(tiny):
     assert rollout.prompt_ids(tok, ids) == ids
 
 
-@pytest.mark.parametrize("n_prompts, batch_size", [(5, 2), (3, 64)])
-def test_batching_does_not_change_greedy(tiny, n_prompts, batch_size):
-    model, tok = tiny
-    prompts = [f"prompt number {i} " * (i + 1) for i in range(n_prompts)]
-    a = rollout.sample(model, tok, prompts, temperature=0.0, max_new_tokens=8, batch_size=batch_size,
-                       progress=False, suppress_eos=True)
-    b = rollout.sample(model, tok, prompts, temperature=0.0, max_new_tokens=8, batch_size=1, progress=False,
-                       suppress_eos=True)
-    assert [r[0].ids for r in a] == [r[0].ids for r in b]
+# ----------------------------------------------------------------------------------------------------------
+# Backends: the lean decode loop (ponder.decode) against HF generate
+# ----------------------------------------------------------------------------------------------------------
+
+def fields(rows):
+    return [[(s.prompt_index, s.prompt_ids, s.ids, s.text, s.finish_reason, s.stop_index, s.stop) for s in r]
+            for r in rows]
+
+
+@pytest.fixture(scope="module")
+def lively():
+    """tiny-random with larger weights: varied greedy continuations (the default init repeats one token)."""
+    from ponder import models
+    return models.load("tiny-random", config_overrides={"initializer_range": 0.2})
+
+
+PROMPTS = ["1+1=?", "a much longer question that forces left padding on the others", "x", "What is 17+23*4?"]
+
+
+@pytest.mark.parametrize("backend", ["generate", "lean"])
+def test_greedy_matches_no_cache_reference(lively, backend):
+    model, tok = lively
+    got = rollout.sample(model, tok, PROMPTS[:3], temperature=0.0, max_new_tokens=12, progress=False,
+                         suppress_eos=True, backend=backend)
+    for p, row in zip(PROMPTS, got):
+        assert row[0].ids == argmax_loop(model, chat.generation_prompt(tok, [{"role": "user", "content": p}]), 12)
+
+
+def test_lean_greedy_identical_to_generate(lively):
+    model, tok = lively
+    kw = dict(temperature=0.0, max_new_tokens=16, progress=False, suppress_eos=True, batch_size=3)
+    assert fields(rollout.sample(model, tok, PROMPTS, backend="lean", **kw)) == \
+        fields(rollout.sample(model, tok, PROMPTS, backend="generate", **kw))
+
+
+def test_lean_greedy_identical_to_generate_on_the_testbed():
+    from ponder import models
+    model, tok = models.load("testbed")
+    qs = [f"What is {17 + i}+{23 * i}*{i % 7 + 2}?" for i in range(12)]
+    kw = dict(temperature=0.0, max_new_tokens=40, progress=False, batch_size=12)
+    lean, gen = (rollout.sample(model, tok, qs, backend=b, **kw) for b in ("lean", "generate"))
+    assert fields(lean) == fields(gen)
+    assert "eos" in {r[0].finish_reason for r in gen}  # the testbed ends its turns: eos handling is exercised
+
+
+def test_lean_finish_reasons_and_compaction_match_generate(lively):
+    """Rows end at different steps (an extra eos id, a stop string, the length cap): every Sample field equals
+    `generate`'s, including the rows decoded after the batch was compacted."""
+    model, tok = lively
+    prompts = PROMPTS + [f"question {i} " * i for i in range(8)]
+    free = rollout.sample(model, tok, prompts, temperature=0.0, max_new_tokens=30, progress=False,
+                          suppress_eos=True, backend="generate")
+    rows = [r[0].ids for r in free]
+    # an extra end id that ends about half of the rows, a stop string from a row it does not end
+    eos_tok = min({t for r in rows for t in r}, key=lambda t: abs(sum(t in r for r in rows) - len(rows) / 2))
+    other = next(r[0] for r in free if eos_tok not in r[0].ids)
+    stop = other.text[8:11]
+    m = copy.deepcopy(model)
+    m.generation_config.eos_token_id = [eos_tok, *rollout.stop_ids(model, tok)]
+    kw = dict(temperature=0.0, max_new_tokens=30, progress=False, stop=[stop, "NEVER"], batch_size=16)
+    lean, gen = (rollout.sample(m, tok, prompts, backend=b, **kw) for b in ("lean", "generate"))
+    assert fields(lean) == fields(gen)
+    reasons = [r[0].finish_reason for r in gen]
+    assert {"eos", "stop"} <= set(reasons) and 2 * reasons.count("eos") >= len(rows)  # compaction happened
+
+
+def test_lean_stop_string_cut_exactly(lively):
+    model, tok = lively
+    full = rollout.sample(model, tok, ["stop test"], temperature=0.0, max_new_tokens=30, progress=False,
+                          suppress_eos=True, backend="lean")[0][0]
+    stop = full.text[10:13]
+    s = rollout.sample(model, tok, ["stop test"], temperature=0.0, max_new_tokens=30, progress=False,
+                       suppress_eos=True, stop=[stop], backend="lean")[0][0]
+    assert (s.finish_reason, s.stop, s.text) == ("stop", stop, full.text[:full.text.find(stop)])
+    assert s.ids == full.ids[:s.stop_index] and tok.decode(s.ids) == s.text
+
+
+def test_lean_sampling_seeded(lively):
+    model, tok = lively
+    kw = dict(n=3, max_new_tokens=10, progress=False, backend="lean", top_k=20, top_p=0.9, temperature=0.8)
+    a, b, c = (rollout.sample(model, tok, ["q1", "q2"], seed=s, **kw) for s in (7, 7, 8))
+    assert fields(a) == fields(b) and fields(a) != fields(c)
+    assert [len(r) for r in a] == [3, 3] and all(s.prompt_index == i for i, r in enumerate(a) for s in r)
+
+
+@pytest.mark.parametrize("backend", ["generate", "lean"])
+def test_greedy_independent_of_batch_size_and_n(lively, backend):
+    model, tok = lively
+    prompts = [f"prompt number {i} " * (i + 1) for i in range(5)]
+    kw = dict(temperature=0.0, max_new_tokens=8, progress=False, suppress_eos=True, backend=backend)
+    one = [r[0].ids for r in rollout.sample(model, tok, prompts, batch_size=1, **kw)]
+    for bs in (2, 64):
+        assert [r[0].ids for r in rollout.sample(model, tok, prompts, batch_size=bs, **kw)] == one
+    # n copies of a prompt share their prefill in the lean loop: every copy is the n=1 greedy result
+    assert all([s.ids for s in r] == [ids] * 3
+               for r, ids in zip(rollout.sample(model, tok, prompts, n=3, batch_size=64, **kw), one))
+
+
+def test_lean_greedy_with_lora_matches_generate(lively):
+    from ponder import models
+    _, tok = lively
+    model, _ = models.load("tiny-random", lora={"r": 4, "init_lora_weights": False},
+                           config_overrides={"initializer_range": 0.2})
+    kw = dict(temperature=0.0, max_new_tokens=12, progress=False, suppress_eos=True)
+    assert fields(rollout.sample(model, tok, PROMPTS, backend="lean", **kw)) == \
+        fields(rollout.sample(model, tok, PROMPTS, backend="generate", **kw))
+
+
+def test_filtered_logits_equal_transformers_warpers():
+    """Independent reference: transformers' own temperature / top-k / top-p warpers, in generate's order."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=g) * 3
+    for t, k, p in [(1.0, 0, 1.0), (0.7, 10, 1.0), (1.3, 0, 0.8), (0.5, 5, 0.6), (1.0, 50, 0.95)]:
+        ref = logits.clone()
+        if t != 1.0:
+            ref = TemperatureLogitsWarper(t)(None, ref)
+        if k:
+            ref = TopKLogitsWarper(k)(None, ref)
+        if p < 1.0:
+            ref = TopPLogitsWarper(p)(None, ref)
+        assert torch.equal(decode.filtered_logits(logits, t, k, p), ref)
+
+
+def _first_token_counts(model, tok, prompt, n, **kw):
+    rows = rollout.sample(model, tok, [prompt], n=n, max_new_tokens=1, suppress_eos=True, progress=False,
+                          backend="lean", batch_size=n, **kw)[0]
+    return Counter(s.ids[0] if s.ids else -1 for s in rows)
+
+
+def _chi2_pvalue(counts: Counter, probs: torch.Tensor, n: int) -> float:
+    """Chi-square goodness of fit, tokens with expected count < 5 pooled into one cell."""
+    exp = probs.double() * n
+    big = (exp >= 5).nonzero().flatten().tolist()
+    obs = [counts.get(i, 0) for i in big]
+    e = [float(exp[i]) for i in big]
+    rest_o, rest_e = n - sum(obs), n - sum(e)
+    if rest_e >= 1e-9:
+        obs.append(rest_o)
+        e.append(rest_e)
+    else:
+        assert rest_o == 0, "a token with probability 0 was sampled"
+    return float(stats.chisquare(obs, e).pvalue)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 12, 1.0), (1.5, 0, 0.7)])
+def test_lean_sampling_distribution_is_the_models_softmax(temperature, top_k, top_p):
+    """4000 first tokens from one prompt against the model's next-token softmax, filtered in fp64 by hand
+    (sorted cumulative probabilities); fixed seed, so the p-value is a fixed number. The same counts against
+    the unfiltered (or untempered) softmax are rejected: the test has power."""
+    from ponder import models
+    model, tok = models.load("tiny-random", config_overrides={"initializer_range": 0.4})  # a peaked softmax
+    prompt = "the distribution test"
+    ids = chat.generation_prompt(tok, [{"role": "user", "content": prompt}])
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1].double()
+    p = (logits / temperature).softmax(-1)
+    keep = torch.ones_like(p, dtype=torch.bool)
+    if top_k:
+        keep &= p >= p.sort(descending=True).values[top_k - 1]
+    if top_p < 1.0:
+        sp, order = p.sort(descending=True)
+        before = sp.cumsum(0) - sp                  # mass of the strictly more likely tokens
+        keep &= torch.zeros_like(keep).scatter(0, order, before < top_p)
+    expected = torch.where(keep, p, 0.0)
+    expected /= expected.sum()
+    n = 4000
+    counts = _first_token_counts(model, tok, prompt, n, temperature=temperature, top_k=top_k, top_p=top_p, seed=3)
+    assert _chi2_pvalue(counts, expected, n) > 1e-3
+    wrong = logits.softmax(-1) if (top_k or top_p < 1.0 or temperature != 1.0) else (logits / 0.5).softmax(-1)
+    assert _chi2_pvalue(counts, wrong, n) < 1e-6
+
+
+def test_backend_choice():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ponder import models
+    tiny_model, _ = models.load("tiny-random")
+    assert rollout.resolve_backend("auto", tiny_model) == "lean"  # CPU + Llama-shaped: measured faster
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    assert rollout.resolve_backend("auto", gpt2) == "generate"
+    with pytest.raises(ValueError, match="lean' cannot run this model: model type 'gpt2'"):
+        rollout.resolve_backend("lean", gpt2)
+    with pytest.raises(ValueError, match="rollout_backend must be one of auto, generate, lean, vllm, got 'fast'"):
+        rollout.check_backend("fast")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from ponder import runtime
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Teach language models to reason: SSFT/GFPO, one-pass multi-turn SFT, RISE, LaTRO.")
 testbed_app = typer.Typer(no_args_is_help=True, help="The tiny CPU reasoning model ponder pre-trains itself.")
@@ -237,6 +239,11 @@ def report_cmd(run_dir: Path = typer.Argument(..., help="a run directory (runs/<
 
 def main() -> None:
     import os
+    try:  # before torch is imported: the OpenMP wait policy is read once (docs/methods.md §6.4)
+        runtime.configure()
+    except ValueError as e:  # a bad PONDER_THREADS / OMP_NUM_THREADS: one line, not a traceback
+        typer.echo(f"error: {e}", err=True)
+        raise SystemExit(2) from None
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # our own progress bars and tables instead
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     app()

@@ -176,7 +176,7 @@ def _per_turn(values, t: int):
 def collect(model, tokenizer, problems: Sequence[Problem | dict], env: Env | None = None, turns: int = 2,
             samples: int | Sequence[int] = (1, 4), teacher=None, teacher_turns: Sequence[int] | None = None,
             temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 256, seed: int = 0,
-            batch_size: int = 64, progress: bool = True) -> list[dict[str, Any]]:
+            batch_size: int = 64, progress: bool = True, backend: str = "auto") -> list[dict[str, Any]]:
     """On-policy multi-turn rollouts (docs/methods.md §3.4; official `workflow_gen.py`).
 
     At turn t every unfinished episode samples `samples[t]` candidates (the last entry repeats) from the model
@@ -213,7 +213,8 @@ def collect(model, tokenizer, problems: Sequence[Problem | dict], env: Env | Non
         out = rollout.sample(m, tok, [env.prompt(tok, e["messages"]) for e in active], n=n,
                              max_new_tokens=max_new_tokens,
                              temperature=temperature, top_p=top_p, seed=seed + 1000 * t, batch_size=batch_size,
-                             progress=progress, description=f"collect turn {t + 1}/{turns} ({n}/episode)")
+                             progress=progress, description=f"collect turn {t + 1}/{turns} ({n}/episode)",
+                             backend="auto" if use_teacher else backend)
         for e, row in zip(active, out):
             p, rec = e["problem"], e["record"]
             cands = [{"text": s.text, "reward": env.score(p, s.text), "finish_reason": s.finish_reason,

@@ -1,5 +1,6 @@
-"""Batched sampling with a KV cache (HF `generate`): n samples per prompt, stop strings detected at token level,
-finish reasons, stop index, seeded, with a progress bar.
+"""Batched sampling with a KV cache: n samples per prompt, stop strings detected at token level, finish reasons,
+stop index, seeded, with a progress bar. Three backends behind one `sample` (docs/methods.md §6): HF
+`generate`, the lean CPU decode loop of `ponder.decode`, and a colocated vLLM engine (`ponder.vllm_engine`).
 
 A completion ends at the first of: the end-of-turn / eos token (kept in `ids`, finish ``eos``), the start of a
 stop string (the stop text and everything after it are excluded, finish ``stop``), or `max_new_tokens`
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ponder import ui
+from ponder import decode, ui, vllm_engine
 from ponder.chat import end_of_turn_id, generation_prompt, pad_id
 from ponder.models import check_context
 
@@ -90,28 +91,99 @@ def _cut(tokenizer, ids: list[int], eos: set[int], stop: Sequence[str]) -> tuple
     return list(ids), text, "length", None, None
 
 
+BACKENDS = ("auto", "generate", "lean", "vllm")
+
+
+def check_backend(backend: str) -> None:
+    """Fail at start, in one line, on an unknown backend or one this machine cannot run (vllm without CUDA)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"rollout_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "vllm":
+        vllm_engine.check_available()
+
+
+def resolve_backend(backend: str, model) -> str:
+    """The backend `sample` runs. ``auto``: the lean loop on CPU for the Llama-shaped models it supports (it
+    beat `generate` at every batch size measured, docs/methods.md §6.1), else `generate`. ``vllm`` with an
+    engine already set (`vllm_engine.set_engine`) runs on it."""
+    if backend == "vllm" and vllm_engine.current() is not None:
+        return backend
+    check_backend(backend)
+    if backend == "auto":
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        return "lean" if on_cpu and decode.unsupported_reason(model) is None else "generate"
+    if backend == "lean":
+        reason = decode.unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"rollout backend 'lean' cannot run this model: {reason}; use 'generate'")
+    return backend
+
+
+def job_seed(seed: int, prompt: int, j: int) -> int:
+    """The per-sample seed of the vllm backend (independent of batching)."""
+    return (seed * 1_000_003 + prompt * 1_009 + j) % (2 ** 63)
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompts: Sequence[Prompt], n: int = 1, max_new_tokens: int = 256,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop: Sequence[str] | None = None,
            seed: int = 0, batch_size: int = 64, progress: bool = True, description: str = "sampling",
-           suppress_eos: bool = False) -> list[list[Sample]]:
+           suppress_eos: bool = False, backend: str = "auto") -> list[list[Sample]]:
     """Sample `n` completions for each prompt; returns ``samples[prompt][j]``.
 
     temperature 0 is greedy decoding. Sequences are generated in batches of `batch_size` (prompts sorted by
-    length to limit padding). Deterministic for a given seed and batch size. suppress_eos: never end at the
+    length to limit padding; the vllm engine takes all at once and batches itself). Deterministic for a given
+    seed and batch size (vllm: a seed per sample, whatever the batching). suppress_eos: never end at the
     end-of-turn token (LaTRO generates full-length rationales and truncates afterwards).
+    backend: ``generate`` (HF), ``lean`` (`ponder.decode`), ``vllm`` (`ponder.vllm_engine`, colocated, weights
+    pushed when they changed) or ``auto`` (`resolve_backend`). Every backend cuts completions by the same rule
+    (`_cut`); greedy ids agree across backends, sampled ids agree in distribution (docs/methods.md §6).
     """
-    stop = list(stop or [])
+    backend = resolve_backend(backend, model)
+    stop = [s for s in stop or [] if s]
     pids = [prompt_ids(tokenizer, p) for p in prompts]
     check_context(model, pids, max_new_tokens)  # refuse, never generate past the context silently
     if temperature == 0 and n > 1:
         ui.warn(f"temperature 0 with {n} samples per prompt: greedy decoding gives {n} identical samples")
     jobs = sorted(((i, j) for i in range(len(pids)) for j in range(n)), key=lambda ij: (-len(pids[ij[0]]), ij))
     eos = stop_ids(model, tokenizer)
-    pad = pad_id(tokenizer)
+    end = set() if suppress_eos else set(eos)
     out: list[list[Sample | None]] = [[None] * n for _ in pids]
+
+    def finish(chunk, raws):
+        for (i, j), raw in zip(chunk, raws):
+            got, text, reason, sidx, s = _cut(tokenizer, raw, end, stop)
+            out[i][j] = Sample(i, pids[i], got, text, reason, sidx, s)
+
+    if backend == "vllm":
+        engine = vllm_engine.engine_for(model)
+        engine.ensure_synced(model)
+        spec = vllm_engine.Sampling(max_new_tokens, temperature, top_p, top_k, stop, sorted(end), suppress_eos)
+        with ui.progress_bar(description, len(jobs), "samples") as advance:
+            done = engine.generate([pids[i] for i, _ in jobs], spec, [job_seed(seed, i, j) for i, j in jobs])
+            finish(jobs, [c.token_ids for c in done])
+            advance(len(jobs))
+        return out  # type: ignore[return-value]
+
+    pad = pad_id(tokenizer)
     was_training = model.training
     model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]), ui.progress_bar(description, len(jobs), "samples") as advance:
+            torch.manual_seed(seed)
+            run = _lean_batch(model, tokenizer, max_new_tokens, temperature, top_p, top_k, stop, seed, end, pad) \
+                if backend == "lean" else _generate_batch(model, tokenizer, max_new_tokens, temperature, top_p,
+                                                           top_k, stop, eos, suppress_eos, pad)
+            for b in range(0, len(jobs), batch_size):
+                chunk = jobs[b:b + batch_size]
+                finish(chunk, run([pids[i] for i, _ in chunk]))
+                advance(len(chunk))
+    finally:
+        model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+def _generate_batch(model, tokenizer, max_new_tokens, temperature, top_p, top_k, stop, eos, suppress_eos, pad):
     device = next(model.parameters()).device
     greedy = temperature == 0
     gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=not greedy, pad_token_id=pad,
@@ -120,25 +192,37 @@ def sample(model, tokenizer, prompts: Sequence[Prompt], n: int = 1, max_new_toke
         gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
     else:
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-    try:
-        with torch.random.fork_rng(devices=[]), ui.progress_bar(description, len(jobs), "samples") as advance:
-            torch.manual_seed(seed)
-            for b in range(0, len(jobs), batch_size):
-                chunk = jobs[b:b + batch_size]
-                width = max(len(pids[i]) for i, _ in chunk)
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                att = torch.zeros_like(ids)
-                for r, (i, _) in enumerate(chunk):  # left padding: generation continues every row at the end
-                    ids[r, width - len(pids[i]):] = torch.tensor(pids[i])
-                    att[r, width - len(pids[i]):] = 1
-                criteria = [_StopOnText(tokenizer, stop, width)] if stop else []
-                gen = model.generate(input_ids=ids.to(device), attention_mask=att.to(device),
-                                     stopping_criteria=criteria, **gen_kwargs)
-                for r, (i, j) in enumerate(chunk):
-                    raw = gen[r, width:].tolist()
-                    got, text, finish, sidx, s = _cut(tokenizer, raw, set() if suppress_eos else set(eos), stop)
-                    out[i][j] = Sample(i, pids[i], got, text, finish, sidx, s)
-                advance(len(chunk))
-    finally:
-        model.train(was_training)
-    return out  # type: ignore[return-value]
+
+    def run(prompts: list[list[int]]) -> list[list[int]]:
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        att = torch.zeros_like(ids)
+        for r, p in enumerate(prompts):  # left padding: generation continues every row at the end
+            ids[r, width - len(p):] = torch.tensor(p)
+            att[r, width - len(p):] = 1
+        criteria = [_StopOnText(tokenizer, stop, width)] if stop else []
+        gen = model.generate(input_ids=ids.to(device), attention_mask=att.to(device),
+                             stopping_criteria=criteria, **gen_kwargs)
+        return [row[width:] for row in gen.tolist()]
+    return run
+
+
+def _lean_batch(model, tokenizer, max_new_tokens, temperature, top_p, top_k, stop, seed, end, pad):
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def next_token(logits: torch.Tensor) -> torch.Tensor:
+        if temperature == 0:
+            return logits.argmax(-1)
+        probs = decode.filtered_logits(logits, temperature, top_k, top_p).softmax(-1)
+        return torch.multinomial(probs, 1, generator=gen)[:, 0]
+
+    window = max((len(s) for s in stop), default=0)  # every token decodes to >= 1 character
+
+    def stopped(rows: list[list[int]]) -> list[bool]:
+        tails = tokenizer.batch_decode([r[-window:] for r in rows], skip_special_tokens=False)
+        return [any(s in t for s in stop) for t in tails]
+
+    def run(prompts: list[list[int]]) -> list[list[int]]:
+        return decode.decode(model, prompts, max_new_tokens, pad, end, next_token, stopped if stop else None)
+    return run

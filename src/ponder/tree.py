@@ -579,9 +579,49 @@ def _float_dtype(model) -> torch.dtype:
     return dtype if dtype.is_floating_point else torch.float32
 
 
+def attention_shape(model, packed: Packed, plan: SparsePlan | None) -> dict[str, int]:
+    """The numbers `choose_attention` reads: rows, tokens per row, query width (heads x head dim), linear-layer
+    multiply-adds per token and layer, (query, key) pairs per layer of the dense mask and of the sparse plan (0:
+    no plan for this layout), the plan's sdpa calls, and torch's intra-op threads."""
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    h = getattr(cfg, "hidden_size", 64)
+    heads = getattr(cfg, "num_attention_heads", None) or 1
+    d = getattr(cfg, "head_dim", None) or h // heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    inter = getattr(cfg, "intermediate_size", 4 * h)
+    B, T = packed.input_ids.shape
+    return {"rows": B, "tokens": T, "width": heads * d, "linear_macs": h * (2 * heads * d + 2 * kv * d) + 3 * h * inter,
+            "dense_pairs": B * T * T, "sparse_pairs": 0 if plan is None else plan.elements,
+            "jobs": 0 if plan is None else plan.jobs, "threads": torch.get_num_threads()}
+
+
+SPARSE_TOKENS_WIDTH = 150_000  # fitted: see choose_attention
+
+
+def choose_attention(rows: int, tokens: int, width: int, linear_macs: int, dense_pairs: int, sparse_pairs: int,
+                     threads: int, jobs: int = 0) -> str:
+    """``dense`` or ``sparse`` on CPU (docs/methods.md §6.3); a pure function of shape numbers.
+
+    Cost per layer in multiply-adds: both paths pay the linear layers (rows x tokens x linear_macs); dense pays
+    2 x width per (query, key) pair of the full square, sparse 2 x width x σ per pair of its plan plus a fixed
+    cost per sdpa call (`JOB_OVERHEAD`, measured with bench/tree.py). σ is the sparse path's cost per pair
+    relative to the dense kernel's (bench/attention.py): ≈ 1 with one thread, and with 2 threads it grows with
+    the work per row, σ ≈ 1 + tokens x width / 1.5e5 (the one large dense kernel parallelises, the many small
+    sparse calls do not). Fitted on the testbed and SmolLM2 at depths 2-16 (tests/test_onepass.py holds the
+    measurements): right at every depth >= 8; at depths 2-4 the paths are within 15% and it misses 4 of 18."""
+    if sparse_pairs <= 0:  # no block-sparse plan for this layout
+        return "dense"
+    sigma = 1.0 if threads <= 1 else 1.0 + tokens * width / SPARSE_TOKENS_WIDTH
+    base = rows * tokens * linear_macs
+    dense = base + 2 * width * dense_pairs
+    sparse = base + 2 * width * sigma * sparse_pairs + 2 * jobs * JOB_OVERHEAD
+    return "sparse" if sparse < dense else "dense"
+
+
 def choose(model, packed: Packed, attention: str = "auto", plan: SparsePlan | None = None) -> str:
-    """The attention path: ``flex`` under flex_attention, else ``sparse`` or ``dense``, whichever has fewer
-    score elements counting each sparse job's overhead (`JOB_OVERHEAD`), or the one asked for."""
+    """The attention path: ``flex`` under flex_attention, else ``sparse`` or ``dense`` by `choose_attention`,
+    or the one asked for."""
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
     impl = check_backend(model)
@@ -591,12 +631,7 @@ def choose(model, packed: Packed, attention: str = "auto", plan: SparsePlan | No
         return attention
     if impl == "flex_attention":
         return "flex"
-    plan = plan or sparse_plan(packed, torch.float32, bias=False)
-    cfg = getattr(model, "config", None)
-    heads = getattr(cfg, "num_attention_heads", None) or 1
-    width = heads * (getattr(cfg, "head_dim", None) or getattr(cfg, "hidden_size", heads * 64) // heads)
-    B, T = packed.input_ids.shape
-    return "sparse" if plan.elements + plan.jobs * JOB_OVERHEAD / width < B * T * T else "dense"
+    return choose_attention(**attention_shape(model, packed, plan))
 
 
 def logits(model, packed: Packed, attention: str = "auto", block: int = 256) -> torch.Tensor:

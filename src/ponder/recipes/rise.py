@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ponder import data, models, rise, ui
+from ponder import data, models, rise, rollout, ui
 from ponder.config import load_config, to_yaml
 from ponder.data import write_jsonl
 from ponder.recipes.common import effect_note, lock_output_dir, pyplot, save_final, write_json
@@ -34,6 +34,8 @@ class RISERunConfig(RISEConfig):
     temperature: float = field(default=1.0, metadata={"help": "collection sampling temperature"})
     max_new_tokens: int = field(default=256, metadata={"help": "per attempt"})
     generation_batch_size: int = field(default=64, metadata={"help": "sequences per generation batch"})
+    rollout_backend: str = field(default="auto", metadata={"help": "sampler: auto | generate | lean | vllm "
+                                                                     "(docs/methods.md §6)"})
     reward: str = field(default="verify", metadata={"help": "verify (ponder.verify.score) | rise_official (the "
                                                                    "official GSM8K reward +1/0/-1; alias gsm8k)"})
     demo: bool = field(default=False, metadata={"help": "instruction + one-shot demo prefix (math chat models)"})
@@ -55,6 +57,7 @@ class RISERunConfig(RISEConfig):
             raise ValueError(f"samples must be a list of positive integers, got {self.samples!r}")
         if self.collect_turns < 1 or self.eval_turns < 1 or self.iterations < 0:
             raise ValueError("collect_turns and eval_turns must be >= 1 and iterations >= 0")
+        rollout.check_backend(self.rollout_backend)
         super().__post_init__()
 
 
@@ -104,7 +107,7 @@ def run(cfg, config_text: str | None = None) -> dict[str, Any]:
         trajs = collect(model, tok, probs, env, turns=cfg.collect_turns, samples=cfg.samples, teacher=teacher,
                         teacher_turns=cfg.teacher_turns, temperature=cfg.temperature,
                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7919 * it,
-                        batch_size=cfg.generation_batch_size)
+                        batch_size=cfg.generation_batch_size, backend=cfg.rollout_backend)
         collect_s = time.time() - t
         write_jsonl(it_dir / "trajectories.jsonl", trajs)
         summary = collection_summary(trajs)

@@ -58,6 +58,8 @@ class GFPOConfig(ForkingConfig):
     tag_policy: str = field(default="full", metadata={"help": "full (the first token from the whole vocabulary, "
                                                                "the paper) | tags (restricted to the N tags)"})
     generation_batch_size: int = field(default=64, metadata={"help": "sequences per generation batch"})
+    rollout_backend: str = field(default="auto", metadata={"help": "sampler: auto | generate | lean | vllm "
+                                                                     "(docs/methods.md §6)"})
 
     def __post_init__(self):
         if self.num_generations < 2:
@@ -66,6 +68,7 @@ class GFPOConfig(ForkingConfig):
             raise ValueError("temperature must be > 0 (GFPO samples its tags)")
         if self.tag_policy not in ssft.TAG_POLICIES:
             raise ValueError(f"tag_policy must be one of {', '.join(ssft.TAG_POLICIES)}, got {self.tag_policy!r}")
+        rollout.check_backend(self.rollout_backend)
         if self.output_dir is None:
             self.output_dir = "runs/gfpo"
         super().__post_init__()
@@ -120,7 +123,7 @@ class GFPOTrainer(PonderTrainer):
         out = rollout.sample(self.accelerator.unwrap_model(model), self.processing_class, prompts, n=1,
                              temperature=self.args.temperature, max_new_tokens=self.args.max_new_tokens,
                              batch_size=self.args.generation_batch_size, progress=False,
-                             seed=self.args.seed * 100003 + self.state.global_step)
+                             seed=self.args.seed * 100003 + self.state.global_step, backend=self.args.rollout_backend)
         r = [[float(self.reward_fn(it["problem"], out[b * g + k][0].text)) for k in range(g)]
              for b, it in enumerate(items)]
         self._stats["tokens"] += sum(len(s[0].ids) for s in out)

@@ -65,6 +65,8 @@ class LaTROConfig(TrainingArguments):
     sft_weight: float = field(default=1.0, metadata={"help": "weight of −Σlog π(y|x⊕z): 1 = Eq. 4; the official "
                                                               "code's sft_penalty default is 0"})
     rollout_batch_size: int = field(default=64, metadata={"help": "sequences per generate() call"})
+    rollout_backend: str = field(default="auto", metadata={"help": "sampler: auto | generate | lean | vllm "
+                                                                     "(docs/methods.md §6)"})
     dtype: str = field(default="float32", metadata={"help": "model dtype (fp32 on CPU)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "run Python code a model folder ships (custom "
                                                                      "modelling); off unless you set it"})
@@ -96,6 +98,7 @@ class LaTROConfig(TrainingArguments):
             raise ValueError(f"prompt_template must contain {{question}}, got {self.prompt_template!r}")
         if "{answer}" not in self.answer_template:
             raise ValueError(f"answer_template must contain {{answer}}, got {self.answer_template!r}")
+        rollout.check_backend(self.rollout_backend)
         if self.output_dir is None:
             self.output_dir = "runs/latro"
         super().__post_init__()
@@ -210,7 +213,8 @@ class LaTROTrainer(PonderTrainer):
         a = self.args
         samples = rollout.sample(model, self.processing_class, prompt_ids, n=a.num_generations,
                                  max_new_tokens=a.max_rationale_length, temperature=a.temperature, stop=a.stop,
-                                 seed=self._rollout_seed(), batch_size=a.rollout_batch_size, progress=False)
+                                 seed=self._rollout_seed(), batch_size=a.rollout_batch_size, progress=False,
+                                 backend=a.rollout_backend)
         xs, zs, stopped = [], [], []
         for x, row in zip(prompt_ids, samples):
             for s in row:

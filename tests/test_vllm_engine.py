@@ -1,0 +1,203 @@
+"""The vllm rollout backend without vLLM: a fake `LLM` that decodes with its OWN copy of the weights (updated
+only through `load_weights`, as the real engine) and vLLM's stopping semantics (token ids end with the token
+that finished the request). Checks the sampling-params mapping, batching and seeds, the conversion into
+Samples (equal to the generate backend, field by field), the weight push (PEFT merged, names as the
+checkpoint's) and that samples after an optimizer step come from the updated weights."""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ponder import chat, decode, models, rollout, vllm_engine
+from ponder.vllm_engine import Sampling, VLLMEngine
+
+
+class FakeSamplingParams:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+        self.kw = kw
+
+
+class FakeLLM:
+    """vLLM's `LLM` surface used by VLLMEngine, decoding greedily or by seeded sampling with `ponder.decode` on
+    a private copy of a model; `tok` detokenizes for stop strings (vLLM checks the generated text)."""
+
+    def __init__(self, model, tok):
+        self.model, self.tok = copy.deepcopy(model).eval(), tok
+        self.params = dict(self.model.named_parameters())
+        self.loaded: list[str] = []
+        self.resets = 0
+        self.calls: list[tuple[list, list]] = []
+        runner = SimpleNamespace(model=SimpleNamespace(load_weights=self._load))
+        self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(
+            driver_worker=SimpleNamespace(model_runner=runner)))
+
+    def _load(self, weights):
+        with torch.no_grad():
+            for name, t in weights:
+                assert name in self.params, f"vLLM would not know {name!r}"
+                self.params[name].copy_(t)
+                self.loaded.append(name)
+
+    def reset_prefix_cache(self):
+        self.resets += 1
+
+    def generate(self, prompts, sampling_params, use_tqdm=False):
+        self.calls.append((prompts, sampling_params))
+        outs = []
+        for pr, sp in zip(prompts, sampling_params):
+            gen = torch.Generator().manual_seed(sp.seed)
+
+            def pick(logits, sp=sp, gen=gen):
+                if sp.temperature == 0:
+                    return logits.argmax(-1)
+                probs = decode.filtered_logits(logits, sp.temperature, max(sp.top_k, 0), sp.top_p).softmax(-1)
+                return torch.multinomial(probs, 1, generator=gen)[:, 0]
+            stops = sp.stop or []
+
+            def hit(rows, stops=stops):
+                return [any(s in self.tok.decode(r) for s in stops) for r in rows]
+            with torch.no_grad():
+                ids = decode.decode(self.model, [pr["prompt_token_ids"]], sp.max_tokens, 0,
+                                    set(sp.stop_token_ids), pick, hit if stops else None)[0]
+            text = self.tok.decode(ids)
+            done = len(ids) < sp.max_tokens or (ids and ids[-1] in sp.stop_token_ids) or any(s in text for s in stops)
+            reason = next((s for s in stops if s in text), ids[-1] if ids and ids[-1] in sp.stop_token_ids else None)
+            outs.append(SimpleNamespace(outputs=[SimpleNamespace(token_ids=tuple(ids), text=text,
+                                                                 finish_reason="stop" if done else "length",
+                                                                 stop_reason=reason)]))
+        return outs
+
+
+@pytest.fixture
+def lively():
+    return models.load("tiny-random", config_overrides={"initializer_range": 0.2})
+
+
+@pytest.fixture
+def fake(lively):
+    model, tok = lively
+    llm = FakeLLM(model, tok)
+    vllm_engine.set_engine(VLLMEngine(llm, FakeSamplingParams))
+    yield llm
+    vllm_engine.set_engine(None)
+
+
+def fields(rows):
+    return [[(s.prompt_index, s.prompt_ids, s.ids, s.text, s.finish_reason, s.stop_index, s.stop) for s in r]
+            for r in rows]
+
+
+PROMPTS = ["1+1=?", "a much longer question that forces left padding on the others", "x", "What is 17+23*4?"]
+
+
+def test_sampling_params_mapping():
+    sp = vllm_engine.sampling_params(Sampling(32, 0.0, 0.9, 5, ["The answer is"], [2, 7]), 11, FakeSamplingParams)
+    assert sp.kw == dict(n=1, max_tokens=32, temperature=0.0, seed=11, stop=["The answer is"], stop_token_ids=[2, 7],
+                         ignore_eos=False, skip_special_tokens=False, spaces_between_special_tokens=False,
+                         include_stop_str_in_output=True)  # greedy: no top-p / top-k (vLLM forces them)
+    sp = vllm_engine.sampling_params(Sampling(8, 0.7, 0.9, 0, (), (), True), 3, FakeSamplingParams)
+    assert (sp.temperature, sp.top_p, sp.top_k, sp.stop, sp.stop_token_ids, sp.ignore_eos) == \
+        (0.7, 0.9, -1, None, [], True)  # top_k 0 (all tokens) is vLLM's -1; suppress_eos: no stop ids at all
+    assert vllm_engine.sampling_params(Sampling(8, 1.0, 1.0, 20), 3, FakeSamplingParams).top_k == 20
+
+
+def test_greedy_samples_equal_generate_backend(lively, fake):
+    """Result conversion: eos (kept in ids), stop strings (cut at the exact character, the token where the stop
+    begins dropped), length — identical Samples to the generate backend, from one batched engine call."""
+    model, tok = lively
+    free = rollout.sample(model, tok, PROMPTS[1:2], temperature=0.0, max_new_tokens=30, suppress_eos=True,
+                          progress=False, backend="generate")[0][0]
+    m = copy.deepcopy(model)
+    m.generation_config.eos_token_id = [free.ids[12], *rollout.stop_ids(model, tok)]
+    fake.model.generation_config = m.generation_config
+    stop = [free.text[3:6], "NEVER"]
+    reasons = set()
+    for kw in (dict(stop=stop), dict(suppress_eos=True), dict(stop=stop, n=2)):
+        args = dict(temperature=0.0, max_new_tokens=30, progress=False, **kw)
+        got = rollout.sample(m, tok, PROMPTS, backend="vllm", **args)
+        assert fields(got) == fields(rollout.sample(m, tok, PROMPTS, backend="generate", **args))
+        reasons |= {s.finish_reason for r in got for s in r}
+    assert reasons == {"stop", "eos", "length"}
+    prompts, sps = fake.calls[-1]
+    assert len(prompts) == len(PROMPTS) * 2 and all(sp.n == 1 for sp in sps)  # one request per sample
+
+
+def test_seeds_per_sample_and_deterministic(lively, fake):
+    model, tok = lively
+    kw = dict(n=3, max_new_tokens=8, temperature=1.0, progress=False, backend="vllm")
+    a = rollout.sample(model, tok, PROMPTS[:2], seed=5, **kw)
+    seeds = [sp.seed for sp in fake.calls[-1][1]]
+    b = rollout.sample(model, tok, PROMPTS[:2], seed=5, batch_size=1, **kw)
+    c = rollout.sample(model, tok, PROMPTS[:2], seed=6, **kw)
+    assert len(set(seeds)) == 6
+    assert fields(a) == fields(b) and fields(a) != fields(c)  # batch size plays no part: seeds are per sample
+    assert [[s.prompt_index for s in r] for r in a] == [[0, 0, 0], [1, 1, 1]]
+
+
+def test_weights_pushed_once_per_change_and_used(lively, fake):
+    """The engine starts with its own copy; a push happens before the first samples and after every optimizer
+    step, never twice for the same weights; after a step, samples come from the updated weights."""
+    model, tok = lively
+    kw = dict(temperature=0.0, max_new_tokens=12, suppress_eos=True, progress=False)
+    engine = vllm_engine.engine_for(model)
+    before = rollout.sample(model, tok, PROMPTS, backend="vllm", **kw)
+    assert engine.pushes == 1 and fake.resets == 1
+    rollout.sample(model, tok, PROMPTS, backend="vllm", **kw)
+    assert engine.pushes == 1  # unchanged weights: no second push
+    # one optimizer step that certainly changes greedy outputs: push up the logit of a token nobody emits
+    target = 13
+    opt = torch.optim.SGD(model.parameters(), lr=5.0)
+    ids = chat.generation_prompt(tok, [{"role": "user", "content": PROMPTS[0]}])
+    loss = -model(torch.tensor([ids])).logits[0, -1].log_softmax(-1)[target]
+    loss.backward()
+    opt.step()
+    after = rollout.sample(model, tok, PROMPTS, backend="vllm", **kw)
+    assert engine.pushes == 2 and fake.resets == 2
+    assert fields(after) != fields(before)
+    assert fields(after) == fields(rollout.sample(model, tok, PROMPTS, backend="generate", **kw))
+    assert after[0][0].ids[0] == target
+
+
+def test_peft_pushed_merged_under_base_names(fake):
+    model, tok = models.load("tiny-random", lora={"r": 4, "init_lora_weights": False, "trainable_token_indices": [5]},
+                             config_overrides={"initializer_range": 0.2})
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "trainable_tokens_delta" in n:
+                p.add_(0.5)
+    engine = VLLMEngine(fake, FakeSamplingParams)
+    pushed = engine.sync_weights(model)
+    base = [n for n, _ in model.get_base_model().named_parameters()]
+    ref = copy.deepcopy(model).merge_and_unload().state_dict()
+    clean = {n for n in ref if n != "lm_head.weight"}  # tied to the embedding
+    assert set(fake.loaded) == clean and pushed == len(clean) and len(base) > len(clean)
+    assert all(torch.equal(fake.params[n], ref[n]) for n in clean)
+    # the adapter is unmerged again: the model still computes base + LoRA, not base + 2 LoRA
+    kw = dict(temperature=0.0, max_new_tokens=10, suppress_eos=True, progress=False)
+    vllm_engine.set_engine(engine)
+    assert fields(rollout.sample(model, tok, PROMPTS, backend="vllm", **kw)) == \
+        fields(rollout.sample(model, tok, PROMPTS, backend="generate", **kw))
+
+
+def test_fingerprint_tracks_in_place_updates(lively):
+    model, _ = lively
+    f0 = vllm_engine.fingerprint(model)
+    assert vllm_engine.fingerprint(model) == f0
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.0)
+    assert vllm_engine.fingerprint(model) != f0
+
+
+def test_vllm_unavailable_here_fails_in_one_line():
+    """This CPU machine has neither vLLM nor CUDA: selecting the backend fails at config time, in one line."""
+    if vllm_engine.importlib.util.find_spec("vllm") is not None and torch.cuda.is_available():
+        pytest.skip("a GPU machine with vLLM")
+    with pytest.raises(vllm_engine.BackendUnavailable) as e:
+        rollout.check_backend("vllm")
+    assert "\n" not in str(e.value) and "rollout backend 'vllm' needs" in str(e.value)
+    from ponder.trainers.latro import LaTROConfig
+    with pytest.raises(ValueError, match="rollout backend 'vllm' needs"):
+        LaTROConfig(output_dir="/tmp/unused", rollout_backend="vllm")

@@ -2,7 +2,9 @@
 
 Records (docs/architecture.md "Contracts"):
 - `Problem`: id, question, answer (+ meta). Sources: ``testbed``, reasoning-gym (``rg:<task>``), JSONL files,
-  HF datasets (GSM8K layout ``question`` / ``answer`` with ``#### N`` read as-is).
+  HF datasets (GSM8K layout ``question`` / ``answer`` with ``#### N`` read as-is; ARC layout ``choices`` /
+  ``answerKey``: the answer is the gold option's text, the option texts go to ``meta["options"]``; or an
+  ``options`` list beside ``answer``). An answer may be free text (a sentence).
 - `Conversation`: messages ``[{role, content, reasoning}]``; also OpenAI/Qwen3 ``reasoning_content`` and
   ShareGPT ``{from, value}`` (under ``messages`` or ``conversations``).
 - `TraceSet` (SSFT): question, answer, traces ``[{reasoning, content, source}]``.
@@ -103,11 +105,29 @@ def gsm8k_answer(answer: str) -> tuple[str, str | None]:
     return answer.strip(), None
 
 
+def _choice(rec: dict[str, Any], where: str) -> tuple[str, list[str]]:
+    """ARC layout (``choices: {text, label}``, ``answerKey``): (the gold option's text, the option texts)."""
+    ch = rec["choices"]
+    if not isinstance(ch, dict) or not isinstance(ch.get("text"), list) or not isinstance(ch.get("label"), list):
+        raise DataError(f"{where}: field 'choices' must be an object with lists 'text' and 'label'")
+    key = _field(rec, where, "answerKey")
+    if key not in ch["label"]:
+        raise DataError(f"{where}: field 'answerKey' {key!r} is not one of the labels {ch['label']}")
+    return str(ch["text"][ch["label"].index(key)]), [str(t) for t in ch["text"]]
+
+
 def problem_from_record(rec: dict[str, Any], where: str, index: int) -> Problem:
     question = _field(rec, where, "question", "problem", "prompt")
+    meta = dict(rec.get("meta") or {})
+    if "choices" in rec and "answerKey" in rec:  # multiple choice (ARC): the answer is the gold option's text
+        answer, meta["options"] = _choice(rec, where)
+        meta.setdefault("verifier", "arc")
+        return Problem(str(rec.get("id", index)), question, answer, meta)
+    if "options" in rec:
+        opts = _field(rec, where, "options", kind=list)
+        meta["options"] = [str(o) for o in opts]
     raw = _field(rec, where, "answer", "solution", "final_answer")
     answer, solution = gsm8k_answer(raw)
-    meta = dict(rec.get("meta") or {})
     if solution is not None:
         meta.setdefault("solution", solution)
         meta.setdefault("verifier", "gsm8k")

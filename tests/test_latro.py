@@ -568,3 +568,28 @@ def test_demo_quick_structure(tmp_path):
     assert out["plots"] and all((tmp_path / p).stat().st_size > 10_000 for p in out["plots"])
     assert any("paper's direction" in n for n in out["notes"])
     assert out["metrics"]["steps"] == 2 and out["metrics"]["train_questions"] == 4
+
+
+@pytest.mark.parametrize("task", ["testbed", "testbed:words"])
+def test_sft_gold_arm_trains_on_exactly_the_latro_questions(tmp_path, task):
+    """The experiment's SFT baseline: gold rationales of the very problems the LaTRO arm trains on (same data
+    source, count and seed), with the reference answer LaTRO scores."""
+    from ponder.config import load_config
+    from ponder.data import read_jsonl
+    from ponder.recipes import experiment
+    cfg = tmp_path / "latro.yaml"
+    cfg.write_text(f"model: tiny-random\ndataset: '{task}'\nn_train: 6\nnum_generations: 2\n"
+                   "per_device_train_batch_size: 4\nprompt_template: '{question}'\n")
+    rows = experiment.run_sft_gold(str(cfg), {"sft": {"max_steps": 1, "per_device_train_batch_size": 2},
+                                              "eval": {"eval_problems": 2, "samples": 0, "max_new_tokens": 4}},
+                                   0, tmp_path / "sft", None)
+    assert 0 <= rows["sft"]["greedy_accuracy"] <= 1
+    gold = [rec["messages"] for _, rec in read_jsonl(tmp_path / "sft" / "gold.jsonl")]
+    tr = LaTROTrainer(args=load_config(LaTROConfig, cfg, [f"output_dir={tmp_path / 'l'}", "report_to=none"]))
+    assert [m[0]["content"] for m in gold] == [p.question for p in tr.train_problems]
+    assert [m[1]["content"] for m in gold] == [f"The answer is {p.answer}." for p in tr.train_problems]
+    for m, p in zip(gold, tr.train_problems):
+        a, b, c = (p.meta[k] for k in "abc")
+        assert m[1]["reasoning"] == f"{b}*{c}={b * c}. {a}+{b * c}={a + b * c}."
+    if task == "testbed:words":
+        assert not any(ch.isdigit() for p in tr.train_problems for ch in p.answer)

@@ -238,3 +238,18 @@ def test_arc_and_free_text_verifiers():
     assert verify.score(text, "<think>\nhmm\n</think>\n\nParis is the capital  of France") == 1.0
     assert verify.score(text, "Paris is the capital of France.\nNo, Lyon.") == 0.0
     assert verify.extract(text, "x\n'Paris is the capital of France!'") == "paris is the capital of france"
+
+
+def test_testbed_words_task():
+    from ponder import testbed
+    cases = {0: "zero", 13: "thirteen", 40: "forty", 72: "seventy-two", 100: "one hundred", 110: "one hundred ten",
+             712: "seven hundred twelve", 990: "nine hundred ninety", 1005: "one thousand five", -3: "minus three"}
+    assert {n: testbed.number_words(n) for n in cases} == cases
+    words, digits = data.load_problems("testbed:words", n=50, split="test"), data.load_problems("testbed", n=50,
+                                                                                             split="test")
+    assert [p.question for p in words] == [p.question for p in digits]
+    assert all(w.answer == testbed.number_words(int(d.answer)) for w, d in zip(words, digits))
+    from ponder import verify
+    p = words[0]
+    assert verify.score(p, f"<think>\nx\n</think>\n\nThe answer is {p.answer.upper()}.") == 1.0
+    assert verify.score(p, f"The answer is {digits[0].answer}.") == 0.0  # digits are not the free-text answer

@@ -205,7 +205,8 @@ def rg_tasks() -> list[str]:
 
 def load_problems(spec: str, n: int | None = None, seed: int = 0, split: str = "train",
                   **task_config) -> list[Problem]:
-    """Problems from ``testbed``, ``rg:<task>`` (or a bare reasoning-gym task name), JSONL or HF datasets.
+    """Problems from ``testbed`` (``testbed:words``: the answers in words), ``rg:<task>`` (or a bare reasoning-gym
+    task name), JSONL or HF datasets.
 
     For reasoning-gym, `seed` and `n` define the items (the package generates them offline, deterministically)
     and `task_config` is passed to the task's config (e.g. ``min_terms=3``). split="test" uses seed+10**6 so
@@ -213,6 +214,8 @@ def load_problems(spec: str, n: int | None = None, seed: int = 0, split: str = "
     """
     if spec == "testbed":
         return [Problem(**p) for p in testbed.problems(n or 200, seed=seed, split=split)]
+    if spec == testbed.WORDS_TASK:
+        return [Problem(**p) for p in testbed.word_problems(n or 200, seed=seed, split=split)]
     if spec.startswith("rg:") or spec in _rg_names():
         import reasoning_gym as rg
         task = spec.removeprefix("rg:")
@@ -246,7 +249,8 @@ _RG_NAMES: list[str] | None = None
 def load_conversations(spec: str, n: int | None = None, split: str = "train", seed: int = 0
                        ) -> list[Conversation]:
     """Conversations from JSONL / HF datasets, or generated: ``testbed:multi`` (follow-up conversations of
-    2-8 turns with reasoning), ``testbed:retry`` (RISE-style retry episodes), ``testbed:single``, ``testbed:gold``."""
+    2-8 turns with reasoning), ``testbed:retry`` (RISE-style retry episodes), ``testbed:single``, ``testbed:gold``,
+    ``testbed:words``."""
     if spec.startswith("testbed:"):
         return [Conversation(m, f"{spec}-{i}") for i, m in
                 enumerate(testbed.conversations(spec.split(":", 1)[1], n or 1000, seed=seed, split=split))]

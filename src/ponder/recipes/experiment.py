@@ -115,16 +115,17 @@ def run_latro(config, overrides, seed, out, after):
 
 def run_sft_gold(config, overrides, seed, out, after):
     """SFT on gold rationales of exactly the questions a LaTRO config trains on (its dataset, n_train,
-    dataset_split: the same problems, the same data seed), then `metrics.evaluate`. overrides: the LaTRO
-    config's overrides, plus `sft:` (SFTConfig fields) and `eval:` (as for `eval` runs)."""
+    dataset_split, dataset_seed: the same problems), then `metrics.evaluate`. overrides: the LaTRO
+    config's overrides, plus `sft:` (SFTConfig fields), `eval:` (as for `eval` runs) and `gold_strategy` (the
+    rationales' format, default ``direct``: `ponder.recipes.latro.gold_conversations`)."""
     o = dict(overrides)
-    sft, ev = dict(o.pop("sft", {})), o.pop("eval", {})
+    sft, ev, strategy = dict(o.pop("sft", {})), o.pop("eval", {}), o.pop("gold_strategy", "direct")
     if after:
         o["model"] = str(after["model"])
     lcfg = load_config(LaTROConfig, config, _overrides(o, seed, out))
-    problems = data.resolve_problems(lcfg.dataset, lcfg.n_train, lcfg.dataset_split, "dataset")
+    problems = data.resolve_problems(lcfg.dataset, lcfg.n_train, lcfg.dataset_split, "dataset", lcfg.dataset_seed)
     gold = out / "gold.jsonl"
-    data.write_jsonl(gold, [{"messages": m} for m in latro_recipe.gold_conversations(problems)])
+    data.write_jsonl(gold, [{"messages": m} for m in latro_recipe.gold_conversations(problems, strategy)])
     sft = {"model": lcfg.model, "dataset": str(gold), "lr_scheduler_type": "constant", "save_strategy": "no",
            "disable_tqdm": True, **sft}
     cfg = load_config(SFTConfig, None, _overrides(sft, seed, out))

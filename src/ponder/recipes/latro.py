@@ -144,13 +144,23 @@ def training_summary(log_history: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def gold_conversations(problems) -> list[list[dict[str, Any]]]:
+def gold_conversations(problems, strategy: str = "direct") -> list[list[dict[str, Any]]]:
     """SFT on gold rationales for exactly the given testbed problems (LaTRO's baseline: the same questions);
-    `testbed:words` problems get the answer in words."""
+    `testbed:words` problems get the answer in words. strategy: the rationale's format, ``direct`` (the one the
+    testbed was pre-trained on) or another of `ponder.testbed.STRATEGIES` (gold rationales written differently
+    from the model's own, as human-written GSM8K solutions are for an LLM)."""
     if any("a" not in p.meta for p in problems):
         raise ValueError("gold rationales exist for testbed problems only (testbed, testbed:words)")
-    return [testbed.words_turn(testbed.Arith(*(int(p.meta[k]) for k in "abc")))
-            if p.meta.get("task") == testbed.WORDS_TASK else testbed.gold_conversation(p) for p in problems]
+    if strategy not in testbed.STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(testbed.STRATEGIES)}, got {strategy!r}")
+    out = []
+    for p in problems:
+        arith = testbed.Arith(*(int(p.meta[k]) for k in "abc"))
+        reasoning, ans = testbed.solve(arith, strategy)
+        answer = testbed.number_words(ans) if p.meta.get("task") == testbed.WORDS_TASK else ans
+        out.append([{"role": "user", "content": arith.question},
+                    {"role": "assistant", "reasoning": reasoning, "content": testbed.answer_text(answer)}])
+    return out
 
 
 def demo(run_dir, base: str, problems: list, quick: bool = False, *, steps: int | None = None,

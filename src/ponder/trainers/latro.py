@@ -51,6 +51,7 @@ class LaTROConfig(TrainingArguments):
     dataset: str | None = field(default=None, metadata={"help": "problems: testbed | rg:<task> | .jsonl | hf:<name>"})
     dataset_split: str = field(default="train", metadata={"help": "split of `dataset` to train on"})
     n_train: int | None = field(default=None, metadata={"help": "number of training problems (None: all)"})
+    dataset_seed: int = field(default=0, metadata={"help": "seed of generated problems (testbed, rg:<task>)"})
     eval_problems: str | None = field(default=None, metadata={"help": "held-out problems (default: `dataset`)"})
     eval_split: str = field(default="test", metadata={"help": "split of `eval_problems`"})
     n_eval: int = field(default=200, metadata={"help": "held-out problems for greedy accuracy and maj@k"})
@@ -215,7 +216,7 @@ class LaTROTrainer(PonderTrainer):
             self.ref_model.eval().requires_grad_(False)
             disable_dropout(self.ref_model)
         self.train_problems = resolve_problems(train_dataset if train_dataset is not None else args.dataset,
-                                               args.n_train, args.dataset_split, "train_dataset")
+                                               args.n_train, args.dataset_split, "train_dataset", args.dataset_seed)
         if not self.train_problems:
             raise DataError("no training problems")
         # Held-out problems are loaded now when evaluation is scheduled (the Trainer wants an eval_dataset then),

@@ -188,6 +188,16 @@ def score_ids(model, xs: Sequence[Sequence[int]], zs: Sequence[Sequence[int]], y
     return lz, ly
 
 
+@torch.no_grad()
+def no_rationale_scores(model, xs: Sequence[Sequence[int]], ys: Sequence[Sequence[int]], pad_id: int,
+                        batch_size: int = 64) -> torch.Tensor:
+    """RLPR's r' (arXiv 2506.18254 Eq. 3; docs/methods.md §4.15): the mean token probability of each y decoded
+    right after its x, with no rationale — computed once, before training, with the initial model."""
+    out = [score_ids(model, xs[i:i + batch_size], [[]] * len(xs[i:i + batch_size]), ys[i:i + batch_size], pad_id,
+                     reward="mean_prob")[1] for i in range(0, len(xs), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
 def score_separate(model, xs, zs, ys, pad_id: int, layout: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
     """The official code's way (docs/methods.md §4.8): log π(z|x) from a pass over ``[x z]`` and log π(y|x⊕z)
     from a second pass over ``[x z y]``, both left-padded. Same numbers as `score_ids`, ~2x the compute."""

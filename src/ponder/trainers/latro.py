@@ -196,6 +196,10 @@ class Rollouts:
     advantages: torch.Tensor | None = None
     keep: torch.Tensor | None = None
 
+    def part(self, sl: slice) -> Rollouts:
+        v = None if self.verifier is None else self.verifier[sl]
+        return Rollouts(self.xs[sl], self.zs[sl], self.ys[sl], self.index[sl], self.stopped[sl], self.lengths[sl], v)
+
 
 class LaTROTrainer(PonderTrainer):
     """`Trainer` for LaTRO (TRL-shaped: LaTROTrainer + LaTROConfig). train_dataset: problems (`Problem`s or
@@ -237,19 +241,11 @@ class LaTROTrainer(PonderTrainer):
                          processing_class=tok, data_collator=collate, **kwargs)
         if self.ref_model is not None:
             self.ref_model.to(self.accelerator.device)
-        self.no_rationale = self._no_rationale_scores(train) if args.reward == "mean_prob" and args.rlpr_debias \
-            else None
-
-    @torch.no_grad()
-    def _no_rationale_scores(self, train: list[dict[str, Any]]) -> torch.Tensor:
-        """RLPR's r' per training problem: the mean token probability of y decoded right after x (no rationale),
-        computed once, before training, with the initial model (docs/methods.md §4.15)."""
-        xs, ys = [t["prompt_ids"] for t in train], [t["answer_ids"] for t in train]
-        step, out = self.args.rollout_batch_size, []
-        for i in range(0, len(xs), step):
-            out.append(latro.score_ids(self.model, xs[i:i + step], [[]] * len(xs[i:i + step]), ys[i:i + step],
-                                       pad_id(self.processing_class), reward="mean_prob")[1])
-        return torch.cat(out).double()
+        self.no_rationale = None  # RLPR's r' per training question, once, with the initial model
+        if args.reward == "mean_prob" and args.rlpr_debias:
+            self.no_rationale = latro.no_rationale_scores(self.model, [t["prompt_ids"] for t in train],
+                                                          [t["answer_ids"] for t in train], pad_id(tok),
+                                                          args.rollout_batch_size).double()
 
     # -- data ---------------------------------------------------------------------------------------------
 
@@ -289,10 +285,7 @@ class LaTROTrainer(PonderTrainer):
         whole = self.rollouts(policy, prompts, answers, index)
         self._plans, at = [], 0
         for b, n in zip(batches, sizes):
-            sl = slice(at * k, (at + n) * k)
-            self._plans.append(Rollouts(whole.xs[sl], whole.zs[sl], whole.ys[sl], whole.index[sl],
-                                        whole.stopped[sl], whole.lengths[sl],
-                                        None if whole.verifier is None else whole.verifier[sl]))
+            self._plans.append(whole.part(slice(at * k, (at + n) * k)))
             b["plan"] = len(self._plans) - 1
             at += n
         if len(batches) > 1 or self.std_filter.beta > 0:

@@ -18,7 +18,8 @@ An arm may start from another arm's output of the same seed (`after: <arm>`; its
 overrides). An arm with `once: true` runs for the spec's first seed only and every seed's `after` uses that
 run (a shared starting model). Run kinds are the functions in `RUNS`; each returns {row name: {metric:
 value}}; a run that also writes ``curves.json`` ({key: [[step, value], ...]}) is drawn over training for the
-spec's `curves` keys (mean ± s.e. over seeds; `curve_groups` puts arms in separate rows of panels). `scales`
+spec's `curves` keys (mean ± s.e. over seeds; `curve_groups` puts arms in separate rows of panels;
+`curve_baselines: {group: {curve key: "arm/row:metric"}}` draws a row's mean as a dashed line). `scales`
 sets a metric's display factor (default `scale`, 100: accuracies in %; e.g. 1 for token counts).
 """
 
@@ -46,7 +47,7 @@ from ponder.trainers.onepass import OnePassConfig, OnePassTrainer
 from ponder.trainers.sft import SFTConfig, SFTTrainer
 
 SPEC_KEYS = {"name", "title", "seeds", "arms", "metrics", "claims", "notes", "scale", "scales", "curves",
-             "curve_groups"}
+             "curve_groups", "curve_baselines"}
 ARM_KEYS = {"run", "config", "overrides", "after", "label", "once"}
 
 
@@ -295,7 +296,7 @@ def write_results(spec, base: Path, seeds: list[int], results_dir: Path, spec_pa
     _plot(table, [m for m in spec["metrics"] if scales[m] == scale], png, spec.get("title", spec["name"]), scale)
     extra = []
     if spec.get("curves"):
-        extra.append(_plot_curves(spec, base, seeds, results_dir / f"{spec['name']}-curves.png").name)
+        extra.append(_plot_curves(spec, base, seeds, results_dir / f"{spec['name']}-curves.png", data_).name)
     _markdown(spec, seeds, table, claims, data_, results_dir / f"{spec['name']}.md", [png.name, *extra], spec_path,
               scales)
     ui.print_table(f"{spec['name']}: claims ({len(seeds)} seeds)", ["claim", "difference", "95% interval",
@@ -355,9 +356,10 @@ def curve_stats(base: Path, arm: str, seeds: list[int], key: str) -> tuple[list[
     return [float(st) for st in steps], [m for m, _ in ms], [0.0 if math.isnan(e) else e for _, e in ms]
 
 
-def _plot_curves(spec, base: Path, seeds: list[int], path: Path) -> Path:
+def _plot_curves(spec, base: Path, seeds: list[int], path: Path, data_=None) -> Path:
     """One panel per (group of arms, curve key): mean over seeds with a ± s.e. band."""
     plt = pyplot()
+    lines = spec.get("curve_baselines") or {}
     keys = spec["curves"]
     groups = spec.get("curve_groups") or {"": list(spec["arms"])}
     fig, axes = plt.subplots(len(groups), len(keys), figsize=(4.6 * len(keys), 3.4 * len(groups)), squeeze=False)
@@ -372,6 +374,12 @@ def _plot_curves(spec, base: Path, seeds: list[int], path: Path) -> Path:
                         label=spec["arms"][arm].get("label", arm))
                 ax.fill_between(xs, [m - e for m, e in zip(ms, es)], [m + e for m, e in zip(ms, es)],
                                 color=f"C{i}", alpha=0.2)
+            ref = lines.get(gname, {}).get(key)
+            if ref and data_:
+                row, _, metric = ref.rpartition(":")
+                vals = [v[metric] for v in (data_.get(row) or {}).values() if metric in v]
+                if vals:
+                    ax.axhline(sum(vals) / len(vals), color="k", ls="--", lw=1, label=f"start ({row})")
             ax.set_title(f"{gname}: {key}" if gname else key, fontsize=9)
             ax.set_xlabel("update")
             ax.grid(alpha=0.3)

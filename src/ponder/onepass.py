@@ -25,6 +25,7 @@ CUSTOM_MASK_BACKENDS = ("eager", "sdpa", "flex_attention")
 
 
 def check_backend(model) -> str:
+    model = getattr(model, "module", model)  # DistributedDataParallel keeps the model as .module
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
     if impl not in CUSTOM_MASK_BACKENDS:
         raise ValueError(f"attention backend {impl!r} cannot take the one-pass block-sparse mask; load the model "

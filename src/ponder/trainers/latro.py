@@ -36,7 +36,7 @@ from ponder.advantages import rloo_advantages
 from ponder.chat import end_of_turn_id, pad_id
 from ponder.data import DataError, Problem, resolve_problems
 from ponder.prompts import check_template
-from ponder.trainers.base import PonderTrainer, model_and_tokenizer
+from ponder.trainers.base import PonderTrainer, cpu_processes, model_and_tokenizer
 
 
 @dataclass
@@ -98,6 +98,7 @@ class LaTROConfig(TrainingArguments):
             raise ValueError(f"answer_template must contain {{answer}}, got {self.answer_template!r}")
         if self.output_dir is None:
             self.output_dir = "runs/latro"
+        cpu_processes(self)
         super().__post_init__()
 
 

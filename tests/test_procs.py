@@ -69,29 +69,39 @@ def problems(path: Path, n: int = 16) -> Path:
 
 
 TRAIN = ["model=tiny-random", "learning_rate=0.01", "warmup_steps=0", "report_to=none", "save_strategy=no",
-         "per_device_train_batch_size=2", "seed=3"]
+         "per_device_train_batch_size=2", "seed=3", "logging_steps=1"]
 
 
-def runs(data: Path, probs: Path) -> dict[str, list[str]]:
-    """name -> ponder arguments; the 2-process run gets `output_dir=<2p>/<name>`, the reference
-    `output_dir=<1p>/<name> gradient_accumulation_steps=2` (the same global batch)."""
-    return {
-        # logging every 3rd of 4 steps: the last step's loss is not logged before the end (train_loss must still
-        # be the whole run's, gathered)
-        "sft": ["sft", f"dataset={data}", "max_steps=4", "logging_steps=3", *TRAIN],
-        "onepass": ["onepass", f"dataset={data}", "max_steps=3", "logging_steps=1", *TRAIN],
-        "ssft": ["ssft", "dataset=testbed:traces", "dataset_size=8", "num_tags=4", "max_steps=2", "logging_steps=1",
-                 "eval_problems=0", *TRAIN],
-        "gfpo": ["gfpo", f"dataset={probs}", "dataset_size=8", "num_tags=4", "num_generations=4", "max_new_tokens=12",
-                 "max_steps=2", "logging_steps=1", "eval_problems=0", "tags_only=true", "tag_policy=tags", *TRAIN],
+def runs(data: Path, probs: Path) -> dict[str, tuple[list[list[str]], list[str] | None]]:
+    """name -> (the commands of the 2-process run, each getting `output_dir=<2p>/<name>`; the single-process
+    reference, run with `output_dir=<1p>/<name> gradient_accumulation_steps=2`: the same global batch)."""
+    sft = ["sft", *TRAIN, f"dataset={data}"]
+    constant = [*sft, "lr_scheduler_type=constant", "save_strategy=steps", "save_steps=2"]
+    one = {
+        # checkpoints written by both processes (each its RNG state) between barriers; logging every 3rd of 4
+        # steps: the last step's loss is not logged before the end (train_loss must still be the whole run's)
+        "sft": [*sft, "max_steps=4", "logging_steps=3", "save_strategy=steps", "save_steps=2"],
+        "onepass": ["onepass", *TRAIN, f"dataset={data}", "max_steps=3"],
+        "ssft": ["ssft", *TRAIN, "dataset=testbed:traces", "dataset_size=8", "num_tags=4", "max_steps=2",
+                 "eval_problems=2", "eval_max_new_tokens=6", "eval_per_tag=1"],
+        "gfpo": ["gfpo", *TRAIN, f"dataset={probs}", "dataset_size=8", "num_tags=4", "num_generations=4",
+                 "max_new_tokens=12", "max_steps=2", "eval_problems=0", "tags_only=true", "tag_policy=tags"],
         # RISE: collection and evaluation in work units of 2 problems (the same units and seeds however many
-        # processes), training on the gathered trajectories
-        # (8 trajectories: a whole number of global batches of 4, else the 2-process data loader repeats examples
-        # to fill its last batch, as accelerate does, and the runs differ)
-        "rise": ["rise", f"task={probs}", "train_problems=8", "collect_turns=2", "samples=[1,2]", "max_steps=2", "eval_problems=6",
-                 "eval_turns=2", "eval_parallel=2", "max_new_tokens=6", "unit_size=2", "logging_steps=1",
-                 "temperature=1.0", "eval_temperature=1.0", "criteria=all", *TRAIN],
+        # processes), training on the gathered trajectories (8: a whole number of global batches of 4, else the
+        # 2-process data loader repeats examples to fill its last batch, as accelerate does, and the runs differ)
+        "rise": ["rise", *TRAIN, f"task={probs}", "train_problems=8", "collect_turns=2", "samples=[1,2]",
+                 "max_steps=2", "eval_problems=6", "eval_turns=2", "eval_parallel=2", "max_new_tokens=6",
+                 "unit_size=2", "criteria=all"],
+        # stopped after 2 of 4 steps, resumed by 2 processes from checkpoint-2 (constant learning rate, so the
+        # 2-step run's schedule is the 4-step run's)
+        "resumed": [*constant, "max_steps=4"],
     }
+    out = {name: ([a], a) for name, a in one.items()}
+    out["resumed"] = ([[*constant, "max_steps=2"], [*constant, "max_steps=4", "resume_from_checkpoint=last"]],
+                      one["resumed"])
+    out["eval"] = ([["eval", "--model", "tiny-random", "--task", str(probs), "--n", "7", "--samples", "2",
+                     "--max-new-tokens", "6"]], None)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -100,15 +110,18 @@ def both(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("procs")
     one, two, log = tmp / "1p", tmp / "2p", tmp / "log"
     todo = runs(conversations(tmp / "convs.jsonl"), problems(tmp / "problems.jsonl"))
-    (tmp / "runs.json").write_text(json.dumps([[*a, f"output_dir={two / n}"] for n, a in todo.items()]))
+    out = {n: ["--out", str(two / n)] if cmds[0][0] == "eval" else [f"output_dir={two / n}"]
+           for n, (cmds, _) in todo.items()}
+    (tmp / "runs.json").write_text(json.dumps([[*c, *out[n]] for n, (cmds, _) in todo.items() for c in cmds]))
     t = time.time()
     proc = subprocess.Popen([*launch_cmd(free_port()), str(ROOT / "tests" / "launch_runs.py"),
                              str(tmp / "runs.json"), str(log)], env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        for name, a in todo.items():
-            r = CliRunner().invoke(app, [*a, f"output_dir={one / name}", "gradient_accumulation_steps=2"])
-            assert r.exit_code == 0, f"{name}: {r.output}"
+        for name, (_, ref) in todo.items():
+            if ref is not None:
+                r = CliRunner().invoke(app, [*ref, f"output_dir={one / name}", "gradient_accumulation_steps=2"])
+                assert r.exit_code == 0, f"{name}: {r.output}"
         output, _ = proc.communicate(timeout=900)
     finally:
         if proc.poll() is None:
@@ -156,7 +169,7 @@ def only_rank0_wrote(log: Path, out: Path) -> None:
 def test_launch_ran_every_run_on_both_ranks(both):
     _, two, log = both
     for r in (0, 1):
-        assert json.loads((log / f"exit-{r}.json").read_text()) == [0] * 5
+        assert json.loads((log / f"exit-{r}.json").read_text()) == [0] * 8
     only_rank0_wrote(log, two)
 
 
@@ -214,3 +227,32 @@ def test_rise_recipe_matches_one_process(both):
     start = models.load("tiny-random")[0].state_dict()
     assert max(float((w - start[k]).abs().max()) for k, w in weights(one / "rise" / "iter-1").items()) > 1e-3
     assert_same_weights(one / "rise" / "iter-1", two / "rise" / "iter-1")
+
+
+def test_checkpoints_hold_every_process_state_and_a_resume_by_two_processes_is_exact(both):
+    """Both processes wrote their RNG state into the staged checkpoint before rank 0 renamed it; a 2-process run
+    stopped at step 2 and resumed from checkpoint-2 ends where one uninterrupted process ends."""
+    one, two, _ = both
+    for ckpt in ("checkpoint-2", "checkpoint-4"):
+        files = {p.name for p in (two / "sft" / ckpt).iterdir()}
+        assert {"rng_state_0.pth", "rng_state_1.pth", "trainer_state.json", "ponder_loss.json"} <= files
+    assert not (two / "sft" / ".staging").exists()
+    assert json.loads((two / "resumed" / "metrics.json").read_text())["steps"] == 4
+    assert_close(losses(two / "resumed", "train_loss")[-1:], losses(one / "resumed", "train_loss")[-1:], "train_loss")
+    moved(one / "resumed")
+    assert_same_weights(one / "resumed", two / "resumed")
+
+
+def test_eval_command_splits_problems_between_processes(both):
+    _, two, _ = both
+    m = json.loads((two / "eval" / "metrics.json").read_text())
+    ids = [json.loads(x)["id"] for x in (two / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert m["n"] == 7 and ids == [f"p{i}" for i in range(7)]  # each problem once, in order (units of 4 and 3)
+
+
+def test_forking_evaluation_is_split_and_written_once(both):
+    _, two, _ = both
+    e = json.loads((two / "ssft" / "eval.json").read_text())
+    recs = [json.loads(x) for x in (two / "ssft" / "eval_samples.jsonl").read_text().splitlines()]
+    assert e["n"] == 2 and len(recs) == 2 and len({r["id"] for r in recs}) == 2
+    assert all(len(r["forced"]) == 4 and all(len(t) == 1 for t in r["forced"]) for r in recs)

@@ -1,7 +1,7 @@
-"""Several processes: every trainer and recipe run under ``accelerate launch --multi_gpu --num_processes 2`` on
-CPU (gloo; `ponder.trainers.base.cpu_processes`) equals a single-process run of the same global batch (2 processes
-x 1 micro-batch against 1 process x 2 accumulated micro-batches): the same losses at every step and final weights
-within fp32 rounding; RL groups stay whole on one process (a GFPO question's G rollouts are made in one training
+"""Several processes: every trainer and recipe run under ``accelerate launch --config_file
+configs/accelerate/cpu.yaml`` (2 processes on CPU, gloo; `ponder.trainers.base.cpu_processes`) equals a
+single-process run of the same global batch (2 processes x 1 micro-batch against 1 process x 2 accumulated
+micro-batches): the same losses at every step and final weights within fp32 rounding; RL groups stay whole on one process (a GFPO question's G rollouts are made in one training
 step of one process); RISE collection and evaluation are split across the processes without a duplicate or a
 loss and their metrics computed once; only rank 0 writes a run's files.
 
@@ -32,9 +32,9 @@ RTOL = 1e-6   # per-step losses (relative)
 
 
 def launch_cmd(port: int) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes",
-            "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-            str(port)]
+    """`accelerate launch` with the shipped CPU config (configs/accelerate/cpu.yaml: 2 processes)."""
+    return [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+            str(ROOT / "configs" / "accelerate" / "cpu.yaml"), "--main_process_port", str(port)]
 
 
 def free_port() -> int:

@@ -256,3 +256,48 @@ def test_forking_evaluation_is_split_and_written_once(both):
     recs = [json.loads(x) for x in (two / "ssft" / "eval_samples.jsonl").read_text().splitlines()]
     assert e["n"] == 2 and len(recs) == 2 and len({r["id"] for r in recs}) == 2
     assert all(len(r["forced"]) == 4 and all(len(t) == 1 for t in r["forced"]) for r in recs)
+
+
+# ---- the real command under `accelerate launch`, killed and resumed (slow: a launch per run) -----------------
+
+
+def launch(args: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen([*launch_cmd(free_port()), "-m", "ponder", *args], env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_two_process_cli_killed_after_a_checkpoint_and_resumed(tmp_path):
+    """`accelerate launch ... -m ponder sft` (2 processes) killed with SIGKILL (the launcher and both workers;
+    killing the launcher alone leaves torchrun's workers running, and the resumed run is then refused by the
+    output-directory lock) once a checkpoint is in place, resumed by a second 2-process launch with resume_from_checkpoint=last: the
+    final weights of one uninterrupted process with the same global batch."""
+    import signal
+
+    import psutil
+    data = conversations(tmp_path / "c.jsonl", n=64)
+    args = ["sft", *TRAIN, f"dataset={data}", "max_steps=200", "save_strategy=steps", "save_steps=4",
+            "lr_scheduler_type=constant", "learning_rate=0.001"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    r = CliRunner().invoke(app, [*args, f"output_dir={straight}", "gradient_accumulation_steps=2"])
+    assert r.exit_code == 0, r.output
+    proc = launch([*args, f"output_dir={killed}"])
+    t = time.time()
+    while not (killed / "checkpoint-4").exists():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.time() - t < 600
+        time.sleep(0.05)
+    # torchrun starts each worker in its own session: kill the workers and the launcher (a crash of the machine)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    for p in [*workers, psutil.Process(proc.pid)]:
+        p.send_signal(signal.SIGKILL)
+    proc.wait()
+    psutil.wait_procs(workers, timeout=60)
+    assert not (killed / "final").exists(), "the run finished before the kill"
+    done = sorted(int(p.name.split("-")[1]) for p in killed.glob("checkpoint-*"))
+    resumed = launch([*args, f"output_dir={killed}", "resume_from_checkpoint=last"])
+    out, _ = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, out[-3000:]
+    print(f"killed after checkpoints {done}; resumed from checkpoint-{done[-1]}")
+    assert json.loads((killed / "metrics.json").read_text())["steps"] == 200
+    assert_same_weights(straight, killed)

@@ -134,6 +134,9 @@ def metrics(run: Path) -> dict:
 CASES = {
     # name: (arguments, pause, the step it pauses at, checkpoint that must exist at the kill)
     "sft": (["sft", "max_steps=4", "save_steps=2"], "after", 2, "checkpoint-2"),
+    # killed after the last checkpoint (mid-epoch), before final/ was saved: the resumed run trains no step more
+    # (at a constant learning rate one more step would move the weights)
+    "sft-last": (["sft", "max_steps=3", "save_steps=3", "lr_scheduler_type=constant"], "after", 3, "checkpoint-3"),
     # killed while checkpoint-4 is half in place (written to .staging, not renamed): resume takes checkpoint-2
     "onepass": (["onepass", "max_steps=6", "save_steps=2"], "inside", 4, ".staging/checkpoint-4"),
     "ssft": (["ssft", "dataset=testbed:traces", "dataset_size=8", "num_tags=4", "max_steps=4", "save_steps=2",
@@ -146,7 +149,8 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_kill_after_checkpoint_and_resume(tmp_path, name):
     args, where, step, expect = CASES[name]
-    data = conversations(tmp_path / "c.jsonl") if name in ("sft", "onepass") else problems(tmp_path / "p.jsonl")
+    data = conversations(tmp_path / "c.jsonl") if name in ("sft", "sft-last", "onepass") else \
+        problems(tmp_path / "p.jsonl")
     args = [*args, *TRAIN] + ([f"dataset={data}"] if name != "ssft" else [])
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     invoke([*args, f"output_dir={straight}"])

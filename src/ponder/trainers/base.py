@@ -160,6 +160,14 @@ class PonderTrainer(Trainer):
                                                      self.state.global_step))
         return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
 
+    def _run_epoch(self, *args, **kwargs):
+        # transformers 5.23 checks for the end of training only after a step, so a run resumed from a checkpoint
+        # at max_steps (killed after its last checkpoint, before `final` was saved) would train one step more
+        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     # ---- the whole run's train_loss across resumes -------------------------------------------------------
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):

@@ -48,8 +48,9 @@ def batch(tok, n: int, rationale: int, seed: int = 0):
 
 def bench_scoring(spec: str, n: int, rationale: int, repeats: int) -> dict[str, float]:
     from ponder import latro, models
+    from ponder.chat import pad_id
     model, tok = models.load(spec)
-    pad = latro._pad_id(tok)
+    pad = pad_id(tok)
     xs, zs, ys = batch(tok, n, rationale)
     tokens = sum(len(x) + len(z) + len(y) for x, z, y in zip(xs, zs, ys))
     tokens_sep = tokens + sum(len(x) + len(z) for x, z in zip(xs, zs))
@@ -91,17 +92,23 @@ def bench_scoring(spec: str, n: int, rationale: int, repeats: int) -> dict[str, 
 
 
 class StepTimer:
+    """Wall time from one optimizer step's end to the next (LaTROTrainer samples an update's rollouts before
+    `on_step_begin`, when the Trainer fetches the update's micro-batches, so begin-to-end would miss them); the
+    first step is timed from `on_train_begin`."""
+
     def __init__(self):
         from transformers import TrainerCallback
         self.times: list[float] = []
         outer = self
 
         class CB(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kw):
+            def on_train_begin(self, args, state, control, **kw):
                 outer.t = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kw):
-                outer.times.append(time.perf_counter() - outer.t)
+                now = time.perf_counter()
+                outer.times.append(now - outer.t)
+                outer.t = now
         self.callback = CB()
 
 

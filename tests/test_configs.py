@@ -1,6 +1,7 @@
 """Every shipped config under configs/ parses into its method's config class (fields, types, YAML quirks), and
 each method directory has the three scales."""
 
+import json
 from importlib import import_module
 from pathlib import Path
 
@@ -28,7 +29,7 @@ METHOD_CONFIGS = sorted(p for p in ROOT.glob("*/*.yaml") if p.parent.name not in
 def test_config_parses(path, tmp_path):
     assert path.parent.name in CLASSES, f"{path}: no config class registered for {path.parent.name!r}"
     overrides = [f"output_dir={tmp_path}"]
-    if path.stem == "gpu" and "bf16: true" in path.read_text():
+    if path.stem.endswith("gpu") and "bf16: true" in path.read_text():
         overrides.append("bf16=false")  # TrainingArguments refuses bf16 on a machine without a GPU
     cfg = load_config(config_class(path.parent.name), path, overrides)
     assert cfg.model and cfg.output_dir == str(tmp_path)
@@ -66,3 +67,17 @@ def test_accelerate_configs_load(name):
     assert not ({*cfg.fsdp_config, *cfg.deepspeed_config} - known)
     assert name == "cpu" or "not run here" in path.read_text()
     assert {p.stem for p in (ROOT / "accelerate").glob("*.yaml")} == set(ACCELERATE)
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.glob("experiments/*.yaml")), ids=lambda p: p.name)
+def test_experiment_spec_parses(path, tmp_path):
+    """Experiment specs (`ponder experiment`): the spec is valid and every arm's config loads with its overrides."""
+    from ponder.recipes import experiment
+    spec = experiment.load_spec(path)
+    for arm, a in spec["arms"].items():
+        if a["run"] in ("latro", "sft_gold") and a.get("config"):
+            o = {k: v for k, v in a.get("overrides", {}).items() if k not in ("sft", "eval", "gold_strategy")}
+            o.update(output_dir=str(tmp_path / arm), model="tiny-random")  # `after` arms get their model later
+            over = [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in o.items()]
+            cfg = load_config(config_class("latro"), ROOT.parent / a["config"], over)
+            assert cfg.output_dir == str(tmp_path / arm)

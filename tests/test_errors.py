@@ -364,7 +364,7 @@ def _(tmp):
     args = eval_on(tmp, [{"question": "1+1", "answer": "2"}, {"question": "2+2", "answer": "4", "meta": {"verifier": "nope"}}])
     args[2] = tmp / "no-such-model"
     return args, r"p\.jsonl:2: meta\.verifier: unknown verifier 'nope' \(expected one of math, gsm8k, boxed, " \
-        r"answer_is, testbed or rg:<task>\)"
+        r"answer_is, testbed, arc, text or rg:<task>\)"
 
 
 @case("unknown-rg-verifier")

@@ -41,3 +41,36 @@ def test_bad_spec_is_one_line(tmp_path):
     spec.write_text("name: toy\nseeds: [0]\nmetrics: [acc]\narms:\n  a: {run: nope}\n")
     r = CliRunner().invoke(app, ["experiment", str(spec)])
     assert r.exit_code == 2 and "arms.a.run must be one of" in r.output
+
+
+def test_once_arms_curves_and_scales(tmp_path, monkeypatch):
+    """A `once` arm runs for the first seed only and is every seed's `after`; curves.json files become a
+    mean ± s.e. plot; `scales` shows token counts unscaled."""
+    calls = []
+
+    def start(config, overrides, seed, out, after):
+        calls.append(("start", seed))
+        (out / "final").mkdir(parents=True)
+        return {"m": {"acc": 0.1}}
+
+    def learner(config, overrides, seed, out, after):
+        calls.append(("learner", seed, str(after["model"])))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "curves.json").write_text(json.dumps({"len": [[0, 10 + seed], [5, 20 + seed]]}))
+        return {"m": {"acc": 0.2 + 0.01 * seed, "len": 12.5}}
+
+    monkeypatch.setitem(experiment.RUNS, "start", start)
+    monkeypatch.setitem(experiment.RUNS, "learner", learner)
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "exp.yaml"
+    spec.write_text("name: toy2\nseeds: [3, 4]\nmetrics: [acc, len]\nscales: {len: 1}\ncurves: [len]\narms:\n"
+                    "  s: {run: start, once: true}\n  l: {run: learner, after: s}\n")
+    r = CliRunner().invoke(app, ["experiment", str(spec)])
+    assert r.exit_code == 0, r.output
+    start_dir = "runs/experiments/toy2/s/seed-3/final"
+    assert calls == [("start", 3), ("learner", 3, start_dir), ("learner", 4, start_dir)]
+    md = (tmp_path / "docs/results/toy2.md").read_text()
+    assert "| l/m | 23.5 ± 0.5 | 12.5 ± 0.0 |" in md and "| s/m | 10.0 | - |" in md
+    assert "toy2-curves.png" in md and (tmp_path / "docs/results/toy2-curves.png").stat().st_size > 5000
+    xs, ms, es = experiment.curve_stats(tmp_path / "runs/experiments/toy2", "l", [3, 4], "len")
+    assert xs == [0.0, 5.0] and ms == [13.5, 23.5] and abs(es[0] - 0.5) < 1e-12

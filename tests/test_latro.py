@@ -13,6 +13,7 @@ from ponder import latro, models, rollout
 from ponder.advantages import rloo_advantages
 from ponder.logprobs import token_logprobs
 from ponder.recipes import latro as latro_recipe
+from ponder.trainers import latro as latro_trainer
 from ponder.trainers.latro import GroupSampler, LaTROConfig, LaTROTrainer, collate
 
 EOT = "<|im_end|>"
@@ -281,46 +282,143 @@ def make_trainer(model, tok, tmp_path, **kw):
     return LaTROTrainer(model=model, args=LaTROConfig(**opts), train_dataset=PROBLEMS, processing_class=tok)
 
 
-def test_trainer_loss_equals_independent_reference(tmp_path):
-    model, tok = models.load("tiny-random", dtype="float64")
-    tr = make_trainer(model, tok, tmp_path)
-    with torch.no_grad():  # move the policy away from the reference copy so the KL term is not zero
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+def spy_rollouts(tr):
+    """Record what the trainer's `rollouts` returns (the rollouts of the last update)."""
     seen = {}
     real = tr.rollouts
 
-    def spy(m, prompts):
-        seen["out"] = real(m, prompts)
+    def spy(*args):
+        seen["out"] = real(*args)
         return seen["out"]
     tr.rollouts = spy
+    return seen
+
+
+def perturb(model, scale=0.05):
+    with torch.no_grad():  # move the policy away from the reference copy so the KL term is not zero
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+
+
+def reference_total(tr, model, roll, ys, reward="logprob", beta=0.3, sft_weight=0.7, k=4, r0=None, keep=None):
+    """Independent reference for one update: per-rollout unpadded passes, the chosen reward by hand from the
+    per-token log-probs, the non-stop penalty over ALL the update's rollouts, leave-one-out advantages by hand;
+    returns the differentiable total loss (sum over rollouts) and the rewards."""
+    n = len(roll.xs)
+    lz, ry, ref = [], [], []
+    for x, z, y in zip(roll.xs, roll.zs, ys):
+        xz = torch.tensor([x + z])
+        lz.append(token_logprobs(model, xz, target_mask=torch.tensor([[False] * len(x) + [True] * len(z)])).sum())
+        with torch.no_grad():
+            ref.append(token_logprobs(tr.ref_model, xz, target_mask=torch.tensor(
+                [[False] * len(x) + [True] * len(z)])).sum())
+        if reward == "verifier":
+            ry.append(None)
+            continue
+        xzy = torch.tensor([x + z + y])
+        lt = token_logprobs(model, xzy, target_mask=torch.tensor([[False] * (len(x) + len(z)) + [True] * len(y)]))
+        ry.append({"logprob": lt.sum(), "mean_logprob": lt.sum() / len(y), "prob": lt.sum().exp(),
+                   "mean_prob": lt.exp().sum() / len(y)}[reward])
+    if reward == "verifier":
+        ry = [torch.tensor(v, dtype=torch.float64) for v in roll.verifier.tolist()]
+    raw = [v.item() for v in ry]
+    if r0 is not None:
+        raw = [min(max(v - b, 0.0), 1.0) for v, b in zip(raw, r0)]
+    bounded = reward in ("prob", "mean_prob", "verifier")
+    mean = sum(raw) / n
+    pen = [v if s else (0.0 if bounded else 2.0 * mean) for v, s in zip(raw, roll.stopped.tolist())]
+    r = [v - beta * (a.item() - c.item()) for v, a, c in zip(pen, lz, ref)]
+    adv = [r[i] - sum(r[j] for j in range(k * (i // k), k * (i // k) + k) if j != i) / (k - 1) for i in range(n)]
+    keep = keep or [1.0] * n
+    total = sum(w * (-A * a - sft_weight * b) for w, A, a, b in zip(keep, adv, lz, ry))
+    return total, r, lz, ref
+
+
+@pytest.mark.parametrize("reward", latro.REWARDS)
+def test_trainer_loss_equals_independent_reference(tmp_path, reward, monkeypatch):
+    model, tok = models.load("tiny-random", dtype="float64")
+    sft = 0.0 if reward == "verifier" else 0.7
+    if reward == "verifier":  # a deterministic stand-in for the verifier: the random model never answers right
+        monkeypatch.setattr(latro_trainer.verify, "score", lambda p, text: float(len(text) % 2))
+        real = rollout.sample
+        eot = tok.convert_tokens_to_ids(EOT)
+
+        def some_end(model, tok_, prompts, **kw):  # the random model rarely ends a turn within L: end half of them
+            out = real(model, tok_, prompts, **kw)
+            for row in out:
+                for j, s in enumerate(row[::2]):
+                    ids = s.ids[:3 + j] + [eot]
+                    row[2 * j] = rollout.Sample(s.prompt_index, s.prompt_ids, ids, tok_.decode(ids[:-1]), "eos")
+            return out
+        monkeypatch.setattr(latro_trainer.rollout, "sample", some_end)
+    tr = make_trainer(model, tok, tmp_path, reward=reward, sft_weight=sft, rlpr_debias=False)
+    perturb(model)
+    seen = spy_rollouts(tr)
     batch = collate([tr.train_dataset[0]] * 4 + [tr.train_dataset[5]] * 4)
     model.zero_grad()
     total = tr.weighted_loss_sum(model, batch)
     total.backward()
     got = torch.cat([p.grad.flatten() for p in model.parameters()])
-    xs, zs, stopped = seen["out"]
-    assert 0 < int(stopped.sum()) < 8, "the test wants both stopped and non-stopped rationales"
-    # independent reference: per-rollout unpadded passes, rewards, leave-one-out advantages by hand
+    roll = seen["out"]
+    assert 0 < int(roll.stopped.sum()) < 8, "the test wants both stopped and non-stopped rationales"
     model.zero_grad()
     ys = [tr.train_dataset[0]["answer_ids"]] * 4 + [tr.train_dataset[5]["answer_ids"]] * 4
-    lz, ly, ref = [], [], []
-    for x, z, y in zip(xs, zs, ys):
-        a, b = separate_reference(model, x, z, y)
-        lz.append(a)
-        ly.append(b)
-        with torch.no_grad():
-            ref.append(separate_reference(tr.ref_model, x, z, y)[0])
-    mean_ly = sum(v.item() for v in ly) / 8
-    r = [(v.item() if s else 2.0 * mean_ly) - 0.3 * (a.item() - c.item()) for v, a, c, s in zip(ly, lz, ref, stopped)]
-    adv = [r[i] - sum(r[j] for j in range(4 * (i // 4), 4 * (i // 4) + 4) if j != i) / 3 for i in range(8)]
-    expected = sum(-A * a - 0.7 * b for A, a, b in zip(adv, lz, ly))
+    if reward == "verifier":
+        ys = [[]] * 8
+        assert 0 < roll.verifier.sum() < 8 and all(z[-1] in tr._eos for z, s in zip(roll.zs, roll.stopped) if s)
+    expected, r, lz, ref = reference_total(tr, model, roll, ys, reward, sft_weight=sft)
     expected.backward()
     want = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert abs(total.item() - expected.item()) <= 1e-9
     scale = want.abs().max()  # gradients to fp32 precision: RMSNorm runs in fp32 (see the test above)
     assert scale > 1e-3 and (got - want).abs().max() <= 1e-5 * scale
     assert any(abs(v.item() - c.item()) > 1e-3 for v, c in zip(lz, ref))
+
+
+def test_penalty_mean_spans_the_whole_update_under_gradient_accumulation(tmp_path):
+    """gradient_accumulation_steps = 2: the rollouts of both micro-batches are sampled once, and the non-stop
+    penalty's mean is over all 16 of them (the official code's local batch) — checked against a reference over
+    all rollouts, against the micro-batch-mean variant (which differs), and against the same update done as
+    one micro-batch of 16 (identical rollouts, identical gradient)."""
+    model, tok = models.load("tiny-random", dtype="float64")
+    perturb(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    items = [0, 5, 7, 2]
+    rows = [it for i in items for it in [i] * 4]
+
+    def run(ga):
+        model.load_state_dict(state)
+        tr = make_trainer(model, tok, tmp_path / f"ga{ga}", per_device_train_batch_size=16 // ga,
+                          gradient_accumulation_steps=ga)
+        seen = spy_rollouts(tr)
+        chunks = [rows[i:i + 16 // ga] for i in range(0, 16, 16 // ga)]
+        batches, units = tr.get_batch_samples(iter([collate([tr.train_dataset[i] for i in c]) for c in chunks]),
+                                              ga, "cpu")
+        assert int(units) == 16 and len(batches) == ga
+        model.zero_grad()
+        total = sum(tr.weighted_loss_sum(model, b) for b in batches)
+        total.backward()
+        return tr, seen["out"], total, torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    tr, roll, total, got = run(2)
+    stopped = roll.stopped.tolist()
+    assert 0 < sum(stopped) < 16, "the test wants both stopped and non-stopped rationales"
+    model.zero_grad()
+    ys = [tr.train_dataset[i]["answer_ids"] for i in rows]
+    expected, _, _, _ = reference_total(tr, model, roll, ys)
+    expected.backward()
+    want = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert abs(total.item() - expected.item()) <= 1e-9
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    # the per-micro-batch mean (the old behaviour) gives another loss: the test can tell them apart
+    halves = [latro_trainer.Rollouts(roll.xs[h], roll.zs[h], ys[h], roll.index[h], roll.stopped[h], roll.lengths[h])
+              for h in (slice(0, 8), slice(8, 16))]
+    with torch.no_grad():
+        per_micro = sum(reference_total(tr, model, h, h.ys)[0] for h in halves)
+    assert abs(per_micro.item() - expected.item()) > 1e-3
+    _, roll1, total1, got1 = run(1)
+    assert roll1.zs == roll.zs and roll1.stopped.tolist() == stopped
+    assert abs(total1.item() - total.item()) <= 1e-9 and (got1 - got).abs().max() <= 1e-5 * got.abs().max()
 
 
 def test_lora_reference_is_the_base_model_with_the_adapter_disabled(tmp_path):
@@ -371,30 +469,44 @@ def test_shipped_configs_load(name):
         assert c.per_device_train_batch_size * c.gradient_accumulation_steps * 8 == 384
 
 
-def test_training_logs_metrics_and_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("reward", ["logprob", "mean_prob"])
+def test_training_logs_metrics_and_resume_is_exact(tmp_path, reward):
+    """Resume from a checkpoint repeats the straight run exactly — with mean_prob also RLPR's r' and the std
+    filter's EMA state (saved with the trainer state), the filter active from update 2."""
     from transformers import TrainerCallback
 
     class Crash(TrainerCallback):
         def on_save(self, args, state, control, **kw):
             control.should_training_stop = True
 
+    extra = dict(reward=reward, std_filter_ema_start=1, std_filter_start=3, std_filter_beta=0.9) \
+        if reward == "mean_prob" else {}
+
     def run(out, resume=None, crash=False):
         model, tok = models.load("tiny-random", dtype="float64")
-        tr = make_trainer(model, tok, out, max_steps=4, save_strategy="steps", save_steps=2, logging_steps=1, seed=3)
+        tr = make_trainer(model, tok, out, max_steps=5, save_strategy="steps", save_steps=3, logging_steps=1, seed=3,
+                          **extra)
         if crash:
             tr.add_callback(Crash())
         tr.train(resume_from_checkpoint=resume)
-        return torch.cat([p.detach().flatten() for p in model.parameters()]), tr.state.log_history
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), tr.state.log_history, tr
 
-    straight, logs = run(tmp_path / "a")
-    first = logs[0]
-    for key in ("reward", "kl", "advantage_std", "nonstop_fraction", "answer_prob", "rationale_length"):
-        assert key in first
-    assert 0 <= first["nonstop_fraction"] <= 1 and first["advantage_std"] > 0
+    straight, logs, tr = run(tmp_path / "a")
+    logs = [h for h in logs if "reward" in h]
+    for key in ("reward", "kl", "advantage_std", "nonstop_fraction", "rationale_length", "rollout_tokens"):
+        assert key in logs[0]
+    assert all(0 <= h["nonstop_fraction"] <= 1 for h in logs) and any(h["advantage_std"] > 0 for h in logs)
+    if reward == "mean_prob":
+        assert [h["std_threshold"] > 0 for h in logs] == [False, False, True, True, True]
+        assert any(h["kept_fraction"] < 1 for h in logs), "the filter dropped no group: the test checks nothing"
+        assert len(tr.std_filter.history) == 5 and tr.no_rationale.shape == (len(PROBLEMS),)
+    else:
+        assert "answer_prob" in logs[0]
     run(tmp_path / "b", crash=True)
-    assert sorted(os.listdir(tmp_path / "b")) == ["checkpoint-2"]
-    resumed, _ = run(tmp_path / "b", resume=True)
+    assert sorted(os.listdir(tmp_path / "b")) == ["checkpoint-3"]
+    resumed, _, tr2 = run(tmp_path / "b", resume=True)
     assert torch.equal(straight, resumed)
+    assert tr2.std_filter.state() == tr.std_filter.state()
 
 
 def test_cli_latro_writes_report_and_plot(tmp_path):
@@ -457,3 +569,28 @@ def test_demo_quick_structure(tmp_path):
     assert out["plots"] and all((tmp_path / p).stat().st_size > 10_000 for p in out["plots"])
     assert any("paper's direction" in n for n in out["notes"])
     assert out["metrics"]["steps"] == 2 and out["metrics"]["train_questions"] == 4
+
+
+@pytest.mark.parametrize("task", ["testbed", "testbed:words"])
+def test_sft_gold_arm_trains_on_exactly_the_latro_questions(tmp_path, task):
+    """The experiment's SFT baseline: gold rationales of the very problems the LaTRO arm trains on (same data
+    source, count and seed), with the reference answer LaTRO scores."""
+    from ponder.config import load_config
+    from ponder.data import read_jsonl
+    from ponder.recipes import experiment
+    cfg = tmp_path / "latro.yaml"
+    cfg.write_text(f"model: tiny-random\ndataset: '{task}'\nn_train: 6\nnum_generations: 2\n"
+                   "per_device_train_batch_size: 4\nprompt_template: '{question}'\n")
+    rows = experiment.run_sft_gold(str(cfg), {"sft": {"max_steps": 1, "per_device_train_batch_size": 2},
+                                              "eval": {"eval_problems": 2, "samples": 0, "max_new_tokens": 4}},
+                                   0, tmp_path / "sft", None)
+    assert 0 <= rows["sft"]["greedy_accuracy"] <= 1
+    gold = [rec["messages"] for _, rec in read_jsonl(tmp_path / "sft" / "gold.jsonl")]
+    tr = LaTROTrainer(args=load_config(LaTROConfig, cfg, [f"output_dir={tmp_path / 'l'}", "report_to=none"]))
+    assert [m[0]["content"] for m in gold] == [p.question for p in tr.train_problems]
+    assert [m[1]["content"] for m in gold] == [f"The answer is {p.answer}." for p in tr.train_problems]
+    for m, p in zip(gold, tr.train_problems):
+        a, b, c = (p.meta[k] for k in "abc")
+        assert m[1]["reasoning"] == f"{b}*{c}={b * c}. {a}+{b * c}={a + b * c}."
+    if task == "testbed:words":
+        assert not any(ch.isdigit() for p in tr.train_problems for ch in p.answer)

@@ -2,7 +2,9 @@
 
 Records (docs/architecture.md "Contracts"):
 - `Problem`: id, question, answer (+ meta). Sources: ``testbed``, reasoning-gym (``rg:<task>``), JSONL files,
-  HF datasets (GSM8K layout ``question`` / ``answer`` with ``#### N`` read as-is).
+  HF datasets (GSM8K layout ``question`` / ``answer`` with ``#### N`` read as-is; ARC layout ``choices`` /
+  ``answerKey``: the answer is the gold option's text, the option texts go to ``meta["options"]``; or an
+  ``options`` list beside ``answer``). An answer may be free text (a sentence).
 - `Conversation`: messages ``[{role, content, reasoning}]``; also OpenAI/Qwen3 ``reasoning_content`` and
   ShareGPT ``{from, value}`` (under ``messages`` or ``conversations``).
 - `TraceSet` (SSFT): question, answer, traces ``[{reasoning, content, source}]``.
@@ -112,7 +114,7 @@ def gsm8k_answer(answer: str) -> tuple[str, str | None]:
 
 
 #: The answer checkers `ponder.verify.score` knows, besides ``rg:<task>`` for every reasoning-gym task.
-VERIFIERS = ("math", "gsm8k", "boxed", "answer_is", "testbed")
+VERIFIERS = ("math", "gsm8k", "boxed", "answer_is", "testbed", "arc", "text")
 
 
 def check_verifier(meta: dict[str, Any], where: str) -> None:
@@ -138,14 +140,34 @@ def _record_meta(rec: dict[str, Any], where: str) -> dict[str, Any]:
     return dict(meta)
 
 
+def _choice(rec: dict[str, Any], where: str) -> tuple[str, list[str]]:
+    """ARC layout (``choices: {text, label}``, ``answerKey``): (the gold option's text, the option texts)."""
+    ch = rec["choices"]
+    if not isinstance(ch, dict) or not isinstance(ch.get("text"), list) or not isinstance(ch.get("label"), list):
+        raise DataError(f"{where}: field 'choices' must be an object with lists 'text' and 'label'")
+    key = _field(rec, where, "answerKey")
+    if key not in ch["label"]:
+        raise DataError(f"{where}: field 'answerKey' {key!r} is not one of the labels {ch['label']}")
+    return str(ch["text"][ch["label"].index(key)]), [str(t) for t in ch["text"]]
+
+
 def problem_from_record(rec: dict[str, Any], where: str, index: int) -> Problem:
     """A problem from an external record. Its ``meta.entry`` is never trusted: reasoning-gym's scorers evaluate
     some entry fields, so for ``rg:`` verifiers the entry is regenerated from ``meta.rg`` (seed, size, index,
     config: what `load_problems` records) or the gold answer alone is used."""
     question = _field(rec, where, "question", "problem", "prompt")
+    meta = _record_meta(rec, where)
+    if "choices" in rec and "answerKey" in rec:  # multiple choice (ARC): the answer is the gold option's text
+        answer, meta["options"] = _choice(rec, where)
+        meta.setdefault("verifier", "arc")
+        check_verifier(meta, where)
+        meta.pop("entry", None)
+        return Problem(str(rec.get("id", index)), question, answer, meta)
+    if "options" in rec:
+        opts = _field(rec, where, "options", kind=list)
+        meta["options"] = [str(o) for o in opts]
     raw = _field(rec, where, "answer", "solution", "final_answer")
     answer, solution = gsm8k_answer(raw)
-    meta = _record_meta(rec, where)
     if solution is not None:
         meta.setdefault("solution", solution)
         meta.setdefault("answer_field", raw)  # the raw GSM8K field: RISE's official reward reads it as-is
@@ -265,7 +287,8 @@ def rg_tasks() -> list[str]:
 
 def load_problems(spec: str, n: int | None = None, seed: int = 0, split: str = "train",
                   **task_config) -> list[Problem]:
-    """Problems from ``testbed``, ``rg:<task>`` (or a bare reasoning-gym task name), JSONL or HF datasets.
+    """Problems from ``testbed`` (``testbed:words``: the answers in words), ``rg:<task>`` (or a bare reasoning-gym
+    task name), JSONL or HF datasets.
 
     For reasoning-gym, `seed` and `n` define the items (the package generates them offline, deterministically)
     and `task_config` is passed to the task's config (e.g. ``min_terms=3``). split="test" uses seed+10**6 so
@@ -273,6 +296,8 @@ def load_problems(spec: str, n: int | None = None, seed: int = 0, split: str = "
     """
     if spec == "testbed":
         return [Problem(**p) for p in testbed.problems(n or 200, seed=seed, split=split)]
+    if spec == testbed.WORDS_TASK:
+        return [Problem(**p) for p in testbed.word_problems(n or 200, seed=seed, split=split)]
     if spec.startswith("rg:") or spec in _rg_names():
         import reasoning_gym as rg
         task = spec.removeprefix("rg:")
@@ -310,7 +335,8 @@ _RG_NAMES: list[str] | None = None
 def load_conversations(spec: str, n: int | None = None, split: str = "train", seed: int = 0
                        ) -> list[Conversation]:
     """Conversations from JSONL / HF datasets, or generated: ``testbed:multi`` (follow-up conversations of
-    2-8 turns with reasoning), ``testbed:retry`` (RISE-style retry episodes), ``testbed:single``, ``testbed:gold``."""
+    2-8 turns with reasoning), ``testbed:retry`` (RISE-style retry episodes), ``testbed:single``, ``testbed:gold``,
+    ``testbed:words``."""
     if spec.startswith("testbed:"):
         return [Conversation(m, f"{spec}-{i}") for i, m in
                 enumerate(testbed.conversations(spec.split(":", 1)[1], n or 1000, seed=seed, split=split))]

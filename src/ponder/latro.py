@@ -1,5 +1,6 @@
 """LaTRO — Latent Reasoning Optimization (Chen et al., arXiv 2411.04282; docs/methods.md §4): the public scoring
-function and the small pure functions the trainer is made of.
+function and the small pure functions the trainer is made of, with the likelihood-reward family around it
+(docs/methods.md §4.12-§4.16).
 
 The objective (Eq. 3) treats the rationale z as a latent variable and the model as its own reward:
 
@@ -13,22 +14,37 @@ and its gradient is estimated from K rationales per question (Eq. 4, docs/method
 Both log π(z|x) and log π(y|x⊕z) are sums over tokens and come from ONE causal pass over ``[x ⊕ z ⊕ y]``
 (π(z|x) does not depend on the y appended after it) — `score` / `score_ids`. The official code uses separate
 passes over ``[x ⊕ z]`` and ``[x ⊕ z ⊕ y]`` (`score_separate` here, the baseline of ``bench/latro.py``).
+
+The reward R(z) may be any of `REWARDS` (`answer_score`; docs/methods.md §4.12): LaTRO's Σ log π(y|x⊕z), its
+per-token mean (Kwiatkowski et al., arXiv 2602.03979 Eq. 10), VeriFree's π(y|x⊕z) (arXiv 2505.21493 Eq. 4),
+RLPR's mean token probability (arXiv 2506.18254 Eq. 2, de-biased by Eqs. 3-4: `debias`, filtered by §2.4:
+`StdFilter`), or a 0/1 verifier. The KL term, the non-stop penalty and the advantages are shared.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from ponder.chat import end_of_turn_id, generation_prompt, pad_id, text_ids
 from ponder.logprobs import logits_at, logprobs_of, reduce
-from ponder.prompts import ANSWER_TEMPLATE, STOP_STRINGS
+from ponder.prompts import ANSWER_TEMPLATE, LATRO_ARC_PROMPT, STOP_STRINGS
 from ponder.prompts import LATRO_PROMPT as PROMPT_TEMPLATE
 
-__all__ = ["PROMPT_TEMPLATE", "ANSWER_TEMPLATE", "STOP_STRINGS", "score", "score_ids", "self_rewards", "loss_terms"]
+__all__ = ["PROMPT_TEMPLATE", "ANSWER_TEMPLATE", "STOP_STRINGS", "REWARDS", "score", "score_ids", "answer_score",
+           "self_rewards", "loss_terms", "render_prompt", "StdFilter"]
 
 LAYOUTS = ("split", "left", "right")
+#: R(z) for a rationale z (docs/methods.md §4.12): the four likelihood rewards of the reference answer y, and a
+#: 0/1 verifier on the model's own answer (then the trainer is plain RLOO/GRPO).
+REWARDS = ("logprob", "mean_logprob", "prob", "mean_prob", "verifier")
+#: Rewards in [0, 1]: a rollout that never stops gets 0, the floor (docs/methods.md §4.5).
+BOUNDED_REWARDS = ("prob", "mean_prob", "verifier")
+#: Named prompt templates (`prompt_template: arc`): the official GSM8K and ARC-Challenge user messages.
+PROMPTS = {"gsm8k": PROMPT_TEMPLATE, "arc": LATRO_ARC_PROMPT}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -40,6 +56,18 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     """x: the chat-templated user message with the generation prompt (= ``apply_chat_template(...,
     add_generation_prompt=True)``; ponder's ChatML template when the tokenizer has none)."""
     return generation_prompt(tokenizer, [{"role": "user", "content": prompt}])
+
+
+def render_prompt(template: str, question: str, options: Sequence[str] | None = None) -> str:
+    """The user message: `template` with {question} and, for multiple choice, {options} rendered as the official
+    code renders ARC's ``choices["text"]`` in an f-string — the Python list repr, e.g. ``['dry palms', "it's
+    palms"]`` (docs/methods.md §4.7). `template` may be a name in `PROMPTS` (gsm8k, arc)."""
+    template = PROMPTS.get(template, template)
+    if "{options}" in template:
+        if options is None:
+            raise KeyError("options")
+        return template.format(question=question, options=str(list(options)))
+    return template.format(question=question)
 
 
 def answer_ids(tokenizer, answer: str, eot: int | None = None) -> list[int]:
@@ -62,6 +90,23 @@ def rationale_of(sample, eos_ids: Sequence[int] = ()) -> tuple[list[int], bool]:
             ids.pop()
         return ids, True
     return ids, sample.finish_reason == "stop"
+
+
+def rationale_length(tokenizer, ids: Sequence[int], stops: Sequence[str]) -> int:
+    """Tokens of a whole completion before its answer template begins (the earliest stop string; all of them
+    when there is none): the rationale length of a ``reward: verifier`` rollout, for the metrics."""
+    text = tokenizer.decode(list(ids), skip_special_tokens=False)
+    hits = [text.find(s) for s in stops if s and s in text]
+    if not hits:
+        return len(ids)
+    c, lo, hi = min(hits), 0, len(ids)  # the largest k with decode(ids[:k]) no longer than text[:c]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(tokenizer.decode(list(ids[:mid]), skip_special_tokens=False)) <= c:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -112,9 +157,11 @@ def pack(xs: Sequence[Sequence[int]], zs: Sequence[Sequence[int]], ys: Sequence[
     return ids, att, pos, pairs(zp), pairs(yp), first
 
 
-def _sums(model, ids, att, pos, pair_sets, first: int, n: int) -> list[torch.Tensor]:
-    """One forward over `ids`; for each (3, P) pair set, the per-row sum of log p(target | predictor).
-    Logits are computed only from column `first` on (`logits_to_keep`), which is where every target lives."""
+def _sums(model, ids, att, pos, pair_sets, first: int, n: int, reductions: Sequence[str] | None = None
+          ) -> list[torch.Tensor]:
+    """One forward over `ids`; for each (3, P) pair set, the per-row reduction (`answer_score`, default
+    ``logprob`` = Σ log p) of log p(target | predictor). Logits are computed only from column `first` on
+    (`logits_to_keep`), which is where every target lives."""
     device = next(model.parameters()).device
     allp = torch.cat(pair_sets, dim=1).to(device)
     keep = ids.shape[1] - first
@@ -122,21 +169,33 @@ def _sums(model, ids, att, pos, pair_sets, first: int, n: int) -> list[torch.Ten
                        logits_to_keep=keep)
     lp = logprobs_of(logits, ids.to(device)[allp[0], allp[2]])
     out, at = [], 0
-    for p in pair_sets:
+    for i, p in enumerate(pair_sets):
         k = p.shape[1]
-        out.append(reduce(lp[at:at + k], allp[0, at:at + k], n))
+        how = reductions[i] if reductions else "logprob"
+        out.append(answer_score(lp[at:at + k], allp[0, at:at + k], n, how))
         at += k
     return out
 
 
 def score_ids(model, xs: Sequence[Sequence[int]], zs: Sequence[Sequence[int]], ys: Sequence[Sequence[int]],
-              pad_id: int, layout: str = "split") -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ log π(z|x), Σ log π(y|x⊕z)) per sample from ONE causal pass over the padded ``[x z y]`` rows.
-    Gradients flow (wrap in ``torch.no_grad()`` for rewards). An empty y gives 0 and makes this the
-    ``[x z]``-only pass (the reference model's KL term needs nothing else)."""
+              pad_id: int, layout: str = "split", reward: str = "logprob") -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ log π(z|x), R(y|x⊕z)) per sample from ONE causal pass over the padded ``[x z y]`` rows; R is
+    `answer_score` with `reward` (default Σ log π(y|x⊕z), LaTRO's). Gradients flow (wrap in
+    ``torch.no_grad()`` for rewards). An empty y gives R = 0 and makes this the ``[x z]``-only pass (the
+    reference model's KL term needs nothing else)."""
     ids, att, pos, zp, yp, first = pack(xs, zs, ys, pad_id, layout)
-    lz, ly = _sums(model, ids, att, pos, [zp, yp], first, len(xs))
+    lz, ly = _sums(model, ids, att, pos, [zp, yp], first, len(xs), ["logprob", reward])
     return lz, ly
+
+
+@torch.no_grad()
+def no_rationale_scores(model, xs: Sequence[Sequence[int]], ys: Sequence[Sequence[int]], pad_id: int,
+                        batch_size: int = 64) -> torch.Tensor:
+    """RLPR's r' (arXiv 2506.18254 Eq. 3; docs/methods.md §4.15): the mean token probability of each y decoded
+    right after its x, with no rationale — computed once, before training, with the initial model."""
+    out = [score_ids(model, xs[i:i + batch_size], [[]] * len(xs[i:i + batch_size]), ys[i:i + batch_size], pad_id,
+                     reward="mean_prob")[1] for i in range(0, len(xs), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 def score_separate(model, xs, zs, ys, pad_id: int, layout: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,7 +210,8 @@ def score_separate(model, xs, zs, ys, pad_id: int, layout: str = "left") -> tupl
 
 
 def score(model, tokenizer, prompts: Sequence[str], rationales: Sequence[str], answers: Sequence[str],
-          layout: str = "split", batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          layout: str = "split", batch_size: int | None = None, reward: str = "logprob"
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """LaTRO's two sums for each sample, from ONE fused causal pass over ``[x ⊕ z ⊕ y]``.
 
     prompts: user-message contents (the CoT trigger already in them); x = the chat template with the
@@ -159,7 +219,8 @@ def score(model, tokenizer, prompts: Sequence[str], rationales: Sequence[str], a
     answer texts (e.g. "The answer is 42."); y = their tokens + the end-of-turn token. The pieces are
     concatenated at the token level, as the official code does. Returns (logp_z, logp_y), 1-D tensors with
     Σ_t log π(z_t | x, z_<t) and Σ_t log π(y_t | x⊕z, y_<t). Gradients flow unless called under no_grad.
-    batch_size: score in chunks of this many samples (memory), default all at once.
+    batch_size: score in chunks of this many samples (memory), default all at once. reward: the second value is
+    `answer_score` with this reduction instead of the sum (e.g. ``prob`` for VeriFree's π(y|x⊕z)).
     """
     if not (len(prompts) == len(rationales) == len(answers)):
         raise ValueError(f"prompts, rationales and answers differ in number: {len(prompts)}, {len(rationales)}, "
@@ -169,7 +230,7 @@ def score(model, tokenizer, prompts: Sequence[str], rationales: Sequence[str], a
     zs = [list(tokenizer(z, add_special_tokens=False)["input_ids"]) if z else [] for z in rationales]
     ys = [answer_ids(tokenizer, a, eot) for a in answers]
     step = batch_size or max(1, len(xs))
-    parts = [score_ids(model, xs[i:i + step], zs[i:i + step], ys[i:i + step], pad_id(tokenizer), layout)
+    parts = [score_ids(model, xs[i:i + step], zs[i:i + step], ys[i:i + step], pad_id(tokenizer), layout, reward)
              for i in range(0, len(xs), step)]
     if not parts:
         empty = torch.zeros(0)
@@ -178,37 +239,126 @@ def score(model, tokenizer, prompts: Sequence[str], rationales: Sequence[str], a
 
 
 # ----------------------------------------------------------------------------------------------------------
-# rewards, advantages, loss (pure functions on 1-D tensors of per-rollout values)
+# rewards (docs/methods.md §4.12-§4.16), the penalty, the loss: pure functions on 1-D per-rollout tensors
 # ----------------------------------------------------------------------------------------------------------
 
 
-def nonstop_penalty(rewards: torch.Tensor, stopped: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
-    """Rationales that reached the length limit without a stop get γ × the batch mean reward (docs/methods.md §4.5,
-    following TRL's RLOO penalty; the official code uses γ = 2 and the mean over the local batch). The
-    self-rewards are log-likelihoods (negative), so this doubles the badness of an average rationale."""
+def answer_score(logprobs: torch.Tensor, rows: torch.Tensor, n: int, reward: str = "logprob") -> torch.Tensor:
+    """R(y | x⊕z) per sample from the per-token log-probs ℓ_t = log π(y_t | x⊕z, y_<t) of the reference answer
+    (rows: the sample of each token; |y| counts y's tokens, the end-of-turn token included):
+
+    - ``logprob``       Σ_t ℓ_t = log π(y|x⊕z)                 LaTRO, arXiv 2411.04282 Eq. 3
+    - ``mean_logprob``  (1/|y|) Σ_t ℓ_t                          Kwiatkowski et al., arXiv 2602.03979 Eq. 10
+    - ``prob``          exp(Σ_t ℓ_t) = π(y|x⊕z)                  VeriFree, arXiv 2505.21493 Eq. 4
+    - ``mean_prob``     (1/|y|) Σ_t exp(ℓ_t)                     RLPR, arXiv 2506.18254 Eq. 2 (f_seq = mean)
+
+    Differentiable: its gradient is the answer-side term of the loss (`loss_terms`). A sample with no y tokens
+    gets 0."""
+    total = reduce(logprobs, rows, n, "sum")
+    if reward == "logprob":
+        return total
+    count = reduce(torch.ones_like(logprobs), rows, n, "sum").clamp(min=1)
+    if reward == "mean_logprob":
+        return total / count
+    if reward == "prob":
+        return total.exp()
+    if reward == "mean_prob":
+        return reduce(logprobs.exp(), rows, n, "sum") / count
+    raise ValueError(f"reward must be one of {', '.join(REWARDS[:4])} for a likelihood score, got {reward!r}")
+
+
+def debias(scores: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+    """RLPR's de-biased reward (arXiv 2506.18254 Eqs. 3-4): r̂ = clip(r − r', 0, 1), with r' the same score of y
+    decoded right after the prompt (no rationale) by the initial model (docs/methods.md §4.15)."""
+    return (scores - baseline).clamp(0.0, 1.0)
+
+
+def nonstop_penalty(rewards: torch.Tensor, stopped: torch.Tensor, gamma: float = 2.0, bounded: bool = False
+                    ) -> torch.Tensor:
+    """Rationales that reached the length limit without a stop get γ × the mean reward of ALL the rollouts given
+    (the trainer passes a whole update's; docs/methods.md §4.5), the official code's rule (γ = 2, from TRL's
+    RLOO). The self-rewards are log-likelihoods (negative), so this doubles the badness of an average rationale.
+    bounded: rewards in [0, 1] (prob, mean_prob, verifier), where γ × mean would be a bonus: a non-stopped
+    rollout gets the floor 0 instead (VeriFree's code scores a truncated response π = 0); γ = 0 turns the
+    penalty off for them. NaN rewards are left out of the mean."""
     stopped = stopped.to(torch.bool)
     if bool(stopped.all()):
         return rewards
-    return torch.where(stopped, rewards, gamma * rewards.mean())
+    if bounded:
+        return torch.where(stopped, rewards, torch.zeros_like(rewards)) if gamma > 0 else rewards
+    return torch.where(stopped, rewards, gamma * rewards.nanmean())
 
 
 def self_rewards(logp_y: torch.Tensor, logp_z: torch.Tensor, ref_logp_z: torch.Tensor | None,
-                 stopped: torch.Tensor, beta: float, gamma: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(reward, kl) per rollout, detached: r = penalised log π(y|x⊕z) − β·(log π(z|x) − log π₀(z|x)).
-    kl is the single-sample sequence-level estimate log π(z|x) − log π₀(z|x) folded into the reward
+                 stopped: torch.Tensor, beta: float, gamma: float = 2.0, bounded: bool = False,
+                 baseline: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reward, kl) per rollout, detached: r = penalised R − β·(log π(z|x) − log π₀(z|x)), where R is `logp_y`
+    (LaTRO's log π(y|x⊕z), or any `answer_score` / verifier score), de-biased first when `baseline` r' is given
+    (RLPR). kl is the single-sample sequence-level estimate log π(z|x) − log π₀(z|x) folded into the reward
     (docs/methods.md §4.4); zero without a reference model (β = 0)."""
     logp_y, logp_z = logp_y.detach(), logp_z.detach()
+    if baseline is not None:
+        logp_y = debias(logp_y, baseline.detach())
     kl = logp_z - ref_logp_z.detach() if ref_logp_z is not None else torch.zeros_like(logp_z)
-    return nonstop_penalty(logp_y, stopped, gamma) - beta * kl, kl
+    return nonstop_penalty(logp_y, stopped, gamma, bounded) - beta * kl, kl
 
 
 def loss_terms(logp_z: torch.Tensor, logp_y: torch.Tensor, advantages: torch.Tensor,
                sft_weight: float = 1.0) -> torch.Tensor:
     """Per-rollout surrogate loss whose gradient is minus the rollout's Eq. 4 term:
-    −A·Σlog π(z|x) + sft_weight·(−Σ log π(y|x⊕z)). Averaging over the N·K rollouts of an optimizer step gives
-    the official ``rloo_loss + sft_penalty · sft_loss`` (both means over rollouts). sft_weight = 1 is Eq. 4;
-    the official code's default (sft_penalty) is 0: only the rationale term."""
+    −A·Σlog π(z|x) + sft_weight·(−R(y|x⊕z)). Averaging over the N·K rollouts of an optimizer step gives the
+    official ``rloo_loss + sft_penalty · sft_loss`` (both means over rollouts). sft_weight = 1 is Eq. 4; the
+    official code's default (sft_penalty) is 0: only the rationale term.
+
+    With another reward, −sft_weight·R is the reward's own gradient (Kwiatkowski et al. Lemma 1: ∇E_z[R_θ(z)] =
+    E[(R − c)∇log π(z|x) + ∇R_θ(z)]): for ``prob``, ∇π(y|x⊕z) = π·∇log π(y|x⊕z) is VeriFree's reference-answer
+    term (arXiv 2505.21493 Eq. 7), for the means it is the mean's gradient (docs/methods.md §4.12)."""
     loss = -advantages.detach() * logp_z
     if sft_weight:
         loss = loss - sft_weight * logp_y
     return loss
+
+
+def group_std(rewards: torch.Tensor) -> torch.Tensor:
+    """Per-group standard deviation of the rewards (num_prompts, K), Bessel-corrected (torch.std, as RLPR's verl
+    `compute_grpo_outcome_advantage`)."""
+    return rewards.std(dim=1)
+
+
+@dataclass
+class StdFilter:
+    """RLPR's standard-deviation filter (arXiv 2506.18254 §2.4; official `ray_trainer.py`, filter_mode EMA;
+    docs/methods.md §4.16): from update `start` on, a question whose group reward std is below β·EMA is dropped
+    from the update. The EMA is of the per-update mean group std: updates `ema_start` .. `start`−1 only collect
+    it; at `start` the EMA is their mean, and after every later update ema ← ratio·ema + (1 − ratio)·(that
+    update's mean std, the dropped groups included). Updates count from 1, as verl's global_steps. Defaults are
+    RLPR's reproduce scripts (β = 0.5 for Qwen, 0.99, 6, 11)."""
+    beta: float = 0.5
+    ratio: float = 0.99
+    ema_start: int = 6
+    start: int = 11
+    ema: float | None = None
+    history: list[float] = field(default_factory=list)
+
+    def threshold(self, step: int) -> float:
+        """The std below which a group is dropped at update `step` (1-based); advances the EMA. 0 before `start`."""
+        if self.beta <= 0 or step < self.start or not self.history:
+            return 0.0
+        if self.ema is None:
+            self.ema = sum(self.history) / len(self.history)
+        elif step > self.start:
+            self.ema = self.ratio * self.ema + (1 - self.ratio) * self.history[-1]
+        return self.ema * self.beta
+
+    def observe(self, step: int, stds: torch.Tensor) -> None:
+        """Record update `step`'s group stds (non-finite ones left out, as the official code)."""
+        vals = [v for v in stds.tolist() if math.isfinite(v)]
+        if step >= self.ema_start and vals:
+            self.history.append(sum(vals) / len(vals))
+
+    def state(self) -> dict:
+        return {"ema": self.ema, "history": list(self.history)}
+
+    def load(self, state: dict | None) -> None:
+        if state:
+            self.ema, self.history = state["ema"], list(state["history"])

@@ -60,6 +60,10 @@ DEMO_ANSWER = (
 
 #: GSM8K, zero-shot, inside the chat template's user message.
 LATRO_PROMPT = "{question} Let's think step by step."
+#: ARC-Challenge (official `utils/data_utils.py`, chat-template branch): {options} is the Python list of the
+#: option texts (`ponder.latro.render_prompt`); y is "The answer is {gold option text}.".
+LATRO_ARC_PROMPT = ("Question: {question}\nOptions: {options}\nLet's think step by step first then print your answer "
+                    "like 'The answer is (one of the options)'.")
 #: The target y (followed by the end-of-turn token).
 ANSWER_TEMPLATE = "The answer is {answer}."
 #: The official stop sequences (the function-call variants are left out). A rationale ends where the earliest

@@ -35,6 +35,7 @@ SPECIAL_TOKENS = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", THINK_OPEN, TH
 CHARSET = [c for c in string.printable if c not in "\r\x0b\x0c"]  # letters, digits, punctuation, space, \t, \n
 WORDS = ["system", "user", "assistant", "The answer is"]
 TASK = "testbed"
+WORDS_TASK = "testbed:words"
 VERSION = 2  # bump when the data or the recipe changes
 
 
@@ -103,8 +104,29 @@ def solve(p: Arith, strategy: str = "direct", slip: int = 0) -> tuple[str, int]:
     return STRATEGIES[strategy](p, bc, lambda x: p.a + x), p.a + bc
 
 
-def answer_text(n: int) -> str:
+def answer_text(n: int | str) -> str:
     return ANSWER_TEMPLATE.format(answer=n)
+
+
+_ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+         "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+_TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+
+
+def number_words(n: int) -> str:
+    """An integer in English words, the free-text answers of ``testbed:words``: 72 -> "seventy-two",
+    712 -> "seven hundred twelve", 1005 -> "one thousand five", -3 -> "minus three" (|n| < 10**6)."""
+    if n < 0:
+        return "minus " + number_words(-n)
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        return _TENS[n // 10] + ("-" + _ONES[n % 10] if n % 10 else "")
+    if n < 1000:
+        return _ONES[n // 100] + " hundred" + (" " + number_words(n % 100) if n % 100 else "")
+    if n < 10**6:
+        return number_words(n // 1000) + " thousand" + (" " + number_words(n % 1000) if n % 1000 else "")
+    raise ValueError(f"number_words covers |n| < 10**6, got {n}")
 
 
 def strategy_of(reasoning: str) -> str | None:
@@ -148,6 +170,21 @@ def problems(n: int, seed: int = 0, split: str = "test") -> list[dict[str, Any]]
                 ps.append(p)
     return [{"id": f"testbed-{split}-{i}", "question": p.question, "answer": str(p.answer),
              "meta": {"task": TASK, "a": p.a, "b": p.b, "c": p.c}} for i, p in enumerate(ps)]
+
+
+def word_problems(n: int, seed: int = 0, split: str = "test") -> list[dict[str, Any]]:
+    """``testbed:words``, the testbed's free-text task: the same problems as `problems` (same seeds, same split
+    rule), whose reference answer is the number in words ("seven hundred twelve"; y = "The answer is seven
+    hundred twelve."). There is no number to parse: the answer is checked as text (verifier ``answer_is``,
+    case-insensitive exact match after "The answer is"). The rationale stays in digits, so the model can compute
+    in the format it knows and must then *say* the result: a reference answer that is a sentence, reachable
+    by the testbed after a short SFT on `conversations("words")`."""
+    out = problems(n, seed, split)
+    for p in out:
+        p["id"] = p["id"].replace("testbed-", "testbed-words-")
+        p["answer"] = number_words(int(p["answer"]))
+        p["meta"] = {**p["meta"], "task": WORDS_TASK, "verifier": "answer_is"}
+    return out
 
 
 def _pick_strategy(rng: random.Random) -> str:
@@ -230,14 +267,23 @@ def _train_problems(rng: random.Random):
             yield p
 
 
+def words_turn(p: Arith) -> list[dict[str, Any]]:
+    """The ``direct`` gold rationale with the answer in words (`word_problems`' reference answer)."""
+    reasoning, ans = solve(p, "direct")
+    return [{"role": "user", "content": p.question},
+            {"role": "assistant", "reasoning": reasoning, "content": answer_text(number_words(ans))}]
+
+
 def conversations(kind: str, n: int, seed: int = 0, split: str = "train") -> list[list[dict[str, Any]]]:
-    """Generated conversations: ``multi`` (2-8 turns), ``retry``, ``single`` (a random strategy) or ``gold``
-    (the ``direct`` strategy the testbed was pre-trained on: LaTRO's SFT baseline); split="test" uses the
-    held-out problems."""
+    """Generated conversations: ``multi`` (2-8 turns), ``retry``, ``single`` (a random strategy), ``gold``
+    (the ``direct`` strategy the testbed was pre-trained on: LaTRO's SFT baseline) or ``words`` (``gold`` with the
+    answer in words: the SFT that teaches ``testbed:words``); the problems are those of `problems(n, seed, split)`
+    (split="test": the held-out ones)."""
     rng = random.Random(seed)
     probs = iter(heldout(n)) if split == "test" else _train_problems(rng)
     makers = {"multi": lambda p: multi_turn(p, rng, rng.randint(2, 8)),
               "gold": lambda p: single_turn(p, rng, "direct"),
+              "words": lambda p: words_turn(p),
               "retry": lambda p: retry_episode(p, rng, wrong_attempts=rng.choice([1, 1, 2])),
               "single": lambda p: single_turn(p, rng)}
     if kind not in makers:

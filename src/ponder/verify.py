@@ -3,8 +3,10 @@
 `score(problem, text) -> float` (1.0 = correct) dispatches on the problem's verifier
 (``problem.meta["verifier"]``, else by task): ``math`` (math-verify, the default), ``gsm8k`` (``#### N``, then
 ``\\boxed{}``, "The answer is", the last number), ``boxed`` (last ``\\boxed{}``), ``answer_is`` (LaTRO's
-extractor), ``rg:<task>`` (reasoning-gym's own `score_answer`; it gives partial credit, so only 1.0 counts as
-correct in `is_correct`; scorers that evaluate text never run in this process: `ponder.rgscore`). `extract(problem, text)` returns the canonical answer string used for majority votes.
+extractor), ``arc`` (LaTRO's official ARC check, `arc_answer`), ``text`` (a free-text answer: the final line,
+normalised, equals the reference sentence), ``rg:<task>`` (reasoning-gym's own `score_answer`; it gives partial
+credit, so only 1.0 counts as correct in `is_correct`; scorers that evaluate text never run in this process:
+`ponder.rgscore`). `extract(problem, text)` returns the canonical answer string used for majority votes.
 """
 
 from __future__ import annotations
@@ -97,6 +99,30 @@ def answer_is(text: str, numeric: bool = True) -> str | None:
     return rest[:-1].strip() if rest.endswith(".") else rest
 
 
+def arc_answer(text: str) -> str:
+    """LaTRO's official ARC extraction (`utils/eval_utils.py`): the first '.'-sentence containing "the answer
+    is", lower-cased, after the phrase, stripped of ``:'[]()".``; without the phrase, the last sentence. A
+    prediction is correct when the gold option text (lower-cased, final '.' removed) is a SUBSTRING of it."""
+    delim = "the answer is"
+    if delim in text.lower():
+        for sent in text.split("."):
+            if delim in sent.lower():
+                return sent.lower().split(delim)[-1].lstrip(":").strip(" '[]()\".").rstrip(".")
+    return text.lower().strip(" '[]()\".").rstrip(".").split(".")[-1]
+
+
+def free_text(text: str) -> str:
+    """A free-text answer for comparison: the last non-empty line after any ``</think>``, lower-cased, spaces
+    collapsed, surrounding quotes and final punctuation removed."""
+    body = text.rsplit("</think>", 1)[-1]
+    lines = [ln for ln in body.splitlines() if ln.strip()]
+    return normalize_text(lines[-1] if lines else "")
+
+
+def normalize_text(s: str) -> str:
+    return " ".join(s.lower().split()).strip(" '\"").rstrip(".!?").strip()
+
+
 def answer_tag(text: str) -> str | None:
     found = re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)
     return found[-1].strip() if found else None
@@ -174,6 +200,10 @@ def extract(problem: Problem | dict, text: str) -> str | None:
         return answer_is(text, numeric=canonical_number(gold) is not None)
     if kind == "gsm8k":
         return gsm8k_extract(text)
+    if kind == "arc":
+        return arc_answer(text) if text else None
+    if kind == "text":
+        return free_text(text) or None
     if kind == "boxed":
         b = boxed(text)
         return canonical_number(b) or (b.strip() if b is not None else None)
@@ -202,6 +232,10 @@ def score(problem: Problem | dict, text: str) -> float:
         return rgscore.score(kind[3:], pred, entry, fallback=lambda: _numeric_or_text(pred, gold))
     if kind == "math":
         return float(math_equal(gold, text))
+    if kind == "arc":
+        return float(bool(text) and gold.lower().strip().rstrip(".") in arc_answer(text))
+    if kind == "text":
+        return float(free_text(text) == normalize_text(gold))
     if kind not in VERIFIERS:
         raise ValueError(f"unknown verifier {kind!r} (expected {', '.join(VERIFIERS)} or rg:<task>)")
     return _numeric_or_text(extract(problem, text), gold)

@@ -15,7 +15,11 @@ A spec (configs/experiments/*.yaml):
 Every (arm, seed) writes its rows to runs/experiments/<name>/<arm>/seed-<s>/rows.json when it finishes; a re-run
 skips finished ones (`--force` redoes them), so an interrupted experiment loses at most the run in progress.
 An arm may start from another arm's output of the same seed (`after: <arm>`; its model is `{after}` in the
-overrides). Run kinds are the functions in `RUNS`; each returns {row name: {metric: value}}.
+overrides). An arm with `once: true` runs for the spec's first seed only and every seed's `after` uses that
+run (a shared starting model). Run kinds are the functions in `RUNS`; each returns {row name: {metric:
+value}}; a run that also writes ``curves.json`` ({key: [[step, value], ...]}) is drawn over training for the
+spec's `curves` keys (mean ± s.e. over seeds; `curve_groups` puts arms in separate rows of panels). `scales`
+sets a metric's display factor (default `scale`, 100: accuracies in %; e.g. 1 for token counts).
 """
 
 from __future__ import annotations
@@ -41,8 +45,9 @@ from ponder.trainers.latro import LaTROConfig
 from ponder.trainers.onepass import OnePassConfig, OnePassTrainer
 from ponder.trainers.sft import SFTConfig, SFTTrainer
 
-SPEC_KEYS = {"name", "title", "seeds", "arms", "metrics", "claims", "notes", "scale"}
-ARM_KEYS = {"run", "config", "overrides", "after", "label"}
+SPEC_KEYS = {"name", "title", "seeds", "arms", "metrics", "claims", "notes", "scale", "scales", "curves",
+             "curve_groups"}
+ARM_KEYS = {"run", "config", "overrides", "after", "label", "once"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -97,9 +102,37 @@ def run_sft(config, overrides, seed, out, after):
 
 
 def run_latro(config, overrides, seed, out, after):
-    cfg = load_config(LaTROConfig, config, _overrides(overrides, seed, out))
+    """LaTRO (any `reward`): the final held-out evaluation, the rationale length over training and the rollout
+    tokens sampled; curves.json holds accuracy, rationale length, reward and KL over the updates."""
+    o = dict(overrides)
+    if after:
+        o["model"] = str(after["model"])
+    cfg = load_config(LaTROConfig, config, _overrides(o, seed, out))
     res = latro_recipe.run(cfg)
-    return {"latro": _scalars(res["final_eval"])}
+    write_json(out / "curves.json", latro_recipe.curves(res["log_history"]))
+    return {"latro": {**_scalars(res["final_eval"]), **latro_recipe.training_summary(res["log_history"])}}
+
+
+def run_sft_gold(config, overrides, seed, out, after):
+    """SFT on gold rationales of exactly the questions a LaTRO config trains on (its dataset, n_train,
+    dataset_split, dataset_seed: the same problems), then `metrics.evaluate`. overrides: the LaTRO
+    config's overrides, plus `sft:` (SFTConfig fields), `eval:` (as for `eval` runs) and `gold_strategy` (the
+    rationales' format, default ``direct``: `ponder.recipes.latro.gold_conversations`)."""
+    o = dict(overrides)
+    sft, ev, strategy = dict(o.pop("sft", {})), o.pop("eval", {}), o.pop("gold_strategy", "direct")
+    if after:
+        o["model"] = str(after["model"])
+    lcfg = load_config(LaTROConfig, config, _overrides(o, seed, out))
+    problems = data.resolve_problems(lcfg.dataset, lcfg.n_train, lcfg.dataset_split, "dataset", lcfg.dataset_seed)
+    gold = out / "gold.jsonl"
+    data.write_jsonl(gold, [{"messages": m} for m in latro_recipe.gold_conversations(problems, strategy)])
+    sft = {"model": lcfg.model, "dataset": str(gold), "lr_scheduler_type": "constant", "save_strategy": "no",
+           "disable_tqdm": True, **sft}
+    cfg = load_config(SFTConfig, None, _overrides(sft, seed, out))
+    tr = SFTTrainer(args=cfg)
+    tr.train()
+    tr.save_model(str(out / "final"))
+    return {"sft": run_eval(None, ev, seed, out, {"model": out / "final"})["eval"]}
 
 
 def _forking(cfg_cls, name, config, overrides, seed, out, after):
@@ -138,7 +171,7 @@ def run_onepass(config, overrides, seed, out, after):
 
 
 RUNS: dict[str, Callable] = {"rise": run_rise, "eval": run_eval, "sft": run_sft, "latro": run_latro,
-                             "ssft": run_ssft, "gfpo": run_gfpo, "onepass": run_onepass}
+                             "sft_gold": run_sft_gold, "ssft": run_ssft, "gfpo": run_gfpo, "onepass": run_onepass}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -193,14 +226,14 @@ def run_experiment(spec_path: Path, seeds: list[int] | None = None, only: list[s
         if only and arm not in only:
             continue
         a = spec["arms"][arm]
-        for seed in seeds:
+        for seed in _arm_seeds(spec, arm, seeds):
             out = base / arm / f"seed-{seed}"
             done = out / "rows.json"
             if done.exists() and not force:
                 continue
             after = None
             if a.get("after"):
-                prev = base / a["after"] / f"seed-{seed}"
+                prev = base / a["after"] / f"seed-{_arm_seeds(spec, a['after'], [seed])[0]}"
                 if not (prev / "rows.json").exists():
                     raise ConfigError(f"arm {arm} starts after {a['after']}, which has no finished seed {seed}")
                 after = {"model": prev / "final", "dir": prev}
@@ -211,11 +244,16 @@ def run_experiment(spec_path: Path, seeds: list[int] | None = None, only: list[s
     return write_results(spec, base, seeds, results_dir, spec_path)
 
 
+def _arm_seeds(spec: dict[str, Any], arm: str, seeds: list[int]) -> list[int]:
+    """The seeds an arm runs: all of them, or the spec's first for a `once` arm."""
+    return [spec["seeds"][0]] if spec["arms"][arm].get("once") else seeds
+
+
 def collect(base: Path, spec: dict[str, Any], seeds: list[int]) -> dict[str, dict[int, dict[str, float]]]:
     """{"arm/row": {seed: {metric: value}}} from the finished runs."""
     out: dict[str, dict[int, dict[str, float]]] = {}
     for arm in spec["arms"]:
-        for seed in seeds:
+        for seed in _arm_seeds(spec, arm, seeds):
             f = base / arm / f"seed-{seed}" / "rows.json"
             if f.exists():
                 for row, vals in json.loads(f.read_text())["rows"].items():
@@ -231,6 +269,7 @@ def _ref(ref: str) -> tuple[str, str]:
 def write_results(spec, base: Path, seeds: list[int], results_dir: Path, spec_path: Path) -> dict[str, Any]:
     data_ = collect(base, spec, seeds)
     scale = float(spec.get("scale", 100))
+    scales = {m: float((spec.get("scales") or {}).get(m, scale)) for m in spec["metrics"]}
     table = []
     for row, by_seed in data_.items():
         cells = {}
@@ -246,18 +285,23 @@ def write_results(spec, base: Path, seeds: list[int], results_dir: Path, spec_pa
         b = [data_[rr][s][rm] for s in common if lm in data_[lr][s] and rm in data_[rr][s]]
         d = stats.paired_difference(a, b) if a else {"mean": math.nan, "se": math.nan, "lo": math.nan,
                                                      "hi": math.nan, "n": 0}
-        claims.append({**c, "diff": d, "verdict": stats.verdict(d, c.get("op", ">")) if a else "not run"})
+        claims.append({**c, "diff": d, "verdict": stats.verdict(d, c.get("op", ">")) if a else "not run",
+                       "scale": scales.get(lm, scale)})
     result = {"name": spec["name"], "seeds": seeds, "rows": {r: {m: list(v) for m, v in cells.items()}
                                                             for r, cells in table},
               "per_seed": data_, "claims": claims}
     write_json(base / "results.json", result)
     png = results_dir / f"{spec['name']}.png"
-    _plot(table, spec["metrics"], png, spec.get("title", spec["name"]), scale)
-    _markdown(spec, seeds, table, claims, data_, results_dir / f"{spec['name']}.md", png.name, spec_path, scale)
+    _plot(table, [m for m in spec["metrics"] if scales[m] == scale], png, spec.get("title", spec["name"]), scale)
+    extra = []
+    if spec.get("curves"):
+        extra.append(_plot_curves(spec, base, seeds, results_dir / f"{spec['name']}-curves.png").name)
+    _markdown(spec, seeds, table, claims, data_, results_dir / f"{spec['name']}.md", [png.name, *extra], spec_path,
+              scales)
     ui.print_table(f"{spec['name']}: claims ({len(seeds)} seeds)", ["claim", "difference", "95% interval",
                                                                    "verdict"],
-                   [(c["claim"], stats.fmt_pm(c["diff"]["mean"], c["diff"]["se"], scale),
-                     _interval(c["diff"], scale), c["verdict"]) for c in claims])
+                   [(c["claim"], stats.fmt_pm(c["diff"]["mean"], c["diff"]["se"], c["scale"]),
+                     _interval(c["diff"], c["scale"]), c["verdict"]) for c in claims])
     return result
 
 
@@ -265,17 +309,19 @@ def _interval(d: dict[str, float], scale: float) -> str:
     return "-" if math.isnan(d["lo"]) else f"[{scale * d['lo']:+.1f}, {scale * d['hi']:+.1f}]"
 
 
-def _markdown(spec, seeds, table, claims, data_, path: Path, png: str, spec_path: Path, scale: float) -> None:
-    unit = " (%)" if scale == 100 else ""
+def _markdown(spec, seeds, table, claims, data_, path: Path, pngs: list[str], spec_path: Path,
+              scales: dict[str, float]) -> None:
+    unit = " (accuracies in %)" if 100.0 in scales.values() else ""
+    metrics_ = spec["metrics"]
     lines = [f"# {spec.get('title', spec['name'])}", "",
              f"Written by `ponder experiment {spec_path}` ({len(seeds)} seeds: {', '.join(map(str, seeds))}). "
              f"Cells are mean ± standard error over seeds{unit}; claims are paired differences over seeds with a "
              "95% Student-t interval. Raw per-seed numbers: runs/experiments/"
              f"{spec['name']}/results.json and the per-seed table below.", ""]
     lines += [f"- {n}" for n in spec.get("notes", [])] + ([""] if spec.get("notes") else [])
-    lines += ["| row | " + " | ".join(spec["metrics"]) + " |", "|---|" + "---|" * len(spec["metrics"])]
+    lines += ["| row | " + " | ".join(metrics_) + " |", "|---|" + "---|" * len(metrics_)]
     for row, cells in table:
-        lines.append(f"| {row} | " + " | ".join(stats.fmt_pm(cells[m][0], cells[m][1], scale) for m in spec["metrics"])
+        lines.append(f"| {row} | " + " | ".join(stats.fmt_pm(cells[m][0], cells[m][1], scales[m]) for m in metrics_)
                      + " |")
     if claims:
         lines += ["", "| claim | left | right | difference ± s.e. | 95% interval | n | verdict |",
@@ -283,16 +329,60 @@ def _markdown(spec, seeds, table, claims, data_, path: Path, png: str, spec_path
         for c in claims:
             d = c["diff"]
             lines.append(f"| {c['claim']} | `{c['left']}` | `{c['right']}` {c.get('op', '>')} | "
-                         f"{stats.fmt_pm(d['mean'], d['se'], scale)} | {_interval(d, scale)} | {d['n']} | "
+                         f"{stats.fmt_pm(d['mean'], d['se'], c['scale'])} | {_interval(d, c['scale'])} | {d['n']} | "
                          f"**{c['verdict']}** |")
-    lines += ["", f"![{spec['name']}]({png})", "", "Per seed:", "",
-              "| row | seed | " + " | ".join(spec["metrics"]) + " |", "|---|---|" + "---|" * len(spec["metrics"])]
+    lines += [""] + [f"![{spec['name']}]({png})" for png in pngs]
+    lines += ["", "Per seed:", "", "| row | seed | " + " | ".join(metrics_) + " |", "|---|---|" + "---|" * len(metrics_)]
     for row, by_seed in data_.items():
         for s in sorted(by_seed):
             lines.append(f"| {row} | {s} | " + " | ".join(
-                f"{scale * by_seed[s][m]:.1f}" if m in by_seed[s] else "-" for m in spec["metrics"]) + " |")
+                f"{scales[m] * by_seed[s][m]:.1f}" if m in by_seed[s] else "-" for m in metrics_) + " |")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
+
+
+def curve_stats(base: Path, arm: str, seeds: list[int], key: str) -> tuple[list[float], list[float], list[float]]:
+    """(steps, mean, s.e.) of one curve over the seeds that logged it, at the steps all of them logged."""
+    runs = []
+    for seed in seeds:
+        f = base / arm / f"seed-{seed}" / "curves.json"
+        if f.exists():
+            runs.append({int(st): v for st, v in json.loads(f.read_text()).get(key, [])})
+    if not runs:
+        return [], [], []
+    steps = sorted(set.intersection(*(set(r) for r in runs)))
+    ms = [stats.mean_se([r[st] for r in runs]) for st in steps]
+    return [float(st) for st in steps], [m for m, _ in ms], [0.0 if math.isnan(e) else e for _, e in ms]
+
+
+def _plot_curves(spec, base: Path, seeds: list[int], path: Path) -> Path:
+    """One panel per (group of arms, curve key): mean over seeds with a ± s.e. band."""
+    plt = pyplot()
+    keys = spec["curves"]
+    groups = spec.get("curve_groups") or {"": list(spec["arms"])}
+    fig, axes = plt.subplots(len(groups), len(keys), figsize=(4.6 * len(keys), 3.4 * len(groups)), squeeze=False)
+    for gi, (gname, arms) in enumerate(groups.items()):
+        for ki, key in enumerate(keys):
+            ax = axes[gi][ki]
+            for i, arm in enumerate(arms):
+                xs, ms, es = curve_stats(base, arm, _arm_seeds(spec, arm, seeds), key)
+                if not xs:
+                    continue
+                ax.plot(xs, ms, marker="o" if len(xs) < 12 else None, ms=3, color=f"C{i}",
+                        label=spec["arms"][arm].get("label", arm))
+                ax.fill_between(xs, [m - e for m, e in zip(ms, es)], [m + e for m, e in zip(ms, es)],
+                                color=f"C{i}", alpha=0.2)
+            ax.set_title(f"{gname}: {key}" if gname else key, fontsize=9)
+            ax.set_xlabel("update")
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+    fig.suptitle(f"{spec.get('title', spec['name'])} (mean ± s.e. over seeds)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _plot(table, metric_names, path: Path, title: str, scale: float) -> None:

@@ -117,6 +117,52 @@ def write_report(out: Path, cfg: LaTROConfig, log_history: list[dict[str, Any]],
     return out / "report.md"
 
 
+# ----------------------------------------------------------------------------------------------------------
+# pieces of `ponder experiment` runs (docs/results/latro.md, docs/results/likelihood-rewards.md)
+# ----------------------------------------------------------------------------------------------------------
+
+CURVES = ("eval_greedy_accuracy", "rationale_length", "reward", "kl", "rollout_tokens")
+
+
+def curves(log_history: list[dict[str, Any]], keys=CURVES) -> dict[str, list[list[float]]]:
+    """{key: [[step, value], ...]} over training, for plots of several seeds."""
+    return {k: [list(p) for p in zip(*series(log_history, k))] for k in keys}
+
+
+def training_summary(log_history: list[dict[str, Any]]) -> dict[str, float]:
+    """Rationale length at the start, end (first / last 10% of the logged updates) and on average over
+    training, and the rollout tokens sampled in all (the budget the arms of an experiment share)."""
+    _, lens = series(log_history, "rationale_length")
+    out: dict[str, float] = {}
+    if lens:
+        w = max(1, len(lens) // 10)
+        out.update(rationale_length_start=sum(lens[:w]) / w, rationale_length_end=sum(lens[-w:]) / w,
+                   rationale_length_mean=sum(lens) / len(lens))
+    steps, toks = series(log_history, "rollout_tokens")
+    if toks:  # each log holds the mean over the updates since the previous log
+        out["rollout_tokens"] = sum(v * (s - p) for v, s, p in zip(toks, steps, [0] + steps[:-1]))
+    return out
+
+
+def gold_conversations(problems, strategy: str = "direct") -> list[list[dict[str, Any]]]:
+    """SFT on gold rationales for exactly the given testbed problems (LaTRO's baseline: the same questions);
+    `testbed:words` problems get the answer in words. strategy: the rationale's format, ``direct`` (the one the
+    testbed was pre-trained on) or another of `ponder.testbed.STRATEGIES` (gold rationales written differently
+    from the model's own, as human-written GSM8K solutions are for an LLM)."""
+    if any("a" not in p.meta for p in problems):
+        raise ValueError("gold rationales exist for testbed problems only (testbed, testbed:words)")
+    if strategy not in testbed.STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(testbed.STRATEGIES)}, got {strategy!r}")
+    out = []
+    for p in problems:
+        arith = testbed.Arith(*(int(p.meta[k]) for k in "abc"))
+        reasoning, ans = testbed.solve(arith, strategy)
+        answer = testbed.number_words(ans) if p.meta.get("task") == testbed.WORDS_TASK else ans
+        out.append([{"role": "user", "content": arith.question},
+                    {"role": "assistant", "reasoning": reasoning, "content": testbed.answer_text(answer)}])
+    return out
+
+
 def demo(run_dir, base: str, problems: list, quick: bool = False, *, steps: int | None = None,
          questions: int | None = None, k: int = 8, lr: float | None = None, sft_weight: float = 0.0,
          sft_lr: float | None = None, samples: int = 8, seed: int = 0) -> dict:

@@ -1,23 +1,25 @@
-"""LaTRO trainer (arXiv 2411.04282, docs/methods.md §4): self-rewarding latent reasoning optimisation.
+"""LaTRO trainer (arXiv 2411.04282, docs/methods.md §4): self-rewarding latent reasoning optimisation, and the
+likelihood-reward family on the same engine (docs/methods.md §4.12-§4.16).
 
-Per optimizer micro-step, on the prompts of the batch (TRL's shape: rollouts inside the training step):
-1. K rationales per question from the current policy (no grad; temperature 1, at most L tokens, stopped at the
-   answer template or eos; the stop text is not part of z) — `ponder.rollout.sample`;
-2. ONE forward with grad over the packed ``[x z y]`` rows gives Σlog π(z|x) and Σlog π(y|x⊕z)
-   (`ponder.latro.score_ids`); one more pass without grad over ``[x z]`` gives Σlog π₀(z|x) from the
-   reference model (a frozen copy, or with LoRA the same model with its adapter disabled);
-3. self-reward r = log π(y|x⊕z) (non-stop penalty γ × batch mean) − β·(log π(z|x) − log π₀(z|x)), RLOO
-   leave-one-out advantages per question;
-4. loss = mean over the step's N·K rollouts of −A·Σlog π(z|x) + sft_weight·(−Σlog π(y|x⊕z)) (Eq. 4 and the
-   official code's averaging: means over rollouts; the denominator spans the whole optimizer batch, so
-   gradient accumulation and several processes give the same update).
+One optimizer update, the official code's shape (sample the update's rollouts, reward them all, then optimise
+over micro-batches):
+1. at the start of the update (`get_batch_samples`, which sees all of its `gradient_accumulation_steps`
+   micro-batches), K rationales per question for every question of the update, in one sampling call from the
+   current policy (no grad; temperature 1, at most L tokens, stopped at the answer template or eos; the stop
+   text is not part of z) — `ponder.rollout.sample`;
+2. the rewards of ALL the update's rollouts: R(y|x⊕z) (`reward`, `ponder.latro.answer_score`; or a 0/1
+   verifier), the non-stop penalty with the mean over the whole update, − β·(log π(z|x) − log π₀(z|x)) with
+   π₀ the reference model (a frozen copy, or with LoRA the same model with its adapter disabled); RLOO (or
+   GRPO) advantages per question, optionally normalised over the update as TRL's RLOO does;
+3. per micro-batch, ONE forward with grad over the packed ``[x z y]`` rows (`ponder.latro.score_ids`) and the
+   loss −A·Σlog π(z|x) − sft_weight·R(y|x⊕z), summed; the denominator counts the rollouts of the whole
+   optimizer batch, so gradient accumulation and several processes give the same update.
+When an update is a single micro-batch (and no std filter needs the rewards first), the rewards come from the
+training forward itself (the same numbers; one pass fewer).
 
-The official code samples an update's rollouts once and then optimises over micro-batches; here every
-micro-batch samples its own rollouts with the same (not yet updated) weights, which is the same on-policy
-estimator (a single gradient step per batch, no PPO ratio) except that the non-stop penalty's batch mean is
-over the micro-batch. Batch arithmetic follows TRL's RLOOTrainer: `per_device_train_batch_size` counts
-rollouts (a multiple of `num_generations`); `num_train_epochs` counts passes over the questions (the official
-code's "epochs" count rollouts: its GSM8K "6 epochs" are ~0.37 passes, docs/methods.md §4.6).
+Batch arithmetic follows TRL's RLOOTrainer: `per_device_train_batch_size` counts rollouts (a multiple of
+`num_generations`); `num_train_epochs` counts passes over the questions (the official code's "epochs" count
+rollouts: its GSM8K "6 epochs" are ~0.37 passes, docs/methods.md §4.6).
 """
 
 from __future__ import annotations
@@ -31,39 +33,59 @@ import torch
 from peft import PeftModel
 from transformers import TrainingArguments
 
-from ponder import latro, metrics, rollout
-from ponder.advantages import rloo_advantages
+from ponder import latro, metrics, rollout, verify
+from ponder.advantages import group_normalized, normalize_advantages, rloo_advantages
 from ponder.chat import end_of_turn_id, pad_id
 from ponder.data import DataError, Problem, resolve_problems
 from ponder.prompts import check_template
 from ponder.trainers.base import PonderTrainer, cpu_processes, model_and_tokenizer
 
+ADVANTAGES = ("rloo", "grpo")
+NAN_REWARDS = ("raise", "skip")
+
 
 @dataclass
 class LaTROConfig(TrainingArguments):
     """Defaults are the paper's GSM8K recipe (docs/methods.md §4.6): K = 16, 48 rollouts per device per update,
-    lr 5e-7 (no warm-up, linear decay), β = 0.05, L = 500, temperature 1, γ = 2."""
+    lr 5e-7 (no warm-up, linear decay), β = 0.05, L = 500, temperature 1, γ = 2, reward Σ log π(y|x⊕z)."""
     model: str = field(default="testbed", metadata={"help": "model spec for ponder.models.load (CLI runs)"})
     dataset: str | None = field(default=None, metadata={"help": "problems: testbed | rg:<task> | .jsonl | hf:<name>"})
     dataset_split: str = field(default="train", metadata={"help": "split of `dataset` to train on"})
     n_train: int | None = field(default=None, metadata={"help": "number of training problems (None: all)"})
+    dataset_seed: int = field(default=0, metadata={"help": "seed of generated problems (testbed, rg:<task>)"})
     eval_problems: str | None = field(default=None, metadata={"help": "held-out problems (default: `dataset`)"})
     eval_split: str = field(default="test", metadata={"help": "split of `eval_problems`"})
     n_eval: int = field(default=200, metadata={"help": "held-out problems for greedy accuracy and maj@k"})
     eval_samples: int = field(default=8, metadata={"help": "samples per problem (T=1) for maj@k; 0: greedy only"})
     eval_max_new_tokens: int | None = field(default=None, metadata={"help": "default: max_rationale_length + 32"})
-    prompt_template: str = field(default=latro.PROMPT_TEMPLATE, metadata={"help": "user message; {question}"})
+    prompt_template: str = field(default=latro.PROMPT_TEMPLATE, metadata={
+        "help": "user message with {question} (and {options} for multiple choice), or a name: gsm8k | arc"})
     answer_template: str = field(default=latro.ANSWER_TEMPLATE, metadata={"help": "the target y; {answer}"})
+    reward: str = field(default="logprob", metadata={
+        "help": "logprob (LaTRO) | mean_logprob | prob (VeriFree) | mean_prob (RLPR) | verifier (0/1: plain RLOO)"})
     num_generations: int = field(default=16, metadata={"help": "K rationales per question (the paper's rloo_k)"})
-    max_rationale_length: int = field(default=500, metadata={"help": "L: most new tokens in a rationale"})
+    max_rationale_length: int = field(default=500, metadata={"help": "L: most new tokens in a rationale (with "
+                                                                    "reward: verifier, in the whole completion)"})
     temperature: float = field(default=1.0, metadata={"help": "rollout sampling temperature"})
     stop: list[str] = field(default_factory=lambda: list(latro.STOP_STRINGS),
                             metadata={"help": "strings that end a rationale (answer template starts)"})
     beta: float = field(default=0.05, metadata={"help": "KL coefficient (0.05 GSM8K, 0.25 ARC); 0: no ref"})
     nonstop_penalty: float = field(default=2.0, metadata={"help": "γ: reward of a rationale with no stop = γ × "
-                                                                   "batch mean reward"})
-    sft_weight: float = field(default=1.0, metadata={"help": "weight of −Σlog π(y|x⊕z): 1 = Eq. 4; the official "
-                                                              "code's sft_penalty default is 0"})
+                                                                   "the update's mean reward (bounded rewards: 0)"})
+    sft_weight: float = field(default=1.0, metadata={"help": "weight of the answer-side term −R(y|x⊕z): 1 = Eq. 4; "
+                                                              "the official code's sft_penalty default is 0"})
+    advantage: str = field(default="rloo", metadata={"help": "rloo (LaTRO, TRL) | grpo ((r − mean)/(std + 1e-6))"})
+    normalize_advantages: bool = field(default=False, metadata={
+        "help": "TRL RLOO's (A − mean)/(std + 1e-4) over the update's rollouts"})
+    nan_rewards: str = field(default="raise", metadata={
+        "help": "raise | skip (TRL: a NaN reward leaves the baseline and gets advantage 0)"})
+    rlpr_debias: bool = field(default=True, metadata={"help": "reward mean_prob: clip(r − r', 0, 1), r' without "
+                                                                "a rationale from the initial model (RLPR Eqs. 3-4)"})
+    std_filter_beta: float | None = field(default=None, metadata={
+        "help": "drop groups with reward std < β·EMA (RLPR §2.4); None: 0.5 for mean_prob, else off (0)"})
+    std_filter_ema: float = field(default=0.99, metadata={"help": "RLPR filter_ema_ratio"})
+    std_filter_ema_start: int = field(default=6, metadata={"help": "RLPR filter_ema_start_step (updates from 1)"})
+    std_filter_start: int = field(default=11, metadata={"help": "RLPR filter_start_step"})
     rollout_batch_size: int = field(default=64, metadata={"help": "sequences per generate() call"})
     dtype: str = field(default="float32", metadata={"help": "model dtype (fp32 on CPU)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "run Python code a model folder ships (custom "
@@ -76,6 +98,12 @@ class LaTROConfig(TrainingArguments):
     dataloader_pin_memory: bool = field(default=False, metadata={"help": "batches are token-id lists"})
 
     def __post_init__(self):
+        def one_of(name, allowed):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        one_of("reward", latro.REWARDS)
+        one_of("advantage", ADVANTAGES)
+        one_of("nan_rewards", NAN_REWARDS)
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (RLOO needs a leave-one-out baseline), got "
                              f"{self.num_generations}")
@@ -88,12 +116,19 @@ class LaTROConfig(TrainingArguments):
             raise ValueError("temperature must be > 0 (LaTRO samples rationales; the paper uses 1.0)")
         if self.beta < 0 or self.sft_weight < 0:
             raise ValueError("beta and sft_weight must be >= 0")
+        if self.reward == "verifier" and self.sft_weight:
+            raise ValueError("sft_weight must be 0 with reward: verifier (the answer-side term is the gradient of "
+                             "a likelihood reward; a verifier's 0/1 has none)")
+        if self.std_filter_beta is None:
+            self.std_filter_beta = 0.5 if self.reward == "mean_prob" else 0.0
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        check_template(self.prompt_template, ("question",), "prompt_template")
+        self.prompt_template = latro.PROMPTS.get(self.prompt_template, self.prompt_template)
+        check_template(self.prompt_template, ("question", "options"), "prompt_template")
         check_template(self.answer_template, ("answer",), "answer_template")
         if "{question}" not in self.prompt_template:
-            raise ValueError(f"prompt_template must contain {{question}}, got {self.prompt_template!r}")
+            raise ValueError(f"prompt_template must contain {{question}} or be one of {', '.join(latro.PROMPTS)}, "
+                             f"got {self.prompt_template!r}")
         if "{answer}" not in self.answer_template:
             raise ValueError(f"answer_template must contain {{answer}}, got {self.answer_template!r}")
         if self.output_dir is None:
@@ -132,10 +167,10 @@ def encode_problems(tokenizer, problems: list[Problem], prompt_template: str, an
     out = []
     for i, p in enumerate(problems):
         try:
-            x = latro.prompt_ids(tokenizer, prompt_template.format(question=p.question))
+            x = latro.prompt_ids(tokenizer, latro.render_prompt(prompt_template, p.question, p.meta.get("options")))
             y = latro.answer_ids(tokenizer, answer_template.format(answer=p.answer), eot)
         except (KeyError, IndexError) as e:
-            raise DataError(f"problem {p.id}: the prompt/answer template has an unknown field {e}") from None
+            raise DataError(f"problem {p.id}: the prompt/answer template has a field the problem lacks: {e}") from None
         out.append({"prompt_ids": x, "answer_ids": y, "index": i})
     return out
 
@@ -151,6 +186,25 @@ def disable_dropout(model) -> None:
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+
+
+@dataclass
+class Rollouts:
+    """One micro-batch's rollouts (grouped by question, K in a row) and, once the update is rewarded, their
+    advantages and weights (0 = dropped by the std filter)."""
+    xs: list[list[int]]
+    zs: list[list[int]]
+    ys: list[list[int]]
+    index: list[int]                    # training-problem index of each rollout
+    stopped: torch.Tensor
+    lengths: list[int]                  # rationale tokens (before the answer template)
+    verifier: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+
+    def part(self, sl: slice) -> Rollouts:
+        v = None if self.verifier is None else self.verifier[sl]
+        return Rollouts(self.xs[sl], self.zs[sl], self.ys[sl], self.index[sl], self.stopped[sl], self.lengths[sl], v)
 
 
 class LaTROTrainer(PonderTrainer):
@@ -172,7 +226,7 @@ class LaTROTrainer(PonderTrainer):
             self.ref_model.eval().requires_grad_(False)
             disable_dropout(self.ref_model)
         self.train_problems = resolve_problems(train_dataset if train_dataset is not None else args.dataset,
-                                               args.n_train, args.dataset_split, "train_dataset")
+                                               args.n_train, args.dataset_split, "train_dataset", args.dataset_seed)
         if not self.train_problems:
             raise DataError("no training problems")
         # Held-out problems are loaded now when evaluation is scheduled (the Trainer wants an eval_dataset then),
@@ -183,13 +237,21 @@ class LaTROTrainer(PonderTrainer):
             self.eval_problems = resolve_problems(self._eval_source, args.n_eval, args.eval_split, "eval_dataset")
         train = encode_problems(tok, self.train_problems, args.prompt_template, args.answer_template)
         self.data_stats = {"train": {"problems": len(train), "eval_problems": len(self.eval_problems)}}
-        self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
-        self._micro = (-1, 0)  # (global_step, micro-steps done in it): seeds the rollouts, so resume repeats them
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._plans: list[Rollouts] = []
         self._eos = sorted({end_of_turn_id(tok), *([tok.eos_token_id] if tok.eos_token_id is not None else [])})
+        self._filter_loaded = False
+        self.std_filter = latro.StdFilter(args.std_filter_beta, args.std_filter_ema, args.std_filter_ema_start,
+                                          args.std_filter_start)
         super().__init__(model=model, args=args, train_dataset=train, eval_dataset=self.eval_problems or None,
                          processing_class=tok, data_collator=collate, **kwargs)
         if self.ref_model is not None:
             self.ref_model.to(self.accelerator.device)
+        self.no_rationale = None  # RLPR's r' per training question, once, with the initial model
+        if args.reward == "mean_prob" and args.rlpr_debias:
+            self.no_rationale = latro.no_rationale_scores(self.model, [t["prompt_ids"] for t in train],
+                                                          [t["answer_ids"] for t in train], pad_id(tok),
+                                                          args.rollout_batch_size).double()
 
     # -- data ---------------------------------------------------------------------------------------------
 
@@ -197,29 +259,91 @@ class LaTROTrainer(PonderTrainer):
         ds = train_dataset if train_dataset is not None else self.train_dataset
         return GroupSampler(len(ds), self.args.num_generations, seed=self.args.seed)
 
-    # -- the step -----------------------------------------------------------------------------------------
+    # -- one update: rollouts and rewards for all its micro-batches, then the micro-batch losses -------------
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The update's micro-batches (HF prefetches them all), with the update's rollouts sampled and — when the
+        update has several micro-batches — rewarded before any of them is optimised."""
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        if batches:
+            self._plan_update(batches)
+        return batches, self._get_num_items_in_batch(batches, device)
+
+    def _plan_update(self, batches: list[dict[str, Any]]) -> None:
+        k = self.args.num_generations
+        prompts, answers, index, sizes = [], [], [], []
+        for b in batches:
+            idx = b["index"].view(-1, k)
+            if not bool((idx == idx[:, :1]).all()):
+                raise RuntimeError("a batch does not hold whole groups of num_generations rollouts per question; "
+                                   "use LaTROTrainer's sampler (per_device_train_batch_size a multiple of "
+                                   "num_generations)")
+            prompts += b["prompt_ids"][::k]
+            answers += b["answer_ids"][::k]
+            index += idx[:, 0].tolist()
+            sizes.append(idx.shape[0])
+        policy = self.accelerator.unwrap_model(self.model)
+        whole = self.rollouts(policy, prompts, answers, index)
+        self._plans, at = [], 0
+        for b, n in zip(batches, sizes):
+            self._plans.append(whole.part(slice(at * k, (at + n) * k)))
+            b["plan"] = len(self._plans) - 1
+            at += n
+        if len(batches) > 1 or self.std_filter.beta > 0:
+            with torch.no_grad():
+                scores = [self._score(policy, p) for p in self._plans]
+            self._finish(self._plans, [s[0] for s in scores], [s[1] for s in scores])
+            for b, p in zip(batches, self._plans):
+                b["units"] = p.keep.round().long().cpu()
 
     def _rollout_seed(self) -> int:
-        step, done = self._micro
-        if step != self.state.global_step:
-            step, done = self.state.global_step, 0
-        self._micro = (step, done + 1)
-        return ((self.args.seed * 1_000_003 + step) * 1024 + done) * 64 + self.accelerator.process_index
+        return (self.args.seed * 1_000_003 + self.state.global_step) * 64 + self.accelerator.process_index
 
-    def rollouts(self, model, prompt_ids: list[list[int]]):
-        """K rationales for each prompt: (xs, zs, stopped) with one entry per rollout, grouped by prompt."""
-        a = self.args
-        samples = rollout.sample(model, self.processing_class, prompt_ids, n=a.num_generations,
-                                 max_new_tokens=a.max_rationale_length, temperature=a.temperature, stop=a.stop,
-                                 seed=self._rollout_seed(), batch_size=a.rollout_batch_size, progress=False)
-        xs, zs, stopped = [], [], []
-        for x, row in zip(prompt_ids, samples):
+    def rollouts(self, model, prompt_ids: list[list[int]], answer_ids: list[list[int]] | None = None,
+                 index: list[int] | None = None) -> Rollouts:
+        """K rollouts for each prompt, grouped by prompt. LaTRO: rationales z cut at the answer template (y is
+        the reference answer); ``reward: verifier``: whole completions (z holds the model's own answer and its
+        end-of-turn token, y is empty) scored by `ponder.verify.score`."""
+        a, k = self.args, self.args.num_generations
+        verifier = a.reward == "verifier"
+        samples = rollout.sample(model, self.processing_class, prompt_ids, n=k, max_new_tokens=a.max_rationale_length,
+                                 temperature=a.temperature, stop=[] if verifier else a.stop, seed=self._rollout_seed(),
+                                 batch_size=a.rollout_batch_size, progress=False)
+        index = index if index is not None else list(range(len(prompt_ids)))
+        answer_ids = answer_ids if answer_ids is not None else [[] for _ in prompt_ids]
+        out = Rollouts([], [], [], [], torch.zeros(0), [], [] if verifier else None)
+        stopped = []
+        for x, y, i, row in zip(prompt_ids, answer_ids, index, samples):
             for s in row:
-                z, ok = latro.rationale_of(s, self._eos)
-                xs.append(x)
-                zs.append(z)
+                if verifier:
+                    z, ok = list(s.ids), s.finish_reason != "length"
+                    out.verifier.append(verify.score(self.train_problems[i], s.text))
+                    out.lengths.append(latro.rationale_length(self.processing_class, z, a.stop))
+                else:
+                    z, ok = latro.rationale_of(s, self._eos)
+                    out.lengths.append(len(z))
+                out.xs.append(x)
+                out.zs.append(z)
+                out.ys.append([] if verifier else y)
+                out.index.append(i)
                 stopped.append(ok)
-        return xs, zs, torch.tensor(stopped)
+        out.stopped = torch.tensor(stopped)
+        if verifier:
+            out.verifier = torch.tensor(out.verifier, dtype=torch.float64)
+        return out
+
+    def _score(self, model, p: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σ log π(z|x), R) for a micro-batch's rollouts: one fused pass (gradients flow unless under no_grad)."""
+        reward = "logprob" if self.args.reward == "verifier" else self.args.reward
+        logp_z, score = latro.score_ids(model, p.xs, p.zs, p.ys, pad_id(self.processing_class), reward=reward)
+        if p.verifier is not None:
+            score = p.verifier.to(logp_z.device, logp_z.dtype)
+        return logp_z, score
 
     @torch.no_grad()
     def ref_logp_z(self, model, xs, zs) -> torch.Tensor:
@@ -231,43 +355,84 @@ class LaTROTrainer(PonderTrainer):
         with model.disable_adapter():
             return latro.score_ids(model, xs, zs, empty, pad)[0]
 
-    def weighted_loss_sum(self, model, inputs):
+    def _finish(self, plans: list[Rollouts], logp_z: list[torch.Tensor], score: list[torch.Tensor]) -> None:
+        """Rewards, the std filter and advantages over ALL the rollouts of the update (`plans`), written into
+        the plans: the non-stop penalty's mean, the filter's statistics and the normalisation span the update."""
         a, k = self.args, self.args.num_generations
-        prompts, answers = inputs["prompt_ids"], inputs["answer_ids"]
-        idx = inputs["index"].view(-1, k)
-        if not bool((idx == idx[:, :1]).all()):
-            raise RuntimeError("a batch does not hold whole groups of num_generations rollouts per question; use "
-                               "LaTROTrainer's sampler (per_device_train_batch_size a multiple of num_generations)")
-        policy = self.accelerator.unwrap_model(model)
-        xs, zs, stopped = self.rollouts(policy, prompts[::k])
-        ys = [y for y in answers[::k] for _ in range(k)]
-        stopped = stopped.to(self.accelerator.device)
-        logp_z, logp_y = latro.score_ids(model, xs, zs, ys, pad_id(self.processing_class))
-        ref = self.ref_logp_z(policy, xs, zs) if a.beta > 0 else None
-        reward, kl = latro.self_rewards(logp_y, logp_z, ref, stopped, a.beta, a.nonstop_penalty)
-        adv = rloo_advantages(reward.view(-1, k)).view(-1)
-        loss = latro.loss_terms(logp_z, logp_y, adv, a.sft_weight)
-        self._record(logp_y=logp_y.detach(), reward=reward, kl=kl, adv=adv, stopped=stopped, zs=zs,
-                     logp_z=logp_z.detach())
-        return loss.sum()
+        policy = self.accelerator.unwrap_model(self.model)
+        lz, sy = torch.cat(logp_z).detach(), torch.cat(score).detach()
+        stopped = torch.cat([p.stopped for p in plans]).to(lz.device)
+        ref = torch.cat([self.ref_logp_z(policy, p.xs, p.zs) for p in plans]) if a.beta > 0 else None
+        index = [i for p in plans for i in p.index]
+        r0 = self.no_rationale[index].to(sy.device, sy.dtype) if self.no_rationale is not None else None
+        if a.nan_rewards == "skip":
+            sy = torch.where(torch.isfinite(sy), sy, torch.full_like(sy, float("nan")))
+        reward, kl = latro.self_rewards(sy, lz, ref, stopped, a.beta, a.nonstop_penalty,
+                                        bounded=a.reward in latro.BOUNDED_REWARDS, baseline=r0)
+        groups = reward.view(-1, k)
+        step = self.state.global_step + 1
+        if not self._filter_loaded:  # resume: the filter's EMA was saved with the trainer state
+            self.std_filter.load(self.state.stateful_callbacks.get("LaTROStdFilter"))
+            self._filter_loaded = True
+        stds = latro.group_std(groups)
+        threshold = self.std_filter.threshold(step)
+        self.std_filter.observe(step, stds)
+        self.state.stateful_callbacks["LaTROStdFilter"] = self.std_filter.state()
+        keep = (stds >= threshold) | (threshold <= 0)
+        if a.advantage == "rloo":
+            adv = rloo_advantages(groups, skip_nan=a.nan_rewards == "skip")
+        else:
+            adv = group_normalized(groups, eps=1e-6, unbiased=True)
+        adv = torch.where(keep[:, None], adv, torch.zeros_like(adv)).view(-1)
+        keep = keep[:, None].expand(-1, k).reshape(-1).to(lz.dtype)
+        if a.normalize_advantages:
+            kept = torch.where(keep > 0, adv, torch.full_like(adv, float("nan")))
+            if self.accelerator.num_processes > 1:  # TRL normalises over the gathered batch of every process
+                every = self.accelerator.gather(kept)
+                mean, std = every.nanmean(), every[~torch.isnan(every)].std()
+                adv = torch.nan_to_num((kept - mean) / (std + 1e-4), nan=0.0)
+            else:
+                adv = normalize_advantages(kept)
+        adv = torch.nan_to_num(adv, nan=0.0)
+        at = 0
+        for p in plans:
+            n = len(p.xs)
+            p.advantages, p.keep = adv[at:at + n], keep[at:at + n]
+            at += n
+        self._record(sy, reward, kl, adv, stopped, lz, plans, keep, threshold)
+
+    def weighted_loss_sum(self, model, inputs):
+        if "plan" not in inputs:  # a batch that did not come through get_batch_samples (e.g. a direct call)
+            self._plan_update([inputs])
+        p = self._plans[inputs["plan"]]
+        logp_z, score = self._score(model, p)
+        if p.advantages is None:  # a one-micro-batch update: rewards from this very pass
+            self._finish([p], [logp_z], [score])
+        loss = latro.loss_terms(logp_z, score, p.advantages.to(logp_z.device), self.args.sft_weight)
+        return (loss * p.keep.to(loss.device)).sum()
 
     # -- logging and evaluation ---------------------------------------------------------------------------
 
-    def _record(self, logp_y, reward, kl, adv, stopped, zs, logp_z):
-        groups = adv.view(-1, self.args.num_generations)
-        vals = torch.stack([
-            logp_y.mean(),                                   # self-reward Σ log π(y|x⊕z)
-            logp_y.exp().mean(),                             # π(y|x⊕z): probability of the gold answer
-            reward.mean(),                                   # after the non-stop penalty and the KL term
-            kl.mean(),
-            groups.std(dim=1, unbiased=False).mean(),        # advantage spread within a question's group
-            (~stopped).to(logp_y.dtype).mean(),
-            logp_y.new_tensor(sum(len(z) for z in zs) / len(zs)),
-            logp_z.mean(),
-        ]).double()
-        vals = self.accelerator.gather(vals[None]).mean(0)
-        for name, v in zip(("reward", "answer_prob", "reward_total", "kl", "advantage_std", "nonstop_fraction",
-                            "rationale_length", "logp_z"), vals.tolist()):
+    def _record(self, score, reward, kl, adv, stopped, logp_z, plans, keep, threshold):
+        lengths = [n for p in plans for n in p.lengths]
+        vals = {
+            "reward": score.nanmean(),                       # R: Σ log π(y|x⊕z) for LaTRO, or the chosen reward
+            "reward_total": reward.nanmean(),                # after the penalty, de-biasing and the KL term
+            "kl": kl.mean(),
+            "advantage_std": adv.view(-1, self.args.num_generations).std(dim=1, unbiased=False).mean(),
+            "nonstop_fraction": (~stopped.bool()).to(kl.dtype).mean(),
+            "rationale_length": kl.new_tensor(sum(lengths) / len(lengths)),
+            "rollout_tokens": kl.new_tensor(float(sum(len(z) for p in plans for z in p.zs))),
+            "logp_z": logp_z.mean(),
+            "kept_fraction": keep.mean(),
+            "std_threshold": kl.new_tensor(threshold),
+        }
+        if self.args.reward in ("logprob", "prob"):          # π(y|x⊕z): the probability of the gold answer
+            vals["answer_prob"] = score.exp().nanmean() if self.args.reward == "logprob" else score.nanmean()
+        names = list(vals)
+        t = torch.stack([vals[n].double() for n in names])
+        t = self.accelerator.gather(t[None]).mean(0)
+        for name, v in zip(names, t.tolist()):
             self._metrics[name].append(v)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -279,7 +444,8 @@ class LaTROTrainer(PonderTrainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Greedy accuracy and maj@k (k = eval_samples, temperature 1) on held-out problems, the paper's two
-        inference modes (Table 2); logged, and usable as `metric_for_best_model` (e.g. eval_greedy_accuracy)."""
+        inference modes (Table 2), with the training prompt template; logged, and usable as
+        `metric_for_best_model` (e.g. eval_greedy_accuracy)."""
         a = self.args
         if eval_dataset is not None:
             problems = resolve_problems(eval_dataset, a.n_eval, a.eval_split, "eval_dataset")
@@ -287,10 +453,15 @@ class LaTROTrainer(PonderTrainer):
             if not self.eval_problems:
                 self.eval_problems = resolve_problems(self._eval_source, a.n_eval, a.eval_split, "eval_dataset")
             problems = self.eval_problems
+        try:
+            rendered = [Problem(p.id, latro.render_prompt(a.prompt_template, p.question, p.meta.get("options")),
+                                p.answer, p.meta) for p in problems]
+        except KeyError as e:
+            raise DataError(f"eval problems: the prompt template has a field the problems lack: {e}") from None
         model = self.accelerator.unwrap_model(self.model)
-        r = metrics.evaluate(model, self.processing_class, problems, samples=a.eval_samples, temperature=1.0,
+        r = metrics.evaluate(model, self.processing_class, rendered, samples=a.eval_samples, temperature=1.0,
                              max_new_tokens=a.eval_max_new_tokens or a.max_rationale_length + 32,
-                             batch_size=a.rollout_batch_size, seed=a.seed, prompt=a.prompt_template)
+                             batch_size=a.rollout_batch_size, seed=a.seed)
         r.pop("records")
         out = {f"{metric_key_prefix}_{k}": float(v) for k, v in r.items() if k != "n"}
         self.log(out)

@@ -92,6 +92,10 @@ def runs(data: Path, probs: Path) -> dict[str, tuple[list[list[str]], list[str] 
         "rise": ["rise", *TRAIN, f"task={probs}", "train_problems=8", "collect_turns=2", "samples=[1,2]",
                  "max_steps=2", "eval_problems=6", "eval_turns=2", "eval_parallel=2", "max_new_tokens=6",
                  "unit_size=2", "criteria=all"],
+        # LaTRO: 4 questions x K=4 a global batch, 2 steps = 2 epochs (the group sampler's order per epoch)
+        "latro": ["latro", *TRAIN, f"dataset={probs}", "n_train=4", "num_generations=4",
+                  "per_device_train_batch_size=8", "max_rationale_length=8", "max_steps=2", "n_eval=5",
+                  "eval_samples=2", "eval_max_new_tokens=6", "beta=0.1"],
         # stopped after 2 of 4 steps, resumed by 2 processes from checkpoint-2 (constant learning rate, so the
         # 2-step run's schedule is the 4-step run's)
         "resumed": [*constant, "max_steps=4"],
@@ -169,7 +173,7 @@ def only_rank0_wrote(log: Path, out: Path) -> None:
 def test_launch_ran_every_run_on_both_ranks(both):
     _, two, log = both
     for r in (0, 1):
-        assert json.loads((log / f"exit-{r}.json").read_text()) == [0] * 8
+        assert json.loads((log / f"exit-{r}.json").read_text()) == [0] * 9
     only_rank0_wrote(log, two)
 
 
@@ -207,6 +211,20 @@ def test_gfpo_matches_one_process(both):
     assert min(losses(one / "gfpo", "frac_reward_zero_std")) < 1  # some group has rewards that differ
     moved(one / "gfpo")
     assert_same_weights(one / "gfpo", two / "gfpo")
+
+
+def test_latro_matches_one_process(both):
+    """Each micro-batch's K rationales per question sampled with its slot's seed, the update's rewards and RLOO
+    advantages over both processes' rollouts: the losses, reward statistics and weights of one process; the
+    held-out evaluation split between the processes, each problem once."""
+    one, two, _ = both
+    assert_close(losses(two / "latro"), losses(one / "latro"), "latro losses")
+    for key in ("reward", "reward_total", "kl", "advantage_std", "rationale_length", "rollout_tokens"):
+        assert_close(losses(two / "latro", key), losses(one / "latro", key), f"latro {key}")
+    moved(one / "latro")
+    assert_same_weights(one / "latro", two / "latro")
+    m = json.loads((two / "latro" / "metrics.json").read_text())
+    assert m["steps"] == 2 and m["final_eval"]["step"] == 2 and "eval_greedy_accuracy" in m["final_eval"]
 
 
 def test_rise_recipe_matches_one_process(both):

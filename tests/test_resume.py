@@ -143,6 +143,11 @@ CASES = {
               "eval_problems=0"], "after", 2, "checkpoint-2"),
     "gfpo": (["gfpo", "dataset_size=8", "num_tags=4", "num_generations=4", "max_new_tokens=12", "max_steps=3",
               "save_steps=1", "eval_problems=0", "tags_only=true", "tag_policy=tags"], "after", 1, "checkpoint-1"),
+    # LaTRO: the rationales after the resume are sampled with the seeds of their (step, slot); the reference
+    # model is the starting model again
+    "latro": (["latro", "n_train=4", "num_generations=4", "per_device_train_batch_size=8", "max_rationale_length=8",
+               "max_steps=3", "save_steps=1", "n_eval=2", "eval_samples=0", "eval_max_new_tokens=4", "beta=0.1"],
+              "after", 1, "checkpoint-1"),
 }
 
 
@@ -151,7 +156,7 @@ def test_kill_after_checkpoint_and_resume(tmp_path, name):
     args, where, step, expect = CASES[name]
     data = conversations(tmp_path / "c.jsonl") if name in ("sft", "sft-last", "onepass") else \
         problems(tmp_path / "p.jsonl")
-    args = [*args, *TRAIN] + ([f"dataset={data}"] if name != "ssft" else [])
+    args = [args[0], *TRAIN, *args[1:]] + ([f"dataset={data}"] if name != "ssft" else [])  # later wins
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     invoke([*args, f"output_dir={straight}"])
     pause = {"after": pause_after_checkpoint, "inside": pause_inside_checkpoint}[where]
@@ -167,7 +172,7 @@ def test_kill_after_checkpoint_and_resume(tmp_path, name):
     assert b["steps"] == a["steps"] and abs(b["train_loss"] - a["train_loss"]) <= 1e-6 * abs(a["train_loss"])
     losses = [[h["loss"] for h in m["log_history"] if "loss" in h] for m in (a, b)]
     assert losses[1][-1] == pytest.approx(losses[0][-1], rel=1e-6)  # the steps after the resume
-    if name == "gfpo":  # the resumed run sampled what the uninterrupted one did after the kill
+    if name in ("gfpo", "latro"):  # the resumed run sampled what the uninterrupted one did after the kill
         rewards = [[h["reward"] for h in m["log_history"] if "reward" in h] for m in (a, b)]
         assert rewards[1][-1] == rewards[0][-1] and max(h["grad_norm"] for h in a["log_history"]
                                                         if "grad_norm" in h) > 1e-3

@@ -22,7 +22,7 @@ def config_class(method: str):
     return getattr(import_module(module), name)
 
 
-METHOD_CONFIGS = sorted(p for p in ROOT.glob("*/*.yaml") if p.parent.name != "experiments")
+METHOD_CONFIGS = sorted(p for p in ROOT.glob("*/*.yaml") if p.parent.name not in ("experiments", "accelerate"))
 
 
 @pytest.mark.parametrize("path", METHOD_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -48,6 +48,25 @@ def test_experiment_specs_parse(path):
     for arm in spec["arms"].values():
         if arm.get("config"):
             assert (ROOT.parent / arm["config"]).exists(), arm["config"]
+
+
+ACCELERATE = {"cpu": "MULTI_GPU", "ddp": "MULTI_GPU", "fsdp2": "FSDP", "deepspeed-zero2": "DEEPSPEED",
+              "deepspeed-zero3": "DEEPSPEED"}
+
+
+@pytest.mark.parametrize("name", sorted(ACCELERATE))
+def test_accelerate_configs_load(name):
+    """configs/accelerate/*.yaml load with accelerate's own reader, and every FSDP / DeepSpeed key is an option
+    `accelerate launch` knows (the GPU ones are not run here; tests/test_procs.py launches cpu.yaml)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+    path = ROOT / "accelerate" / f"{name}.yaml"
+    cfg = load_config_from_file(str(path))
+    assert cfg.distributed_type.value == ACCELERATE[name] and cfg.num_processes >= 2
+    known = {a.dest for a in launch_command_parser()._actions}
+    assert not ({*cfg.fsdp_config, *cfg.deepspeed_config} - known)
+    assert name == "cpu" or "not run here" in path.read_text()
+    assert {p.stem for p in (ROOT / "accelerate").glob("*.yaml")} == set(ACCELERATE)
 
 
 @pytest.mark.parametrize("path", sorted(ROOT.glob("experiments/*.yaml")), ids=lambda p: p.name)

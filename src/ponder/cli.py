@@ -92,7 +92,7 @@ def eval_cmd(model: str = typer.Option("testbed", help="model spec: testbed | sm
 
 def _eval(model, task, n, samples, temperature, max_new_tokens, batch_size, split, seed, prompt, task_config, out,
           trust_remote_code):
-    from ponder import data, metrics, models, prompts, ui
+    from ponder import data, dist, metrics, models, prompts, ui
     from ponder.config import parse_override
     from ponder.recipes.common import lock_output_dir, write_json
     prompts.check_template(prompt, ("question",), "--prompt")
@@ -109,7 +109,8 @@ def _eval(model, task, n, samples, temperature, max_new_tokens, batch_size, spli
     summary = {"model": model, "task": task, "task_config": task_config or [], "split": split,
                "temperature": temperature, **r}
     write_json(out / "metrics.json", summary)  # atomic: Ctrl-C never leaves half a file
-    data.write_jsonl(out / "samples.jsonl", records)
+    if dist.is_main():  # several processes: each sampled its share of the problems; rank 0 writes
+        data.write_jsonl(out / "samples.jsonl", records)
     ui.print_table(f"{model} on {task} ({r['n']} problems)", ["metric", "value"],
                    [(k, v) for k, v in r.items() if k not in ("n", "skipped_too_long")])
     if r.get("skipped_too_long"):

@@ -160,6 +160,8 @@ def problem_from_record(rec: dict[str, Any], where: str, index: int) -> Problem:
     if "choices" in rec and "answerKey" in rec:  # multiple choice (ARC): the answer is the gold option's text
         answer, meta["options"] = _choice(rec, where)
         meta.setdefault("verifier", "arc")
+        check_verifier(meta, where)
+        meta.pop("entry", None)
         return Problem(str(rec.get("id", index)), question, answer, meta)
     if "options" in rec:
         opts = _field(rec, where, "options", kind=list)

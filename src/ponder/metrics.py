@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from ponder import rollout, verify
+from ponder import dist, rollout, verify
 from ponder.data import Problem, as_problem
 from ponder.models import check_context, over_context
 from ponder.prompts import check_template
@@ -115,10 +115,12 @@ def transitions(records: list[dict[str, Any]]) -> dict[str, float]:
 
 def evaluate(model, tokenizer, problems: Sequence[Problem | dict], samples: int = 8, temperature: float = 1.0,
              max_new_tokens: int = 256, batch_size: int = 64, seed: int = 0, prompt: str = "{question}",
-             greedy: bool = True) -> dict[str, Any]:
+             greedy: bool = True, unit_size: int | None = None) -> dict[str, Any]:
     """Greedy accuracy, and over `samples` samples at `temperature`: mean accuracy, pass@k for k = 1, 2, 4, ...
     up to `samples`, and maj@`samples`. Also returns per-problem records. Problems whose prompt plus
-    `max_new_tokens` does not fit the model's context are skipped and counted (``skipped_too_long``)."""
+    `max_new_tokens` does not fit the model's context are skipped and counted (``skipped_too_long``).
+    Several processes: every process calls it; each samples its work units of problems (`ponder.dist.map_units`)
+    and the metrics are computed once over the gathered records, the same on every process."""
     check_template(prompt, ("question",), "prompt")
     problems = [as_problem(p, f"problems[{i}]", i) for i, p in enumerate(problems)]
     prompts = [rollout.prompt_ids(tokenizer, prompt.format(question=p.question)) for p in problems]
@@ -128,21 +130,30 @@ def evaluate(model, tokenizer, problems: Sequence[Problem | dict], samples: int 
     if long:
         problems = [p for i, p in enumerate(problems) if i not in long]
         prompts = [x for i, x in enumerate(prompts) if i not in long]
+
+    def unit_records(unit: list[int], unit_seed: int) -> list[dict[str, Any]]:
+        ps, xs = [problems[i] for i in unit], [prompts[i] for i in unit]
+        records = [{"id": p.id, "question": p.question, "answer": p.answer} for p in ps]
+        if greedy:
+            g = rollout.sample(model, tokenizer, xs, n=1, temperature=0.0, max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, seed=unit_seed, description="greedy")
+            for r, p, s in zip(records, ps, g):
+                r.update(greedy=s[0].text, greedy_correct=verify.is_correct(p, s[0].text))
+        if samples:
+            ss = rollout.sample(model, tokenizer, xs, n=samples, temperature=temperature,
+                                max_new_tokens=max_new_tokens, batch_size=batch_size, seed=unit_seed + 1,
+                                description=f"{samples} samples/problem")
+            for r, p, row in zip(records, ps, ss):
+                r.update(samples=[s.text for s in row], correct=[verify.is_correct(p, s.text) for s in row],
+                         answers=[verify.extract(p, s.text) for s in row])
+        return records
+
+    records = dist.map_units(unit_records, range(len(problems)), seed, unit_size)
     out: dict[str, Any] = {"n": len(problems), **({"skipped_too_long": len(long)} if long else {})}
-    records = [{"id": p.id, "question": p.question, "answer": p.answer} for p in problems]
     if greedy:
-        g = rollout.sample(model, tokenizer, prompts, n=1, temperature=0.0, max_new_tokens=max_new_tokens,
-                           batch_size=batch_size, seed=seed, description="greedy")
-        ok = [verify.is_correct(p, s[0].text) for p, s in zip(problems, g)]
-        out["greedy_accuracy"] = mean(ok)
-        for r, s, c in zip(records, g, ok):
-            r.update(greedy=s[0].text, greedy_correct=c)
+        out["greedy_accuracy"] = mean([r["greedy_correct"] for r in records])
     if samples:
-        ss = rollout.sample(model, tokenizer, prompts, n=samples, temperature=temperature,
-                            max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed + 1,
-                            description=f"{samples} samples/problem")
-        correct = [[verify.is_correct(p, s.text) for s in row] for p, row in zip(problems, ss)]
-        answers = [[verify.extract(p, s.text) for s in row] for p, row in zip(problems, ss)]
+        correct, answers = [r["correct"] for r in records], [r["answers"] for r in records]
         out["sample_accuracy"] = mean([mean(c) for c in correct])
         k = 1
         while k <= samples:
@@ -152,8 +163,5 @@ def evaluate(model, tokenizer, problems: Sequence[Problem | dict], samples: int 
             out[f"pass@{samples}"] = mean([pass_at_k(samples, sum(c), samples) for c in correct])
         out[f"maj@{samples}"] = mean([maj_correct(a, c) for a, c in zip(answers, correct)])
         out["mixed_outcomes"] = mean([0 < sum(c) < samples for c in correct])
-        for r, row, c, a in zip(records, ss, correct, answers):
-            r.update(samples=[s.text for s in row], correct=c, answers=a)
     out["records"] = records
     return out
-

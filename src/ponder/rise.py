@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ponder import metrics, rollout, ui, verify
+from ponder import dist, metrics, rollout, ui, verify
 from ponder.advantages import reward_weights
 from ponder.chat import HISTORY_REASONING, generation_prompt, normalize_messages
 from ponder.data import DataError, Problem, as_problem, read_jsonl
@@ -176,7 +176,8 @@ def _per_turn(values, t: int):
 def collect(model, tokenizer, problems: Sequence[Problem | dict], env: Env | None = None, turns: int = 2,
             samples: int | Sequence[int] = (1, 4), teacher=None, teacher_turns: Sequence[int] | None = None,
             temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 256, seed: int = 0,
-            batch_size: int = 64, progress: bool = True, backend: str = "auto") -> list[dict[str, Any]]:
+            batch_size: int = 64, progress: bool = True, unit_size: int | None = None, backend: str = "auto"
+            ) -> list[dict[str, Any]]:
     """On-policy multi-turn rollouts (docs/methods.md §3.4; official `workflow_gen.py`).
 
     At turn t every unfinished episode samples `samples[t]` candidates (the last entry repeats) from the model
@@ -188,6 +189,10 @@ def collect(model, tokenizer, problems: Sequence[Problem | dict], env: Env | Non
 
     Returns one record per problem: the starting messages (``prompt``), every attempt with its reward,
     feedback and all candidates with their rewards, and a summary (``rewards``, ``max_reward``, ``success``).
+
+    Several processes: every process calls it with all the problems; each collects its work units
+    (`ponder.dist.map_units`: `unit_size` problems, default one unit per process, each seeded from `seed`) and
+    every process gets all the records, in problem order.
     """
     env = env or Env()
     problems = [as_problem(p, f"problems[{i}]", i) for i, p in enumerate(problems)]
@@ -196,6 +201,15 @@ def collect(model, tokenizer, problems: Sequence[Problem | dict], env: Env | Non
     if teacher is not None and teacher_turns is None:
         teacher_turns = range(1, turns)
     teacher_turns = set(teacher_turns or ())
+    return dist.map_units(lambda unit, unit_seed: _collect(
+        model, tokenizer, unit, env, turns, samples, teacher, teacher_turns, temperature, top_p, max_new_tokens,
+        unit_seed, batch_size, progress, backend), problems, seed, unit_size)
+
+
+def _collect(model, tokenizer, problems: list[Problem], env: Env, turns: int, samples, teacher, teacher_turns: set,
+             temperature: float, top_p: float, max_new_tokens: int, seed: int, batch_size: int, progress: bool,
+             backend: str) -> list[dict[str, Any]]:
+    """`collect` on one work unit."""
     eps = []
     for p in problems:
         eps.append({"problem": p, "messages": env.reset(p), "done": False, "record": {
@@ -389,16 +403,32 @@ def per_turn_examples(conversation: dict[str, Any] | list[dict[str, Any]]) -> li
 
 def evaluate(model, tokenizer, problems: Sequence[Problem | dict], env: Env | None = None, turns: int = 5, parallel: int = 5,
              context_window: int | None = 2, temperature: float = 1.0, max_new_tokens: int = 256, seed: int = 0,
-             batch_size: int = 64, progress: bool = True) -> dict[str, Any]:
+             batch_size: int = 64, progress: bool = True, unit_size: int | None = None) -> dict[str, Any]:
     """Sequential and parallel evaluation (docs/methods.md §3.7; official `workflow_eval.py`).
 
     Sequential: `turns` turns, one sample per turn, feedback always `RETRY_PROMPT` (the episode never stops
     early), the sliding `context_window`. Parallel: `parallel` i.i.d. first-turn samples (equal compute).
     Returns m1@t1, m1@t{turns}, p1@t{turns} (`ponder.metrics.sequential_metrics`), m{parallel}@t1 (majority of
     the parallel samples) and p{parallel}@t1 (any parallel sample correct), per-turn accuracy, and records.
+
+    Several processes: every process calls it; the problems are split into work units as in `collect`, the
+    records gathered, and the metrics computed once over all of them (`eval_metrics`), the same on every process.
     """
     env = dataclasses.replace(env or Env(), evaluation=True)
     problems = [as_problem(p, f"problems[{i}]", i) for i, p in enumerate(problems)]
+    records = dist.map_units(lambda unit, unit_seed: _eval_records(
+        model, tokenizer, unit, env, turns, parallel, context_window, temperature, max_new_tokens, unit_seed,
+        batch_size, progress), problems, seed, unit_size)
+    result = eval_metrics(records, parallel)
+    result["records"] = records
+    return result
+
+
+def _eval_records(model, tokenizer, problems: list[Problem], env: Env, turns: int, parallel: int,
+                  context_window: int | None, temperature: float, max_new_tokens: int, seed: int, batch_size: int,
+                  progress: bool) -> list[dict[str, Any]]:
+    """`evaluate`'s samples for one work unit: a record per problem (turns, answers, rewards, correct, and the
+    parallel samples)."""
     msgs = [env.reset(p) for p in problems]
     texts: list[list[str]] = [[] for _ in problems]
     answers: list[list[str | None]] = [[] for _ in problems]
@@ -416,24 +446,29 @@ def evaluate(model, tokenizer, problems: Sequence[Problem | dict], env: Env | No
             rewards[i].append(r)
             answers[i].append(env.answer(p, text))
             correct[i].append(r >= 1.0)
-    result: dict[str, Any] = {"n": len(problems)}
-    result.update(metrics.sequential_metrics(answers, correct))
     records = [{"id": p.id, "question": p.question, "answer": p.answer, "turns": texts[i], "answers": answers[i],
                 "rewards": rewards[i], "correct": correct[i]} for i, p in enumerate(problems)]
     if parallel:
         out = rollout.sample(model, tokenizer, [env.prompt(tokenizer, env.reset(p)) for p in problems], n=parallel,
                              max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + 999_983,
                              batch_size=batch_size, progress=progress, description=f"parallel x{parallel}")
-        pc = [[env.score(p, s.text) >= 1.0 for s in row] for p, row in zip(problems, out)]
-        pa = [[env.answer(p, s.text) for s in row] for p, row in zip(problems, out)]
+        for r, p, row in zip(records, problems, out):
+            r.update(parallel=[s.text for s in row], parallel_answers=[env.answer(p, s.text) for s in row],
+                     parallel_correct=[env.score(p, s.text) >= 1.0 for s in row])
+    return records
+
+
+def eval_metrics(records: Sequence[dict[str, Any]], parallel: int) -> dict[str, Any]:
+    """`evaluate`'s metrics from its records (all problems)."""
+    result: dict[str, Any] = {"n": len(records)}
+    result.update(metrics.sequential_metrics([r["answers"] for r in records], [r["correct"] for r in records]))
+    if parallel:
+        pa, pc = [r["parallel_answers"] for r in records], [r["parallel_correct"] for r in records]
         result[f"m{parallel}@t1"] = metrics.mean(metrics.maj_correct(a, c) for a, c in zip(pa, pc))
         result[f"p{parallel}@t1"] = metrics.mean(any(c) for c in pc)
         result["parallel_sample_accuracy"] = metrics.mean(metrics.mean(c) for c in pc)
         result["per_problem"][f"m{parallel}@t1"] = [float(metrics.maj_correct(a, c)) for a, c in zip(pa, pc)]
-        for r, row, a, c in zip(records, out, pa, pc):
-            r.update(parallel=[s.text for s in row], parallel_answers=a, parallel_correct=c)
-    result.update(metrics.transitions(records))
-    result["records"] = records
+    result.update(metrics.transitions(list(records)))
     return result
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from ponder import masks, rollout, testbed, tree, ui, verify
+from ponder import dist, masks, rollout, testbed, tree, ui, verify
 from ponder.chat import generation_prompt, pad_id, render
 from ponder.data import Problem, as_problem
 from ponder.logprobs import left_pad, reduce
@@ -364,7 +364,6 @@ def evaluate_forking(model, tokenizer, problems: Sequence[Problem | dict], tags:
         raise ValueError(f"cons_order must be one of {CONS_ORDERS} and tag_policy one of {TAG_POLICIES}")
     sampled = (k if len(tags) > 1 else 0) if sampled is None else sampled  # one tag: sampling it = forcing it
     group_size = group_size or len(tags)
-    pad = pad_id(tokenizer)
     base = [generation_prompt(tokenizer, [{"role": "user", "content": prompt.format(question=p.question)}])
             for p in problems]
     is_testbed = all(verify.verifier_of(p) in ("answer_is", "testbed") and p.meta.get("task") == "testbed"
@@ -377,34 +376,15 @@ def evaluate_forking(model, tokenizer, problems: Sequence[Problem | dict], tags:
         return {"tag": tag, "text": s.text, "tokens": len(s.ids), "correct": verify.is_correct(p, s.text),
                 "answer": verify.extract(p, s.text), "strategy": strategy(s.text)}
 
-    forced_prompts = [b + list(t) for b in base for t in t_ids]
-    out = rollout.sample(model, tokenizer, forced_prompts, n=per_tag, temperature=temperature,
-                         max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-                         description=f"{per_tag} samples x {len(tags)} tags")
-    forced = []  # forced[p][t][s]
-    for pi, p in enumerate(problems):
-        forced.append([[score(p, s, tags[ti]) for s in out[pi * len(tags) + ti]] for ti in range(len(tags))])
+    def unit_records(unit: list[int], unit_seed: int) -> list[dict[str, Any]]:
+        return _forking_records(model, tokenizer, [problems[i] for i in unit], [base[i] for i in unit], tags, t_ids,
+                                per_tag, sampled, temperature, max_new_tokens, batch_size, unit_seed, tag_policy,
+                                score)
 
-    sampled_recs: list[list[dict]] = [[] for _ in problems]
-    if sampled and tag_policy == "full":
-        first = {t[0]: tag for t, tag in zip(t_ids, tags)}
-        souts = rollout.sample(model, tokenizer, base, n=sampled, temperature=temperature,
-                               max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed + 2,
-                               description="sampled-tag samples")
-        for pi, p in enumerate(problems):
-            sampled_recs[pi] = [score(p, s, first.get(s.ids[0] if s.ids else None, "other")) for s in souts[pi]]
-    elif sampled:
-        gen = torch.Generator().manual_seed(seed + 1)
-        logp = torch.cat([tag_logprobs(model, base[i:i + batch_size], [t[0] for t in t_ids], pad, temperature)
-                          .detach() for i in range(0, len(base), batch_size)]) if len(tags) > 1 else \
-            torch.zeros(len(base), 1)
-        chosen = sample_tags(logp, sampled, gen)
-        sp = [base[pi] + list(t_ids[int(t)]) for pi in range(len(problems)) for t in chosen[pi]]
-        souts = rollout.sample(model, tokenizer, sp, n=1, temperature=temperature, max_new_tokens=max_new_tokens,
-                               batch_size=batch_size, seed=seed + 2, description="sampled-tag samples")
-        for pi, p in enumerate(problems):
-            sampled_recs[pi] = [score(p, souts[pi * sampled + j][0], tags[int(chosen[pi, j])])
-                                for j in range(sampled)]
+    # several processes: each samples its work units of problems; every process gets all records, in order
+    records = dist.map_units(unit_records, range(len(problems)), seed)
+    forced = [r["forced"] for r in records]
+    sampled_recs = [r["sampled"] for r in records]
 
     res: dict[str, Any] = {"n": len(problems), "tags": tags, "k": k, "per_tag": per_tag, "temperature": temperature}
     flat = [round_robin(f) for f in forced]
@@ -453,3 +433,41 @@ def evaluate_forking(model, tokenizer, problems: Sequence[Problem | dict], tags:
                       for p, f, s in zip(problems, forced, sampled_recs)]
     ui.info(f"forking eval: {len(problems)} problems, {len(tags)} tags x {per_tag} + {sampled} sampled-tag samples")
     return res
+
+
+def _forking_records(model, tokenizer, problems: list[Problem], base: list[list[int]], tags: list[str],
+                     t_ids: list[tuple[int, ...]], per_tag: int, sampled: int, temperature: float, max_new_tokens: int,
+                     batch_size: int, seed: int, tag_policy: str, score) -> list[dict[str, Any]]:
+    """`evaluate_forking`'s samples for one work unit of problems: per problem the forced samples (per tag) and
+    the sampled-tag ones, scored."""
+    pad = pad_id(tokenizer)
+    forced_prompts = [b + list(t) for b in base for t in t_ids]
+    out = rollout.sample(model, tokenizer, forced_prompts, n=per_tag, temperature=temperature,
+                         max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+                         description=f"{per_tag} samples x {len(tags)} tags")
+    forced = []  # forced[p][t][s]
+    for pi, p in enumerate(problems):
+        forced.append([[score(p, s, tags[ti]) for s in out[pi * len(tags) + ti]] for ti in range(len(tags))])
+
+    sampled_recs: list[list[dict]] = [[] for _ in problems]
+    if sampled and tag_policy == "full":
+        first = {t[0]: tag for t, tag in zip(t_ids, tags)}
+        souts = rollout.sample(model, tokenizer, base, n=sampled, temperature=temperature,
+                               max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed + 2,
+                               description="sampled-tag samples")
+        for pi, p in enumerate(problems):
+            sampled_recs[pi] = [score(p, s, first.get(s.ids[0] if s.ids else None, "other")) for s in souts[pi]]
+    elif sampled:
+        gen = torch.Generator().manual_seed(seed + 1)
+        logp = torch.cat([tag_logprobs(model, base[i:i + batch_size], [t[0] for t in t_ids], pad, temperature)
+                          .detach() for i in range(0, len(base), batch_size)]) if len(tags) > 1 else \
+            torch.zeros(len(base), 1)
+        chosen = sample_tags(logp, sampled, gen)
+        sp = [base[pi] + list(t_ids[int(t)]) for pi in range(len(problems)) for t in chosen[pi]]
+        souts = rollout.sample(model, tokenizer, sp, n=1, temperature=temperature, max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, seed=seed + 2, description="sampled-tag samples")
+        for pi, p in enumerate(problems):
+            sampled_recs[pi] = [score(p, souts[pi * sampled + j][0], tags[int(chosen[pi, j])])
+                                for j in range(sampled)]
+
+    return [{"forced": f, "sampled": s} for f, s in zip(forced, sampled_recs)]

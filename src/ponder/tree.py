@@ -567,6 +567,7 @@ JOB_OVERHEAD = 1200 * 192
 
 
 def check_backend(model) -> str:
+    model = getattr(model, "module", model)  # DistributedDataParallel keeps the model as .module
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
     if impl not in CUSTOM_MASK_BACKENDS:
         raise ValueError(f"attention backend {impl!r} cannot take the one-pass block-sparse mask; load the model "

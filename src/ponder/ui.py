@@ -26,8 +26,13 @@ def console():
     return Console(stderr=True)
 
 
+def secondary() -> bool:
+    """A process of rank > 0 under `accelerate launch` / `torchrun`: rank 0 speaks for the run."""
+    return os.environ.get("RANK", "0") not in ("0", "")
+
+
 def quiet() -> bool:
-    return os.environ.get("PONDER_QUIET", "0") not in ("0", "")
+    return os.environ.get("PONDER_QUIET", "0") not in ("0", "") or secondary()
 
 
 @contextmanager
@@ -83,6 +88,8 @@ def fmt(v: Any) -> str:
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    if secondary():
+        return
     t = Table(title=title)
     for c in columns:
         t.add_column(c)
@@ -97,5 +104,7 @@ def info(msg: str) -> None:
 
 
 def warn(msg: str) -> None:
-    """A warning: printed even when PONDER_QUIET is set (something the user should change)."""
+    """A warning: printed even when PONDER_QUIET is set (something the user should change); once per run."""
+    if secondary():
+        return
     console().print(f"[yellow]warning:[/] {msg}", highlight=False, soft_wrap=True)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ponder import models, stats, ui
+from ponder import dist, models, stats, ui
 from ponder.config import ConfigError, load_config, to_yaml
 from ponder.trainers.base import TrainingStopped
 
@@ -24,7 +24,10 @@ _held: dict[Path, int] = {}  # lock path -> how many times this process took it 
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write `obj` as JSON atomically (a temporary file renamed into place)."""
+    """Write `obj` as JSON atomically (a temporary file renamed into place); under several processes only rank 0
+    writes."""
+    if not dist.is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -135,34 +138,43 @@ def start_run(cfg) -> Path:
     """Take the run's output directory (`lock_output_dir`) and record the config it runs with (``config.yaml``)."""
     out = Path(cfg.output_dir)
     lock_output_dir(out)
-    (out / "config.yaml").write_text(to_yaml(cfg))
+    if dist.is_main():
+        (out / "config.yaml").write_text(to_yaml(cfg))
     return out
 
 
 def save_final(trainer, final: Path) -> None:
     """Save the trained model as `final` atomically (a staging folder renamed into place), and never a model
-    holding NaN/inf. A failed write (a full disk) leaves no half-written `final` and says what is intact."""
+    holding NaN/inf. A failed write (a full disk) leaves no half-written `final` and says what is intact. Every
+    process takes part (FSDP/DeepSpeed gather the weights); rank 0 writes and renames."""
     final = Path(final)
     bad = models.nonfinite_parameters(trainer.model)
     if bad:
         raise TrainingStopped(f"the trained weights hold NaN/inf ({len(bad)} tensors, e.g. {bad[0]}): the run "
                               f"diverged; nothing was saved as {final}")
     staging = final.with_name(f".{final.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
+    main = trainer.args.should_save
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)
+    dist.barrier()
     try:
         trainer.save_model(str(staging))
-        if trainer.args.should_save:
+        dist.barrier()
+        if main:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
     except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
         why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         raise TrainingStopped(f"could not write the final model to {final}: {why}; the checkpoints in "
                               f"{final.parent} are intact") from None
     except BaseException:  # Ctrl-C: no half-written model left behind
-        shutil.rmtree(staging, ignore_errors=True)
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
+    dist.barrier()
 
 
 def run_training(config_cls, trainer_cls, config_path, overrides: list[str], title: str):

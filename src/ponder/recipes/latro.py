@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ponder import data, metrics, models, testbed, ui
+from ponder import data, dist, metrics, models, testbed, ui
 from ponder.config import load_config
 from ponder.recipes.common import pyplot, resume_arg, save_final, start_run, write_json
 from ponder.trainers.latro import LaTROConfig, LaTROTrainer
@@ -36,8 +36,9 @@ def run(cfg: LaTROConfig) -> dict[str, Any]:
     metrics = {"train_loss": result.training_loss, "steps": result.global_step, "seconds": seconds,
                "data": trainer.data_stats, "final_eval": final, "log_history": trainer.state.log_history}
     write_json(out / "metrics.json", metrics)
-    report = write_report(out, cfg, trainer.state.log_history, {k: v for k, v in metrics.items()
-                                                                   if k != "log_history"})
+    report = out / "report.md"
+    if dist.is_main():  # several processes: rank 0 writes the report and its plot
+        write_report(out, cfg, trainer.state.log_history, {k: v for k, v in metrics.items() if k != "log_history"})
     rows = [("steps", result.global_step), ("seconds", seconds)] + [
         (k.removeprefix("eval_"), v) for k, v in final.items() if k.startswith("eval_")]
     ui.print_table(f"latro: {cfg.model} on {cfg.dataset} (held-out, step {final['step']})", ["metric", "value"], rows)

@@ -6,16 +6,22 @@ demo. The pieces are `ponder.rise` (environment, collection, conversion, evaluat
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ponder import data, models, rise, rollout, ui
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers.trainer_utils import get_last_checkpoint
+
+from ponder import data, dist, models, rise, rollout, ui
 from ponder.config import load_config, to_yaml
 from ponder.data import write_jsonl
-from ponder.recipes.common import effect_note, lock_output_dir, pyplot, save_final, write_json
-from ponder.rise import HEADLINE, Env, collect, collection_summary, evaluate, headline
+from ponder.recipes.common import effect_note, lock_output_dir, pyplot, resume_arg, save_final, write_json
+from ponder.rise import HEADLINE, Env, collect, collection_summary, eval_metrics, evaluate, headline
 from ponder.trainers.rise import RISEConfig, RISETrainer
 
 
@@ -47,6 +53,9 @@ class RISERunConfig(RISEConfig):
     context_window: int = field(default=2, metadata={"help": "sliding window; 0 = full history"})
     eval_temperature: float = field(default=1.0, metadata={"help": "the official evaluation samples at 1.0"})
     eval_base: bool = field(default=True, metadata={"help": "evaluate the starting model too"})
+    unit_size: int | None = field(default=None, metadata={
+        "help": "problems per work unit of collection and evaluation (each unit seeded on its own; default one "
+                "unit per process); set it to get the same results for any number of processes"})
 
     def __post_init__(self):
         if self.reward not in rise.REWARDS:
@@ -58,6 +67,8 @@ class RISERunConfig(RISEConfig):
         if self.collect_turns < 1 or self.eval_turns < 1 or self.iterations < 0:
             raise ValueError("collect_turns and eval_turns must be >= 1 and iterations >= 0")
         rollout.check_backend(self.rollout_backend)
+        if self.unit_size is not None and self.unit_size < 1:
+            raise ValueError(f"unit_size must be >= 1 (or unset: one work unit per process), got {self.unit_size}")
         super().__post_init__()
 
 
@@ -69,11 +80,18 @@ def run_rise(config_path, overrides: list[str]) -> dict[str, Any]:
 def run(cfg, config_text: str | None = None) -> dict[str, Any]:
     """`ponder rise`: evaluate the base model, then per iteration collect trajectories with the newest model,
     convert them, train (`RISETrainer`), evaluate; write runs/<name>/{config.yaml, iter-k/trajectories.jsonl,
-    iter-k/final/, eval/*.jsonl, metrics.json, report.md, accuracy_by_turn.png}."""
+    iter-k/final/, iter-k/iteration.json, eval/*.jsonl, metrics.json, report.md, accuracy_by_turn.png}.
+
+    Several processes (`accelerate launch`): every process collects and evaluates its share of the problems
+    (`unit_size`), all get the gathered trajectories, train data-parallel, and rank 0 writes the files.
+    ``resume_from_checkpoint: last`` resumes a run that was stopped: finished evaluations and iterations are
+    read back from their files (an iteration is finished once its ``iteration.json`` is written, after its
+    ``final/``), collected trajectories are reused, and training resumes from its last checkpoint."""
     t0 = time.time()
     out = Path(cfg.output_dir)
+    resume = resume_arg(cfg) is True
     lock_output_dir(out)
-    if config_text is not None:
+    if config_text is not None and dist.is_main():
         (out / "config.yaml").write_text(config_text)
     model, tok = models.load(cfg.model, dtype=cfg.dtype, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code)
     teacher = models.load(cfg.teacher, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code) if cfg.teacher \
@@ -82,14 +100,21 @@ def run(cfg, config_text: str | None = None) -> dict[str, Any]:
     test = data.load_problems(cfg.task, n=cfg.eval_problems, split=cfg.eval_split, seed=cfg.seed)
     eval_kw = dict(env=env, turns=cfg.eval_turns, parallel=cfg.eval_parallel, context_window=cfg.context_window,
                    temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                   batch_size=cfg.generation_batch_size)
+                   batch_size=cfg.generation_batch_size, unit_size=cfg.unit_size)
     results: dict[str, Any] = {"config": {k: getattr(cfg, k) for k in _RUN_FIELDS}, "evals": {}, "iterations": []}
 
     def do_eval(name):
-        ui.info(f"[bold]evaluating {name}[/] on {len(test)} {cfg.eval_split} problems "
-                f"({cfg.eval_turns} sequential turns, {cfg.eval_parallel} parallel samples)")
-        r = evaluate(model, tok, test, **eval_kw)
-        write_jsonl(out / "eval" / f"{name}.jsonl", r.pop("records"))
+        path = out / "eval" / f"{name}.jsonl"
+        if resume and path.exists():
+            r = eval_metrics([rec for _, rec in data.read_jsonl(path)], cfg.eval_parallel)
+            ui.info(f"[bold]{name}[/]: evaluated before this resume ({path})")
+        else:
+            ui.info(f"[bold]evaluating {name}[/] on {len(test)} {cfg.eval_split} problems "
+                    f"({cfg.eval_turns} sequential turns, {cfg.eval_parallel} parallel samples)")
+            r = evaluate(model, tok, test, **eval_kw)
+            records = r.pop("records")
+            if dist.is_main():
+                write_jsonl(path, records)
         results["evals"][name] = r
         ui.print_table(f"{name}: {cfg.model} on {cfg.task}", ["metric", "value"],
                        headline(r, cfg.eval_turns, cfg.eval_parallel) + [
@@ -100,16 +125,30 @@ def run(cfg, config_text: str | None = None) -> dict[str, Any]:
         do_eval("base")
     for it in range(1, cfg.iterations + 1):
         it_dir = out / f"iter-{it}"
-        ui.info(f"[bold]iteration {it}/{cfg.iterations}[/]: collecting {cfg.train_problems} episodes "
-                f"({cfg.collect_turns} turns, samples per turn {cfg.samples})")
-        probs = data.load_problems(cfg.task, n=cfg.train_problems, split="train", seed=cfg.seed + it)
+        done = it_dir / "iteration.json"
+        if resume and done.exists():
+            ui.info(f"[bold]iteration {it}/{cfg.iterations}[/]: finished before this resume; its model: "
+                    f"{it_dir / 'final'}")
+            results["iterations"].append(json.loads(done.read_text()))
+            model = load_iteration_model(cfg, it_dir / "final")
+            do_eval(f"iter-{it}")
+            continue
         t = time.time()
-        trajs = collect(model, tok, probs, env, turns=cfg.collect_turns, samples=cfg.samples, teacher=teacher,
-                        teacher_turns=cfg.teacher_turns, temperature=cfg.temperature,
-                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7919 * it,
-                        batch_size=cfg.generation_batch_size, backend=cfg.rollout_backend)
+        if resume and (it_dir / "trajectories.jsonl").exists():
+            ui.info(f"[bold]iteration {it}/{cfg.iterations}[/]: trajectories collected before this resume")
+            trajs = rise.load_trajectories(it_dir / "trajectories.jsonl")
+        else:
+            ui.info(f"[bold]iteration {it}/{cfg.iterations}[/]: collecting {cfg.train_problems} episodes "
+                    f"({cfg.collect_turns} turns, samples per turn {cfg.samples})")
+            probs = data.load_problems(cfg.task, n=cfg.train_problems, split="train", seed=cfg.seed + it)
+            trajs = collect(model, tok, probs, env, turns=cfg.collect_turns, samples=cfg.samples, teacher=teacher,
+                            teacher_turns=cfg.teacher_turns, temperature=cfg.temperature,
+                            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7919 * it,
+                            batch_size=cfg.generation_batch_size, unit_size=cfg.unit_size,
+                            backend=cfg.rollout_backend)
+            if dist.is_main():
+                write_jsonl(it_dir / "trajectories.jsonl", trajs)
         collect_s = time.time() - t
-        write_jsonl(it_dir / "trajectories.jsonl", trajs)
         summary = collection_summary(trajs)
         ui.print_table(f"iteration {it}: collection", ["turn", "episodes", "chosen attempt correct",
                                                        "candidates correct"],
@@ -118,7 +157,8 @@ def run(cfg, config_text: str | None = None) -> dict[str, Any]:
         args = dataclasses.replace(cfg, output_dir=str(it_dir / "train"), dataset=None, lora=None)
         trainer = RISETrainer(model=model, args=args, train_dataset=trajs, processing_class=tok)
         t = time.time()
-        res = trainer.train()
+        ckpt = resume and os.path.isdir(args.output_dir) and get_last_checkpoint(args.output_dir) is not None
+        res = trainer.train(resume_from_checkpoint=True if ckpt else None)
         train_s = time.time() - t
         model = trainer.model
         save_final(trainer, it_dir / "final")
@@ -126,12 +166,24 @@ def run(cfg, config_text: str | None = None) -> dict[str, Any]:
                                       "train_seconds": train_s, "train_loss": res.training_loss,
                                       "steps": res.global_step,
                                       "data": {k: dict(v) for k, v in trainer.data_stats.items()}})
+        write_json(done, results["iterations"][-1])
         do_eval(f"iter-{it}")
     results["seconds"] = time.time() - t0
     write_json(out / "metrics.json", results)
-    write_report(out, results, cfg)
+    if dist.is_main():
+        write_report(out, results, cfg)
     ui.info(f"report: {out / 'report.md'}   metrics: {out / 'metrics.json'}")
     return results
+
+
+def load_iteration_model(cfg, final: Path):
+    """The model an earlier iteration trained, to go on from after a resume: its saved weights, or with LoRA the
+    base model with the saved adapter (the trainer saves the adapter alone)."""
+    if not (final / "adapter_config.json").exists():
+        return models.load(str(final), dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)[0]
+    model = models.load(cfg.model, dtype=cfg.dtype, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code)[0]
+    set_peft_model_state_dict(model, load_file(str(final / "adapter_model.safetensors")))
+    return model
 
 
 _RUN_FIELDS = ("model", "task", "reward", "demo", "history_reasoning", "iterations", "train_problems", "collect_turns", "samples",

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ponder import data, models, ssft, ui
+from ponder import data, dist, models, ssft, ui
 from ponder.chat import THINK_OPEN
 from ponder.config import load_config
 from ponder.recipes.common import effect_note, pyplot, train, write_json
@@ -40,11 +40,12 @@ class GFPORunConfig(GFPOConfig, ForkingEval):
 def write_matching(trainer: SSFTTrainer, out: Path) -> None:
     """The run's matching statistics: ``matching.json`` (counts per source and tag, purity and stability over
     steps) and ``matching.png``."""
+    trainer.flush_matches()  # every process calls it: the assignments of all of them
     stats = trainer.match_stats
     stats.summary(trainer.state.global_step)  # flush the last window
     res = {"tags": trainer.tags, "totals": stats.totals(), "history": stats.history}
     write_json(out / "matching.json", res)
-    if res["totals"]:
+    if res["totals"] and dist.is_main():
         plot_matching(res["history"], res["totals"], out / "matching.png", f"SSFT matching ({trainer.args.assignment})")
 
 
@@ -57,11 +58,13 @@ def evaluate_forking_run(model_dir: Path | str, tags: list[str], out: Path, task
     r = ssft.evaluate_forking(model, tok, probs, tags, per_tag=per_tag, temperature=temperature,
                               max_new_tokens=max_new_tokens, seed=seed, group_size=group_size)
     records = r.pop("records")
+    rows = [(k, v) for k, v in r.items() if isinstance(v, (int, float)) and k not in ("n", "k", "per_tag")]
+    ui.print_table(f"{title}: {n} held-out {task} problems, {len(tags)} tag(s) x {per_tag}", ["metric", "value"], rows)
+    if not dist.is_main():  # several processes: every one sampled its share; rank 0 writes the files
+        return r
     write_json(out / "eval.json", r)
     data.write_jsonl(out / "eval_samples.jsonl", records)
     plot_forking(r, out / "forking.png", title)
-    rows = [(k, v) for k, v in r.items() if isinstance(v, (int, float)) and k not in ("n", "k", "per_tag")]
-    ui.print_table(f"{title}: {n} held-out {task} problems, {len(tags)} tag(s) x {per_tag}", ["metric", "value"], rows)
     lines = [f"# {title}", "", f"Model: `{model_dir}`. {n} held-out `{task}` problems; {per_tag} samples per tag "
              f"at temperature {temperature} (k = {r['k']})" + (f", plus {r['k']} samples with a model-sampled tag."
                                                   if len(tags) > 1 else "."), "",
@@ -243,6 +246,7 @@ def demo(run_dir, base: str, problems: list, quick: bool = False, *, steps: int 
     res["SSFT"] = ev(hung.model, hung.processing_class, hung.tags, per_tag)
 
     plot_forking(res["SSFT"], run_dir / "ssft_forking.png", f"SSFT after {steps} steps: per-tag statistics")
+    hung.flush_matches()
     hung.match_stats.summary(hung.state.global_step)
     plot_matching(hung.match_stats.history, hung.match_stats.totals(), run_dir / "ssft_matching.png",
                   f"SSFT matching over {steps} steps")

@@ -27,6 +27,14 @@ from ponder.data import DataError, load_conversations
 LOSS_FILE = "ponder_loss.json"
 
 
+def cpu_processes(args) -> None:
+    """Several processes on a machine without a GPU (``accelerate launch --multi_gpu --num_processes 2`` or
+    ``torchrun``): run them as CPU processes over gloo (accelerate's MULTI_CPU; its own ``--cpu`` launch needs
+    mpirun). Called by the configs before `TrainingArguments` sets up the devices."""
+    if not args.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        args.use_cpu = True
+
+
 class TrainingStopped(ValueError):
     """A run that cannot go on (a non-finite loss, a full disk); the message says where and what is intact."""
 
@@ -128,6 +136,7 @@ class PonderTrainer(Trainer):
         self._loss_before = 0.0           # sum of per-step losses of the segments before a resume
         self._nonfinite: str | None = None
         self._whole_loss: float | None = None
+        self._micro = (-1, 0)             # (global_step, micro-steps begun in it): see `slot`
 
     def _get_num_items_in_batch(self, batch_samples, device):
         units = sum(int(b["units"].sum()) for b in batch_samples)
@@ -155,25 +164,45 @@ class PonderTrainer(Trainer):
                 "run diverged and was stopped; nothing was saved as final (earlier checkpoints are kept). Lower "
                 "learning_rate or check the data")
 
+    @property
+    def slot(self) -> int:
+        """The place of this process's micro-batch in the optimizer step's global batch: micro-step × processes
+        + rank. A batch of data has the same slot however the global batch is split between processes and
+        gradient accumulation (accelerate deals per-device batches to the ranks in turn), so sampling seeded by
+        (seed, step, slot) gives the same rollouts for 2 processes × 1 micro-step as for 1 × 2, and again after a
+        resume (nothing depends on a consumed RNG stream)."""
+        return self._micro[1] * self.accelerator.num_processes + self.accelerator.process_index
+
     def training_step(self, model, inputs, num_items_in_batch=None):
+        step, begun = self._micro
+        self._micro = (self.state.global_step, begun + 1 if step == self.state.global_step else 0)
         loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.num_processes > 1:
+            # The micro-step's loss over the whole global batch, the same on every process: the logged losses and
+            # train_loss equal one process's (HF adds the not-yet-logged part of the loss per process), and a
+            # non-finite loss anywhere stops every process at the same step.
+            loss = self.accelerator.reduce(loss, "mean")
         if not bool(torch.isfinite(loss)):
-            self._nonfinite = self._stop_message(f"non-finite loss ({float(loss)})", self.state.global_step + 1)
-            if self.accelerator.num_processes == 1:  # several processes: all stop together after the step
-                raise TrainingStopped(self._nonfinite)
+            where = "" if self.accelerator.num_processes == 1 else " (on some process)"
+            self._nonfinite = self._stop_message(f"non-finite loss ({float(loss)}){where}", self.state.global_step + 1)
+            raise TrainingStopped(self._nonfinite)
         return loss
 
     def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
-        bad = self._nonfinite
-        if bad is None and grad_norm is not None and not math.isfinite(float(grad_norm)):
-            bad = self._stop_message(f"non-finite gradient norm ({float(grad_norm)})", self.state.global_step)
-        if self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(torch.tensor(float(bad is not None), device=self.args.device), "max")
-            bad = bad or (self._stop_message("non-finite loss on another process", self.state.global_step)
-                          if float(flag) else None)
-        if bad is not None:  # before logging and saving: the diverged weights never reach a checkpoint
-            raise TrainingStopped(bad)
+        # the gradient norm is computed on the all-reduced gradients: the same on every process
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            # before logging and saving: the diverged weights never reach a checkpoint
+            raise TrainingStopped(self._stop_message(f"non-finite gradient norm ({float(grad_norm)})",
+                                                     self.state.global_step))
         return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
+
+    def _run_epoch(self, *args, **kwargs):
+        # transformers 5.23 checks for the end of training only after a step, so a run resumed from a checkpoint
+        # at max_steps (killed after its last checkpoint, before `final` was saved) would train one step more
+        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     # ---- the whole run's train_loss across resumes -------------------------------------------------------
 
@@ -201,17 +230,21 @@ class PonderTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         """Write the checkpoint into a staging folder, then rename it into place: a crash never leaves a
         half-written checkpoint-N that resume would pick up, and a failed write (a full disk) leaves the
-        previous checkpoints as they were."""
+        previous checkpoints as they were. Several processes: every process writes its part (its RNG state;
+        sharded weights and optimizer under FSDP/DeepSpeed) into the staging folder between two barriers, and
+        rank 0 renames it once all are done."""
         run_dir = self._get_output_dir(trial=trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging = os.path.join(run_dir, ".staging")
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()  # nobody writes into the staging folder before it is fresh
         self._get_output_dir = lambda trial=None: staging  # type: ignore[method-assign]
         try:
             super()._save_checkpoint(model, trial)
             if self.args.should_save:
                 # HF's running sums of this train() call: drained at each log, plus what is not logged yet
+                # (the same on every process: `training_step` reduces the loss)
                 loss_sum = self._loss_before + self._total_loss_scalar + float(getattr(self, "_tr_loss", 0.0))
                 with open(os.path.join(staging, name, LOSS_FILE), "w") as f:
                     json.dump({"loss_sum": loss_sum, "global_step": self.state.global_step}, f)
@@ -228,6 +261,7 @@ class PonderTrainer(Trainer):
             raise
         finally:
             del self._get_output_dir
+        self.accelerator.wait_for_everyone()  # every process's part is in the staging folder
         if self.args.should_save:
             final = os.path.join(run_dir, name)
             if os.path.exists(final):

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ponder import rollout, ssft, ui, verify
+from ponder import dist, rollout, ssft, ui, verify
 from ponder.advantages import group_normalized
 from ponder.chat import generation_prompt, pad_id
 from ponder.data import DataError, as_problem, load_problems
@@ -123,7 +123,8 @@ class GFPOTrainer(PonderTrainer):
         out = rollout.sample(self.accelerator.unwrap_model(model), self.processing_class, prompts, n=1,
                              temperature=self.args.temperature, max_new_tokens=self.args.max_new_tokens,
                              batch_size=self.args.generation_batch_size, progress=False,
-                             seed=self.args.seed * 100003 + self.state.global_step, backend=self.args.rollout_backend)
+                             seed=self.args.seed * 100003 + self.state.global_step + 1_000_003 * self.slot,
+                             backend=self.args.rollout_backend)
         r = [[float(self.reward_fn(it["problem"], out[b * g + k][0].text)) for k in range(g)]
              for b, it in enumerate(items)]
         self._stats["tokens"] += sum(len(s[0].ids) for s in out)
@@ -135,7 +136,9 @@ class GFPOTrainer(PonderTrainer):
             logp = ssft.first_token_logprobs(model, prompts, self.pad_id, self.args.temperature)   # (B, V)
         else:
             logp = ssft.tag_logprobs(model, prompts, self.tag_ids, self.pad_id, self.args.temperature, "tags")
-        gen = torch.Generator().manual_seed(self.args.seed * 1000003 + self.state.global_step)
+        # seeded by (seed, step, slot): the same tags for any split of the batch between processes and
+        # gradient accumulation, and after a resume
+        gen = torch.Generator().manual_seed(self.args.seed * 1000003 + self.state.global_step + 7_000_003 * self.slot)
         chosen = ssft.sample_tags(logp, self.args.num_generations, gen)
         first = chosen if self.args.tag_policy == "full" else torch.tensor(self.tag_ids)[chosen]
         rewards = self.rollouts(model, items, first)
@@ -155,6 +158,12 @@ class GFPOTrainer(PonderTrainer):
         return gfpo_loss_sum(logp, chosen, adv)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self.accelerator.num_processes > 1:  # every process's rollouts, counted once
+            parts = dist.gather(dict(self._stats))
+            self._stats = Counter()
+            for p in parts:  # update() adds negative sums too (a reward_fn may return negative rewards)
+                self._stats.update({k: v for k, v in p.items() if k != "candidates"})
+            self._stats["candidates"] = max(p.get("candidates", 0) for p in parts)
         s = self._stats
         if "loss" in logs and s["n"]:
             logs = {**logs, "reward": s["reward"] / s["n"], "frac_reward_zero_std": s["zero_std_groups"] / s["groups"],

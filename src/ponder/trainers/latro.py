@@ -4,9 +4,11 @@ likelihood-reward family on the same engine (docs/methods.md §4.12-§4.16).
 One optimizer update, the official code's shape (sample the update's rollouts, reward them all, then optimise
 over micro-batches):
 1. at the start of the update (`get_batch_samples`, which sees all of its `gradient_accumulation_steps`
-   micro-batches), K rationales per question for every question of the update, in one sampling call from the
-   current policy (no grad; temperature 1, at most L tokens, stopped at the answer template or eos; the stop
-   text is not part of z) — `ponder.rollout.sample`;
+   micro-batches), K rationales per question for every question of the update from the current policy (no
+   grad; temperature 1, at most L tokens, stopped at the answer template or eos; the stop text is not part of
+   z) — `ponder.rollout.sample`, one call per micro-batch seeded by (seed, step, slot = micro-step × processes
+   + rank), so that 2 processes × 1 micro-batch sample what 1 process × 2 samples, and a resumed run what the
+   uninterrupted one did;
 2. the rewards of ALL the update's rollouts: R(y|x⊕z) (`reward`, `ponder.latro.answer_score`; or a 0/1
    verifier), the non-stop penalty with the mean over the whole update, − β·(log π(z|x) − log π₀(z|x)) with
    π₀ the reference model (a frozen copy, or with LoRA the same model with its adapter disabled); RLOO (or
@@ -14,6 +16,10 @@ over micro-batches):
 3. per micro-batch, ONE forward with grad over the packed ``[x z y]`` rows (`ponder.latro.score_ids`) and the
    loss −A·Σlog π(z|x) − sft_weight·R(y|x⊕z), summed; the denominator counts the rollouts of the whole
    optimizer batch, so gradient accumulation and several processes give the same update.
+Several processes: step 2 runs over the rollouts of every process, gathered in slot order (`_whole_update`):
+the penalty's mean, the std filter and the advantage normalisation span the global update, and every process
+computes what one process accumulating the same global batch computes (the official code's mean is per
+process: the same with one process).
 When an update is a single micro-batch (and no std filter needs the rewards first), the rewards come from the
 training forward itself (the same numbers; one pass fewer).
 
@@ -33,12 +39,12 @@ import torch
 from peft import PeftModel
 from transformers import TrainingArguments
 
-from ponder import latro, metrics, rollout, verify
+from ponder import dist, latro, metrics, rollout, verify
 from ponder.advantages import group_normalized, normalize_advantages, rloo_advantages
 from ponder.chat import end_of_turn_id, pad_id
 from ponder.data import DataError, Problem, resolve_problems
 from ponder.prompts import check_template
-from ponder.trainers.base import PonderTrainer, model_and_tokenizer
+from ponder.trainers.base import PonderTrainer, cpu_processes, model_and_tokenizer
 
 ADVANTAGES = ("rloo", "grpo")
 NAN_REWARDS = ("raise", "skip")
@@ -136,6 +142,7 @@ class LaTROConfig(TrainingArguments):
         rollout.check_backend(self.rollout_backend)
         if self.output_dir is None:
             self.output_dir = "runs/latro"
+        cpu_processes(self)
         super().__post_init__()
 
 
@@ -290,10 +297,12 @@ class LaTROTrainer(PonderTrainer):
             index += idx[:, 0].tolist()
             sizes.append(idx.shape[0])
         policy = self.accelerator.unwrap_model(self.model)
-        whole = self.rollouts(policy, prompts, answers, index)
         self._plans, at = [], 0
-        for b, n in zip(batches, sizes):
-            self._plans.append(whole.part(slice(at * k, (at + n) * k)))
+        for m, (b, n) in enumerate(zip(batches, sizes)):
+            # one sampling call per micro-batch, seeded by its slot: the same rollouts for 2 processes x 1
+            # micro-batch as for 1 x 2, and again after a resume
+            self._plans.append(self.rollouts(policy, prompts[at:at + n], answers[at:at + n], index[at:at + n],
+                                             seed=self._rollout_seed(m)))
             b["plan"] = len(self._plans) - 1
             at += n
         if len(batches) > 1 or self.std_filter.beta > 0:
@@ -303,18 +312,22 @@ class LaTROTrainer(PonderTrainer):
             for b, p in zip(batches, self._plans):
                 b["units"] = p.keep.round().long().cpu()
 
-    def _rollout_seed(self) -> int:
-        return (self.args.seed * 1_000_003 + self.state.global_step) * 64 + self.accelerator.process_index
+    def _rollout_seed(self, micro: int = 0) -> int:
+        """The seed of micro-batch `micro` of this update: a function of (seed, step, slot = micro × processes +
+        rank), never of a consumed RNG stream (distinct for up to 64 slots per update)."""
+        slot = micro * self.accelerator.num_processes + self.accelerator.process_index
+        return (self.args.seed * 1_000_003 + self.state.global_step) * 64 + slot
 
     def rollouts(self, model, prompt_ids: list[list[int]], answer_ids: list[list[int]] | None = None,
-                 index: list[int] | None = None) -> Rollouts:
+                 index: list[int] | None = None, seed: int | None = None) -> Rollouts:
         """K rollouts for each prompt, grouped by prompt. LaTRO: rationales z cut at the answer template (y is
         the reference answer); ``reward: verifier``: whole completions (z holds the model's own answer and its
         end-of-turn token, y is empty) scored by `ponder.verify.score`."""
         a, k = self.args, self.args.num_generations
         verifier = a.reward == "verifier"
         samples = rollout.sample(model, self.processing_class, prompt_ids, n=k, max_new_tokens=a.max_rationale_length,
-                                 temperature=a.temperature, stop=[] if verifier else a.stop, seed=self._rollout_seed(),
+                                 temperature=a.temperature, stop=[] if verifier else a.stop,
+                                 seed=self._rollout_seed() if seed is None else seed,
                                  batch_size=a.rollout_batch_size, progress=False,
                                  backend=a.rollout_backend)
         index = index if index is not None else list(range(len(prompt_ids)))
@@ -360,13 +373,21 @@ class LaTROTrainer(PonderTrainer):
 
     def _finish(self, plans: list[Rollouts], logp_z: list[torch.Tensor], score: list[torch.Tensor]) -> None:
         """Rewards, the std filter and advantages over ALL the rollouts of the update (`plans`), written into
-        the plans: the non-stop penalty's mean, the filter's statistics and the normalisation span the update."""
+        the plans: the non-stop penalty's mean, the filter's statistics and the normalisation span the update —
+        under several processes the whole global update, gathered in slot order (`_whole_update`), so every
+        process computes what one process with the same global batch computes."""
         a, k = self.args, self.args.num_generations
         policy = self.accelerator.unwrap_model(self.model)
         lz, sy = torch.cat(logp_z).detach(), torch.cat(score).detach()
         stopped = torch.cat([p.stopped for p in plans]).to(lz.device)
         ref = torch.cat([self.ref_logp_z(policy, p.xs, p.zs) for p in plans]) if a.beta > 0 else None
         index = [i for p in plans for i in p.index]
+        lengths = [n for p in plans for n in p.lengths]
+        tokens = [sum(len(z) for z in p.zs) for p in plans]
+        starts = [sum(len(q.xs) for q in plans[:j]) for j in range(len(plans))]  # each plan in the update's order
+        if self.accelerator.num_processes > 1:
+            lz, sy, stopped, ref, index, lengths, tokens, starts = self._whole_update(
+                plans, lz, sy, stopped, ref, lengths, tokens)
         r0 = self.no_rationale[index].to(sy.device, sy.dtype) if self.no_rationale is not None else None
         if a.nan_rewards == "skip":
             sy = torch.where(torch.isfinite(sy), sy, torch.full_like(sy, float("nan")))
@@ -388,21 +409,36 @@ class LaTROTrainer(PonderTrainer):
             adv = group_normalized(groups, eps=1e-6, unbiased=True)
         adv = torch.where(keep[:, None], adv, torch.zeros_like(adv)).view(-1)
         keep = keep[:, None].expand(-1, k).reshape(-1).to(lz.dtype)
-        if a.normalize_advantages:
-            kept = torch.where(keep > 0, adv, torch.full_like(adv, float("nan")))
-            if self.accelerator.num_processes > 1:  # TRL normalises over the gathered batch of every process
-                every = self.accelerator.gather(kept)
-                mean, std = every.nanmean(), every[~torch.isnan(every)].std()
-                adv = torch.nan_to_num((kept - mean) / (std + 1e-4), nan=0.0)
-            else:
-                adv = normalize_advantages(kept)
+        if a.normalize_advantages:  # TRL normalises over the batch of every process: the whole update here
+            adv = normalize_advantages(torch.where(keep > 0, adv, torch.full_like(adv, float("nan"))))
         adv = torch.nan_to_num(adv, nan=0.0)
-        at = 0
-        for p in plans:
+        for p, at in zip(plans, starts):
             n = len(p.xs)
             p.advantages, p.keep = adv[at:at + n], keep[at:at + n]
-            at += n
-        self._record(sy, reward, kl, adv, stopped, lz, plans, keep, threshold)
+        self._record(sy, reward, kl, adv, stopped, lz, lengths, sum(tokens), keep, threshold)
+
+    def _whole_update(self, plans, lz, sy, stopped, ref, lengths, tokens):
+        """Every process's rollouts of this update, in slot order (micro-step × processes + rank: the order of
+        one process accumulating the same global batch), and where each of this process's plans starts in it."""
+        n_proc, rank = self.accelerator.num_processes, self.accelerator.process_index
+        mine, at = {}, 0
+        for m, p in enumerate(plans):
+            sl = slice(at, at + len(p.xs))
+            mine[m * n_proc + rank] = {"lz": lz[sl].cpu(), "sy": sy[sl].cpu(), "stopped": stopped[sl].cpu(),
+                                       "ref": None if ref is None else ref[sl].cpu(), "index": p.index,
+                                       "lengths": lengths[sl], "tokens": tokens[m]}
+            at = sl.stop
+        every: dict[int, dict] = {}
+        for part in dist.gather(mine):
+            every.update(part)
+        order = sorted(every)
+        offsets = {s: sum(len(every[t]["index"]) for t in order[:j]) for j, s in enumerate(order)}
+        dev = lz.device
+        cat = {key: torch.cat([every[s][key] for s in order]).to(dev) for key in ("lz", "sy", "stopped")}
+        ref = None if ref is None else torch.cat([every[s]["ref"] for s in order]).to(dev)
+        return (cat["lz"], cat["sy"], cat["stopped"], ref, [i for s in order for i in every[s]["index"]],
+                [n for s in order for n in every[s]["lengths"]], [every[s]["tokens"] for s in order],
+                [offsets[m * n_proc + rank] for m in range(len(plans))])
 
     def weighted_loss_sum(self, model, inputs):
         if "plan" not in inputs:  # a batch that did not come through get_batch_samples (e.g. a direct call)
@@ -416,8 +452,7 @@ class LaTROTrainer(PonderTrainer):
 
     # -- logging and evaluation ---------------------------------------------------------------------------
 
-    def _record(self, score, reward, kl, adv, stopped, logp_z, plans, keep, threshold):
-        lengths = [n for p in plans for n in p.lengths]
+    def _record(self, score, reward, kl, adv, stopped, logp_z, lengths, tokens, keep, threshold):
         vals = {
             "reward": score.nanmean(),                       # R: Σ log π(y|x⊕z) for LaTRO, or the chosen reward
             "reward_total": reward.nanmean(),                # after the penalty, de-biasing and the KL term
@@ -425,7 +460,7 @@ class LaTROTrainer(PonderTrainer):
             "advantage_std": adv.view(-1, self.args.num_generations).std(dim=1, unbiased=False).mean(),
             "nonstop_fraction": (~stopped.bool()).to(kl.dtype).mean(),
             "rationale_length": kl.new_tensor(sum(lengths) / len(lengths)),
-            "rollout_tokens": kl.new_tensor(float(sum(len(z) for p in plans for z in p.zs))),
+            "rollout_tokens": kl.new_tensor(float(tokens)),
             "logp_z": logp_z.mean(),
             "kept_fraction": keep.mean(),
             "std_threshold": kl.new_tensor(threshold),
@@ -433,8 +468,7 @@ class LaTROTrainer(PonderTrainer):
         if self.args.reward in ("logprob", "prob"):          # π(y|x⊕z): the probability of the gold answer
             vals["answer_prob"] = score.exp().nanmean() if self.args.reward == "logprob" else score.nanmean()
         names = list(vals)
-        t = torch.stack([vals[n].double() for n in names])
-        t = self.accelerator.gather(t[None]).mean(0)
+        t = torch.stack([vals[n].double() for n in names])  # over the whole update: the same on every process
         for name, v in zip(names, t.tolist()):
             self._metrics[name].append(v)
 

@@ -28,6 +28,7 @@ from ponder.data import DataError, as_conversation
 from ponder.logprobs import cross_entropy, logits_at, shift_pairs
 from ponder.trainers.base import (
     PonderTrainer,
+    cpu_processes,
     fit_context,
     model_and_tokenizer,
     no_examples_left,
@@ -69,6 +70,7 @@ class SFTConfig(TrainingArguments):
             self.output_dir = "runs/sft"
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; silence the per-run warning
+        cpu_processes(self)
         super().__post_init__()
 
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from peft import TrainableTokensConfig, get_peft_model
 
-from ponder import models, ssft, ui
+from ponder import dist, models, ssft, ui
 from ponder.chat import THINK_OPEN, pad_id
 from ponder.data import DataError, TraceSet, load_tracesets, traceset_from_record
 from ponder.logprobs import cross_entropy, logits_at, shift_pairs
@@ -288,6 +288,7 @@ class SSFTTrainer(PonderTrainer):
         report_stats(self.data_stats)
         self.pad_id = pad_id(tok)
         self.match_stats = MatchStats(len(self.tags))
+        self._matches: list = []  # assignments not yet counted: ((step, slot), [(id, sources, sigma, cost)])
         super().__init__(model=model, args=args, train_dataset=train, processing_class=tok, data_collator=collate,
                          **kwargs)
 
@@ -335,9 +336,9 @@ class SSFTTrainer(PonderTrainer):
     def weighted_loss_sum(self, model, inputs):
         items = inputs["items"]
         sigmas, costs = self.assign(model, items)
-        if model.training:
-            for it, s, c in zip(items, sigmas, costs):
-                self.match_stats.update(it["id"], it["sources"], s, c)
+        if model.training:  # counted at the next log, in the global batch's order (`flush_matches`)
+            self._matches.append(((self.state.global_step, self.slot), [
+                (it["id"], it["sources"], s, None if c is None else c.cpu()) for it, s, c in zip(items, sigmas, costs)]))
         exs = [e for it, s in zip(items, sigmas)
                for e in matched_examples(it, s, self.tag_ids, self.args.train_tag, self.args.loss_normalization)]
         batch = (pack_collate(self.pad_id, self.args.packing_length) if self.args.packing
@@ -353,8 +354,19 @@ class SSFTTrainer(PonderTrainer):
 
     # ---- logging and saving ----------------------------------------------------------------------------
 
+    def flush_matches(self) -> None:
+        """Count the assignments made since the last call into `match_stats`: every process's, in the order one
+        process would have made them (step, then slot), so the statistics do not depend on the number of
+        processes. Every process must call it (a gather)."""
+        parts = dist.gather(self._matches) if self.accelerator.num_processes > 1 else [self._matches]
+        self._matches = []
+        for _, updates in sorted((m for p in parts for m in p), key=lambda m: m[0]):
+            for qid, sources, sigma, cost in updates:
+                self.match_stats.update(qid, sources, sigma, cost)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self.args.assignment != "mixed":
+            self.flush_matches()
             logs = {**logs, **self.match_stats.summary(self.state.global_step)}
         super().log(logs, start_time)
 

@@ -39,3 +39,10 @@ def test_paired_items_normal_interval_by_hand():
     d = stats.paired_items(a, b)
     assert d["mean"] == 0.5 and d["se"] == pytest.approx(math.sqrt((4 * 0.25) / 3 / 4))   # s^2 = 1/3, n = 4
     assert d["lo"] == pytest.approx(0.5 - 1.96 * d["se"]) and d["n"] == 4
+
+
+def test_fmt_pm_keeps_small_values_visible():
+    assert stats.fmt_pm(0.302, 0.011) == "30.2 ± 1.1"
+    assert stats.fmt_pm(3.1e-7, 2e-8, scale=1) == "3.1e-07 ± 2.0e-08"  # an identity's residual, not "0.0 ± 0.0"
+    assert stats.fmt_pm(0.0, 0.0, scale=1) == "0.0 ± 0.0"
+    assert stats.fmt_pm(0.04, float("nan"), scale=1) == "4.0e-02" and stats.fmt_pm(0.06, float("nan"), scale=1) == "0.1"

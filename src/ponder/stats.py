@@ -69,10 +69,17 @@ def verdict(diff: dict[str, float], direction: str = ">") -> str:
     raise ValueError(f"direction must be '>' or '>=', got {direction!r}")
 
 
+def fmt_num(x: float, digits: int = 1) -> str:
+    """A table number: fixed point, or scientific when fixed point would print a nonzero value as 0."""
+    if x != 0 and abs(x) < 0.5 * 10 ** -digits:
+        return f"{x:.1e}"
+    return f"{x:.{digits}f}"
+
+
 def fmt_pm(mean: float, se: float, scale: float = 100.0, digits: int = 1) -> str:
-    """'30.2 ± 1.1' (values scaled, e.g. accuracies in %)."""
+    """'30.2 ± 1.1' (values scaled, e.g. accuracies in %); '3.1e-07 ± 2.0e-08' for values that would round to 0."""
     if math.isnan(mean):
         return "-"
     if math.isnan(se):
-        return f"{scale * mean:.{digits}f}"
-    return f"{scale * mean:.{digits}f} ± {scale * se:.{digits}f}"
+        return fmt_num(scale * mean, digits)
+    return f"{fmt_num(scale * mean, digits)} ± {fmt_num(scale * se, digits)}"

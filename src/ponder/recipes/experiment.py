@@ -337,7 +337,7 @@ def _markdown(spec, seeds, table, claims, data_, path: Path, pngs: list[str], sp
     for row, by_seed in data_.items():
         for s in sorted(by_seed):
             lines.append(f"| {row} | {s} | " + " | ".join(
-                f"{scales[m] * by_seed[s][m]:.1f}" if m in by_seed[s] else "-" for m in metrics_) + " |")
+                stats.fmt_num(scales[m] * by_seed[s][m]) if m in by_seed[s] else "-" for m in metrics_) + " |")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ponder import data, dist, models, rise, ui
+from ponder import data, dist, models, ui
 from ponder.config import load_config, to_yaml
 from ponder.data import write_jsonl
 from ponder.recipes.common import lock_output_dir, resume_arg, save_final, write_json

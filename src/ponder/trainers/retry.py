@@ -195,6 +195,7 @@ class RetryTrainer(PonderTrainer):
         trees, per = [], []   # per tree: the KL weight w_t of each of its episode's attempts
         for row in eps:
             adv = retry.turn_advantages([e.rewards for e in row], a.advantage, a.credit, a.gamma)
+            self._metrics["advantage_abs"] += [abs(x) for ad in adv for x in ad]
             for e, ad in zip(row, adv):
                 ts = episode_forest(e, ad, a.loss_normalization, a.layout)
                 trees += ts

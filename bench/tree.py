@@ -6,6 +6,9 @@ Cases, per model (segment lengths for scale 1; SmolLM2 runs at 0.5 by default, f
   policy pass (z and y scored, forward+backward) plus the reference pass over [x z] (forward only);
 - ``episode_T2/4/8``: multi-turn episodes whose reasoning is hidden from later turns (user 16, reasoning 32,
   answer 16 tokens per turn) vs one sample per turn;
+- ``retry_T2/4/8``: a real `ponder retry` episode (`ponder.retry.episode_tree`): a testbed problem, T attempts
+  (a reasoning block and an answer each) with RISE's retry feedback between them, rendered by the model's chat
+  template with earlier reasoning stripped, vs one sample per attempt [prompt_t attempt_t];
 - ``onepass_d16``: a one-pass conversation of depth 16 (bench/onepass.py's shape, the real chat template).
 
 For each: tokens forwarded by the tree and by the separate sequences (their ratio is the ideal speedup), the
@@ -34,7 +37,7 @@ import psutil
 import torch
 from onepass import PeakRSS, conversation
 
-from ponder import masks, models, tree
+from ponder import masks, models, retry, rise, testbed, tree
 from ponder.chat import pad_id
 from ponder.tree import Tree
 
@@ -65,6 +68,20 @@ def episode(rng, vocab, s, turns):
         r = t.add(ids(rng, vocab, 32 * s), u, weight=1.0, group=k, hidden=True)
         at = t.add(ids(rng, vocab, 16 * s), r, weight=1.0, group=k)
     return t
+
+
+def retry_episode(tok, turns, seed=0):
+    """A retry episode of `turns` attempts (wrong ones with an arithmetic slip, then the right one) as
+    `ponder retry` trains it: one tree, each attempt weighted 1."""
+    rng = random.Random(seed)
+    env = rise.Env(history_reasoning="strip")
+    p = testbed.sample_problem(rng)
+    prob = {"question": p.question, "answer": str(p.answer)}
+    msgs = env.reset(prob)
+    for k in range(turns):
+        reasoning, ans = testbed.solve(p, "split", slip=0 if k == turns - 1 else testbed.slip(rng))
+        msgs = env.step(prob, msgs, f"<think>\n{reasoning}\n</think>\n\n{testbed.answer_text(ans)}")[0]
+    return retry.episode_tree(tok, msgs[:-1], [1.0] * turns, "strip")
 
 
 def ids(rng, vocab, n):
@@ -111,6 +128,8 @@ def build(case, tok, vocab, s):
         return latro(rng, vocab, s), latro(random.Random(case), vocab, s, with_y=False)
     if case.startswith("episode_T"):
         return episode(rng, vocab, s, int(case[9:])), None
+    if case.startswith("retry_T"):
+        return retry_episode(tok, int(case[7:])), None
     if case == "onepass_d16":
         return masks.onepass_tree(tok, conversation(tok, 16, max(1, round(16 * s)), seed=16)), None
     raise ValueError(case)
@@ -205,7 +224,7 @@ def summarise(info, times, diff, mem, rss):
             "mem_ratio_total": (rss + mem[f"tree_{auto}"]) / (rss + mem["separate_batch"]), "maxdiff": diff}
 
 
-CASES = ["grpo", "latro", "episode_T2", "episode_T4", "episode_T8", "onepass_d16"]
+CASES = ["grpo", "latro", "episode_T2", "episode_T4", "episode_T8", "retry_T2", "retry_T4", "retry_T8", "onepass_d16"]
 
 
 def main():

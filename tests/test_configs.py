@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1] / "configs"
 CLASSES = {"sft": "ponder.trainers.sft:SFTConfig", "onepass": "ponder.trainers.onepass:OnePassConfig",
            "latro": "ponder.trainers.latro:LaTROConfig",
            "ssft": "ponder.recipes.ssft:SSFTRunConfig", "gfpo": "ponder.recipes.ssft:GFPORunConfig",
-           "rise": "ponder.recipes.rise:RISERunConfig"}
+           "rise": "ponder.recipes.rise:RISERunConfig",
+           "retry": "ponder.recipes.retry:RetryRunConfig"}
 
 
 def config_class(method: str):

@@ -163,6 +163,8 @@ TRAINING_COMMANDS = {  # sub-command -> (recipe module in ponder.recipes, help);
                                "reasoning hidden."),
     "rise": ("rise", "RISE: multi-turn self-improvement — collect retry episodes, reward-weighted SFT, iterate; "
                          "evaluates m1@t1, m5@t1, m1@t5, p1@t5 and writes report.md with a plot of accuracy by turn."),
+    "retry": ("retry", "Multi-turn retry RL: G episodes of up to T attempts per problem, earlier reasoning hidden, "
+                       "per-turn RLOO/GRPO advantages, each episode trained as one tree; reports m1@t1 vs the base."),
     "latro": ("latro", "LaTRO: self-rewarding latent reasoning optimisation (K rationales, reward "
                            "log p(answer | rationale), RLOO)."),
     "ssft": ("ssft", "Set SFT with global forking tokens (Hungarian matching of traces to <think1..N>); "

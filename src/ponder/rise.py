@@ -268,7 +268,8 @@ def collection_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
                         "success": sum(a["reward"] >= 1.0 for a in at) / len(at),
                         "candidate_success": metrics.mean([c["reward"] >= 1.0 for a in at for c in a["candidates"]])})
     return {"episodes": len(records), "success": metrics.mean([r["success"] for r in records]),
-            "blocked": sum(r["blocked"] for r in records), "by_turn": by_turn}
+            "blocked": sum(r["blocked"] for r in records), "by_turn": by_turn,
+            "sampled_attempts": sum(len(a["candidates"]) for r in records for a in r["attempts"])}
 
 
 def load_trajectories(path: str | Path) -> list[dict[str, Any]]:

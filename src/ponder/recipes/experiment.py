@@ -37,9 +37,11 @@ import yaml
 from ponder import data, metrics, models, stats, ui
 from ponder.config import ConfigError, load_config
 from ponder.recipes import latro as latro_recipe
+from ponder.recipes import retry as retry_recipe
 from ponder.recipes import rise as rise_recipe
 from ponder.recipes import ssft as ssft_recipe
 from ponder.recipes.common import pyplot, resume_arg, write_json
+from ponder.recipes.retry import RetryRunConfig
 from ponder.recipes.rise import RISERunConfig
 from ponder.recipes.ssft import GFPORunConfig, SSFTRunConfig
 from ponder.trainers.latro import LaTROConfig
@@ -77,7 +79,23 @@ def _scalars(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
 def run_rise(config, overrides, seed, out, after):
     cfg = load_config(RISERunConfig, config, _overrides(overrides, seed, out))
     res = rise_recipe.run(cfg)
-    return {name: _scalars(ev) for name, ev in res["evals"].items()}
+    out_ = {name: _scalars(ev) for name, ev in res["evals"].items()}
+    sampled = sum(it["collection"].get("sampled_attempts", 0) for it in res["iterations"])
+    for name in out_:
+        if name != "base":
+            out_[name]["sampled_attempts"] = float(sampled)  # candidates sampled in collection (all iterations)
+    return out_
+
+
+def run_retry(config, overrides, seed, out, after):
+    """`ponder retry`: the base and the trained model under RISE's evaluation, and the attempts and tokens the
+    training sampled (the rollout budget compared with RISE's collection)."""
+    cfg = load_config(RetryRunConfig, config, _overrides(overrides, seed, out))
+    res = retry_recipe.run(cfg)
+    evs = {name: _scalars(ev) for name, ev in res["evals"].items()}
+    evs["trained"].update(sampled_attempts=float(res["train"]["sampled_attempts"]),
+                          sampled_tokens=float(res["train"]["sampled_tokens"]))
+    return evs
 
 
 def run_eval(config, overrides, seed, out, after):
@@ -172,7 +190,8 @@ def run_onepass(config, overrides, seed, out, after):
 
 
 RUNS: dict[str, Callable] = {"rise": run_rise, "eval": run_eval, "sft": run_sft, "latro": run_latro,
-                             "sft_gold": run_sft_gold, "ssft": run_ssft, "gfpo": run_gfpo, "onepass": run_onepass}
+                             "sft_gold": run_sft_gold, "ssft": run_ssft, "gfpo": run_gfpo, "onepass": run_onepass,
+                             "retry": run_retry}
 
 
 # ----------------------------------------------------------------------------------------------------------

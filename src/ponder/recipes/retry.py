@@ -97,7 +97,8 @@ def run(cfg: RetryRunConfig, config_text: str | None = None) -> dict[str, Any]:
     t = time.time()
     res = trainer.train(resume_from_checkpoint=resume_arg(cfg))
     results["train"] = {"seconds": time.time() - t, "steps": res.global_step, "train_loss": res.training_loss,
-                        "log_history": trainer.state.log_history}
+                        "log_history": trainer.state.log_history,
+                        "sampled_attempts": trainer.sampled["attempts"], "sampled_tokens": trainer.sampled["tokens"]}
     model = trainer.model
     save_final(trainer, out / "final")
     do_eval("trained")

@@ -155,6 +155,7 @@ class RetryTrainer(PonderTrainer):
         self.data_stats = {"train": {"problems": len(self.problems)}}
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._plans: list[Plan] = []
+        self.sampled = {"attempts": 0, "tokens": 0}  # this process's rollout budget (compared with RISE's)
         items = [{"index": i} for i in range(len(self.problems))]
         super().__init__(model=model, args=args, train_dataset=items, processing_class=processing_class,
                          data_collator=collate, **kwargs)
@@ -250,6 +251,8 @@ class RetryTrainer(PonderTrainer):
                 m[f"accuracy/turn{t + 1}"].append(sum(r >= 1.0 for r in at) / len(at))
             m[f"solved_by_turn{t + 1}"].append(sum(any(r >= 1.0 for r in e.rewards[:t + 1]) for e in flat) / len(flat))
         m["attempts_per_episode"].append(sum(len(e.attempts) for e in flat) / len(flat))
+        self.sampled["attempts"] += sum(len(e.attempts) for e in flat)
+        self.sampled["tokens"] += sum(len(a) for e in flat for a in e.attempts)
         per_turn = sum(len(p) + len(a) for e in flat for p, a in e.sequences)
         m["tokens_forwarded"].append(float(packed.tokens))
         m["tokens_per_turn_samples"].append(float(per_turn))

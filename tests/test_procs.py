@@ -96,6 +96,10 @@ def runs(data: Path, probs: Path) -> dict[str, tuple[list[list[str]], list[str] 
         "latro": ["latro", *TRAIN, f"dataset={probs}", "n_train=4", "num_generations=4",
                   "per_device_train_batch_size=8", "max_rationale_length=8", "max_steps=2", "n_eval=5",
                   "eval_samples=2", "eval_max_new_tokens=6", "beta=0.1"],
+        # multi-turn retry RL: 4 problems x G = 2 episodes of up to 2 attempts a global batch, one tree each
+        "retry": ["retry", *TRAIN, f"dataset={probs}", "n_train=8", "num_generations=4", "max_turns=2",
+                  "max_new_tokens=12", "max_steps=2", "beta=0.1", "eval_problems=4", "eval_turns=2",
+                  "eval_parallel=2", "unit_size=2"],
         # stopped after 2 of 4 steps, resumed by 2 processes from checkpoint-2 (constant learning rate, so the
         # 2-step run's schedule is the 4-step run's)
         "resumed": [*constant, "max_steps=4"],
@@ -173,7 +177,7 @@ def only_rank0_wrote(log: Path, out: Path) -> None:
 def test_launch_ran_every_run_on_both_ranks(both):
     _, two, log = both
     for r in (0, 1):
-        assert json.loads((log / f"exit-{r}.json").read_text()) == [0] * 9
+        assert json.loads((log / f"exit-{r}.json").read_text()) == [0] * 10
     only_rank0_wrote(log, two)
 
 
@@ -245,6 +249,19 @@ def test_rise_recipe_matches_one_process(both):
     start = models.load("tiny-random")[0].state_dict()
     assert max(float((w - start[k]).abs().max()) for k, w in weights(one / "rise" / "iter-1").items()) > 1e-3
     assert_same_weights(one / "rise" / "iter-1", two / "rise" / "iter-1")
+
+
+def test_retry_matches_one_process(both):
+    """Each micro-batch's episodes sampled with its slot's seed, per-turn advantages within each problem's
+    group (whole on one process): the losses and weights of one process; base and trained evaluations split
+    between the processes and gathered (the same metrics)."""
+    one, two, _ = both
+    m1, m2 = (json.loads((d / "retry" / "metrics.json").read_text()) for d in (one, two))
+    h1, h2 = m1["train"]["log_history"], m2["train"]["log_history"]
+    assert_close([h["loss"] for h in h2 if "loss" in h], [h["loss"] for h in h1 if "loss" in h], "retry losses")
+    assert max(h["grad_norm"] for h in h1 if "grad_norm" in h) > 1e-3  # it moved: equal weights mean something
+    assert_same_weights(one / "retry", two / "retry")
+    assert m2["evals"]["base"] == m1["evals"]["base"] and m2["evals"]["base"]["n"] == 4
 
 
 def test_checkpoints_hold_every_process_state_and_a_resume_by_two_processes_is_exact(both):

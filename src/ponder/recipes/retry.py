@@ -32,12 +32,17 @@ class RetryRunConfig(RetryConfig):
     eval_parallel: int = field(default=5, metadata={"help": "parallel first-turn samples (m{k}@t1, p{k}@t1)"})
     eval_temperature: float = field(default=1.0, metadata={"help": "the official RISE evaluation samples at 1.0"})
     eval_base: bool = field(default=True, metadata={"help": "evaluate the starting model too (the guard)"})
+    unit_size: int | None = field(default=None, metadata={
+        "help": "problems per evaluation work unit (each seeded by its index): set it to get the same evaluation "
+                "with any number of processes; unset: one unit per process"})
 
     def __post_init__(self):
         if self.eval_problems < 1 or self.eval_turns < 1 or self.eval_parallel < 0:
             raise ValueError("eval_problems and eval_turns must be >= 1, eval_parallel >= 0")
         if self.eval_temperature < 0:
             raise ValueError(f"eval_temperature must be >= 0, got {self.eval_temperature}")
+        if self.unit_size is not None and self.unit_size < 1:
+            raise ValueError(f"unit_size must be >= 1 (or unset: one work unit per process), got {self.unit_size}")
         super().__post_init__()
 
 
@@ -68,7 +73,7 @@ def run(cfg: RetryRunConfig, config_text: str | None = None) -> dict[str, Any]:
                               seed=cfg.dataset_seed)
     eval_kw = dict(env=env, turns=cfg.eval_turns, parallel=cfg.eval_parallel, context_window=cfg.context_window,
                    temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                   batch_size=cfg.generation_batch_size)
+                   batch_size=cfg.generation_batch_size, unit_size=cfg.unit_size)
     results: dict[str, Any] = {"config": {k: getattr(cfg, k) for k in _RUN_FIELDS}, "evals": {}}
 
     def do_eval(name):

@@ -46,3 +46,4 @@ def test_fmt_pm_keeps_small_values_visible():
     assert stats.fmt_pm(3.1e-7, 2e-8, scale=1) == "3.1e-07 ± 2.0e-08"  # an identity's residual, not "0.0 ± 0.0"
     assert stats.fmt_pm(0.0, 0.0, scale=1) == "0.0 ± 0.0"
     assert stats.fmt_pm(0.04, float("nan"), scale=1) == "4.0e-02" and stats.fmt_pm(0.06, float("nan"), scale=1) == "0.1"
+    assert stats.fmt_pm(3.7e-17, 0.006) == "0.0 ± 0.6"  # float noise of an exact tie

@@ -71,7 +71,9 @@ def verdict(diff: dict[str, float], direction: str = ">") -> str:
 
 def fmt_num(x: float, digits: int = 1) -> str:
     """A table number: fixed point, or scientific when fixed point would print a nonzero value as 0."""
-    if x != 0 and abs(x) < 0.5 * 10 ** -digits:
+    if abs(x) < 1e-9:  # float noise of a difference that is zero (e.g. the same greedy answers)
+        return f"{0.0:.{digits}f}"
+    if abs(x) < 0.5 * 10 ** -digits:
         return f"{x:.1e}"
     return f"{x:.{digits}f}"
 

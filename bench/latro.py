@@ -1,7 +1,9 @@
 """LaTRO scoring and training-step time, side by side in one run.
 
-1. Scoring: Σlog π(z|x) and Σlog π(y|x⊕z) from ONE fused pass over [x z y] (`ponder.latro.score_ids`) vs the
-   official code's two passes over [x z] and [x z y] (`score_separate`), on the same batch, interleaved repeats;
+1. Scoring: Σlog π(z|x) and Σlog π(y|x⊕z) from ONE pass over the trees x -> z -> y (`ponder.latro.score_ids`;
+   here one rationale per question, so nothing is shared but the pass) vs the official code's two passes over
+   [x z] and [x z y] (`score_separate`), on the same batch, interleaved repeats; bench/tree.py measures K = 8
+   rationales sharing their question;
    both without grad (reward computation) and with forward+backward (the loss). The two must give the same
    numbers (checked in the run).
 2. Training step: `LaTROTrainer` vs TRL's `RLOOTrainer` on the same model, questions per step, K, max length,

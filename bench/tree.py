@@ -1,9 +1,11 @@
 """The prefix-tree engine (`ponder.tree`) vs separate sequences, side by side in one run.
 
 Cases, per model (segment lengths for scale 1; SmolLM2 runs at 0.5 by default, for memory):
-- ``grpo``: a GRPO/RLOO group — one prompt (4x the completion: 256 + 8 x 64 tokens), all completions scored;
-- ``latro``: LaTRO, K=8 rationales of one question, each followed by the answer (x 128, z 96, y 16): the
-  policy pass (z and y scored, forward+backward) plus the reference pass over [x z] (forward only);
+- ``grpo``: a GRPO/RLOO group — one prompt (4x the completion: 256 + 8 x 64 tokens), all completions scored
+  (the trees of `ponder.latro.trees`, as the LaTRO trainer builds them for ``reward: verifier``);
+- ``latro``: LaTRO, K=8 rationales of one question, each followed by the answer (x 128, z 96, y 16;
+  `ponder.latro.trees`): the policy pass (z and y scored, forward+backward) plus the reference pass over
+  x -> z_k (forward only); the separate baseline is one [x z y] row per rationale plus one [x z] row each;
 - ``episode_T2/4/8``: multi-turn episodes whose reasoning is hidden from later turns (user 16, reasoning 32,
   answer 16 tokens per turn) vs one sample per turn;
 - ``retry_T2/4/8``: a real `ponder retry` episode (`ponder.retry.episode_tree`): a testbed problem, T attempts
@@ -37,27 +39,27 @@ import psutil
 import torch
 from onepass import PeakRSS, conversation
 
-from ponder import masks, models, retry, rise, testbed, tree
+from ponder import latro, masks, models, retry, rise, testbed, tree
 from ponder.chat import pad_id
 from ponder.tree import Tree
 
 
 def grpo(rng, vocab, s):
-    t = Tree()
-    p = t.add(ids(rng, vocab, 256 * s))
-    for g in range(8):
-        t.add(ids(rng, vocab, 64 * s), p, weight=1.0, group=g)
+    """A GRPO/RLOO group as the trainers build it: `ponder.latro.trees` with the G completions as z and no y
+    (the LaTRO trainer's ``reward: verifier`` path, plain RLOO/GRPO)."""
+    x = ids(rng, vocab, 256 * s)
+    (t,) = latro.trees([x] * 8, [ids(rng, vocab, 64 * s) for _ in range(8)], [[]] * 8)
     return t
 
 
-def latro(rng, vocab, s, with_y=True):
-    t = Tree()
-    x = t.add(ids(rng, vocab, 128 * s))
-    for k in range(8):
-        z = t.add(ids(rng, vocab, 96 * s), x, weight=1.0, group=2 * k)
-        if with_y:
-            t.add(ids(rng, vocab, 16 * s), z, weight=1.0, group=2 * k + 1)
-    return t
+def latro_trees(rng, vocab, s):
+    """LaTRO's K = 8 rationales of one question (`ponder.latro.trees`): the policy tree x -> z_k -> y_k and the
+    reference model's tree x -> z_k."""
+    x, y = ids(rng, vocab, 128 * s), ids(rng, vocab, 16 * s)
+    zs = [ids(rng, vocab, 96 * s) for _ in range(8)]
+    (pol,) = latro.trees([x] * 8, zs, [y] * 8)
+    (ref,) = latro.trees([x] * 8, zs, [[]] * 8)
+    return pol, ref
 
 
 def episode(rng, vocab, s, turns):
@@ -125,7 +127,7 @@ def build(case, tok, vocab, s):
     if case == "grpo":
         return grpo(rng, vocab, s), None
     if case == "latro":
-        return latro(rng, vocab, s), latro(random.Random(case), vocab, s, with_y=False)
+        return latro_trees(rng, vocab, s)
     if case.startswith("episode_T"):
         return episode(rng, vocab, s, int(case[9:])), None
     if case.startswith("retry_T"):
@@ -171,7 +173,8 @@ def setup(model, tok, case, scale, batch_tokens):
     }
     tree_tokens = packed.tokens + (ref_packed.tokens if ref_packed is not None else 0)
     sep_tokens = sum(len(x.ids) for x in seps + ref_seps)
-    info = {"case": case, "auto": tree.choose(model, packed), "tree_tokens": tree_tokens,
+    plan = tree.sparse_plan(packed, next(model.parameters()).dtype, bias=False)  # what tree.logits plans with
+    info = {"case": case, "auto": tree.choose(model, packed, plan=plan), "tree_tokens": tree_tokens,
             "separate_tokens": sep_tokens, "ideal": sep_tokens / tree_tokens}
     return runs, perm, info
 
@@ -279,16 +282,25 @@ def main():
                   f"(x{r['mem_ratio']:.2f}, with the model x{r['mem_ratio_total']:.2f})  max |dlogp| "
                   f"{r['maxdiff']:.1e}", flush=True)
     print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} (1/5/15 min)")
+    print("\n| model | case | tokens tree / separate | ideal (token ratio) | time ratio (auto path) | of ideal "
+          "| dense / sparse time ratio | peak RSS tree / separate | >= 0.9 of ideal |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        of = r["speedup"] / r["ideal"]
+        print(f"| {r['model']} | {r['case']} | {r['tree_tokens']} / {r['separate_tokens']} | {r['ideal']:.2f}x "
+              f"| {r['speedup']:.2f}x ({r['auto']}) | {of:.2f} | {r['speedup_dense']:.2f}x / "
+              f"{r['speedup_sparse']:.2f}x | {r['mem_tree'] / 2**20:.0f} / {r['mem_separate'] / 2**20:.0f} MiB "
+              f"(x{r['mem_ratio']:.2f}) | {'yes' if of >= 0.9 else 'no'} |")
+    print()
     for r in results:
         key = f"{r['case']}_{r['model']}"
-        print(f"RATIO tree_ideal_{key}={r['ideal']:.3f}")
-        print(f"RATIO tree_speedup_{key}={r['speedup']:.3f}  # auto={r['auto']}")
+        print(f"RATIO tree_ideal_{key}={r['ideal']:.3f}  # tokens forwarded, separate / tree")
+        print(f"RATIO tree_speedup_{key}={r['speedup']:.3f}  # auto={r['auto']}, ideal {r['ideal']:.3f}")
         print(f"RATIO tree_of_ideal_{key}={r['speedup'] / r['ideal']:.3f}")
         print(f"RATIO tree_dense_speedup_{key}={r['speedup_dense']:.3f}")
         print(f"RATIO tree_sparse_speedup_{key}={r['speedup_sparse']:.3f}")
         print(f"RATIO tree_mem_{key}={r['mem_ratio']:.3f}  # peak extra RSS, tree / largest separate batch")
         print(f"RATIO tree_mem_total_{key}={r['mem_ratio_total']:.3f}  # the same with the process's RSS (model)")
-
 
 if __name__ == "__main__":
     main()

@@ -11,9 +11,11 @@ and its gradient is estimated from K rationales per question (Eq. 4, docs/method
     ∇J ≈ 1/(N·K) Σ_i Σ_k [ A_k^(i) · ∇ log π_θ(z_k^(i)|x_i)  +  ∇ log π_θ(y_i | x_i⊕z_k^(i)) ]
     r_k = log π_θ(y | x⊕z_k) − β · (log π_θ(z_k|x) − log π₀(z_k|x)),   A_k = r_k − mean_{j≠k} r_j  (RLOO)
 
-Both log π(z|x) and log π(y|x⊕z) are sums over tokens and come from ONE causal pass over ``[x ⊕ z ⊕ y]``
-(π(z|x) does not depend on the y appended after it) — `score` / `score_ids`. The official code uses separate
-passes over ``[x ⊕ z]`` and ``[x ⊕ z ⊕ y]`` (`score_separate` here, the baseline of ``bench/latro.py``).
+Both log π(z|x) and log π(y|x⊕z) are sums over tokens and come from ONE forward over the prefix trees
+x -> z_k -> y_k (`ponder.tree`; π(z|x) does not depend on the y appended after it, and a question's K
+rationales share its x, forwarded once) — `score` / `score_ids`; the reference model's pass is the same trees
+without y. The official code uses separate passes over ``[x ⊕ z]`` and ``[x ⊕ z ⊕ y]`` per sample
+(`score_separate` here, the baseline of ``bench/latro.py`` and ``bench/tree.py``).
 
 The reward R(z) may be any of `REWARDS` (`answer_score`; docs/methods.md §4.12): LaTRO's Σ log π(y|x⊕z), its
 per-token mean (Kwiatkowski et al., arXiv 2602.03979 Eq. 10), VeriFree's π(y|x⊕z) (arXiv 2505.21493 Eq. 4),
@@ -29,15 +31,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ponder import tree
 from ponder.chat import end_of_turn_id, generation_prompt, pad_id, text_ids
-from ponder.logprobs import logits_at, logprobs_of, reduce
+from ponder.logprobs import reduce, token_logprobs
 from ponder.prompts import ANSWER_TEMPLATE, LATRO_ARC_PROMPT, STOP_STRINGS
 from ponder.prompts import LATRO_PROMPT as PROMPT_TEMPLATE
 
 __all__ = ["PROMPT_TEMPLATE", "ANSWER_TEMPLATE", "STOP_STRINGS", "REWARDS", "score", "score_ids", "answer_score",
            "self_rewards", "loss_terms", "render_prompt", "StdFilter"]
 
-LAYOUTS = ("split", "left", "right")
 #: R(z) for a rationale z (docs/methods.md §4.12): the four likelihood rewards of the reference answer y, and a
 #: 0/1 verifier on the model's own answer (then the trainer is plain RLOO/GRPO).
 REWARDS = ("logprob", "mean_logprob", "prob", "mean_prob", "verifier")
@@ -110,82 +112,51 @@ def rationale_length(tokenizer, ids: Sequence[int], stops: Sequence[str]) -> int
 
 
 # ----------------------------------------------------------------------------------------------------------
-# fused scoring
+# scoring on the prefix tree
 # ----------------------------------------------------------------------------------------------------------
 
 
-def pack(xs: Sequence[Sequence[int]], zs: Sequence[Sequence[int]], ys: Sequence[Sequence[int]], pad_id: int,
-         layout: str = "split"):
-    """Rows ``[x z y]`` as one padded batch.
-
-    layout: ``split`` — x left-padded to a common width and ``z y`` right-padded (TRL's prompt/completion
-    layout: every z starts in the same column, so logits are needed only from there on and ``[x z]`` is a
-    column prefix); ``left`` — whole rows left-padded (the official code's pad-to-the-left re-arrangement);
-    ``right`` — whole rows right-padded. Returns (input_ids, attention_mask, position_ids, z_pairs, y_pairs,
-    first) with pairs (3, P) = (row, predictor column, target column) and `first` the first predictor column.
-    Position ids count real tokens only, so padding never shifts RoPE positions."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+def trees(xs: Sequence[Sequence[int]], zs: Sequence[Sequence[int]], ys: Sequence[Sequence[int]]) -> list[tree.Tree]:
+    """The samples as `ponder.tree` trees x -> z_k -> y_k: one tree per distinct prompt x (samples with equal x,
+    e.g. a question's K rationales, share it: x is forwarded once), z_k scored with group 2i and y_k with group
+    2i+1 (i: the sample's index). An empty y leaves x -> z_k, the reference model's pass; an empty z makes y_k
+    a child of x."""
     if not (len(xs) == len(zs) == len(ys)):
         raise ValueError(f"prompts, rationales and answers differ in number: {len(xs)}, {len(zs)}, {len(ys)}")
     if any(len(x) == 0 for x in xs):
         raise ValueError("an empty prompt x: there is no position to predict the first rationale token from")
-    lx = [len(x) for x in xs]
-    lzy = [len(z) + len(y) for z, y in zip(zs, ys)]
-    if layout == "split":
-        wx = max(lx)
-        width = wx + max(lzy)
-        starts = [wx - n for n in lx]
-    else:
-        width = max(a + b for a, b in zip(lx, lzy))
-        starts = [width - a - b if layout == "left" else 0 for a, b in zip(lx, lzy)]
-    ids = torch.full((len(xs), width), pad_id, dtype=torch.long)
-    att = torch.zeros((len(xs), width), dtype=torch.long)
-    zp, yp = [], []
-    for r, (x, z, y, s) in enumerate(zip(xs, zs, ys, starts)):
-        row = list(x) + list(z) + list(y)
-        ids[r, s:s + len(row)] = torch.tensor(row, dtype=torch.long)
-        att[r, s:s + len(row)] = 1
-        zs_ = s + len(x)
-        zp += [(r, c - 1, c) for c in range(zs_, zs_ + len(z))]
-        yp += [(r, c - 1, c) for c in range(zs_ + len(z), zs_ + len(z) + len(y))]
-    pos = (att.cumsum(1) - 1).clamp(min=0)
-    first = min(s + n - 1 for s, n in zip(starts, lx))
-
-    def pairs(p):
-        return torch.tensor(p, dtype=torch.long).T.reshape(3, -1) if p else torch.zeros((3, 0), dtype=torch.long)
-    return ids, att, pos, pairs(zp), pairs(yp), first
-
-
-def _sums(model, ids, att, pos, pair_sets, first: int, n: int, reductions: Sequence[str] | None = None
-          ) -> list[torch.Tensor]:
-    """One forward over `ids`; for each (3, P) pair set, the per-row reduction (`answer_score`, default
-    ``logprob`` = Σ log p) of log p(target | predictor). Logits are computed only from column `first` on
-    (`logits_to_keep`), which is where every target lives."""
-    device = next(model.parameters()).device
-    allp = torch.cat(pair_sets, dim=1).to(device)
-    keep = ids.shape[1] - first
-    logits = logits_at(model, ids.to(device), (allp[0], allp[1] - first), att.to(device), pos.to(device),
-                       logits_to_keep=keep)
-    lp = logprobs_of(logits, ids.to(device)[allp[0], allp[2]])
-    out, at = [], 0
-    for i, p in enumerate(pair_sets):
-        k = p.shape[1]
-        how = reductions[i] if reductions else "logprob"
-        out.append(answer_score(lp[at:at + k], allp[0, at:at + k], n, how))
-        at += k
-    return out
+    out: dict[tuple[int, ...], tuple[tree.Tree, int]] = {}
+    for i, (x, z, y) in enumerate(zip(xs, zs, ys)):
+        key = tuple(x)
+        if key not in out:
+            t = tree.Tree()
+            out[key] = (t, t.add(x))
+        t, root = out[key]
+        at = t.add(z, root, weight=1.0, group=2 * i) if len(z) else root
+        if len(y):
+            t.add(y, at, weight=1.0, group=2 * i + 1)
+    return [t for t, _ in out.values()]
 
 
 def score_ids(model, xs: Sequence[Sequence[int]], zs: Sequence[Sequence[int]], ys: Sequence[Sequence[int]],
-              pad_id: int, layout: str = "split", reward: str = "logprob") -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ log π(z|x), R(y|x⊕z)) per sample from ONE causal pass over the padded ``[x z y]`` rows; R is
-    `answer_score` with `reward` (default Σ log π(y|x⊕z), LaTRO's). Gradients flow (wrap in
-    ``torch.no_grad()`` for rewards). An empty y gives R = 0 and makes this the ``[x z]``-only pass (the
-    reference model's KL term needs nothing else)."""
-    ids, att, pos, zp, yp, first = pack(xs, zs, ys, pad_id, layout)
-    lz, ly = _sums(model, ids, att, pos, [zp, yp], first, len(xs), ["logprob", reward])
-    return lz, ly
+              pad_id: int, reward: str = "logprob", attention: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ log π(z|x), R(y|x⊕z)) per sample from ONE forward over the trees x -> z_k -> y_k (`trees`: a prompt
+    shared by several samples is forwarded once; `ponder.tree` makes every token's log-prob that of the separate
+    ``[x z y]`` pass); R is `answer_score` with `reward` (default Σ log π(y|x⊕z), LaTRO's). Gradients flow (wrap
+    in ``torch.no_grad()`` for rewards). An empty y gives R = 0 and makes this the ``[x z]``-only pass (the
+    reference model's KL term needs nothing else). attention: `ponder.tree.logits`'s mode."""
+    n = len(xs)
+    flats = [tree.flatten(t) for t in trees(xs, zs, ys)]
+    device = next(model.parameters()).device
+    dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+    if not any(f.pairs for f in flats):  # nothing scored (every z and y empty)
+        zero = torch.zeros(n, dtype=dtype, device=device)
+        return zero, answer_score(zero[:0], torch.zeros(0, dtype=torch.long, device=device), n, reward)
+    packed = tree.pack(flats, pad_id).to(device)
+    lp = tree.logprobs(model, packed, attention)
+    sample, is_y = packed.pair_group // 2, packed.pair_group % 2 == 1
+    return (answer_score(lp[~is_y], sample[~is_y], n, "logprob"),
+            answer_score(lp[is_y], sample[is_y], n, reward))
 
 
 @torch.no_grad()
@@ -198,21 +169,40 @@ def no_rationale_scores(model, xs: Sequence[Sequence[int]], ys: Sequence[Sequenc
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def score_separate(model, xs, zs, ys, pad_id: int, layout: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+def score_separate(model, xs, zs, ys, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The official code's way (docs/methods.md §4.8): log π(z|x) from a pass over ``[x z]`` and log π(y|x⊕z)
-    from a second pass over ``[x z y]``, both left-padded. Same numbers as `score_ids`, ~2x the compute."""
+    from a second pass over ``[x z y]``, one padded row per sample (`ponder.tree.separate`; the official code
+    pads on the left, which changes nothing: positions count real tokens). Same numbers as `score_ids`, ~2x
+    the compute and more when prompts are shared."""
+    n, device = len(xs), next(model.parameters()).device
     empty = [[] for _ in xs]
-    ids, att, pos, zp, _, first = pack(xs, zs, empty, pad_id, layout)
-    (lz,) = _sums(model, ids, att, pos, [zp], first, len(xs))
-    ids, att, pos, _, yp, _ = pack(xs, zs, ys, pad_id, layout)
-    (ly,) = _sums(model, ids, att, pos, [yp], int(yp[1].min()) if yp.shape[1] else 0, len(xs))
-    return lz, ly
+    out = []
+    for part, keep in ((trees(xs, zs, empty), 0), (trees(xs, zs, ys), 1)):
+        seqs = [s for t in part for s in tree.separate(_only(t, keep))]
+        vals = torch.zeros(n, dtype=next(model.parameters()).dtype, device=device)
+        if seqs:
+            ids, att, pairs = tree.separate_batch(seqs, pad_id)
+            lp = token_logprobs(model, ids.to(device), pairs.to(device), att.to(device))
+            groups = torch.tensor([g // 2 for s in seqs for g in s.groups], device=device)
+            vals = reduce(lp, groups, n, "sum")
+        out.append(vals)
+    return out[0], out[1]
+
+
+def _only(t: tree.Tree, kind: int) -> tree.Tree:
+    """The tree with only the z (kind 0) or only the y (kind 1) segments scored, the others context."""
+    out = tree.Tree()
+    for s in t.segments:
+        keep = s.weights is not None and s.group % 2 == kind
+        out.add(s.ids, None if s.parent < 0 else s.parent, weight=s.weights if keep else None, group=s.group,
+                hidden=s.hidden, turn=s.turn)
+    return out
 
 
 def score(model, tokenizer, prompts: Sequence[str], rationales: Sequence[str], answers: Sequence[str],
-          layout: str = "split", batch_size: int | None = None, reward: str = "logprob"
+          batch_size: int | None = None, reward: str = "logprob", attention: str = "auto"
           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """LaTRO's two sums for each sample, from ONE fused causal pass over ``[x ⊕ z ⊕ y]``.
+    """LaTRO's two sums for each sample, from ONE forward over the trees x -> z -> y (`score_ids`).
 
     prompts: user-message contents (the CoT trigger already in them); x = the chat template with the
     generation prompt. rationales: z = ``tokenizer(rationale, add_special_tokens=False)``. answers: the
@@ -221,6 +211,7 @@ def score(model, tokenizer, prompts: Sequence[str], rationales: Sequence[str], a
     Σ_t log π(z_t | x, z_<t) and Σ_t log π(y_t | x⊕z, y_<t). Gradients flow unless called under no_grad.
     batch_size: score in chunks of this many samples (memory), default all at once. reward: the second value is
     `answer_score` with this reduction instead of the sum (e.g. ``prob`` for VeriFree's π(y|x⊕z)).
+    attention: `ponder.tree.logits`'s mode (auto | dense | sparse | flex).
     """
     if not (len(prompts) == len(rationales) == len(answers)):
         raise ValueError(f"prompts, rationales and answers differ in number: {len(prompts)}, {len(rationales)}, "
@@ -230,7 +221,8 @@ def score(model, tokenizer, prompts: Sequence[str], rationales: Sequence[str], a
     zs = [list(tokenizer(z, add_special_tokens=False)["input_ids"]) if z else [] for z in rationales]
     ys = [answer_ids(tokenizer, a, eot) for a in answers]
     step = batch_size or max(1, len(xs))
-    parts = [score_ids(model, xs[i:i + step], zs[i:i + step], ys[i:i + step], pad_id(tokenizer), layout, reward)
+    parts = [score_ids(model, xs[i:i + step], zs[i:i + step], ys[i:i + step], pad_id(tokenizer), reward,
+                       attention)
              for i in range(0, len(xs), step)]
     if not parts:
         empty = torch.zeros(0)

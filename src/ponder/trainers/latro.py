@@ -13,7 +13,8 @@ over micro-batches):
    verifier), the non-stop penalty with the mean over the whole update, − β·(log π(z|x) − log π₀(z|x)) with
    π₀ the reference model (a frozen copy, or with LoRA the same model with its adapter disabled); RLOO (or
    GRPO) advantages per question, optionally normalised over the update as TRL's RLOO does;
-3. per micro-batch, ONE forward with grad over the packed ``[x z y]`` rows (`ponder.latro.score_ids`) and the
+3. per micro-batch, ONE forward with grad over the prefix trees x -> z_k -> y_k (`ponder.latro.score_ids`: a
+   question's x forwarded once for its K rationales; the reference pass is the same trees without y) and the
    loss −A·Σlog π(z|x) − sft_weight·R(y|x⊕z), summed; the denominator counts the rollouts of the whole
    optimizer batch, so gradient accumulation and several processes give the same update.
 Several processes: step 2 runs over the rollouts of every process, gathered in slot order (`_whole_update`):
@@ -354,7 +355,7 @@ class LaTROTrainer(PonderTrainer):
         return out
 
     def _score(self, model, p: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Σ log π(z|x), R) for a micro-batch's rollouts: one fused pass (gradients flow unless under no_grad)."""
+        """(Σ log π(z|x), R) for a micro-batch's rollouts: one forward over the trees x -> z_k -> y_k (gradients flow unless under no_grad)."""
         reward = "logprob" if self.args.reward == "verifier" else self.args.reward
         logp_z, score = latro.score_ids(model, p.xs, p.zs, p.ys, pad_id(self.processing_class), reward=reward)
         if p.verifier is not None:

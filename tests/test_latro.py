@@ -585,7 +585,10 @@ def test_demo_quick_structure(tmp_path):
     for row in out["rows"]:
         assert len(row) == 3 and all(0.0 <= v <= 1.0 for v in row[1:])
     assert out["plots"] and all((tmp_path / p).stat().st_size > 10_000 for p in out["plots"])
-    assert any("paper's direction" in n for n in out["notes"])
+    ev = out["metrics"]["evals"]  # each claim's note carries this run's difference (over the same problems)
+    note = next(n for n in out["notes"] if n.startswith("LaTRO − base, greedy"))
+    assert f"{100 * (ev['latro']['greedy'] - ev['base']['greedy']):+.1f} points" in note
+    assert "docs/results/latro-testbed.md" in note and "95%" in note
     assert out["metrics"]["steps"] == 2 and out["metrics"]["train_questions"] == 4
 
 

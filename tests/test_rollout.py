@@ -253,6 +253,8 @@ def test_backend_choice():
     from ponder import models
     tiny_model, _ = models.load("tiny-random")
     assert rollout.resolve_backend("auto", tiny_model) == "lean"  # CPU + Llama-shaped: measured faster
+    assert rollout.resolve_backend("auto", tiny_model, batch=16) == "lean"
+    assert rollout.resolve_backend("auto", tiny_model, batch=4) == "generate"  # small batches: generate measured faster
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     assert rollout.resolve_backend("auto", gpt2) == "generate"
     with pytest.raises(ValueError, match="lean' cannot run this model: model type 'gpt2'"):

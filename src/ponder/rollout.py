@@ -102,16 +102,22 @@ def check_backend(backend: str) -> None:
         vllm_engine.check_available()
 
 
-def resolve_backend(backend: str, model) -> str:
-    """The backend `sample` runs. ``auto``: the lean loop on CPU for the Llama-shaped models it supports (it
-    beat `generate` at every batch size measured, docs/methods.md §6.1), else `generate`. ``vllm`` with an
-    engine already set (`vllm_engine.set_engine`) runs on it."""
+# Measured (bench/generation.py, bench/results.md): the lean loop is 1.09-1.42x `generate` on the testbed
+# from batch 16 up and level on SmolLM2 at 16 (1.01x), but slower at batch 1 (0.83x, 0.95x).
+LEAN_MIN_BATCH = 16
+
+
+def resolve_backend(backend: str, model, batch: int | None = None) -> str:
+    """The backend `sample` runs. ``auto``: the lean loop on CPU for the Llama-shaped models it supports when
+    a generation batch holds at least `LEAN_MIN_BATCH` sequences (where it measured faster, docs/methods.md
+    §6.1), else `generate`. ``vllm`` with an engine already set (`vllm_engine.set_engine`) runs on it."""
     if backend == "vllm" and vllm_engine.current() is not None:
         return backend
     check_backend(backend)
     if backend == "auto":
         on_cpu = next(model.parameters()).device.type == "cpu"
-        return "lean" if on_cpu and decode.unsupported_reason(model) is None else "generate"
+        big = batch is None or batch >= LEAN_MIN_BATCH
+        return "lean" if on_cpu and big and decode.unsupported_reason(model) is None else "generate"
     if backend == "lean":
         reason = decode.unsupported_reason(model)
         if reason is not None:
@@ -139,9 +145,9 @@ def sample(model, tokenizer, prompts: Sequence[Prompt], n: int = 1, max_new_toke
     pushed when they changed) or ``auto`` (`resolve_backend`). Every backend cuts completions by the same rule
     (`_cut`); greedy ids agree across backends, sampled ids agree in distribution (docs/methods.md §6).
     """
-    backend = resolve_backend(backend, model)
     stop = [s for s in stop or [] if s]
     pids = [prompt_ids(tokenizer, p) for p in prompts]
+    backend = resolve_backend(backend, model, min(batch_size, len(pids) * n))
     check_context(model, pids, max_new_tokens)  # refuse, never generate past the context silently
     if temperature == 0 and n > 1:
         ui.warn(f"temperature 0 with {n} samples per prompt: greedy decoding gives {n} identical samples")

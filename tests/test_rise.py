@@ -523,3 +523,9 @@ def test_history_reasoning_keep_shows_earlier_attempts_in_full_and_strip_hides_t
     assert keep.endswith("<|im_start|>assistant\n") and strip.endswith("<|im_start|>assistant\n")
     with pytest.raises(ValueError, match="history_reasoning must be one of"):
         rise.Env(history_reasoning="hide")
+
+
+def test_headline_lists_each_metric_once():
+    from ponder.rise import headline
+    r = {"m1@t1": 0.1, "m1@t2": 0.2, "p1@t2": 0.3, "p1@t1": 0.4}
+    assert headline(r, turns=2, parallel=1) == [("m1@t1", 0.1), ("m1@t2", 0.2), ("p1@t2", 0.3), ("p1@t1", 0.4)]

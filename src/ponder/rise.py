@@ -477,5 +477,5 @@ HEADLINE = ("m1@t1", "m{k}@t1", "m1@t{T}", "p1@t{T}", "p{k}@t1")
 
 
 def headline(result: dict[str, Any], turns: int, parallel: int) -> list[tuple[str, float]]:
-    keys = [h.format(k=parallel, T=turns) for h in HEADLINE]
+    keys = dict.fromkeys(h.format(k=parallel, T=turns) for h in HEADLINE)  # k = 1 makes m{k}@t1 = m1@t1
     return [(k, result[k]) for k in keys if k in result]

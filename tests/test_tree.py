@@ -194,7 +194,16 @@ def test_blockmask_forward_matches_dense():
 
 def test_auto_picks_a_path_and_flex_needs_its_backend(tiny64):
     packed = tree.pack([tree.flatten(random_tree(random.Random(1)))], 0)
-    assert tree.choose(tiny64, packed) in ("dense", "sparse")
+    plan = tree.sparse_plan(packed, torch.float32, bias=False)
+    assert tree.choose(tiny64, packed) == tree.choose_attention(**tree.attention_shape(tiny64, packed, plan))
+    assert tree.attention_shape(tiny64, packed, plan)["sparse_pairs"] == plan.elements > 0  # the plan is counted
+    trunk = tree.Tree()  # one shared prefix, many short scored branches: few pairs, sparse wins with 1 thread
+    root = trunk.add(list(range(1, 400)))
+    for b in range(8):
+        trunk.add([b + 1] * 8, root, weight=1.0)
+    p2 = tree.pack([tree.flatten(trunk)], 0)
+    shape = tree.attention_shape(tiny64, p2, tree.sparse_plan(p2, torch.float32, bias=False))
+    assert tree.choose_attention(**{**shape, "threads": 1}) == "sparse"
     with pytest.raises(ValueError, match="flex_attention"):
         tree.choose(tiny64, packed, "flex")
     with pytest.raises(ValueError, match="attention must be one of"):

@@ -632,6 +632,11 @@ def choose(model, packed: Packed, attention: str = "auto", plan: SparsePlan | No
         return attention
     if impl == "flex_attention":
         return "flex"
+    if plan is None:
+        try:
+            plan = sparse_plan(packed, torch.float32, bias=False)
+        except ValueError:  # a layout the sparse plan cannot serve: dense
+            plan = None
     return choose_attention(**attention_shape(model, packed, plan))
 
 

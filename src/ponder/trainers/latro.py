@@ -32,6 +32,7 @@ rollouts: its GSM8K "6 epochs" are ~0.37 passes, docs/methods.md §4.6).
 from __future__ import annotations
 
 import copy
+import itertools
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -274,12 +275,7 @@ class LaTROTrainer(PonderTrainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The update's micro-batches (HF prefetches them all), with the update's rollouts sampled and — when the
         update has several micro-batches — rewarded before any of them is optimised."""
-        batches = []
-        for _ in range(num_batches):
-            try:
-                batches.append(next(epoch_iterator))
-            except StopIteration:
-                break
+        batches = list(itertools.islice(epoch_iterator, num_batches))  # fewer at the end of the data
         if batches:
             self._plan_update(batches)
         return batches, self._get_num_items_in_batch(batches, device)

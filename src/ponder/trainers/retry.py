@@ -24,6 +24,7 @@ One optimizer step per batch of episodes (on-policy): no importance ratio, no cl
 from __future__ import annotations
 
 import copy
+import itertools
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,12 +166,7 @@ class RetryTrainer(PonderTrainer):
     # -- one update: every micro-batch's episodes first, then the micro-batch losses ----------------------
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        batches = []
-        for _ in range(num_batches):
-            try:
-                batches.append(next(epoch_iterator))
-            except StopIteration:
-                break
+        batches = list(itertools.islice(epoch_iterator, num_batches))  # fewer at the end of the data
         self._plans = []
         for m, b in enumerate(batches):
             self._plans.append(self.plan(b["index"].tolist(), self._seed(m)))

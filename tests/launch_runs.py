@@ -28,6 +28,12 @@ def main(runs_file: str, log_dir: str) -> int:
 
     import typer
 
+    if os.environ.get("PONDER_TEST_EXACT_NORM") == "1":  # fp64 RMSNorm as in the reference process (tests/exact.py)
+        sys.path.insert(0, str(Path(__file__).parent))
+        from exact import rmsnorm_fp64
+        from transformers.models.llama import modeling_llama
+        modeling_llama.LlamaRMSNorm.forward = rmsnorm_fp64
+
     from ponder.cli import app
     codes = []
     for argv in json.loads(Path(runs_file).read_text()):

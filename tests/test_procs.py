@@ -1,13 +1,15 @@
 """Several processes: every trainer and recipe run under ``accelerate launch --config_file
 configs/accelerate/cpu.yaml`` (2 processes on CPU, gloo; `ponder.trainers.base.cpu_processes`) equals a
 single-process run of the same global batch (2 processes x 1 micro-batch against 1 process x 2 accumulated
-micro-batches): the same losses at every step and final weights within fp32 rounding; RL groups stay whole on one process (a GFPO question's G rollouts are made in one training
+micro-batches): the same losses at every step and the same final weights; RL groups stay whole on one process (a GFPO question's G rollouts are made in one training
 step of one process); RISE collection and evaluation are split across the processes without a duplicate or a
 loss and their metrics computed once; only rank 0 writes a run's files.
 
 All 2-process runs share ONE launch (tests/launch_runs.py: the imports are paid once); the single-process
-references run here meanwhile. Tolerance: fp32 weights within `ATOL` (the two runs add the same per-example
-gradients in a different order), losses within `RTOL`.
+references run here meanwhile. The runs are fp64 with an fp64 RMSNorm (tests/exact.py): the two add the same
+per-example gradients in another order, and in fp32 AdamW amplifies that rounding to ~lr on some CPUs (1e-5 on an
+Intel AVX-512 box, 0.0 on others), so a tolerance read off one machine failed on another; the fp64 tolerance is
+derived from the arithmetic (tests/exact.py) and holds on any CPU.
 """
 
 import json
@@ -26,9 +28,12 @@ from typer.testing import CliRunner
 from ponder import models
 from ponder.cli import app
 
+sys.path.insert(0, str(Path(__file__).parent))
+from exact import LOSS_RTOL, WEIGHT_ATOL, exact_norm  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-ATOL = 1e-6   # fp32 weights after a few AdamW steps (lr 1e-2), 2 processes vs 1 (0.0 on this machine)
-RTOL = 1e-6   # per-step losses (relative)
+ATOL = WEIGHT_ATOL  # final weights after a few AdamW steps (lr 1e-2), 2 processes vs 1
+RTOL = LOSS_RTOL    # per-step losses (relative)
 
 
 def launch_cmd(port: int) -> list[str]:
@@ -68,7 +73,7 @@ def problems(path: Path, n: int = 16) -> Path:
     return path
 
 
-TRAIN = ["model=tiny-random", "learning_rate=0.01", "warmup_steps=0", "report_to=none", "save_strategy=no",
+TRAIN = ["model=tiny-random", "dtype=float64", "learning_rate=0.01", "warmup_steps=0", "report_to=none", "save_strategy=no",
          "per_device_train_batch_size=2", "seed=3", "logging_steps=1"]
 
 
@@ -122,18 +127,19 @@ def both(tmp_path_factory):
            for n, (cmds, _) in todo.items()}
     (tmp / "runs.json").write_text(json.dumps([[*c, *out[n]] for n, (cmds, _) in todo.items() for c in cmds]))
     t = time.time()
-    proc = subprocess.Popen([*launch_cmd(free_port()), str(ROOT / "tests" / "launch_runs.py"),
-                             str(tmp / "runs.json"), str(log)], env=child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        for name, (_, ref) in todo.items():
-            if ref is not None:
-                r = CliRunner().invoke(app, [*ref, f"output_dir={one / name}", "gradient_accumulation_steps=2"])
-                assert r.exit_code == 0, f"{name}: {r.output}"
-        output, _ = proc.communicate(timeout=900)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    with exact_norm():  # here and (PONDER_TEST_EXACT_NORM) in the launched processes
+        proc = subprocess.Popen([*launch_cmd(free_port()), str(ROOT / "tests" / "launch_runs.py"),
+                                 str(tmp / "runs.json"), str(log)], env=child_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            for name, (_, ref) in todo.items():
+                if ref is not None:
+                    r = CliRunner().invoke(app, [*ref, f"output_dir={one / name}", "gradient_accumulation_steps=2"])
+                    assert r.exit_code == 0, f"{name}: {r.output}"
+            output, _ = proc.communicate(timeout=900)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     print(f"2-process launch + references: {time.time() - t:.0f} s")
     assert proc.returncode == 0, output[-4000:]
     return one, two, log
@@ -296,9 +302,13 @@ def test_forking_evaluation_is_split_and_written_once(both):
 # ---- the real command under `accelerate launch`, killed and resumed (slow: a launch per run) -----------------
 
 
-def launch(args: list[str], **kw) -> subprocess.Popen:
-    return subprocess.Popen([*launch_cmd(free_port()), "-m", "ponder", *args], env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+def launch(args: list[str], tmp: Path) -> subprocess.Popen:
+    """`ponder ARGS` under `accelerate launch` (through tests/launch_runs.py, so the fp64 norm applies)."""
+    runs = tmp / f"runs-{time.time_ns()}.json"
+    runs.write_text(json.dumps([args]))
+    return subprocess.Popen([*launch_cmd(free_port()), str(ROOT / "tests" / "launch_runs.py"), str(runs),
+                             str(tmp / "log")], env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.mark.slow
@@ -314,9 +324,10 @@ def test_two_process_cli_killed_after_a_checkpoint_and_resumed(tmp_path):
     args = ["sft", *TRAIN, f"dataset={data}", "max_steps=200", "save_strategy=steps", "save_steps=4",
             "lr_scheduler_type=constant", "learning_rate=0.001"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    r = CliRunner().invoke(app, [*args, f"output_dir={straight}", "gradient_accumulation_steps=2"])
-    assert r.exit_code == 0, r.output
-    proc = launch([*args, f"output_dir={killed}"])
+    with exact_norm():
+        r = CliRunner().invoke(app, [*args, f"output_dir={straight}", "gradient_accumulation_steps=2"])
+        assert r.exit_code == 0, r.output
+        proc = launch([*args, f"output_dir={killed}"], tmp_path)
     t = time.time()
     while not (killed / "checkpoint-4").exists():
         assert proc.poll() is None, proc.communicate()[0][-3000:]
@@ -330,7 +341,8 @@ def test_two_process_cli_killed_after_a_checkpoint_and_resumed(tmp_path):
     psutil.wait_procs(workers, timeout=60)
     assert not (killed / "final").exists(), "the run finished before the kill"
     done = sorted(int(p.name.split("-")[1]) for p in killed.glob("checkpoint-*"))
-    resumed = launch([*args, f"output_dir={killed}", "resume_from_checkpoint=last"])
+    with exact_norm():
+        resumed = launch([*args, f"output_dir={killed}", "resume_from_checkpoint=last"], tmp_path)
     out, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, out[-3000:]
     print(f"killed after checkpoints {done}; resumed from checkpoint-{done[-1]}")

@@ -22,6 +22,7 @@ from ponder.config import load_config, to_yaml
 from ponder.data import write_jsonl
 from ponder.recipes.common import effect_note, lock_output_dir, pyplot, resume_arg, save_final, write_json
 from ponder.rise import HEADLINE, Env, collect, collection_summary, eval_metrics, evaluate, headline
+from ponder.trainers.base import ADAPTER_DIR
 from ponder.trainers.rise import RISEConfig, RISETrainer
 
 
@@ -178,11 +179,13 @@ def run(cfg, config_text: str | None = None) -> dict[str, Any]:
 
 def load_iteration_model(cfg, final: Path):
     """The model an earlier iteration trained, to go on from after a resume: its saved weights, or with LoRA the
-    base model with the saved adapter (the trainer saves the adapter alone)."""
-    if not (final / "adapter_config.json").exists():
+    base model with the adapter saved beside the merged model (``final/adapter``), so training goes on on the
+    adapters as in an uninterrupted run. (Runs from before the merged save hold the adapter in ``final`` itself.)"""
+    adapter = next((d for d in (final / ADAPTER_DIR, final) if (d / "adapter_config.json").exists()), None)
+    if adapter is None:
         return models.load(str(final), dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)[0]
     model = models.load(cfg.model, dtype=cfg.dtype, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code)[0]
-    set_peft_model_state_dict(model, load_file(str(final / "adapter_model.safetensors")))
+    set_peft_model_state_dict(model, load_file(str(adapter / "adapter_model.safetensors")))
     return model
 
 

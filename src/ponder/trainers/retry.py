@@ -36,7 +36,7 @@ from transformers import TrainingArguments
 from ponder import retry, rise, rollout, tree
 from ponder.chat import HISTORY_REASONING, pad_id
 from ponder.data import DataError, resolve_problems
-from ponder.trainers.base import PonderTrainer, cpu_processes, model_and_tokenizer, save_merged
+from ponder.trainers.base import PonderTrainer, cpu_processes, model_and_tokenizer
 from ponder.trainers.latro import disable_dropout
 
 LAYOUTS = ("tree", "turns")
@@ -262,6 +262,3 @@ class RetryTrainer(PonderTrainer):
                 logs[key] = sum(vals) / len(vals)
             self._metrics.clear()
         super().log(logs, start_time)
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        save_merged(self, output_dir, _internal_call)

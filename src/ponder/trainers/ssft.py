@@ -46,7 +46,6 @@ from ponder.trainers.base import (
     pack_collate,
     pad_collate,
     report_stats,
-    save_merged,
     source_name,
 )
 from ponder.trainers.sft import SFTConfig
@@ -369,6 +368,3 @@ class SSFTTrainer(PonderTrainer):
             self.flush_matches()
             logs = {**logs, **self.match_stats.summary(self.state.global_step)}
         super().log(logs, start_time)
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        save_merged(self, output_dir, _internal_call)

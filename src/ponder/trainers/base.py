@@ -359,6 +359,8 @@ def report_stats(stats: dict[str, Counter]) -> None:
             msg += f", skipped {c['skipped_too_long']} longer than max_length"
         if c["skipped_no_trained_tokens"]:
             msg += f", skipped {c['skipped_no_trained_tokens']} with nothing to train"
+        if c["skipped_blank_lines"]:
+            msg += f", skipped {c['skipped_blank_lines']} blank lines"
         if c["hidden_reasoning_turns"]:
             msg += (f", {c['hidden_reasoning_turns']} history turns with reasoning not trained "
                     "(use `ponder onepass` to train them)")

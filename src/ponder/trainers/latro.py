@@ -44,7 +44,7 @@ from transformers import TrainingArguments
 from ponder import dist, latro, metrics, rollout, verify
 from ponder.advantages import group_normalized, normalize_advantages, rloo_advantages
 from ponder.chat import end_of_turn_id, pad_id
-from ponder.data import DataError, Problem, resolve_problems
+from ponder.data import DataError, Problem, input_skips, resolve_problems
 from ponder.prompts import check_template
 from ponder.trainers.base import PonderTrainer, cpu_processes, model_and_tokenizer
 
@@ -248,7 +248,8 @@ class LaTROTrainer(PonderTrainer):
             self.eval_problems = resolve_problems(self._eval_source, args.n_eval, args.eval_split, "eval_dataset")
         train = encode_problems(tok, self.train_problems, args.prompt_template, args.answer_template)
         # "eval" is filled by `evaluate` with the problems it evaluated (loaded lazily: not known here)
-        self.data_stats: dict[str, dict[str, int]] = {"train": {"problems": len(train)}}
+        self.data_stats: dict[str, dict[str, int]] = {"train": {"problems": len(train),
+                                                                       **input_skips(self.train_problems)}}
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._plans: list[Rollouts] = []
         self._eos = sorted({end_of_turn_id(tok), *([tok.eos_token_id] if tok.eos_token_id is not None else [])})

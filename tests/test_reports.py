@@ -161,7 +161,7 @@ def test_latro_plot_has_integer_steps_and_both_accuracy_markers():
     assert acc.get_ylim() == (-2, 102)
 
 
-# ---- help, warnings, skipped input ---------------------------------------------------------------------------
+# ---- help, warnings ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("method", ["sft", "rise", "gfpo"])
@@ -190,18 +190,3 @@ def test_gradient_checkpointing_warning_is_filtered_and_others_are_not():
                       "`is_activation_checkpointing` instead.", FutureWarning, stacklevel=2)
         warnings.warn("something else is deprecated", FutureWarning, stacklevel=2)
     assert [str(w.message) for w in seen] == ["something else is deprecated"]
-
-
-def test_blank_lines_are_counted_in_the_run_summary(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"{i}+1=?"},
-                          {"role": "assistant", "content": f"The answer is {i + 1}."}]} for i in range(4)]
-    data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n   \n" + "".join(
-        json.dumps(r) + "\n" for r in rows[2:]) + "\n")
-    out = tmp_path / "run"
-    r = runner.invoke(app, ["sft", *COMMON, f"dataset={data}", "max_steps=1", "per_device_train_batch_size=2",
-                            f"output_dir={out}"])
-    assert r.exit_code == 0, r.output
-    train = json.loads((out / "metrics.json").read_text())["data"]["train"]
-    assert train["examples"] == 4 and train["skipped_blank_lines"] == 3
-    assert "skipped_blank_lines" in r.output

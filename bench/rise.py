@@ -69,7 +69,7 @@ def run(model_spec: str, turns: int, n: int, repeats: int, demo: bool, plain: bo
         ref = make_trainer(model, tok, trajs, "npass", d + "/ref")
         b1 = one.data_collator([one.train_dataset[i] for i in range(len(one.train_dataset))])
         b2 = ref.data_collator([ref.train_dataset[i] for i in range(len(ref.train_dataset))])
-        tok1, tok2 = one.data_stats["train"]["tokens_forwarded"], ref.data_stats["train"]["tokens_forwarded"]
+        tok1, tok2 = one.data_stats["train"]["dataset_tokens"], ref.data_stats["train"]["dataset_tokens"]
         pad1, pad2 = b1["input_ids"].numel(), b2["input_ids"].numel()
         step(one, model, b1)  # warm-up
         step(ref, model, b2)

@@ -587,6 +587,16 @@ def test_over_length_examples_are_counted_and_reported(tmp_path):
     assert re.search(r"data: skipped_too_long\s*│\s*2", r.output)
 
 
+@row("blank-lines")
+def test_blank_jsonl_lines_are_counted_and_reported(tmp_path):
+    rows = [conv(0), "", conv(1), "   ", conv(2), conv(3), ""]
+    r = cli(*sft_args(tmp_path, jsonl(tmp_path / "d.jsonl", rows)))
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["data"]["train"]["skipped_blank_lines"] == 3 and m["data"]["train"]["examples"] == 4
+    assert re.search(r"data: skipped_blank_lines\s*│\s*3", r.output)
+
+
 @row("max-length-over-context")
 def test_max_length_beyond_the_models_context_is_capped_and_reported(tmp_path):
     rows = [conv(i) for i in range(7)] + [{"messages": [{"role": "user", "content": "1 " * 2300},

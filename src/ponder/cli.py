@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+import typer.core
 
 from ponder import runtime
 
@@ -34,11 +35,24 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
+#: Library warnings a user cannot act on (they name library internals), filtered by message, each alone:
+#: transformers 5 warns about `is_gradient_checkpointing` on every LoRA run (PEFT reads the old name).
+LIBRARY_WARNINGS = ((FutureWarning, r"`is_gradient_checkpointing` is deprecated"),)
+
+
+def quiet_library_warnings() -> None:
+    """Filter `LIBRARY_WARNINGS` (idempotent: `warnings.filterwarnings` replaces an identical filter)."""
+    import warnings
+    for category, message in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
 def _guarded(fn):
     """Run a command body: a user mistake (ValueError: bad config, data or settings; OSError: files, disk) is a
     one-line error with exit code 2, Ctrl-C a short message with exit code 130 — never a traceback. Locks on
     output directories are released either way."""
     from ponder.recipes.common import release_locks
+    quiet_library_warnings()
     try:
         return fn()
     except (ValueError, OSError) as e:
@@ -157,6 +171,41 @@ def testbed_info():
     print((path / "testbed.json").read_text())
 
 
+#: The config class each training command reads (module, class): what `ponder <method> --help` lists.
+CONFIGS = {"sft": ("ponder.trainers.sft", "SFTConfig"), "onepass": ("ponder.trainers.onepass", "OnePassConfig"),
+           "rise": ("ponder.recipes.rise", "RISERunConfig"), "retry": ("ponder.recipes.retry", "RetryRunConfig"),
+           "latro": ("ponder.trainers.latro", "LaTROConfig"), "ssft": ("ponder.recipes.ssft", "SSFTRunConfig"),
+           "gfpo": ("ponder.recipes.ssft", "GFPORunConfig")}
+
+
+def config_help(name: str) -> str:
+    """The config's fields, grouped by the class that declares them: name, type, default and one-line help."""
+    from importlib import import_module
+
+    from ponder.config import describe_fields
+    module, cls_name = CONFIGS[name]
+    cls = getattr(import_module(module), cls_name)
+    lines = [f"Config fields ({cls_name}): set them in the --config YAML file or as key=value overrides.", ""]
+    for title, rows in describe_fields(cls):
+        lines += [title, ""]
+        width = max(len(f"{n}: {t} = {d}") for n, t, d, _ in rows)
+        width = min(width, 60)
+        for n, t, d, h in rows:
+            head = f"  {n}: {t} = {d}"
+            lines.append(f"{head:<{width + 2}}  {h}".rstrip() if len(head) <= width + 2 else f"{head}\n{'':<{width + 4}}{h}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+class _ConfigHelpCommand(typer.core.TyperCommand):
+    """A training command whose --help also lists its config's fields (imported only when help is asked for:
+    the config classes pull in transformers)."""
+
+    def format_help(self, ctx, formatter):
+        super().format_help(ctx, formatter)  # typer's usage and options (rich prints them itself)
+        typer.echo(config_help(ctx.info_name))
+
+
 TRAINING_COMMANDS = {  # sub-command -> (recipe module in ponder.recipes, help); the function is run_<recipe>
     "sft": ("sft", "Supervised fine-tuning on conversations (assistant-only loss, per-message weights, LoRA)."),
     "onepass": ("onepass", "One-pass multi-turn reasoning SFT (mode: onepass | npass | kpass), earlier "
@@ -180,7 +229,8 @@ def _training_command(name: str, recipe: str, doc: str) -> None:
         from importlib import import_module
         _guarded(lambda: getattr(import_module(f"ponder.recipes.{recipe}"), f"run_{name}")(config, overrides or []))
     command.__doc__ = doc
-    app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)
+    app.command(name, cls=_ConfigHelpCommand,
+                context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)
 
 
 for _name, (_recipe, _doc) in TRAINING_COMMANDS.items():
@@ -249,6 +299,7 @@ def main() -> None:
         raise SystemExit(2) from None
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # our own progress bars and tables instead
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    quiet_library_warnings()
     app()
 
 

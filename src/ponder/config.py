@@ -241,3 +241,47 @@ def to_yaml(cfg) -> str:
 
     d = cfg.to_dict() if hasattr(cfg, "to_dict") else dataclasses.asdict(cfg)
     return yaml.safe_dump(json.loads(json.dumps(d, default=str)), sort_keys=True)
+
+
+def _one_line(text: str, width: int = 110) -> str:
+    """The first sentence (or line) of a help text, cut to `width` characters."""
+    text = " ".join(str(text or "").split())
+    m = re.match(r"(.+?[a-z0-9)`])\.\s+[A-Z`]", text)  # a sentence's end, not "e.g. x"
+    text = m.group(1) if m else text[:-1] if text.endswith(".") and not text.endswith("..") else text
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _own_doc(cls) -> str:
+    """A class's own docstring (not the one `dataclass` generates from the signature)."""
+    doc = cls.__dict__.get("__doc__") or ""
+    return "" if doc.startswith(f"{cls.__name__}(") else doc
+
+
+def describe_fields(cls) -> list[tuple[str, list[tuple[str, str, str, str]]]]:
+    """A config's fields for ``ponder <method> --help``: groups ``(title, [(name, type, default, help)])``, one per
+    class of the config's MRO that declares fields (the method's own first, TrainingArguments last), titled with
+    the class's name and the first line of its docstring. Inherited fields are listed under the class that
+    declares them, once."""
+    seen: set[str] = set()
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    groups = []
+    for klass in cls.__mro__:
+        own = [n for n in klass.__dict__.get("__annotations__", {}) if n in fields and n not in seen]
+        if not own:
+            continue
+        rows = []
+        for name in own:
+            seen.add(name)
+            f = fields[name]
+            if f.default is not dataclasses.MISSING:
+                default = repr(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                default = repr(f.default_factory())
+            else:
+                default = "required"
+            tp = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            tp = re.sub(r"\b(?:[a-z_]\w*\.)+(\w+)", r"\1", str(tp))  # transformers.x.SchedulerType -> SchedulerType
+            rows.append((name, tp, default, _one_line(f.metadata.get("help", ""))))
+        doc = _one_line(_own_doc(klass), 90)
+        groups.append((f"{klass.__name__}" + (f": {doc}" if doc else ""), rows))
+    return groups

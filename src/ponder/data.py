@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,9 +57,24 @@ class TraceSet:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+class Loaded(list):
+    """Records loaded from a source, with the input they skipped counted: ``skips`` maps a reason to a count
+    (``skipped_blank_lines``: empty lines of a JSONL). Trainers put the counts into their data statistics, so the
+    run summary and metrics.json report them."""
+
+    def __init__(self, items=(), skips: Counter | None = None):
+        super().__init__(items)
+        self.skips = Counter(skips or {})
+
+
+def input_skips(records) -> dict[str, int]:
+    """The counted skips of `Loaded` records (none for records given in memory)."""
+    return {k: v for k, v in getattr(records, "skips", {}).items() if v}
+
+
+def read_jsonl(path: str | Path, skips: Counter | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``("file:line", record)``; malformed lines (bad JSON, bytes that are not UTF-8) raise `DataError`
-    naming file and line."""
+    naming file and line; blank lines are skipped and counted into `skips` (``skipped_blank_lines``)."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path}: is a directory, not a JSONL file")
@@ -72,6 +88,8 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 raise DataError(f"{path}:{no}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
                                 ) from None
             if not line.strip():
+                if skips is not None:
+                    skips["skipped_blank_lines"] += 1
                 continue
             try:
                 rec = json.loads(line)
@@ -261,9 +279,9 @@ def _hf_rows(spec: str, split: str) -> Iterator[tuple[str, dict]]:
         yield f"{spec}[{split}][{i}]", row
 
 
-def _rows(spec: str, split: str) -> Iterator[tuple[str, dict]]:
+def _rows(spec: str, split: str, skips: Counter | None = None) -> Iterator[tuple[str, dict]]:
     if spec.endswith(".jsonl") or spec.endswith(".json"):
-        yield from read_jsonl(spec)
+        yield from read_jsonl(spec, skips)
     elif spec.startswith("hf:") or Path(spec).is_dir():
         yield from _hf_rows(spec, split)
     elif "/" in spec or os.sep in spec or spec.startswith("."):
@@ -273,11 +291,11 @@ def _rows(spec: str, split: str) -> Iterator[tuple[str, dict]]:
                         "'hf:<dataset>[:<config>]' or a dataset directory")
 
 
-def _nonempty(out: list, spec: str, n: int | None, what: str) -> list:
+def _nonempty(out: list, spec: str, n: int | None, what: str, skips: Counter | None = None) -> Loaded:
     """An empty source is an error (an evaluation on it would report accuracy 0 on 0 problems)."""
     if not out and n != 0:
         raise DataError(f"{spec}: no {what} in it (the source is empty)")
-    return out
+    return Loaded(out, skips)
 
 
 def rg_tasks() -> list[str]:
@@ -314,12 +332,12 @@ def load_problems(spec: str, n: int | None = None, seed: int = 0, split: str = "
                         {"task": f"rg:{task}", "verifier": f"rg:{task}", "entry": e,
                          "rg": {"seed": rg_seed, "size": size, "index": i, "config": dict(task_config)}})
                 for i, e in enumerate(ds)]
-    out = []
-    for i, (where, rec) in enumerate(_rows(spec, split)):
+    out, skips = [], Counter()
+    for i, (where, rec) in enumerate(_rows(spec, split, skips)):
         out.append(problem_from_record(rec, where, i))
         if n is not None and len(out) >= n:
             break
-    return _nonempty(out, spec, n, "problems")
+    return _nonempty(out, spec, n, "problems", skips)
 
 
 def _rg_names() -> list[str]:
@@ -340,12 +358,12 @@ def load_conversations(spec: str, n: int | None = None, split: str = "train", se
     if spec.startswith("testbed:"):
         return [Conversation(m, f"{spec}-{i}") for i, m in
                 enumerate(testbed.conversations(spec.split(":", 1)[1], n or 1000, seed=seed, split=split))]
-    out = []
-    for i, (where, rec) in enumerate(_rows(spec, split)):
+    out, skips = [], Counter()
+    for i, (where, rec) in enumerate(_rows(spec, split, skips)):
         out.append(conversation_from_record(rec, where, i))
         if n is not None and len(out) >= n:
             break
-    return _nonempty(out, spec, n, "conversations")
+    return _nonempty(out, spec, n, "conversations", skips)
 
 
 def load_tracesets(spec: str, n: int | None = None, split: str = "train", seed: int = 0) -> list[TraceSet]:
@@ -353,12 +371,12 @@ def load_tracesets(spec: str, n: int | None = None, split: str = "train", seed: 
     if spec == "testbed:traces":
         return [TraceSet(**r, id=f"{spec}-{i}") for i, r in
                 enumerate(testbed.trace_sets(n or 1000, seed=seed, split=split))]
-    out = []
-    for i, (where, rec) in enumerate(_rows(spec, split)):
+    out, skips = [], Counter()
+    for i, (where, rec) in enumerate(_rows(spec, split, skips)):
         out.append(traceset_from_record(rec, where, i))
         if n is not None and len(out) >= n:
             break
-    return _nonempty(out, spec, n, "trace sets")
+    return _nonempty(out, spec, n, "trace sets", skips)
 
 
 def as_problem(item: Any, where: str = "problem", index: int = 0) -> Problem:

@@ -52,6 +52,13 @@ def mean(xs) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
+def rate(xs) -> float | None:
+    """Mean of an iterable of numbers, or None when it is empty: a rate over no cases is undefined, not 0 (reports
+    show it as "—")."""
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
 def sequential_metrics(answers: Sequence[Sequence[str | None]], correct: Sequence[Sequence[bool]]) -> dict[str, Any]:
     """RISE's sequential-evaluation metrics (arXiv 2407.18219 §6; docs/methods.md §3.7) from the answers and their
     correctness at each turn, both of shape (problems, turns) with T = turns:
@@ -92,24 +99,25 @@ def sequential_metrics(answers: Sequence[Sequence[str | None]], correct: Sequenc
     return out
 
 
-def transitions(records: list[dict[str, Any]]) -> dict[str, float]:
+def transitions(records: list[dict[str, Any]]) -> dict[str, float | None]:
     """What a turn does with the previous one (diagnostics of self-correction):
     ``changed_answer_rate`` — the answer differs from the previous turn's; ``right_after_wrong`` /
     ``right_after_right`` — accuracy of turns following a wrong / a correct turn; ``repeats_shown_wrong`` —
     a turn following a wrong answer gives that same answer again, against ``fresh_gives_shown_wrong`` — how
     often an independent first-turn sample gives it (needs the parallel samples). A model that learned from
-    the feedback repeats a wrong answer less often than a fresh sample produces it."""
+    the feedback repeats a wrong answer less often than a fresh sample produces it. A rate with no cases (no
+    correct turn to follow, a single turn) is None, not 0."""
     steps = [(r, k) for r in records for k in range(1, len(r["answers"]))]
     after_wrong = [(r, k) for r, k in steps if not r["correct"][k - 1]]
     after_right = [(r, k) for r, k in steps if r["correct"][k - 1]]
     shown = [(r, k) for r, k in after_wrong if r["answers"][k - 1] is not None]
-    out = {"changed_answer_rate": mean(r["answers"][k] != r["answers"][k - 1] for r, k in steps),
-           "right_after_wrong": mean(r["correct"][k] for r, k in after_wrong),
-           "right_after_right": mean(r["correct"][k] for r, k in after_right),
-           "repeats_shown_wrong": mean(r["answers"][k] == r["answers"][k - 1] for r, k in shown)}
+    out = {"changed_answer_rate": rate(r["answers"][k] != r["answers"][k - 1] for r, k in steps),
+           "right_after_wrong": rate(r["correct"][k] for r, k in after_wrong),
+           "right_after_right": rate(r["correct"][k] for r, k in after_right),
+           "repeats_shown_wrong": rate(r["answers"][k] == r["answers"][k - 1] for r, k in shown)}
     if shown and "parallel_answers" in shown[0][0]:
-        out["fresh_gives_shown_wrong"] = mean(a == r["answers"][k - 1] for r, k in shown
-                                               for a in r["parallel_answers"])
+        out["fresh_gives_shown_wrong"] = rate(a == r["answers"][k - 1] for r, k in shown
+                                              for a in r["parallel_answers"])
     return out
 
 

@@ -266,6 +266,14 @@ def sample_tags(logp: torch.Tensor, n: int, generator: torch.Generator | None = 
 # ----------------------------------------------------------------------------------------------------------
 
 
+def distinct_answers(groups: Sequence[Sequence[dict[str, Any]]]) -> float | None:
+    """Mean number of different extracted answers per problem (`groups`: each problem's sample records), over
+    the problems with at least one: samples without an answer are not an answer, and a problem without any has
+    no count (counting it as 0 would put the mean below one distinct answer per problem). None if none has one."""
+    counts = [len(a) for a in ({r["answer"] for r in g if r["answer"] is not None} for g in groups) if a]
+    return sum(counts) / len(counts) if counts else None
+
+
 CONS_RULES = ("official", "ponder")
 TAG_POLICIES = ("full", "tags")
 CONS_ORDERS = ("round_robin", "tag_blocks")
@@ -350,7 +358,9 @@ def evaluate_forking(model, tokenizer, problems: Sequence[Problem | dict], tags:
       `cons_rule` (``official``: "no answer" is a candidate; ``ponder``: it does not vote);
     - per tag: accuracy, mean completion length (tokens), share of each recognised strategy (testbed);
     - ``distinct_answers@k`` / ``distinct_strategies@k``: mean number of different final answers / solution
-      strategies among the k forced samples (and among the sampled ones).
+      strategies among the k forced samples (and among the sampled ones). Samples without an extractable answer
+      are left out, and so are problems none of whose samples has one (None when no problem has one): the mean
+      is over problems with an answer, so it is >= 1; ``no_answer@k`` is the share of samples left out.
     With a single tag (e.g. ``["<think>"]`` for an SFT-mixed model) the same numbers are plain sampling metrics.
     """
     problems = [as_problem(p, f"problems[{i}]", i) for i, p in enumerate(problems)]
@@ -397,7 +407,8 @@ def evaluate_forking(model, tokenizer, problems: Sequence[Problem | dict], tags:
     if k % group_size == 0:
         res[f"cons@{group_size}/groups"] = mean([cons_at_k([r["answer"] for r in fl], [r["correct"] for r in fl],
                                                             group_size, cons_rule) for fl in flat])
-    res[f"distinct_answers@{k}"] = mean([len({r["answer"] for r in fl if r["answer"] is not None}) for fl in flat])
+    res[f"distinct_answers@{k}"] = distinct_answers(flat)
+    res[f"no_answer@{k}"] = mean([mean([r["answer"] is None for r in fl]) for fl in flat])
     if is_testbed:
         res[f"distinct_strategies@{k}"] = mean([len({r["strategy"] for r in fl if r["strategy"]}) for fl in flat])
         res["unrecognised_strategy"] = mean([mean([r["strategy"] is None for r in fl]) for fl in flat])
@@ -407,8 +418,7 @@ def evaluate_forking(model, tokenizer, problems: Sequence[Problem | dict], tags:
                                                 for s in sampled_recs])
         res[f"maj@{sampled}/sampled"] = mean([cons_at_k([r["answer"] for r in s], [r["correct"] for r in s],
                                                          rule=cons_rule) for s in sampled_recs])
-        res[f"distinct_answers@{sampled}/sampled"] = mean([len({r["answer"] for r in s if r["answer"] is not None})
-                                                            for s in sampled_recs])
+        res[f"distinct_answers@{sampled}/sampled"] = distinct_answers(sampled_recs)
         if is_testbed:
             res[f"distinct_strategies@{sampled}/sampled"] = mean([len({r["strategy"] for r in s if r["strategy"]})
                                                                    for s in sampled_recs])

@@ -81,7 +81,13 @@ def progress(items: Iterable[T], description: str, total: int | None = None) -> 
             advance()
 
 
+#: How tables show a number that is undefined (a rate with no cases: None or NaN), never as 0.
+UNDEFINED = "—"
+
+
 def fmt(v: Any) -> str:
+    if v is None or isinstance(v, float) and v != v:
+        return UNDEFINED
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
     return str(v)

@@ -294,7 +294,8 @@ def write_results(spec, base: Path, seeds: list[int], results_dir: Path, spec_pa
     for row, by_seed in data_.items():
         cells = {}
         for m in spec["metrics"]:
-            vals = [by_seed[s][m] for s in sorted(by_seed) if m in by_seed[s]]
+            # a rate undefined in a seed (None: no cases) does not count as 0
+            vals = [by_seed[s][m] for s in sorted(by_seed) if by_seed[s].get(m) is not None]
             cells[m] = (*stats.mean_se(vals), len(vals))
         table.append((row, cells))
     claims = []
@@ -356,7 +357,8 @@ def _markdown(spec, seeds, table, claims, data_, path: Path, pngs: list[str], sp
     for row, by_seed in data_.items():
         for s in sorted(by_seed):
             lines.append(f"| {row} | {s} | " + " | ".join(
-                stats.fmt_num(scales[m] * by_seed[s][m]) if m in by_seed[s] else "-" for m in metrics_) + " |")
+                stats.fmt_num(scales[m] * by_seed[s][m]) if by_seed[s].get(m) is not None else "-"
+                for m in metrics_) + " |")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 

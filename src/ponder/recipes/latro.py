@@ -3,15 +3,15 @@ advantage spread and accuracy over steps) and its demo (base vs SFT on gold rati
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 from ponder import data, dist, metrics, models, testbed, ui
 from ponder.config import load_config
+from ponder.recipes import report as reports
 from ponder.recipes.common import effect_note, pyplot, resume_arg, save_final, start_run, write_json
+from ponder.recipes.report import flatten, pct
 from ponder.trainers.latro import LaTROConfig, LaTROTrainer
 from ponder.trainers.sft import SFTConfig, SFTTrainer
 
@@ -51,7 +51,7 @@ PLOTS = (("reward", "self-reward Σ log π(y|x⊕z)"), ("kl", "KL estimate log �
 
 
 YLABELS = {"reward": "nats (higher is better)", "kl": "nats per rationale", "advantage_std": "nats",
-           "eval_greedy_accuracy": "accuracy"}
+           "eval_greedy_accuracy": "% of held-out problems"}
 
 
 def series(log_history: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -59,63 +59,73 @@ def series(log_history: list[dict[str, Any]], key: str) -> tuple[list[int], list
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot(log_history: list[dict[str, Any]], path: Path, title: str = "LaTRO",
-         baselines: dict[str, float] | None = None) -> Path:
-    """A 2x2 PNG: self-reward, KL, advantage spread, held-out greedy accuracy and maj@k over steps
-    (`baselines`: other models' accuracies, drawn as dashed horizontal lines in the accuracy panel)."""
+def figure(log_history: list[dict[str, Any]], title: str = "LaTRO", baselines: dict[str, float] | None = None):
+    """The 2x2 figure of `plot` (returned open; `plot` saves and closes it)."""
+    from matplotlib.ticker import MaxNLocator
     plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, (key, label) in zip(axes.flat, PLOTS):
         xs, ys = series(log_history, key)
-        if key.startswith("eval_") or len(xs) < 20:
-            ax.plot(xs, ys, marker="o", label=key.removeprefix("eval_"))
+        if key == "eval_greedy_accuracy":
+            maj = next((k for h in log_history for k in h if k.startswith("eval_maj@")), None)
+            if maj:  # hollow and larger, under greedy's filled markers: equal values show both
+                mx, my = series(log_history, maj)
+                ax.plot(mx, [100 * y for y in my], marker="s", ms=10, mfc="none", color="C1",
+                        label=maj.removeprefix("eval_"), zorder=2)
+            ax.plot(xs, [100 * y for y in ys], marker="o", ms=5, color="C0", label="greedy", zorder=3)
+            for i, (name, v) in enumerate((baselines or {}).items()):  # same colour as the metric it compares to
+                ax.axhline(100 * v, linestyle="--", color=f"C{i % 2}", alpha=0.8, label=name)
+            ax.set_ylim(-2, 102)  # fixed percentages, whatever the data
+            ax.legend()
+        elif len(xs) < 20:
+            ax.plot(xs, ys, marker="o", label=key)
         else:  # per-log values are noisy (a few questions each): show them faintly under a running mean
             w = max(5, len(xs) // 15)
             ax.plot(xs, ys, alpha=0.3, color="C0")
             ax.plot(xs, [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))],
                     color="C0", label=f"running mean ({w} logs)")
             ax.legend()
-        if key == "eval_greedy_accuracy":
-            maj = next((k for h in log_history for k in h if k.startswith("eval_maj@")), None)
-            if maj:
-                mx, my = series(log_history, maj)
-                ax.plot(mx, my, marker="s", label=maj.removeprefix("eval_"))
-            for i, (name, v) in enumerate((baselines or {}).items()):  # same colour as the metric it compares to
-                ax.axhline(v, linestyle="--", color=f"C{i % 2}", alpha=0.8, label=name)
-            ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.set_title(label)
         ax.set_ylabel(YLABELS[key])
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot(log_history: list[dict[str, Any]], path: Path, title: str = "LaTRO",
+         baselines: dict[str, float] | None = None) -> Path:
+    """A 2x2 PNG: self-reward, KL, advantage spread, held-out greedy accuracy and maj@k (%) over steps
+    (`baselines`: other models' accuracies, drawn as dashed horizontal lines in the accuracy panel)."""
+    fig = figure(log_history, title, baselines)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 
 def write_report(out: Path, cfg: LaTROConfig, log_history: list[dict[str, Any]], summary: dict[str, Any]) -> Path:
-    """runs/<name>/report.md: the configuration that matters, evaluation over steps, and the PNG."""
+    """runs/<name>/report.md (and sections.json, so `ponder report` re-renders it): the configuration that
+    matters, evaluation over steps, the PNG and the run's numbers."""
     png = plot(log_history, out / "latro.png", f"LaTRO: {cfg.model} on {cfg.dataset}")
     evals = [h for h in log_history if "eval_greedy_accuracy" in h]
     maj = next((k for h in evals for k in h if k.startswith("eval_maj@")), None)
-    lines = [f"# LaTRO: {cfg.model} on {cfg.dataset}", "",
-             f"K = {cfg.num_generations}, L = {cfg.max_rationale_length}, β = {cfg.beta}, γ = {cfg.nonstop_penalty}, "
+    intro = [f"K = {cfg.num_generations}, L = {cfg.max_rationale_length}, β = {cfg.beta}, γ = {cfg.nonstop_penalty}, "
              f"sft_weight = {cfg.sft_weight}, lr = {cfg.learning_rate}, rollouts per step = "
              f"{cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * max(1, cfg.world_size)}, "
-             f"steps = {summary.get('steps')}, {summary.get('seconds', 0):.0f} s.", "",
-             f"![training curves]({png.name})", "", "## Held-out evaluation", "",
-             "| step | greedy accuracy | " + (f"{maj.removeprefix('eval_')} |" if maj else "") + " sample accuracy |",
-             "|---|---|" + ("---|" if maj else "") + "---|"]
-    for h in evals:
-        row = f"| {h['step']} | {ui.fmt(h['eval_greedy_accuracy'])} | "
-        if maj:
-            row += f"{ui.fmt(h.get(maj, math.nan))} | "
-        lines.append(row + f"{ui.fmt(h.get('eval_sample_accuracy', math.nan))} |")
-    lines += ["", "## Summary", "", "```json", json.dumps(summary, indent=2, default=str), "```"]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    return out / "report.md"
+             f"steps = {summary.get('steps')}, {summary.get('seconds', 0):.0f} s."]
+    n_eval = (summary.get("data") or {}).get("eval", {}).get("problems")
+    sections = [
+        {"title": "Training curves", "plots": [png.name]},
+        {"title": "Held-out evaluation (%)" + (f", {n_eval} problems" if n_eval else ""),
+         "columns": ["step", "greedy accuracy", *([maj.removeprefix("eval_")] if maj else []), "sample accuracy"],
+         "rows": [[h["step"], pct(h["eval_greedy_accuracy"]), *([pct(h.get(maj))] if maj else []),
+                   pct(h.get("eval_sample_accuracy"))] for h in evals]},
+        {"title": "Summary", "columns": ["metric", "value"],
+         "rows": [list(r) for r in flatten(summary)]}]
+    return reports.write(out, f"LaTRO: {cfg.model} on {cfg.dataset}", sections, intro)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Reports: a run's numbers as Markdown tables and PNG plots (`ponder report RUN_DIR`, `ponder demo`).
 
-A report is a list of sections, each ``{"title", "columns", "rows", "plots", "notes"}``; they are kept in
-``sections.json`` next to ``report.md`` so the report can be re-rendered. A training run without sections
+A report is a list of sections, each ``{"title", "text", "columns", "rows", "plots", "notes"}`` (text: paragraphs
+before the table; notes: a list after it); they are kept in ``sections.json`` next to ``report.md`` so the report
+can be re-rendered: every method recipe writes its report this way, so ``ponder report`` rebuilds it with the
+method's own tables. A training run without sections
 (``metrics.json`` with HF ``log_history``, or a ``trainer_state.json``) gets a summary table of its final
 numbers and one plot per logged curve.
 """
@@ -21,6 +23,11 @@ SKIP_CURVES = {"epoch", "step", "total_flos", "train_runtime", "train_samples_pe
                "train_steps_per_second", "train_loss"}
 
 
+def pct(v: Any) -> str:
+    """A rate as a percentage with one decimal; undefined (None, NaN: no cases) as "—", never 0."""
+    return ui.UNDEFINED if v is None or isinstance(v, float) and math.isnan(v) else f"{100 * v:.1f}"
+
+
 def table_md(columns: list[str], rows: list[list[Any]]) -> list[str]:
     def cell(v: Any) -> str:
         return ui.fmt(v).replace("|", "\\|")  # a bare | would end the cell
@@ -30,6 +37,8 @@ def table_md(columns: list[str], rows: list[list[Any]]) -> list[str]:
 
 def section_md(sec: dict[str, Any]) -> str:
     lines = [f"## {sec['title']}", ""]
+    if sec.get("text"):  # paragraphs before the table, as written
+        lines += [*sec["text"], ""]
     if sec.get("rows"):
         lines += table_md(sec["columns"], sec["rows"]) + [""]
     lines += [f"- {n}" for n in sec.get("notes", [])]
@@ -39,18 +48,23 @@ def section_md(sec: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write(run_dir: Path, title: str, sections: list[dict[str, Any]], intro: list[str] = ()) -> Path:
-    """Write ``report.md`` (and ``sections.json``, to re-render) into `run_dir`; plot paths are relative to it."""
+def write(run_dir: Path, title: str, sections: list[dict[str, Any]], intro: list[str] = (),
+          name: str = "report.md") -> Path:
+    """Write ``report.md`` (and ``sections.json``, to re-render) into `run_dir`; plot paths are relative to it.
+    Another `name` (`render`'s summary beside a report it must keep) is written without sections.json."""
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     text = "\n".join([f"# {title}", "", *intro, ""]) + "\n" + "\n".join(section_md(s) for s in sections)
-    for name, body in (("sections.json", json.dumps({"title": title, "intro": list(intro), "sections": sections},
-                                                     indent=2, default=str)), ("report.md", text)):
-        tmp = run_dir / (name + ".tmp")
+    files = [(name, text)]
+    if name == "report.md":
+        files.insert(0, ("sections.json", json.dumps({"title": title, "intro": list(intro), "sections": sections},
+                                                     indent=2, default=str)))
+    for fname, body in files:
+        tmp = run_dir / (fname + ".tmp")
         tmp.write_text(body)
-        os.replace(tmp, run_dir / name)
-    return run_dir / "report.md"
+        os.replace(tmp, run_dir / fname)
+    return run_dir / name
 
 
 def plot_curves(series: dict[str, list[tuple[float, float]]], path: Path, title: str, xlabel: str = "step") -> Path:
@@ -92,21 +106,23 @@ def _log_history(run_dir: Path, metrics: dict[str, Any]) -> list[dict[str, Any]]
     return json.loads(states[-1].read_text()).get("log_history", []) if states else []
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+def flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     out = []
     for k, v in d.items():
         if k in ("log_history", "records"):
             continue
         if isinstance(v, dict):
-            out += _flatten(v, f"{prefix}{k}.")
+            out += flatten(v, f"{prefix}{k}.")
         elif isinstance(v, (int, float, str, bool)) or v is None:
             out.append((prefix + k, v))
     return out
 
 
 def render(run_dir: Path) -> Path:
-    """(Re-)render `run_dir`'s report: from its sections if it has them, else from metrics.json and the
-    trainer's log history."""
+    """(Re-)render `run_dir`'s report: from its saved sections if it has them (every method recipe saves its
+    report's sections, so its own tables come back), else a summary of metrics.json and the trainer's log history
+    — into report.md, or into summary.md when a report.md not written from sections is already there (a run from
+    an older ponder), which is never overwritten."""
     run_dir = Path(run_dir)
     if (run_dir / "sections.json").exists():
         saved = json.loads((run_dir / "sections.json").read_text())
@@ -119,11 +135,12 @@ def render(run_dir: Path) -> Path:
     sections = []
     if metrics:
         sections.append({"title": "Summary", "columns": ["metric", "value"],
-                         "rows": [list(r) for r in _flatten(metrics)], "plots": [], "notes": []})
+                         "rows": [list(r) for r in flatten(metrics)], "plots": [], "notes": []})
     curves = history_curves(history)
     if curves:
         plot_curves(curves, run_dir / "training.png", f"{run_dir.name}: logged over training")
         sections.append({"title": "Training curves", "columns": ["metric", "first", "last", "points"],
                          "rows": [[k, v[0][1], v[-1][1], len(v)] for k, v in curves.items()],
                          "plots": ["training.png"], "notes": []})
-    return write(run_dir, f"ponder run: {run_dir.name}", sections)
+    name = "summary.md" if (run_dir / "report.md").exists() else "report.md"
+    return write(run_dir, f"ponder run: {run_dir.name}", sections, name=name)

@@ -16,7 +16,9 @@ from typing import Any
 from ponder import data, dist, models, ui
 from ponder.config import load_config, to_yaml
 from ponder.data import write_jsonl
+from ponder.recipes import report as reports
 from ponder.recipes.common import lock_output_dir, resume_arg, save_final, write_json
+from ponder.recipes.report import pct
 from ponder.recipes.rise import plot_by_turn
 from ponder.rise import HEADLINE, Env, eval_metrics, evaluate, headline
 from ponder.trainers.retry import RetryConfig, RetryTrainer
@@ -123,13 +125,14 @@ def _train_means(history: list[dict[str, Any]], key: str) -> tuple[float, float]
     return sum(vals[:k]) / k, sum(vals[-k:]) / k
 
 
-def write_report(out: Path, results: dict[str, Any], cfg: RetryRunConfig) -> None:
+def write_report(out: Path, results: dict[str, Any], cfg: RetryRunConfig) -> Path:
+    """report.md (and sections.json, so `ponder report` re-renders it with these tables) and
+    accuracy_by_turn.png; percentages."""
     evals = results["evals"]
     T, k = cfg.eval_turns, cfg.eval_parallel
-    keys = [h.format(k=k, T=T) for h in HEADLINE]
+    keys = list(dict.fromkeys(h.format(k=k, T=T) for h in HEADLINE))  # k = 1: m1@t1 once
     tr = results["train"]
-    lines = [f"# Multi-turn retry RL: {cfg.model} on {cfg.dataset}", "",
-             f"Training: {tr['steps']} steps ({tr['seconds']:.0f} s), {cfg.per_device_train_batch_size} problems per "
+    intro = [f"Training: {tr['steps']} steps ({tr['seconds']:.0f} s), {cfg.per_device_train_batch_size} problems per "
              f"step x G = {cfg.num_generations} episodes of up to T = {cfg.max_turns} attempts; history reasoning "
              f"{cfg.history_reasoning}; advantages {cfg.advantage} per turn, credit {cfg.credit}"
              + (f" (gamma {cfg.gamma})" if cfg.credit == "return" else "") + f"; beta {cfg.beta}; layout "
@@ -138,35 +141,33 @@ def write_report(out: Path, results: dict[str, Any], cfg: RetryRunConfig) -> Non
              f"{cfg.eval_split} problems: {T} sequential turns (feedback always \"incorrect\", context window "
              f"{cfg.context_window or 'all'}) and {k} parallel first-turn samples, temperature "
              f"{cfg.eval_temperature}. m1@t1 is single-turn accuracy: the guard against multi-turn training "
-             "trading it away.", "",
-             "| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    for name, r in evals.items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * r[x]:.1f}" if x in r else "-" for x in keys) + " |")
+             "trading it away.", "", f"Wall time {results['seconds']:.0f} s."]
+    notes = []
     if "base" in evals and "trained" in evals:
         d = 100 * (evals["trained"]["m1@t1"] - evals["base"]["m1@t1"])
-        lines += ["", f"Single-turn accuracy (m1@t1): base {100 * evals['base']['m1@t1']:.1f}%, trained "
-                      f"{100 * evals['trained']['m1@t1']:.1f}% ({d:+.1f} points; one seed — see the lead's "
-                      "multi-seed runs before reading an effect into it)."]
-    lines += ["", "Accuracy (%) at each turn:", "", "| model | " + " | ".join(f"t{j + 1}" for j in range(T)) + " |",
-              "|---|" + "---|" * T]
-    for name, r in evals.items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * a:.1f}" for a in r["accuracy_by_turn"]) + " |")
+        notes.append(f"Single-turn accuracy (m1@t1): base {pct(evals['base']['m1@t1'])}%, trained "
+                     f"{pct(evals['trained']['m1@t1'])}% ({d:+.1f} points; one seed — see the lead's multi-seed runs "
+                     "before reading an effect into it).")
     if evals:
         plot_by_turn(evals, out / "accuracy_by_turn.png")
-        lines += ["", "![accuracy by turn](accuracy_by_turn.png)"]
+    sections = [
+        {"title": "Evaluation (%)", "columns": ["model", *keys],
+         "rows": [[name, *(pct(r[x]) if x in r else "-" for x in keys)] for name, r in evals.items()],
+         "notes": notes},
+        {"title": "Accuracy (%) at each turn", "columns": ["model", *(f"t{j + 1}" for j in range(T))],
+         "rows": [[name, *(pct(a) for a in r["accuracy_by_turn"])] for name, r in evals.items()],
+         "plots": ["accuracy_by_turn.png"] if evals else []}]
     hist = tr["log_history"]
     rows = [(key, _train_means(hist, key)) for key in
             [f"reward/turn{t + 1}" for t in range(cfg.max_turns)] + [f"solved_by_turn{cfg.max_turns}",
                                                                     "attempts_per_episode", "kl", "tokens_ratio"]]
-    rows = [(key, v) for key, v in rows if v is not None]
+    rows = [[key, *v] for key, v in rows if v is not None]
     if rows:
-        lines += ["", "Training episodes (mean of the first and the last quarter of logged steps):", "",
-                  "| quantity | first | last |", "|---|---|---|"]
-        lines += [f"| {key} | {a:.4g} | {b:.4g} |" for key, (a, b) in rows]
         tok = _train_means(hist, "tokens_forwarded")
         per = _train_means(hist, "tokens_per_turn_samples")
-        if tok and per:
-            lines += ["", f"Tokens forwarded per micro-batch: {tok[1]:.0f} as one tree per episode vs {per[1]:.0f} "
-                          "as per-turn samples (the same loss and gradient)."]
-    lines += ["", f"Wall time {results['seconds']:.0f} s."]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+        sections.append({
+            "title": "Training episodes (mean of the first and the last quarter of logged steps)",
+            "columns": ["quantity", "first", "last"], "rows": rows,
+            "notes": [f"Tokens forwarded per micro-batch: {tok[1]:.0f} as one tree per episode vs {per[1]:.0f} as "
+                      "per-turn samples (the same loss and gradient)."] if tok and per else []})
+    return reports.write(out, f"Multi-turn retry RL: {cfg.model} on {cfg.dataset}", sections, intro)

@@ -20,8 +20,11 @@ from transformers.trainer_utils import get_last_checkpoint
 from ponder import data, dist, models, rise, rollout, ui
 from ponder.config import load_config, to_yaml
 from ponder.data import write_jsonl
+from ponder.recipes import report as reports
 from ponder.recipes.common import effect_note, lock_output_dir, pyplot, resume_arg, save_final, write_json
+from ponder.recipes.report import pct
 from ponder.rise import HEADLINE, Env, collect, collection_summary, eval_metrics, evaluate, headline
+from ponder.trainers.base import ADAPTER_DIR
 from ponder.trainers.rise import RISEConfig, RISETrainer
 
 
@@ -178,11 +181,13 @@ def run(cfg, config_text: str | None = None) -> dict[str, Any]:
 
 def load_iteration_model(cfg, final: Path):
     """The model an earlier iteration trained, to go on from after a resume: its saved weights, or with LoRA the
-    base model with the saved adapter (the trainer saves the adapter alone)."""
-    if not (final / "adapter_config.json").exists():
+    base model with the adapter saved beside the merged model (``final/adapter``), so training goes on on the
+    adapters as in an uninterrupted run. (Runs from before the merged save hold the adapter in ``final`` itself.)"""
+    adapter = next((d for d in (final / ADAPTER_DIR, final) if (d / "adapter_config.json").exists()), None)
+    if adapter is None:
         return models.load(str(final), dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)[0]
     model = models.load(cfg.model, dtype=cfg.dtype, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code)[0]
-    set_peft_model_state_dict(model, load_file(str(final / "adapter_model.safetensors")))
+    set_peft_model_state_dict(model, load_file(str(adapter / "adapter_model.safetensors")))
     return model
 
 
@@ -192,7 +197,7 @@ _RUN_FIELDS = ("model", "task", "reward", "demo", "history_reasoning", "iteratio
                "eval_parallel", "context_window", "eval_temperature", "max_new_tokens", "seed")
 
 
-def plot_by_turn(evals: dict[str, dict[str, Any]], path: Path) -> None:
+def plot_by_turn(evals: dict[str, dict[str, Any]], path: Path):
     """Accuracy at each turn alone, majority over turns 1..k (m1@tk) and any-correct (p1@tk), one line per
     model (base, iter-1, ...), with the parallel baselines at equal compute (m{k}@t1, p{k}@t1) dashed."""
     plt = pyplot()
@@ -210,59 +215,59 @@ def plot_by_turn(evals: dict[str, dict[str, Any]], path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("turn k")
         ax.set_xticks(range(1, len(ys) + 1))
+        # fixed 0-100 %: matplotlib would zoom into all-equal data (e.g. all 0: a 1e-17 axis, negative %)
+        ax.set_ylim(-2, 102)
+        ax.set_yticks(range(0, 101, 20))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0].set_ylabel("% of problems")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig  # closed, still inspectable (tests read its axes)
 
 
-def write_report(out: Path, results: dict[str, Any], cfg) -> None:
+def write_report(out: Path, results: dict[str, Any], cfg) -> Path:
+    """report.md (and sections.json, so `ponder report` re-renders it with these tables) and
+    accuracy_by_turn.png. Percentages; a rate with no cases (e.g. accuracy after a correct turn when no turn was
+    correct) is "—"."""
     evals = results["evals"]
     T, k = cfg.eval_turns, cfg.eval_parallel
-    keys = [h.format(k=k, T=T) for h in HEADLINE]
-    lines = [f"# RISE: {cfg.model} on {cfg.task}", "",
-             f"{cfg.iterations} iteration(s); collection: {cfg.train_problems} problems, {cfg.collect_turns} turns, "
+    keys = list(dict.fromkeys(h.format(k=k, T=T) for h in HEADLINE))  # k = 1: m1@t1 once
+    intro = [f"{cfg.iterations} iteration(s); collection: {cfg.train_problems} problems, {cfg.collect_turns} turns, "
              f"samples per turn {cfg.samples}" + (f", teacher {cfg.teacher}" if cfg.teacher else "") +
              f"; weights exp(r/{cfg.tau}), criteria {cfg.criteria}; training {cfg.max_steps} steps per iteration "
              f"({cfg.mode}).", "",
              f"Evaluation on {cfg.eval_problems} {cfg.eval_split} problems: {T} sequential turns (feedback always "
              f"\"incorrect\", context window {cfg.context_window}) and {k} parallel first-turn samples, "
              f"temperature {cfg.eval_temperature}. m1@t{T}: majority over the turns' answers (ties: earliest "
-             f"turn); p1@t{T}: some turn correct (oracle).", "",
-             "| model | " + " | ".join(keys) + " | answer changed between turns |",
-             "|---|" + "---|" * (len(keys) + 1)]
-    for name, r in evals.items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * r[x]:.1f}" if x in r else "-" for x in keys) +
-                     f" | {100 * r['changed_answer_rate']:.1f} |")
-    lines += ["", "Accuracy (%) at each turn:", "", "| model | " + " | ".join(f"t{j + 1}" for j in range(T)) + " |",
-              "|---|" + "---|" * T]
-    for name, r in evals.items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * a:.1f}" for a in r["accuracy_by_turn"]) + " |")
+             f"turn); p1@t{T}: some turn correct (oracle). \"{ui.UNDEFINED}\": no cases to take a rate over."]
+    if evals:
+        plot_by_turn(evals, out / "accuracy_by_turn.png")
     diag = [("right_after_wrong", "accuracy after a wrong turn"), ("right_after_right", "accuracy after a correct turn"),
             ("repeats_shown_wrong", "repeats the wrong answer it was shown"),
             ("fresh_gives_shown_wrong", "a fresh sample gives that wrong answer")]
-    lines += ["", "Self-correction diagnostics (%, over turns 2..T):", "",
-              "| model | " + " | ".join(d for _, d in diag) + " |", "|---|" + "---|" * len(diag)]
-    for name, r in evals.items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * r[x]:.1f}" if x in r else "-" for x, _ in diag) + " |")
-    if evals:
-        plot_by_turn(evals, out / "accuracy_by_turn.png")
-        lines += ["", "![accuracy by turn](accuracy_by_turn.png)"]
+    sections = [
+        {"title": "Evaluation (%)", "columns": ["model", *keys, "answer changed between turns"],
+         "rows": [[name, *(pct(r[x]) if x in r else "-" for x in keys), pct(r.get("changed_answer_rate"))]
+                  for name, r in evals.items()]},
+        {"title": "Accuracy (%) at each turn", "columns": ["model", *(f"t{j + 1}" for j in range(T))],
+         "rows": [[name, *(pct(a) for a in r["accuracy_by_turn"])] for name, r in evals.items()],
+         "plots": ["accuracy_by_turn.png"] if evals else []},
+        {"title": "Self-correction diagnostics (%, over turns 2..T)", "columns": ["model", *(d for _, d in diag)],
+         "rows": [[name, *(pct(r.get(x)) if x in r else "-" for x, _ in diag)] for name, r in evals.items()]}]
     for itr in results["iterations"]:
         c = itr["collection"]
-        lines += ["", f"## Iteration {itr['iteration']}", "",
-                  f"Collection ({itr['collect_seconds']:.0f} s): {c['episodes']} episodes, "
-                  f"{100 * c['success']:.1f}% solved within {cfg.collect_turns} turns. "
-                  f"Training ({itr['train_seconds']:.0f} s): {itr['steps']} steps, loss {itr['train_loss']:.4g}.", "",
-                  "| turn | episodes | chosen attempt correct (%) | candidates correct (%) |", "|---|---|---|---|"]
-        lines += [f"| {b['turn']} | {b['episodes']} | {100 * b['success']:.1f} | {100 * b['candidate_success']:.1f} |"
-                  for b in c["by_turn"]]
         d = itr["data"].get("train", {})
-        lines += ["", "Training data: " + ", ".join(f"{key} {ui.fmt(v)}" for key, v in sorted(d.items()))]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-
+        sections.append({
+            "title": f"Iteration {itr['iteration']}",
+            "text": [f"Collection ({itr['collect_seconds']:.0f} s): {c['episodes']} episodes, {pct(c['success'])}% "
+                     f"solved within {cfg.collect_turns} turns. Training ({itr['train_seconds']:.0f} s): "
+                     f"{itr['steps']} steps, loss {ui.fmt(itr['train_loss'])}."],
+            "columns": ["turn", "episodes", "chosen attempt correct (%)", "candidates correct (%)"],
+            "rows": [[b["turn"], b["episodes"], pct(b["success"]), pct(b["candidate_success"])] for b in c["by_turn"]],
+            "notes": ["Training data: " + ", ".join(f"{key} {ui.fmt(v)}" for key, v in sorted(d.items()))]})
+    return reports.write(out, f"RISE: {cfg.model} on {cfg.task}", sections, intro)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Any
 from ponder import data, dist, models, ssft, ui
 from ponder.chat import THINK_OPEN
 from ponder.config import load_config
+from ponder.recipes import report as reports
 from ponder.recipes.common import effect_note, pyplot, train, write_json
 from ponder.trainers.gfpo import GFPOConfig, GFPOTrainer
 from ponder.trainers.ssft import SSFTConfig, SSFTTrainer
@@ -49,34 +50,59 @@ def write_matching(trainer: SSFTTrainer, out: Path) -> None:
         plot_matching(res["history"], res["totals"], out / "matching.png", f"SSFT matching ({trainer.args.assignment})")
 
 
+#: How report tables name metrics whose definition is not in their key.
+LABELS = {"distinct_answers": "distinct answers (among extracted answers; samples without one left out)",
+          "no_answer": "samples without an extractable answer"}
+
+
+def metric_label(key: str) -> str:
+    """`distinct_answers@6` -> `distinct_answers@6 — distinct answers (among extracted answers; ...)`."""
+    name = key.split("@")[0]
+    return f"{key} — {LABELS[name]}" if name in LABELS else key
+
+
 def evaluate_forking_run(model_dir: Path | str, tags: list[str], out: Path, task: str, n: int, per_tag: int,
                          temperature: float, max_new_tokens: int, title: str, seed: int = 0,
-                         extra_lines: list[str] | None = None, group_size: int | None = None) -> dict[str, Any]:
-    """Forking-token evaluation of a saved model -> out/{eval.json, eval_samples.jsonl, forking.png, report.md}."""
+                         extra_sections: list[dict[str, Any]] | None = None,
+                         group_size: int | None = None) -> dict[str, Any]:
+    """Forking-token evaluation of a saved model -> out/{eval.json, eval_samples.jsonl, forking.png, report.md
+    (+ sections.json: `ponder report` re-renders it)}; `extra_sections` go after the evaluation's."""
     model, tok = models.load(str(model_dir))
     probs = data.load_problems(task, n=n, split="test", seed=seed)
     r = ssft.evaluate_forking(model, tok, probs, tags, per_tag=per_tag, temperature=temperature,
                               max_new_tokens=max_new_tokens, seed=seed, group_size=group_size)
     records = r.pop("records")
-    rows = [(k, v) for k, v in r.items() if isinstance(v, (int, float)) and k not in ("n", "k", "per_tag")]
+    # None: undefined (no cases), shown as "—"
+    rows = [(k, v) for k, v in r.items() if (v is None or isinstance(v, (int, float))) and k not in ("n", "k", "per_tag")]
     ui.print_table(f"{title}: {n} held-out {task} problems, {len(tags)} tag(s) x {per_tag}", ["metric", "value"], rows)
     if not dist.is_main():  # several processes: every one sampled its share; rank 0 writes the files
         return r
     write_json(out / "eval.json", r)
     data.write_jsonl(out / "eval_samples.jsonl", records)
     plot_forking(r, out / "forking.png", title)
-    lines = [f"# {title}", "", f"Model: `{model_dir}`. {n} held-out `{task}` problems; {per_tag} samples per tag "
-             f"at temperature {temperature} (k = {r['k']})" + (f", plus {r['k']} samples with a model-sampled tag."
-                                                  if len(tags) > 1 else "."), "",
-             "| metric | value |", "|---|---|"] + [f"| {k} | {ui.fmt(v)} |" for k, v in rows]
-    lines += ["", "## Per tag", "", "| tag | accuracy | mean tokens | strategies |", "|---|---|---|---|"]
-    for t, row in r["per_tag"].items():
-        strat = ", ".join(f"{s} {v:.2f}" for s, v in row.get("strategies", {}).items())
-        lines.append(f"| `{t}` | {row['accuracy']:.3f} | {row['mean_tokens']:.1f} | {strat} |")
-    lines += ["", "![per-tag accuracy, length and strategies](forking.png)", ""] + (extra_lines or [])
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    intro = [f"Model: `{model_dir}`. {n} held-out `{task}` problems; {per_tag} samples per tag at temperature "
+             f"{temperature} (k = {r['k']})" + (f", plus {r['k']} samples with a model-sampled tag."
+                                                if len(tags) > 1 else ".")]
+    sections = [{"title": "Forking evaluation", "columns": ["metric", "value"],
+                 "rows": [[metric_label(k), v] for k, v in rows]},
+                {"title": "Per tag", "columns": ["tag", "accuracy", "mean tokens", "strategies"],
+                 "rows": [[f"`{t}`", f"{row['accuracy']:.3f}", f"{row['mean_tokens']:.1f}",
+                           ", ".join(f"{s} {v:.2f}" for s, v in row.get("strategies", {}).items())]
+                          for t, row in r["per_tag"].items()],
+                 "plots": ["forking.png"]}]
+    reports.write(out, title, sections + list(extra_sections or []), intro)
     ui.info(f"report: {out / 'report.md'}")
     return r
+
+
+def tag_distribution_rows(before: list[float] | None, after: list[float], names: list[str]) -> list[list[str]]:
+    """The tag-distribution table: every tag's mean π(g|x) in 3 significant digits (under the full softmax a tag's
+    mass can be ~1e-6: fixed decimals showed it as 0), and the mass of all tags together."""
+    def cell(v):
+        return ui.UNDEFINED if v is None else f"{v:.3g}"
+    before = before or [None] * len(after)
+    rows = [[f"`{t}`", cell(b), cell(a)] for t, b, a in zip(names, before, after)]
+    return rows + [["all tags", cell(sum(before) if None not in before else None), cell(sum(after))]]
 
 
 def run_ssft(config_path, overrides: list[str]):
@@ -92,13 +118,14 @@ def ssft_run(cfg: SSFTRunConfig) -> dict[str, Any]:
     if cfg.assignment != "mixed":
         write_matching(trainer, out)
     if cfg.eval_problems:
-        extra = ["## Matching statistics", "", "![matching](matching.png)", ""] if (out / "matching.png").exists() \
+        extra = [{"title": "Matching statistics", "plots": ["matching.png"]}] if (out / "matching.png").exists() \
             else []
         # SFT-mixed has one tag: k = N·per_tag samples of <think>, voted in groups of N like the tagged runs
         per_tag = cfg.eval_per_tag * (cfg.num_tags if cfg.assignment == "mixed" else 1)
         metrics["eval"] = evaluate_forking_run(out / "final", cfg.tags, out, cfg.eval_task, cfg.eval_problems,
                                                per_tag, cfg.eval_temperature, cfg.eval_max_new_tokens,
-                                               f"SSFT ({cfg.assignment})", extra_lines=extra, group_size=cfg.num_tags)
+                                               f"SSFT ({cfg.assignment})", extra_sections=extra,
+                                               group_size=cfg.num_tags)
         write_json(out / "metrics.json", metrics)
     return metrics
 
@@ -116,23 +143,25 @@ def gfpo_run(cfg: GFPORunConfig) -> dict[str, Any]:
         m, tok = models.load(spec, trust_remote_code=cfg.trust_remote_code)
         if any(t not in tok.get_vocab() for t in ssft.forking_tags(cfg.num_tags)):
             return None  # a model without forking tokens (GFPO adds them)
-        return [round(float(x), 4) for x in ssft.tag_distribution(m, tok, probe, cfg.num_tags, policy=cfg.tag_policy)]
+        return [float(x) for x in ssft.tag_distribution(m, tok, probe, cfg.num_tags, policy=cfg.tag_policy)]
 
     before = dist(cfg.model)
     metrics = train(cfg, GFPOTrainer, "gfpo")[0]
     out = Path(cfg.output_dir)
     after = dist(str(out / "final"))
-    metrics["tag_distribution"] = {"before": before, "after": after}
-    before = before or [float("nan")] * len(after)
-    ui.print_table(f"mean π(g|x) over 100 held-out problems (tag policy {cfg.tag_policy})", ["tag", "before", "after"],
-                   [(f"<think{i + 1}>", b, a) for i, (b, a) in enumerate(zip(before, after))])
+    metrics["tag_distribution"] = {"policy": cfg.tag_policy, "before": before, "after": after}
+    names = ssft.forking_tags(cfg.num_tags)
+    title = f"mean π(g|x) over {len(probe)} held-out problems (tag policy {cfg.tag_policy})"
+    rows = tag_distribution_rows(before, after, names)
+    ui.print_table(title, ["tag", "before", "after"], rows)
     if cfg.eval_problems:
-        extra = ["## Tag distribution π(g|x) (mean over 100 held-out problems)", "", "| tag | before | after |",
-                 "|---|---|---|"] + [f"| `<think{i + 1}>` | {b:.3f} | {a:.3f} |" for i, (b, a) in
-                                     enumerate(zip(before, after))]
-        metrics["eval"] = evaluate_forking_run(out / "final", ssft.forking_tags(cfg.num_tags), out, cfg.eval_task,
+        extra = [{"title": f"Tag distribution: {title}", "columns": ["tag", "before", "after"], "rows": rows,
+                  "notes": ["Under the full policy a tag's probability is its share of the whole vocabulary's "
+                            "softmax at the first answer token, so the tags need not sum to one."]
+                  if cfg.tag_policy == "full" else []}]
+        metrics["eval"] = evaluate_forking_run(out / "final", names, out, cfg.eval_task,
                                                cfg.eval_problems, cfg.eval_per_tag, cfg.eval_temperature,
-                                               cfg.eval_max_new_tokens, "GFPO", extra_lines=extra)
+                                               cfg.eval_max_new_tokens, "GFPO", extra_sections=extra)
     write_json(out / "metrics.json", metrics)
     return metrics
 
@@ -257,7 +286,7 @@ def demo(run_dir, base: str, problems: list, quick: bool = False, *, steps: int 
     def row(name, r):
         tag1 = r[f"pass@1/{r['tags'][0]}"]
         return [name, round(tag1, 3), round(r[f"pass@{k}"], 3), round(r[f"cons@{k}"], 3),
-                round(r[f"distinct_strategies@{k}"], 2), round(r[f"distinct_answers@{k}"], 2), len(modal(r))]
+                round(r[f"distinct_strategies@{k}"], 2), ui.fmt(r[f"distinct_answers@{k}"]), len(modal(r))]
 
     rows = [row(n, r) for n, r in res.items()]
     s, m = res["SSFT"]["per_problem"], res["SFT-mixed"]["per_problem"]
@@ -277,6 +306,6 @@ def demo(run_dir, base: str, problems: list, quick: bool = False, *, steps: int 
     metrics["steps"] = steps
     return {"title": f"SSFT (global forking tokens) vs SFT-mixed, {steps} steps each",
             "columns": ["model", "pass@1 (<think1> / <think>)", f"pass@{k}", f"cons@{k}",
-                        f"distinct strategies@{k}", f"distinct answers@{k}",
+                        f"distinct strategies@{k}", f"distinct answers@{k} (among extracted answers)",
                         "tags' modal strategies"],
             "rows": rows, "plots": ["ssft_forking.png", "ssft_matching.png"], "notes": notes, "metrics": metrics}

@@ -227,6 +227,9 @@ class PonderTrainer(Trainer):
             logs["train_loss"] = self._whole_loss
         super().log(logs, start_time)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        save_merged(self, output_dir, _internal_call)
+
     def _save_checkpoint(self, model, trial):
         """Write the checkpoint into a staging folder, then rename it into place: a crash never leaves a
         half-written checkpoint-N that resume would pick up, and a failed write (a full disk) leaves the
@@ -288,17 +291,25 @@ def model_and_tokenizer(trainer: str, model, processing_class, args, lora: bool 
     return model, processing_class
 
 
+#: Where a final model keeps the PEFT adapter it was merged from (PEFT users load it with
+#: `PeftModel.from_pretrained(base, final / ADAPTER_DIR)`; `recipes.rise` resumes from it).
+ADAPTER_DIR = "adapter"
+
+
 def save_merged(trainer, output_dir, internal: bool) -> None:
-    """Checkpoints keep PEFT adapters (for resume); the final model is saved merged (a plain
-    `save_pretrained` model that `ponder.models.load`, transformers and vLLM read directly)."""
+    """Checkpoints keep PEFT adapters (for resume); a final model of a PEFT run is saved merged — a plain
+    `save_pretrained` model that `ponder eval`, `ponder.models.load`, transformers and vLLM read directly — with
+    the adapter itself beside it in ``ADAPTER_DIR``. The merge is done on a copy: the trainer's model keeps its
+    adapters (RISE's next iteration and a resumed run go on training them)."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     if internal or not isinstance(model, PeftModel):
-        return PonderTrainer.save_model(trainer, output_dir, _internal_call=internal)
+        return Trainer.save_model(trainer, output_dir, _internal_call=internal)
     output_dir = output_dir or trainer.args.output_dir
     if trainer.args.should_save:
         merged = copy.deepcopy(model).merge_and_unload()
         merged.save_pretrained(output_dir)
         trainer.processing_class.save_pretrained(output_dir)
+        model.save_pretrained(os.path.join(output_dir, ADAPTER_DIR))
 
 
 def fit_context(model, max_length: int) -> int:
@@ -348,6 +359,8 @@ def report_stats(stats: dict[str, Counter]) -> None:
             msg += f", skipped {c['skipped_too_long']} longer than max_length"
         if c["skipped_no_trained_tokens"]:
             msg += f", skipped {c['skipped_no_trained_tokens']} with nothing to train"
+        if c["skipped_blank_lines"]:
+            msg += f", skipped {c['skipped_blank_lines']} blank lines"
         if c["hidden_reasoning_turns"]:
             msg += (f", {c['hidden_reasoning_turns']} history turns with reasoning not trained "
                     "(use `ponder onepass` to train them)")

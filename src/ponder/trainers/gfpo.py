@@ -40,8 +40,8 @@ import torch
 from ponder import dist, rollout, ssft, ui, verify
 from ponder.advantages import group_normalized
 from ponder.chat import generation_prompt, pad_id
-from ponder.data import DataError, as_problem, load_problems
-from ponder.trainers.base import PonderTrainer, model_and_tokenizer, save_merged
+from ponder.data import DataError, as_problem, input_skips, load_problems
+from ponder.trainers.base import PonderTrainer, model_and_tokenizer
 from ponder.trainers.ssft import ForkingConfig, collate, setup_model
 
 
@@ -110,7 +110,7 @@ class GFPOTrainer(PonderTrainer):
                   "problem": p, "units": args.num_generations} for p in problems]
         if not items:
             raise DataError("no training problems")
-        self.data_stats = {"train": Counter(examples=len(items))}
+        self.data_stats = {"train": Counter(examples=len(items), **input_skips(data))}
         self.pad_id = pad_id(tok)
         self._stats: Counter = Counter()
         super().__init__(model=model, args=args, train_dataset=items, processing_class=tok,
@@ -173,6 +173,3 @@ class GFPOTrainer(PonderTrainer):
                     **{f"tag_share/{t}": s[f"tag{i}"] / s["n"] for i, t in enumerate(self.tags)}}
             self._stats = Counter()
         super().log(logs, start_time)
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        save_merged(self, output_dir, _internal_call)

@@ -44,7 +44,7 @@ from transformers import TrainingArguments
 from ponder import dist, latro, metrics, rollout, verify
 from ponder.advantages import group_normalized, normalize_advantages, rloo_advantages
 from ponder.chat import end_of_turn_id, pad_id
-from ponder.data import DataError, Problem, resolve_problems
+from ponder.data import DataError, Problem, input_skips, resolve_problems
 from ponder.prompts import check_template
 from ponder.trainers.base import PonderTrainer, cpu_processes, model_and_tokenizer
 
@@ -247,7 +247,9 @@ class LaTROTrainer(PonderTrainer):
         if eval_dataset is not None or args.eval_strategy != "no" or args.eval_on_start:
             self.eval_problems = resolve_problems(self._eval_source, args.n_eval, args.eval_split, "eval_dataset")
         train = encode_problems(tok, self.train_problems, args.prompt_template, args.answer_template)
-        self.data_stats = {"train": {"problems": len(train), "eval_problems": len(self.eval_problems)}}
+        # "eval" is filled by `evaluate` with the problems it evaluated (loaded lazily: not known here)
+        self.data_stats: dict[str, dict[str, int]] = {"train": {"problems": len(train),
+                                                                       **input_skips(self.train_problems)}}
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._plans: list[Rollouts] = []
         self._eos = sorted({end_of_turn_id(tok), *([tok.eos_token_id] if tok.eos_token_id is not None else [])})
@@ -497,6 +499,8 @@ class LaTROTrainer(PonderTrainer):
                              max_new_tokens=a.eval_max_new_tokens or a.max_rationale_length + 32,
                              batch_size=a.rollout_batch_size, seed=a.seed)
         r.pop("records")
+        self.data_stats["eval"] = {"problems": r["n"], **({"skipped_too_long": r["skipped_too_long"]}
+                                                          if r.get("skipped_too_long") else {})}
         out = {f"{metric_key_prefix}_{k}": float(v) for k, v in r.items() if k != "n"}
         self.log(out)
         self.control = self.callback_handler.on_evaluate(a, self.state, self.control, out)

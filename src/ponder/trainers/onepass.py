@@ -21,7 +21,7 @@ import torch
 
 from ponder import masks, ui
 from ponder.chat import pad_id
-from ponder.data import DataError, as_conversation
+from ponder.data import DataError, as_conversation, input_skips
 from ponder.logprobs import cross_entropy, logits_at, shift_pairs
 from ponder.onepass import chunks, onepass_logits
 from ponder.trainers.base import (
@@ -101,7 +101,7 @@ def prepare(tokenizer, items, mode: str, max_length: int, normalization: str, kp
             sum(1 for w in (p["weights"] if isinstance(p, dict) else p.weights) if w) for p in parts)
         out.append({"parts": parts, "units": units, "tokens": sum(lengths)})
         stats["turns"] += len(asst)
-        stats["tokens_forwarded"] += sum(lengths)
+        stats["dataset_tokens"] += sum(lengths)  # one epoch's; `tokens_forwarded` is what training forwarded
     stats["examples"] = len(out)
     return out, stats
 
@@ -113,12 +113,9 @@ def make_collate(plain: bool, pad_id: int, packing_length: int | None):
     def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
         parts = [p for b in batch for p in b["parts"]]
         units = torch.tensor([b["units"] for b in batch])
-        if plain:
-            out = sft_collate(parts)
-            out["units"] = units
-            return out
-        out = masks.collate(parts, pad_id, packing_length).inputs()
+        out = sft_collate(parts) if plain else masks.collate(parts, pad_id, packing_length).inputs()
         out["units"] = units
+        out["tokens"] = torch.tensor([b["tokens"] for b in batch])  # counted as forwarded (padding not)
         return out
     return collate
 
@@ -139,8 +136,9 @@ class OnePassTrainer(PonderTrainer):
         opts = dict(mode=args.mode, max_length=args.max_length, normalization=args.loss_normalization,
                     kpass_chunks=args.kpass_chunks, history_reasoning=args.history_reasoning)
         source = train_dataset if train_dataset is not None else args.dataset
-        train, self.data_stats["train"] = prepare(tok, resolve_conversations(source, "train"),
-                                                  where=source_name(args.dataset), **opts)
+        convs = resolve_conversations(source, "train")
+        train, self.data_stats["train"] = prepare(tok, convs, where=source_name(args.dataset), **opts)
+        self.data_stats["train"].update(input_skips(convs))
         if not train:
             raise no_examples_left("conversations", source_name(args.dataset), self.data_stats["train"],
                                    args.max_length)
@@ -153,7 +151,20 @@ class OnePassTrainer(PonderTrainer):
                          data_collator=make_collate(plain, pad_id(tok), args.packing_length if args.packing else None),
                          **kwargs)
 
+    def train(self, *args, **kwargs):
+        """Train, then record ``tokens_forwarded``: the tokens of the examples the training steps forwarded
+        (padding not counted), every process's; ``dataset_tokens`` is one epoch's worth."""
+        self._forwarded = 0
+        out = super().train(*args, **kwargs)
+        n = torch.tensor(self._forwarded, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            n = self.accelerator.reduce(n, "sum")
+        self.data_stats["train"]["tokens_forwarded"] = int(n)
+        return out
+
     def weighted_loss_sum(self, model, inputs):
+        if model.training:
+            self._forwarded = getattr(self, "_forwarded", 0) + int(inputs["tokens"].sum())
         if "pairs" not in inputs:  # plain causal samples (npass, or history kept)
             w = inputs["weights"]
             pairs = shift_pairs(w != 0)

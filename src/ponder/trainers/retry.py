@@ -35,8 +35,8 @@ from transformers import TrainingArguments
 
 from ponder import retry, rise, rollout, tree
 from ponder.chat import HISTORY_REASONING, pad_id
-from ponder.data import DataError, resolve_problems
-from ponder.trainers.base import PonderTrainer, cpu_processes, model_and_tokenizer, save_merged
+from ponder.data import DataError, input_skips, resolve_problems
+from ponder.trainers.base import PonderTrainer, cpu_processes, model_and_tokenizer
 from ponder.trainers.latro import disable_dropout
 
 LAYOUTS = ("tree", "turns")
@@ -153,7 +153,7 @@ class RetryTrainer(PonderTrainer):
         if not self.problems:
             raise DataError("no training problems")
         self.env = rise.Env(args.reward, args.demo, history_reasoning=args.history_reasoning)
-        self.data_stats = {"train": {"problems": len(self.problems)}}
+        self.data_stats = {"train": {"problems": len(self.problems), **input_skips(self.problems)}}
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._plans: list[Plan] = []
         self.sampled = {"attempts": 0, "tokens": 0}  # this process's rollout budget (compared with RISE's)
@@ -262,6 +262,3 @@ class RetryTrainer(PonderTrainer):
                 logs[key] = sum(vals) / len(vals)
             self._metrics.clear()
         super().log(logs, start_time)
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        save_merged(self, output_dir, _internal_call)

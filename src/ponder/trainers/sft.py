@@ -24,7 +24,7 @@ from transformers import TrainingArguments
 
 from ponder import ui
 from ponder.chat import HISTORY_REASONING, Rendered, pad_id, render
-from ponder.data import DataError, as_conversation
+from ponder.data import DataError, as_conversation, input_skips
 from ponder.logprobs import cross_entropy, logits_at, shift_pairs
 from ponder.trainers.base import (
     PonderTrainer,
@@ -148,6 +148,7 @@ class SFTTrainer(PonderTrainer):
         train, self.data_stats["train"] = prepare(tok, train_dataset, args.max_length, args.loss_normalization,
                                                   where=source_name(args.dataset),
                                                   history_reasoning=args.history_reasoning)
+        self.data_stats["train"].update(input_skips(train_dataset))
         if not train:
             raise no_examples_left("examples", source_name(args.dataset), self.data_stats["train"], args.max_length)
         evald = None

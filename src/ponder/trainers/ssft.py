@@ -36,7 +36,7 @@ from peft import TrainableTokensConfig, get_peft_model
 
 from ponder import dist, models, ssft, ui
 from ponder.chat import THINK_OPEN, pad_id
-from ponder.data import DataError, TraceSet, load_tracesets, traceset_from_record
+from ponder.data import DataError, TraceSet, input_skips, load_tracesets, traceset_from_record
 from ponder.logprobs import cross_entropy, logits_at, shift_pairs
 from ponder.trainers.base import (
     PonderTrainer,
@@ -46,7 +46,6 @@ from ponder.trainers.base import (
     pack_collate,
     pad_collate,
     report_stats,
-    save_merged,
     source_name,
 )
 from ponder.trainers.sft import SFTConfig
@@ -274,6 +273,7 @@ class SSFTTrainer(PonderTrainer):
             raise ValueError("no training data: pass train_dataset or set `dataset` in the config")
         if isinstance(data, str):
             data = load_tracesets(data, n=args.dataset_size, seed=args.data_seed or args.seed)
+        skips = input_skips(data)
         data = list(data)
         if data and args.assignment != "mixed":
             first = as_traceset(data[0], "train_dataset[0]")
@@ -283,6 +283,7 @@ class SSFTTrainer(PonderTrainer):
         n_tags = 10**9 if args.assignment == "mixed" else args.num_tags  # mixed: one tag for any number of traces
         train, self.data_stats["train"] = prepare(tok, data, n_tags, args.max_length, args.loss_normalization,
                                                   args.train_tag, tag_len, where=source_name(args.dataset))
+        self.data_stats["train"].update(skips)
         if not train:
             raise no_examples_left("trace sets", source_name(args.dataset), self.data_stats["train"], args.max_length)
         report_stats(self.data_stats)
@@ -369,6 +370,3 @@ class SSFTTrainer(PonderTrainer):
             self.flush_matches()
             logs = {**logs, **self.match_stats.summary(self.state.global_step)}
         super().log(logs, start_time)
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        save_merged(self, output_dir, _internal_call)

@@ -367,10 +367,12 @@ def load_conversations(spec: str, n: int | None = None, split: str = "train", se
 
 
 def load_tracesets(spec: str, n: int | None = None, split: str = "train", seed: int = 0) -> list[TraceSet]:
-    """TraceSets from JSONL / HF datasets, or ``testbed:traces`` (one trace per testbed strategy)."""
-    if spec == "testbed:traces":
+    """TraceSets from JSONL / HF datasets, or ``testbed:traces`` (one trace per testbed strategy;
+    ``testbed:traces:direct,split`` for a subset of the strategies)."""
+    if spec == "testbed:traces" or spec.startswith("testbed:traces:"):
+        names = spec.split(":", 2)[2].split(",") if spec.count(":") == 2 else None
         return [TraceSet(**r, id=f"{spec}-{i}") for i, r in
-                enumerate(testbed.trace_sets(n or 1000, seed=seed, split=split))]
+                enumerate(testbed.trace_sets(n or 1000, seed=seed, split=split, strategies=names))]
     out, skips = [], Counter()
     for i, (where, rec) in enumerate(_rows(spec, split, skips)):
         out.append(traceset_from_record(rec, where, i))

@@ -251,10 +251,11 @@ def gold_conversation(problem) -> list[dict[str, Any]]:
     return single_turn(Arith(*(int(problem.meta[k]) for k in "abc")), random.Random(0), "direct")
 
 
-def trace_set(p: Arith) -> dict[str, Any]:
-    """One question with one trace per strategy (SSFT's TraceSet record)."""
+def trace_set(p: Arith, strategies: list[str] | None = None) -> dict[str, Any]:
+    """One question with one trace per strategy (SSFT's TraceSet record); `strategies`: a subset of
+    `STRATEGIES` (default all four)."""
     traces = []
-    for name in STRATEGIES:
+    for name in strategies or STRATEGIES:
         reasoning, ans = solve(p, name)
         traces.append({"reasoning": reasoning, "content": answer_text(ans), "source": name})
     return {"question": p.question, "answer": str(p.answer), "traces": traces}
@@ -291,10 +292,16 @@ def conversations(kind: str, n: int, seed: int = 0, split: str = "train") -> lis
     return [makers[kind](next(probs)) for _ in range(n)]
 
 
-def trace_sets(n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:
-    """TraceSet records: each question with one trace per strategy (SSFT's data)."""
+def trace_sets(n: int, seed: int = 0, split: str = "train", strategies: list[str] | None = None
+               ) -> list[dict[str, Any]]:
+    """TraceSet records: each question with one trace per strategy (SSFT's data); `strategies` as in
+    `trace_set` (``testbed:traces:direct,split``: the two the testbed was pre-trained on)."""
+    bad = [s for s in strategies or () if s not in STRATEGIES]
+    if bad or (strategies is not None and len(set(strategies)) < 2):
+        raise ValueError(f"testbed trace strategies must be two or more of {', '.join(STRATEGIES)}, "
+                         f"got {','.join(strategies or [])!r}")
     probs = iter(heldout(n)) if split == "test" else _train_problems(random.Random(seed))
-    return [trace_set(next(probs)) for _ in range(n)]
+    return [trace_set(next(probs), strategies) for _ in range(n)]
 
 
 PRETRAIN_STRATEGIES = {"direct": 0.75, "split": 0.25}

@@ -231,7 +231,8 @@ def plot_matching(history: list[dict[str, Any]], totals: dict[str, list[int]], p
 
 
 def demo(run_dir, base: str, problems: list, quick: bool = False, *, steps: int | None = None,
-         batch: int | None = None, lr: float = 3e-3, scheduler: str = "constant") -> dict[str, Any]:
+         batch: int | None = None, lr: float = 3e-3, scheduler: str = "constant", dataset: str = "testbed:traces",
+         num_tags: int = 6, per_tag: int = 1) -> dict[str, Any]:
     """A short SSFT testbed experiment for ``ponder demo``: from the testbed model at `base`, train SSFT
     (Hungarian matching to N = 6 forking tokens) and the SFT-mixed baseline (all traces under ``<think>``) for the
     same number of steps on ``testbed:traces`` (4 strategies per problem), then evaluate SFT-mixed and SSFT on
@@ -247,9 +248,8 @@ def demo(run_dir, base: str, problems: list, quick: bool = False, *, steps: int 
     steps = steps or (2 if quick else 32)
     batch = batch or (2 if quick else 8)
     n_data = 8 if quick else steps * batch  # each trace set seen once
-    per_tag, max_new = (1, 40) if quick else (1, 64)
-    num_tags = 6
-    common = dict(model=str(base), dataset="testbed:traces", dataset_size=n_data, num_tags=num_tags, prefix_len=16,
+    per_tag, max_new = (1, 40) if quick else (per_tag, 64)
+    common = dict(model=str(base), dataset=dataset, dataset_size=n_data, num_tags=num_tags, prefix_len=16,
                   max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
                   lr_scheduler_type=scheduler, warmup_steps=0, logging_steps=max(steps // 5, 1),
                   save_strategy="no", report_to="none", disable_tqdm=True, dataloader_pin_memory=False, seed=0)

@@ -42,14 +42,19 @@ from peft import PeftModel
 from transformers import TrainingArguments
 
 from ponder import dist, latro, metrics, rollout, verify
-from ponder.advantages import group_normalized, normalize_advantages, rloo_advantages
+from ponder.advantages import (
+    NAN_REWARDS,
+    finite_rewards,
+    group_normalized,
+    normalize_advantages,
+    rloo_advantages,
+)
 from ponder.chat import end_of_turn_id, pad_id
 from ponder.data import DataError, Problem, resolve_problems
 from ponder.prompts import check_template
 from ponder.trainers.base import PonderTrainer, cpu_processes, model_and_tokenizer
 
 ADVANTAGES = ("rloo", "grpo")
-NAN_REWARDS = ("raise", "skip")
 
 
 @dataclass
@@ -86,7 +91,7 @@ class LaTROConfig(TrainingArguments):
     normalize_advantages: bool = field(default=False, metadata={
         "help": "TRL RLOO's (A − mean)/(std + 1e-4) over the update's rollouts"})
     nan_rewards: str = field(default="raise", metadata={
-        "help": "raise | skip (TRL: a NaN reward leaves the baseline and gets advantage 0)"})
+        "help": "raise | skip (TRL: a NaN or ±inf reward leaves the baseline and gets advantage 0, counted)"})
     rlpr_debias: bool = field(default=True, metadata={"help": "reward mean_prob: clip(r − r', 0, 1), r' without "
                                                                 "a rationale from the initial model (RLPR Eqs. 3-4)"})
     std_filter_beta: float | None = field(default=None, metadata={
@@ -386,10 +391,16 @@ class LaTROTrainer(PonderTrainer):
             lz, sy, stopped, ref, index, lengths, tokens, starts = self._whole_update(
                 plans, lz, sy, stopped, ref, lengths, tokens)
         r0 = self.no_rationale[index].to(sy.device, sy.dtype) if self.no_rationale is not None else None
-        if a.nan_rewards == "skip":
-            sy = torch.where(torch.isfinite(sy), sy, torch.full_like(sy, float("nan")))
+        ids = [self.train_problems[i].id for i in index]
+        # every reward is checked before it enters an advantage: the score itself, then the total with the KL term
+        sy, skipped = finite_rewards(sy, a.nan_rewards, a.reward, ids)
         reward, kl = latro.self_rewards(sy, lz, ref, stopped, a.beta, a.nonstop_penalty,
                                         bounded=a.reward in latro.BOUNDED_REWARDS, baseline=r0)
+        skipped_score = torch.isnan(sy) & torch.isnan(reward)  # already counted (a non-stopped one gets the floor)
+        reward, more = finite_rewards(torch.where(skipped_score, 0.0, reward), a.nan_rewards,
+                                      f"{a.reward} − beta·KL", ids)
+        reward = torch.where(skipped_score, torch.nan, reward)
+        skipped += more
         groups = reward.view(-1, k)
         step = self.state.global_step + 1
         if not self._filter_loaded:  # resume: the filter's EMA was saved with the trainer state
@@ -400,10 +411,11 @@ class LaTROTrainer(PonderTrainer):
         self.std_filter.observe(step, stds)
         self.state.stateful_callbacks["LaTROStdFilter"] = self.std_filter.state()
         keep = (stds >= threshold) | (threshold <= 0)
+        skip = a.nan_rewards == "skip"
         if a.advantage == "rloo":
-            adv = rloo_advantages(groups, skip_nan=a.nan_rewards == "skip")
+            adv = rloo_advantages(groups, skip_nan=skip)
         else:
-            adv = group_normalized(groups, eps=1e-6, unbiased=True)
+            adv = group_normalized(groups, eps=1e-6, unbiased=True, skip_nan=skip)
         adv = torch.where(keep[:, None], adv, torch.zeros_like(adv)).view(-1)
         keep = keep[:, None].expand(-1, k).reshape(-1).to(lz.dtype)
         if a.normalize_advantages:  # TRL normalises over the batch of every process: the whole update here
@@ -412,7 +424,7 @@ class LaTROTrainer(PonderTrainer):
         for p, at in zip(plans, starts):
             n = len(p.xs)
             p.advantages, p.keep = adv[at:at + n], keep[at:at + n]
-        self._record(sy, reward, kl, adv, stopped, lz, lengths, sum(tokens), keep, threshold)
+        self._record(sy, reward, kl, adv, stopped, lz, lengths, sum(tokens), keep, threshold, skipped)
 
     def _whole_update(self, plans, lz, sy, stopped, ref, lengths, tokens):
         """Every process's rollouts of this update, in slot order (micro-step × processes + rank: the order of
@@ -444,12 +456,14 @@ class LaTROTrainer(PonderTrainer):
         logp_z, score = self._score(model, p)
         if p.advantages is None:  # a one-micro-batch update: rewards from this very pass
             self._finish([p], [logp_z], [score])
+        # a skipped (non-finite) reward has no answer-side term either (checked by _finish: else it raised)
+        score = torch.where(torch.isfinite(score), score, torch.zeros_like(score))
         loss = latro.loss_terms(logp_z, score, p.advantages.to(logp_z.device), self.args.sft_weight)
         return (loss * p.keep.to(loss.device)).sum()
 
     # -- logging and evaluation ---------------------------------------------------------------------------
 
-    def _record(self, score, reward, kl, adv, stopped, logp_z, lengths, tokens, keep, threshold):
+    def _record(self, score, reward, kl, adv, stopped, logp_z, lengths, tokens, keep, threshold, skipped=0):
         vals = {
             "reward": score.nanmean(),                       # R: Σ log π(y|x⊕z) for LaTRO, or the chosen reward
             "reward_total": reward.nanmean(),                # after the penalty, de-biasing and the KL term
@@ -461,6 +475,7 @@ class LaTROTrainer(PonderTrainer):
             "logp_z": logp_z.mean(),
             "kept_fraction": keep.mean(),
             "std_threshold": kl.new_tensor(threshold),
+            "nonfinite_rewards": kl.new_tensor(float(skipped)),  # skipped under nan_rewards: skip (else it raised)
         }
         if self.args.reward in ("logprob", "prob"):          # π(y|x⊕z): the probability of the gold answer
             vals["answer_prob"] = score.exp().nanmean() if self.args.reward == "logprob" else score.nanmean()

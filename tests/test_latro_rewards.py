@@ -169,6 +169,21 @@ def official_thresholds(step_stds, beta=0.5, ratio=0.99, ema_start=6, start=11):
     return out
 
 
+def test_rlpr_no_rationale_score_covers_the_answer_span(tiny64):
+    """r' (RLPR Eq. 3) scores the same tokens as the reward: the reference answer's own, by hand from a
+    separate pass (reward_span: answer), or all of y (full)."""
+    model, tok = tiny64
+    xs = [latro.prompt_ids(tok, q) for q in ("12+3*4=?", "7*8 apples")]
+    ys, spans = zip(*[latro.answer_span(tok, "The answer is {answer}.", a) for a in ("24", "fifty-six")])
+    got = latro.no_rationale_scores(model, xs, list(ys), tok.pad_token_id, spans=list(spans))
+    full = latro.no_rationale_scores(model, xs, list(ys), tok.pad_token_id)
+    for i, (x, y, (a, b)) in enumerate(zip(xs, ys, spans)):
+        lt = per_token(model, x, [], y).detach()
+        assert 0 < a < b < len(y) and got[i].item() == pytest.approx(lt[a:b].exp().mean().item(), abs=1e-12)
+        assert full[i].item() == pytest.approx(lt.exp().mean().item(), abs=1e-12)
+        assert got[i].item() != pytest.approx(full[i].item(), abs=1e-6)
+
+
 def test_std_filter_follows_the_official_ema_rule():
     g = torch.Generator().manual_seed(0)
     steps = [torch.rand(4, generator=g, dtype=torch.float64).tolist() for _ in range(16)]

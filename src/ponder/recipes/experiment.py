@@ -341,7 +341,9 @@ def _markdown(spec, seeds, table, claims, data_, path: Path, pngs: list[str], sp
     lines += [f"- {n}" for n in spec.get("notes", [])] + ([""] if spec.get("notes") else [])
     lines += ["| row | " + " | ".join(metrics_) + " |", "|---|" + "---|" * len(metrics_)]
     for row, cells in table:
-        lines.append(f"| {row} | " + " | ".join(stats.fmt_pm(cells[m][0], cells[m][1], scales[m]) for m in metrics_)
+        label = spec["arms"].get(row.split("/")[0], {}).get("label")  # what the arm is (e.g. whose reward)
+        name = f"{row} ({label})" if label else row
+        lines.append(f"| {name} | " + " | ".join(stats.fmt_pm(cells[m][0], cells[m][1], scales[m]) for m in metrics_)
                      + " |")
     if claims:
         lines += ["", "| claim | left | right | difference ± s.e. | 95% interval | n | verdict |",

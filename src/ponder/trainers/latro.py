@@ -92,6 +92,9 @@ class LaTROConfig(TrainingArguments):
         "help": "TRL RLOO's (A − mean)/(std + 1e-4) over the update's rollouts"})
     nan_rewards: str = field(default="raise", metadata={
         "help": "raise | skip (TRL: a NaN or ±inf reward leaves the baseline and gets advantage 0, counted)"})
+    reward_span: str = field(default="answer", metadata={
+        "help": "tokens of y that prob / mean_prob score: answer (the reference answer's own tokens, as RLPR and "
+                "VeriFree) | full (y with the answer template and end-of-turn: ponder's old behaviour)"})
     rlpr_debias: bool = field(default=True, metadata={"help": "reward mean_prob: clip(r − r', 0, 1), r' without "
                                                                 "a rationale from the initial model (RLPR Eqs. 3-4)"})
     std_filter_beta: float | None = field(default=None, metadata={
@@ -119,6 +122,7 @@ class LaTROConfig(TrainingArguments):
         one_of("reward", latro.REWARDS)
         one_of("advantage", ADVANTAGES)
         one_of("nan_rewards", NAN_REWARDS)
+        one_of("reward_span", latro.REWARD_SPANS)
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (RLOO needs a leave-one-out baseline), got "
                              f"{self.num_generations}")
@@ -178,16 +182,17 @@ class GroupSampler(torch.utils.data.Sampler):
 
 def encode_problems(tokenizer, problems: list[Problem], prompt_template: str, answer_template: str
                     ) -> list[dict[str, Any]]:
-    """Per problem: x (chat-templated prompt ids) and y (answer ids + end-of-turn)."""
+    """Per problem: x (chat-templated prompt ids), y (answer ids + end-of-turn) and the token span of the
+    reference answer inside y (`ponder.latro.answer_span`)."""
     eot = end_of_turn_id(tokenizer)
     out = []
     for i, p in enumerate(problems):
         try:
             x = latro.prompt_ids(tokenizer, latro.render_prompt(prompt_template, p.question, p.meta.get("options")))
-            y = latro.answer_ids(tokenizer, answer_template.format(answer=p.answer), eot)
+            y, span = latro.answer_span(tokenizer, answer_template, p.answer, eot)
         except (KeyError, IndexError) as e:
             raise DataError(f"problem {p.id}: the prompt/answer template has a field the problem lacks: {e}") from None
-        out.append({"prompt_ids": x, "answer_ids": y, "index": i})
+        out.append({"prompt_ids": x, "answer_ids": y, "answer_span": span, "index": i})
     return out
 
 
@@ -217,10 +222,12 @@ class Rollouts:
     verifier: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     keep: torch.Tensor | None = None
+    spans: list | None = None           # the token span of y the reward scores (None: all of y)
 
     def part(self, sl: slice) -> Rollouts:
         v = None if self.verifier is None else self.verifier[sl]
-        return Rollouts(self.xs[sl], self.zs[sl], self.ys[sl], self.index[sl], self.stopped[sl], self.lengths[sl], v)
+        return Rollouts(self.xs[sl], self.zs[sl], self.ys[sl], self.index[sl], self.stopped[sl], self.lengths[sl], v,
+                        spans=None if self.spans is None else self.spans[sl])
 
 
 class LaTROTrainer(PonderTrainer):
@@ -267,7 +274,9 @@ class LaTROTrainer(PonderTrainer):
         if args.reward == "mean_prob" and args.rlpr_debias:
             self.no_rationale = latro.no_rationale_scores(self.model, [t["prompt_ids"] for t in train],
                                                           [t["answer_ids"] for t in train], pad_id(tok),
-                                                          args.rollout_batch_size).double()
+                                                          args.rollout_batch_size,
+                                                          [t["answer_span"] for t in train]
+                                                          if args.reward_span == "answer" else None).double()
 
     # -- data ---------------------------------------------------------------------------------------------
 
@@ -335,6 +344,8 @@ class LaTROTrainer(PonderTrainer):
         index = index if index is not None else list(range(len(prompt_ids)))
         answer_ids = answer_ids if answer_ids is not None else [[] for _ in prompt_ids]
         out = Rollouts([], [], [], [], torch.zeros(0), [], [] if verifier else None)
+        if a.reward in latro.SPAN_REWARDS and a.reward_span == "answer":
+            out.spans = []
         stopped = []
         for x, y, i, row in zip(prompt_ids, answer_ids, index, samples):
             for s in row:
@@ -348,6 +359,9 @@ class LaTROTrainer(PonderTrainer):
                 out.xs.append(x)
                 out.zs.append(z)
                 out.ys.append([] if verifier else y)
+                if out.spans is not None:  # the answer's span when y is this training problem's (else all of y)
+                    item = self.train_dataset[i] if 0 <= i < len(self.train_dataset) else None
+                    out.spans.append(item["answer_span"] if item and item["answer_ids"] == y else None)
                 out.index.append(i)
                 stopped.append(ok)
         out.stopped = torch.tensor(stopped)
@@ -358,7 +372,8 @@ class LaTROTrainer(PonderTrainer):
     def _score(self, model, p: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
         """(Σ log π(z|x), R) for a micro-batch's rollouts: one forward over the trees x -> z_k -> y_k (gradients flow unless under no_grad)."""
         reward = "logprob" if self.args.reward == "verifier" else self.args.reward
-        logp_z, score = latro.score_ids(model, p.xs, p.zs, p.ys, pad_id(self.processing_class), reward=reward)
+        logp_z, score = latro.score_ids(model, p.xs, p.zs, p.ys, pad_id(self.processing_class), reward=reward,
+                                        spans=p.spans)
         if p.verifier is not None:
             score = p.verifier.to(logp_z.device, logp_z.dtype)
         return logp_z, score

@@ -108,6 +108,8 @@ def render(run_dir: Path) -> Path:
     """(Re-)render `run_dir`'s report: from its sections if it has them, else from metrics.json and the
     trainer's log history."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory (a folder a ponder run wrote, e.g. runs/sft)")
     if (run_dir / "sections.json").exists():
         saved = json.loads((run_dir / "sections.json").read_text())
         return write(run_dir, saved["title"], saved["sections"], saved.get("intro", []))

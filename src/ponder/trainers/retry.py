@@ -38,7 +38,13 @@ from ponder import retry, rise, rollout, tree
 from ponder.advantages import NAN_REWARDS, finite_rewards
 from ponder.chat import HISTORY_REASONING, pad_id
 from ponder.data import DataError, resolve_problems
-from ponder.trainers.base import PonderTrainer, cpu_processes, model_and_tokenizer, save_merged
+from ponder.trainers.base import (
+    PonderTrainer,
+    check_flex_trainable,
+    cpu_processes,
+    model_and_tokenizer,
+    save_merged,
+)
 from ponder.trainers.latro import disable_dropout
 
 LAYOUTS = ("tree", "turns")
@@ -110,6 +116,7 @@ class RetryConfig(TrainingArguments):
         if self.output_dir is None:
             self.output_dir = "runs/retry"
         cpu_processes(self)
+        check_flex_trainable(self)
         super().__post_init__()
 
 

@@ -530,8 +530,8 @@ def test_training_logs_metrics_and_resume_is_exact(tmp_path, reward):
         def on_save(self, args, state, control, **kw):
             control.should_training_stop = True
 
-    extra = dict(reward=reward, std_filter_ema_start=1, std_filter_start=3, std_filter_beta=0.9) \
-        if reward == "mean_prob" else {}
+    extra = dict(reward=reward, std_filter_ema_start=1, std_filter_start=3, std_filter_beta=0.9,
+                 reward_span="full") if reward == "mean_prob" else {}  # the span whose group stds drop a group
 
     def run(out, resume=None, crash=False):
         model, tok = models.load("tiny-random", dtype="float64")

@@ -63,7 +63,7 @@ def test_report_of_a_training_run(tmp_path):
 
 def test_report_of_an_empty_dir_is_a_clear_error(tmp_path):
     r = CliRunner().invoke(app, ["report", str(tmp_path)])
-    assert r.exit_code != 0 and "no metrics.json" in str(r.exception)
+    assert r.exit_code == 2 and "error: " in r.output and "no metrics.json" in r.output  # one line, no traceback
 
 
 def test_demo_quick_all_methods(tmp_path):

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from ponder.cli import app
@@ -225,6 +226,19 @@ def _(tmp):
     return sft_args(tmp, None, f"output_dir={write(tmp / 'afile', 'x')}"), r"output_dir .*afile: is a file, not a directory"
 
 
+@case("flex-attention-on-cpu")
+def _(tmp):
+    return ["onepass", "model=tiny-random", "dataset=testbed:multi", "max_steps=1", "attention=flex",
+            "attn_implementation=flex_attention", "report_to=none", f"output_dir={tmp / 'run'}"], \
+        r"command line \(attention=flex\): attention=flex cannot train on CPU: FlexAttention has no backward on " \
+        r"CPU in torch [\d.]+; use one of auto, sparse, dense \(flex needs a CUDA GPU\)"
+
+
+@case("report-missing-run-dir")
+def _(tmp):
+    return ["report", tmp / "nope"], r"nope: no such run directory \(a folder a ponder run wrote, e\.g\. runs/sft\)"
+
+
 @case("eval-prompt-unknown-field")
 def _(tmp):
     return ["eval", "--model", "tiny-random", "--prompt", "Q: {questoin}", "--out", tmp / "e"], \
@@ -282,6 +296,14 @@ def _(tmp):
 def _(tmp):
     return sft_args(tmp, write(tmp / "d.jsonl", json.dumps(conv(0)).encode() + b'\n{"messages": "caf\xe9"}\n')), \
         r"d\.jsonl:2: not UTF-8 text \(byte 0xe9 at column 18\)"
+
+
+@case("data-not-utf8-past-n")
+def _(tmp):
+    p = write(tmp / "p.jsonl", b'{"question": "1+1", "answer": "2"}\n{"question": "2+2", "answer": "4"}\n'
+                               b'{"question": "caf\xe9", "answer": "4"}\n')
+    return ["eval", "--model", "tiny-random", "--task", p, "--n", "2", "--samples", "0", "--max-new-tokens", "4",
+            "--out", tmp / "e"], r"p\.jsonl:3: not UTF-8 text \(byte 0xe9 at column 18\)"
 
 
 @case("record-not-object")
@@ -577,6 +599,29 @@ def test_zero_variance_reward_groups_are_counted_without_nan(tmp_path, tiny):
 
 
 @row("some-examples-too-long")
+@row("non-finite-reward")
+def test_a_non_finite_reward_is_one_line_or_a_counted_skip(tmp_path, monkeypatch):
+    from ponder import latro
+    real = latro.score_ids
+
+    def poisoned(*args, **kw):  # R = −inf for every rollout's reward pass (the reference pass has no y)
+        lz, score = real(*args, **kw)
+        return lz, torch.full_like(score, -math.inf) if len(args[3][0]) else score
+    monkeypatch.setattr(latro, "score_ids", poisoned)
+    p = jsonl(tmp_path / "p.jsonl", [{"id": "p0", "question": "1+1", "answer": "2"}])
+    args = ["latro", "model=tiny-random", f"dataset={p}", "max_steps=1", "num_generations=4", "reward=mean_logprob",
+            "per_device_train_batch_size=4", "max_rationale_length=4", "report_to=none", "save_strategy=no",
+            "logging_steps=1", "stop=[]"]
+    r = cli(*args, f"output_dir={tmp_path / 'a'}")
+    assert r.exit_code == 2 and re.fullmatch(
+        r"error: reward mean_logprob is -inf for problem p0 \(4 of 4 rewards of this update are not finite\); fix "
+        r"the reward, or set nan_rewards: skip .*\(counted in the logs\)", error_line(r)), r.output
+    r = cli(*args, "nan_rewards=skip", "eval_samples=0", f"output_dir={tmp_path / 'b'}")
+    assert r.exit_code == 0, r.output
+    logs = json.loads((tmp_path / "b" / "metrics.json").read_text())["log_history"]
+    assert [h["nonfinite_rewards"] for h in logs if "nonfinite_rewards" in h] == [4.0]
+
+
 def test_over_length_examples_are_counted_and_reported(tmp_path):
     rows = [conv(i) for i in range(6)] + [{"messages": [{"role": "user", "content": "1 " * 300},
                                                          {"role": "assistant", "content": "2"}]}] * 2

@@ -21,15 +21,20 @@ def test_experiment_runs_arms_over_seeds_and_writes_claims(tmp_path, monkeypatch
     spec.write_text("name: toy\nseeds: [0, 1, 2]\nmetrics: [acc]\narms:\n"
                     "  a: {run: fake, overrides: {shift: 0.1}}\n  b: {run: fake, overrides: {shift: 0.0}}\n"
                     "claims:\n  - {claim: a beats b, left: 'a/m:acc', op: '>', right: 'b/m:acc'}\n"
-                    "  - {claim: b beats a, left: 'b/m:acc', right: 'a/m:acc'}\n")
+                    "  - {claim: b beats a, left: 'b/m:acc', right: 'a/m:acc'}\n"
+                    "  - {claim: b not below a, left: 'b/m:acc', op: '>=', right: 'a/m:acc', margin: 12.0}\n"
+                    "  - {claim: b within 8 of a, left: 'b/m:acc', op: '>=', right: 'a/m:acc', margin: 8}\n")
     r = CliRunner().invoke(app, ["experiment", str(spec)])
     assert r.exit_code == 0, r.output
     assert len(calls) == 6
     res = json.loads((tmp_path / "runs/experiments/toy/results.json").read_text())
-    ab, ba = res["claims"]
+    ab, ba, within12, within8 = res["claims"]
     assert abs(ab["diff"]["mean"] - 0.1) < 1e-12 and ab["verdict"] == "yes"   # constant difference: se 0
     assert ba["verdict"] == "opposite"
+    # b is 10 points below a: not below within a 12-point margin, below by more than an 8-point one
+    assert within12["verdict"] == "yes" and within8["verdict"].startswith("no (below by more than")
     md = (tmp_path / "docs/results/toy.md").read_text()
+    assert "`a/m:acc` >= (δ 12) |" in md
     assert "| a/m | 41.0 ± 0.6 |" in md and "**yes**" in md and (tmp_path / "docs/results/toy.png").exists()
     # finished (arm, seed) runs are not repeated
     r = CliRunner().invoke(app, ["experiment", str(spec)])
@@ -41,6 +46,17 @@ def test_bad_spec_is_one_line(tmp_path):
     spec.write_text("name: toy\nseeds: [0]\nmetrics: [acc]\narms:\n  a: {run: nope}\n")
     r = CliRunner().invoke(app, ["experiment", str(spec)])
     assert r.exit_code == 2 and "arms.a.run must be one of" in r.output
+
+
+def test_not_below_claim_needs_a_margin(tmp_path):
+    spec = tmp_path / "exp.yaml"
+    base = "name: toy\nseeds: [0]\nmetrics: [acc]\narms:\n  a: {run: eval}\n  b: {run: eval}\nclaims:\n"
+    for claim, message in (("{claim: c, left: 'a/m:acc', op: '>=', right: 'b/m:acc'}", "needs margin"),
+                           ("{claim: c, left: 'a/m:acc', op: '>=', right: 'b/m:acc', margin: 0}", "needs margin"),
+                           ("{claim: c, left: 'a/m:acc', op: '>', right: 'b/m:acc', margin: 2}", "'>=' claims only")):
+        spec.write_text(base + f"  - {claim}\n")
+        r = CliRunner().invoke(app, ["experiment", str(spec)])
+        assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
 
 
 def test_once_arms_curves_and_scales(tmp_path, monkeypatch):

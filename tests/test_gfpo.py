@@ -2,11 +2,14 @@
 the tag position (equal to the GRPO-style loss on full rollouts masked to the tag token), zero advantages give
 zero gradient, and training moves π(g|x) towards rewarded tags."""
 
+import math
+
 import pytest
 import torch
 
 from ponder import chat, models, ssft
 from ponder.data import load_problems
+from ponder.trainers import gfpo
 from ponder.trainers.gfpo import GFPOConfig, GFPOTrainer
 from ponder.trainers.ssft import collate
 
@@ -171,6 +174,40 @@ def test_zero_advantage_gives_zero_gradient(tiny64, tmp_path):
     loss, grads, _ = step_grads(tr, model)
     assert loss.item() == 0
     assert all(g.abs().max() == 0 for g in grads.values())
+
+
+@pytest.mark.parametrize("bad", [-math.inf, math.nan])
+def test_non_finite_reward_is_refused_or_skipped(tiny64, tmp_path, monkeypatch, bad):
+    """A reward_fn returning −inf or NaN for one rollout: one line naming the reward and the problem by default;
+    with nan_rewards: skip the rollout leaves its group's mean and std (advantage 0, counted), the other groups
+    are untouched, and the loss is the hand-computed one."""
+    model, tok = tiny64
+    tr = make(model, tok, tmp_path, REWARDS, max_steps=1, logging_steps=1, per_device_train_batch_size=3)
+    fake = tr.rollouts
+
+    def poisoned(model, items, first):
+        r = fake(model, items, first)
+        r[1, 2] = bad
+        return r
+    tr.rollouts = poisoned
+    pid = tr.train_dataset[1]["problem"].id
+    with pytest.raises(ValueError, match=rf"^reward verify is {bad} for problem {pid} \(1 of 15 rewards"):
+        step_grads(tr, model)
+    tr.args.nan_rewards = "skip"
+    seen = {}
+    real = gfpo.group_normalized
+    monkeypatch.setattr(gfpo, "group_normalized", lambda r, **kw: seen.setdefault("adv", real(r, **kw)))
+    tr.train()  # one logged step: the skip is counted
+    assert [h["nonfinite_rewards"] for h in tr.state.log_history if "nonfinite_rewards" in h] == [1]
+    adv, first = torch.nan_to_num(seen["adv"]), tr.seen[-1]
+    want = _advantages(tr, first)
+    reward_of = dict(zip(tr.tag_ids, REWARDS))
+    row = torch.tensor([reward_of.get(int(t), 0.0) for t in first[1]], dtype=torch.float64)
+    keep = torch.arange(5) != 2
+    want[1] = 0.0
+    if row[keep].std() > 0:  # GRPO over the four scorable rewards by hand (population std)
+        want[1, keep] = (row[keep] - row[keep].mean()) / (row[keep].std(unbiased=False) + 1e-6)
+    assert torch.allclose(adv, want, atol=1e-12)
 
 
 def test_training_moves_the_tag_distribution_towards_rewarded_tags(tmp_path):

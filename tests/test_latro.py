@@ -295,7 +295,8 @@ def spy_rollouts(tr):
             out_all = latro_trainer.Rollouts(prev.xs + out.xs, prev.zs + out.zs, prev.ys + out.ys,
                                              prev.index + out.index, torch.cat([prev.stopped, out.stopped]),
                                              prev.lengths + out.lengths,
-                                             None if out.verifier is None else torch.cat([prev.verifier, out.verifier]))
+                                             None if out.verifier is None else torch.cat([prev.verifier, out.verifier]),
+                                             spans=None if out.spans is None else prev.spans + out.spans)
         else:
             out_all = out
         seen["calls"].append((tr.state.global_step, kw.get("seed")))
@@ -311,13 +312,15 @@ def perturb(model, scale=0.05):
             p.add_(scale * torch.randn_like(p))
 
 
-def reference_total(tr, model, roll, ys, reward="logprob", beta=0.3, sft_weight=0.7, k=4, r0=None, keep=None):
+def reference_total(tr, model, roll, ys, reward="logprob", beta=0.3, sft_weight=0.7, k=4, r0=None, keep=None,
+                    spans=None):
     """Independent reference for one update: per-rollout unpadded passes, the chosen reward by hand from the
-    per-token log-probs, the non-stop penalty over ALL the update's rollouts, leave-one-out advantages by hand;
-    returns the differentiable total loss (sum over rollouts) and the rewards."""
+    per-token log-probs (of y[a:b] for spans[i] = (a, b): the reference answer's own tokens), the non-stop penalty
+    over ALL the update's rollouts, leave-one-out advantages by hand; returns the differentiable total loss (sum
+    over rollouts) and the rewards."""
     n = len(roll.xs)
     lz, ry, ref = [], [], []
-    for x, z, y in zip(roll.xs, roll.zs, ys):
+    for i, (x, z, y) in enumerate(zip(roll.xs, roll.zs, ys)):
         xz = torch.tensor([x + z])
         lz.append(token_logprobs(model, xz, target_mask=torch.tensor([[False] * len(x) + [True] * len(z)])).sum())
         with torch.no_grad():
@@ -328,8 +331,10 @@ def reference_total(tr, model, roll, ys, reward="logprob", beta=0.3, sft_weight=
             continue
         xzy = torch.tensor([x + z + y])
         lt = token_logprobs(model, xzy, target_mask=torch.tensor([[False] * (len(x) + len(z)) + [True] * len(y)]))
-        ry.append({"logprob": lt.sum(), "mean_logprob": lt.sum() / len(y), "prob": lt.sum().exp(),
-                   "mean_prob": lt.exp().sum() / len(y)}[reward])
+        if spans is not None:
+            lt = lt[spans[i][0]:spans[i][1]]
+        ry.append({"logprob": lt.sum(), "mean_logprob": lt.sum() / len(lt), "prob": lt.sum().exp(),
+                   "mean_prob": lt.exp().sum() / len(lt)}[reward])
     if reward == "verifier":
         ry = [torch.tensor(v, dtype=torch.float64) for v in roll.verifier.tolist()]
     raw = [v.item() for v in ry]
@@ -345,8 +350,10 @@ def reference_total(tr, model, roll, ys, reward="logprob", beta=0.3, sft_weight=
     return total, r, lz, ref
 
 
-@pytest.mark.parametrize("reward", latro.REWARDS)
+@pytest.mark.parametrize("reward", [*latro.REWARDS, "prob/full", "mean_prob/full"])
 def test_trainer_loss_equals_independent_reference(tmp_path, reward, monkeypatch):
+    reward, _, span = reward.partition("/")
+    span = span or "answer"
     model, tok = models.load("tiny-random", dtype="float64")
     sft = 0.0 if reward == "verifier" else 0.7
     if reward == "verifier":  # a deterministic stand-in for the verifier: the random model never answers right
@@ -362,7 +369,7 @@ def test_trainer_loss_equals_independent_reference(tmp_path, reward, monkeypatch
                     row[2 * j] = rollout.Sample(s.prompt_index, s.prompt_ids, ids, tok_.decode(ids[:-1]), "eos")
             return out
         monkeypatch.setattr(latro_trainer.rollout, "sample", some_end)
-    tr = make_trainer(model, tok, tmp_path, reward=reward, sft_weight=sft, rlpr_debias=False)
+    tr = make_trainer(model, tok, tmp_path, reward=reward, sft_weight=sft, rlpr_debias=False, reward_span=span)
     perturb(model)
     seen = spy_rollouts(tr)
     batch = collate([tr.train_dataset[0]] * 4 + [tr.train_dataset[5]] * 4)
@@ -377,13 +384,39 @@ def test_trainer_loss_equals_independent_reference(tmp_path, reward, monkeypatch
     if reward == "verifier":
         ys = [[]] * 8
         assert 0 < roll.verifier.sum() < 8 and all(z[-1] in tr._eos for z, s in zip(roll.zs, roll.stopped) if s)
-    expected, r, lz, ref = reference_total(tr, model, roll, ys, reward, sft_weight=sft)
+    spans = None
+    if reward in ("prob", "mean_prob") and span == "answer":  # RLPR / VeriFree: the reference answer's own tokens
+        answers = [PROBLEMS[0]["answer"]] * 4 + [PROBLEMS[5]["answer"]] * 4
+        spans = [hand_span(tok, y, "The answer is ", a) for y, a in zip(ys, answers)]
+        assert all(0 < a < b < len(y) - 1 for (a, b), y in zip(spans, ys))  # template and end-of-turn left out
+    expected, r, lz, ref = reference_total(tr, model, roll, ys, reward, sft_weight=sft, spans=spans)
     expected.backward()
     want = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert abs(total.item() - expected.item()) <= 1e-9
     scale = want.abs().max()  # gradients to fp32 precision: RMSNorm runs in fp32 (see the test above)
     assert scale > 1e-3 and (got - want).abs().max() <= 1e-5 * scale
     assert any(abs(v.item() - c.item()) > 1e-3 for v, c in zip(lz, ref))
+
+
+def hand_span(tok, y, prefix, answer):
+    """The tokens of y that carry the answer's characters, found by decoding prefixes of y (independent of the
+    tokenizer's offsets): from the last token boundary at or before the answer's start to the first at or after
+    its end."""
+    a = max(i for i in range(len(y) + 1) if len(tok.decode(y[:i])) <= len(prefix))
+    b = min(i for i in range(len(y) + 1) if len(tok.decode(y[:i])) >= len(prefix) + len(answer))
+    return a, b
+
+
+@pytest.mark.parametrize("answer", ["42", "-7", "3.25", "wet palms", "seven hundred twelve", "x"])
+def test_answer_span_is_the_reference_answers_tokens(tb_tok, smol_tok, answer):
+    for tok in (tb_tok, smol_tok):
+        y, (a, b) = latro.answer_span(tok, "The answer is {answer}.", answer)
+        assert y == latro.answer_ids(tok, f"The answer is {answer}.")
+        assert (a, b) == hand_span(tok, y, "The answer is ", answer)
+        assert answer in tok.decode(y[a:b]) and tok.decode(y[a:b]).strip() == answer
+    # the answer alone (free-text templates): all of y but the end-of-turn token
+    y, span = latro.answer_span(tb_tok, "{answer}", answer)
+    assert span == (0, len(y) - 1)
 
 
 def test_penalty_mean_spans_the_whole_update_under_gradient_accumulation(tmp_path):
@@ -497,8 +530,8 @@ def test_training_logs_metrics_and_resume_is_exact(tmp_path, reward):
         def on_save(self, args, state, control, **kw):
             control.should_training_stop = True
 
-    extra = dict(reward=reward, std_filter_ema_start=1, std_filter_start=3, std_filter_beta=0.9) \
-        if reward == "mean_prob" else {}
+    extra = dict(reward=reward, std_filter_ema_start=1, std_filter_start=3, std_filter_beta=0.9,
+                 reward_span="full") if reward == "mean_prob" else {}  # the span whose group stds drop a group
 
     def run(out, resume=None, crash=False):
         model, tok = models.load("tiny-random", dtype="float64")

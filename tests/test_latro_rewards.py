@@ -15,7 +15,8 @@ import torch
 from ponder import data, latro, models
 from ponder.advantages import group_normalized, normalize_advantages, rloo_advantages
 from ponder.logprobs import token_logprobs
-from ponder.trainers.latro import LaTROConfig, encode_problems
+from ponder.trainers import latro as latro_trainer
+from ponder.trainers.latro import LaTROConfig, LaTROTrainer, encode_problems
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "trl_rloo_adv_golden.json").read_text())
 
@@ -52,8 +53,10 @@ def test_nan_rewards_raise_unless_skipped():
     with pytest.raises(ValueError, match="nan_rewards: skip"):
         rloo_advantages(r)
     assert torch.nan_to_num(rloo_advantages(r, skip_nan=True)).tolist() == [[0.5, 0.0, -1.0, 0.5]]
-    # GRPO with a NaN: the group's mean and std over the scorable rewards only
-    g = group_normalized(r, unbiased=True)
+    # GRPO with a NaN: refused, or (skip) the group's mean and std over the scorable rewards only
+    with pytest.raises(ValueError, match="nan_rewards: skip"):
+        group_normalized(r, unbiased=True)
+    g = group_normalized(r, unbiased=True, skip_nan=True)
     want = torch.tensor([1.0, 0.0, 1.0]) - 2 / 3
     want = want / (want.pow(2).sum() / 2).sqrt()
     assert torch.isnan(g[0, 1]) and torch.allclose(g[0, [0, 2, 3]], want, atol=1e-5)
@@ -166,6 +169,21 @@ def official_thresholds(step_stds, beta=0.5, ratio=0.99, ema_start=6, start=11):
     return out
 
 
+def test_rlpr_no_rationale_score_covers_the_answer_span(tiny64):
+    """r' (RLPR Eq. 3) scores the same tokens as the reward: the reference answer's own, by hand from a
+    separate pass (reward_span: answer), or all of y (full)."""
+    model, tok = tiny64
+    xs = [latro.prompt_ids(tok, q) for q in ("12+3*4=?", "7*8 apples")]
+    ys, spans = zip(*[latro.answer_span(tok, "The answer is {answer}.", a) for a in ("24", "fifty-six")])
+    got = latro.no_rationale_scores(model, xs, list(ys), tok.pad_token_id, spans=list(spans))
+    full = latro.no_rationale_scores(model, xs, list(ys), tok.pad_token_id)
+    for i, (x, y, (a, b)) in enumerate(zip(xs, ys, spans)):
+        lt = per_token(model, x, [], y).detach()
+        assert 0 < a < b < len(y) and got[i].item() == pytest.approx(lt[a:b].exp().mean().item(), abs=1e-12)
+        assert full[i].item() == pytest.approx(lt.exp().mean().item(), abs=1e-12)
+        assert got[i].item() != pytest.approx(full[i].item(), abs=1e-6)
+
+
 def test_std_filter_follows_the_official_ema_rule():
     g = torch.Generator().manual_seed(0)
     steps = [torch.rand(4, generator=g, dtype=torch.float64).tolist() for _ in range(16)]
@@ -253,3 +271,75 @@ def test_testbed_words_task():
     p = words[0]
     assert verify.score(p, f"<think>\nx\n</think>\n\nThe answer is {p.answer.upper()}.") == 1.0
     assert verify.score(p, f"The answer is {digits[0].answer}.") == 0.0  # digits are not the free-text answer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# non-finite rewards in the trainer (docs/methods.md §4.11)
+# ----------------------------------------------------------------------------------------------------------
+
+PROBLEMS = [{"id": f"p{i}", "question": f"{10 + i}+{20 + i}=?", "answer": str(30 + 2 * i)} for i in range(4)]
+
+
+@pytest.mark.parametrize("advantage", ["rloo", "grpo"])
+@pytest.mark.parametrize("bad", [-math.inf, math.nan])
+def test_trainer_non_finite_reward_is_refused_or_skipped(tmp_path, monkeypatch, advantage, bad):
+    """One stopped rollout's R is −inf (or NaN): by default one line naming the reward and the problem (it used to
+    give [+inf, +inf, NaN, +inf] advantages and an inf loss, or all zeros under normalize_advantages); with
+    nan_rewards: skip the rollout leaves its group's baseline with advantage 0, the count is logged, and the other
+    advantages are the estimator's over the scorable rewards, by hand, then TRL's normalisation."""
+    model, tok = models.load("tiny-random", dtype="float64")
+    opts = dict(output_dir=str(tmp_path), report_to=[], disable_tqdm=True, num_generations=4, advantage=advantage,
+                per_device_train_batch_size=8, max_rationale_length=6, prompt_template="{question}", beta=0.1,
+                reward="mean_logprob", save_strategy="no", max_steps=1, logging_steps=1, normalize_advantages=True,
+                stop=list("0123456789+=?abcdefghij"))
+    state = {}
+    real_score = latro.score_ids
+
+    def poisoned(*args, **kw):
+        lz, score = real_score(*args, **kw)
+        if len(args[3][0]):  # the reward pass (the reference pass has no y)
+            score = score.clone()
+            score[state["j"]] = bad
+        return lz, score
+    monkeypatch.setattr(latro_trainer.latro, "score_ids", poisoned)
+
+    def trainer(**kw):
+        tr = LaTROTrainer(model=model, args=LaTROConfig(**{**opts, **kw}), train_dataset=PROBLEMS,
+                          processing_class=tok)
+        real = tr.rollouts
+
+        def spy(*args, **kw):  # poison the first rollout that stopped (a non-stopped one gets the penalty instead)
+            out = real(*args, **kw)
+            state["j"] = int(out.stopped.nonzero()[0])
+            state["problem"] = PROBLEMS[out.index[state["j"]]]["id"]
+            return out
+        tr.rollouts = spy
+        return tr
+
+    tr = trainer()
+    with pytest.raises(ValueError, match=r"^reward mean_logprob is (-inf|nan) for problem p\d \(1 of 8 rewards") as e:
+        tr.train()
+    assert f"is {bad} for problem {state['problem']} " in str(e.value)
+    tr = trainer(nan_rewards="skip")
+    seen = {}
+    est = "rloo_advantages" if advantage == "rloo" else "group_normalized"
+    fn = getattr(latro_trainer, est)
+    monkeypatch.setattr(latro_trainer, est, lambda g, **kw: seen.setdefault("in", (g.clone(), fn(g, **kw)))[1])
+    tr.train()
+    log = [h for h in tr.state.log_history if "loss" in h][0]
+    assert math.isfinite(log["loss"]) and log["nonfinite_rewards"] == 1
+    groups, _ = seen["in"]
+    j = state["j"]
+    assert torch.isnan(groups.view(-1)[j]) and int(torch.isnan(groups).sum()) == 1
+    want = []
+    for g in groups:
+        ok = ~torch.isnan(g)
+        x = g[ok]
+        a = x - (x.sum() - x) / (len(x) - 1) if advantage == "rloo" else (x - x.mean()) / (x.std() + 1e-6)
+        row = torch.full_like(g, math.nan)
+        row[ok] = a
+        want.append(row)
+    raw = torch.cat(want)
+    valid = ~torch.isnan(raw)  # TRL's normalize_advantages over the update, NaN left out, then NaN -> 0
+    want = torch.where(valid, (raw - raw[valid].mean()) / (raw[valid].std() + 1e-4), 0.0)
+    assert want[j] == 0 and torch.allclose(tr._plans[0].advantages, want, atol=1e-9)

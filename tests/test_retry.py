@@ -5,6 +5,7 @@ training run that logs and resumes exactly; one-line errors for bad options; the
 
 import copy
 import json
+import math
 import os
 
 import pytest
@@ -163,6 +164,46 @@ def test_turn_advantages_by_hand():
     # a group of one gets no baseline: 0
     a = retry.turn_advantages([[0.0, 1.0], [1.0]], "rloo", "turn")
     assert a == [[-1.0, 0.0], [1.0]]
+
+
+def test_turn_advantages_non_finite_rewards():
+    """The issue's case: grpo used to return NaN advantages with no guard. Refused by default; skipped, the
+    reward leaves its turn's group (and, with credit: return, the earlier turns of its episode) with A = 0."""
+    r = [[0.0, 1.0], [0.0, -math.inf], [1.0], [0.0, 0.0]]
+    for mode in ("rloo", "grpo"):
+        with pytest.raises(ValueError, match="not finite"):
+            retry.turn_advantages(r, mode)
+    # turn 1: values 0,0,1,0 (all finite); turn 2: e0 1, e1 skipped, e3 0 -> RLOO over {e0, e3}: +1, -1
+    a = retry.turn_advantages(r, "rloo", skip_nan=True)
+    close(a, [[-1 / 3, 1.0], [-1 / 3, 0.0], [1.0, ], [-1 / 3, -1.0]])
+    # grpo turn 2 over {1, 0}: mean 0.5, population std 0.5
+    a = retry.turn_advantages(r, "grpo", skip_nan=True)
+    assert a[1][1] == 0.0 and a[0][1] == pytest.approx(0.5 / (0.5 + 1e-6), abs=1e-12) and a[3][1] == -a[0][1]
+    # return credit: e1's turn-1 return holds the -inf too, so it leaves turn 1's group: {e0: 1, e2: 1, e3: 0}
+    a = retry.turn_advantages(r, "rloo", "return", skip_nan=True)
+    close(a, [[1 - 1 / 2, 1.0], [0.0, 0.0], [1 - 1 / 2, ], [0 - 1.0, -1.0]])
+    # equal values in a turn give exactly 0 in both modes
+    assert retry.turn_advantages([[0.1], [0.1], [0.1]], "grpo") == [[0.0], [0.0], [0.0]]
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_trainer_non_finite_reward(tmp_path, monkeypatch, policy):
+    """A reward of NaN from the environment: one line naming the reward and the problem, or a counted skip
+    with a finite loss."""
+    real = rise.Env.score
+    monkeypatch.setattr(rise.Env, "score", lambda self, p, text: math.nan if p.id == PROBLEMS[1].id
+                        else real(self, p, text))
+    model, tok = models.load("tiny-random")
+    tr = make_trainer(model, tok, tmp_path, nan_rewards=policy, max_steps=1, beta=0.0, max_new_tokens=4,
+                      per_device_train_batch_size=2)
+    tr.train_dataset = [{"index": 0}, {"index": 1}]
+    if policy == "raise":
+        with pytest.raises(ValueError, match=rf"^reward verify is nan for problem {PROBLEMS[1].id} "):
+            tr.train()
+        return
+    tr.train()
+    log = [h for h in tr.state.log_history if "loss" in h][0]
+    assert math.isfinite(log["loss"]) and log["nonfinite_rewards"] == 4 * 2  # G episodes x T = 2 turns, all wrong
 
 
 def test_turn_advantages_bad_options():

@@ -278,8 +278,15 @@ def test_bad_trajectory_names_file_and_line(tmp_path):
     good = trajectory([0, 1])
     bad = dict(good, attempts=[{"text": "x", "reward": "high", "feedback": "f"}])
     p.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
-    with pytest.raises(DataError, match=r"t.jsonl:2: attempts\[0\].reward must be a number"):
+    with pytest.raises(DataError, match=r"t.jsonl:2: attempts\[0\].reward must be a finite number, got 'high'"):
         rise.load_trajectories(p)
+    # JSON's NaN / -Infinity parse as floats: the weight exp(r/τ) would be NaN or 0 without a word
+    for text, shown in (("NaN", "nan"), ("-Infinity", "-inf")):
+        p.write_text(json.dumps(good) + "\n" + json.dumps(dict(good, attempts=[
+            {"text": "x", "reward": 0.5, "feedback": "f"}, {"text": "y", "reward": float(text), "feedback": "f"}]))
+            + "\n")
+        with pytest.raises(DataError, match=rf"t.jsonl:2: attempts\[1\].reward must be a finite number, got {shown}$"):
+            rise.load_trajectories(p)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -300,11 +300,14 @@ def test_cons_at_k_matches_the_official_metric_code(case):
         flat = ssft.round_robin(per_tag)
         got = ssft.cons_at_k(flat, correct(flat), group_size=6)
     elif case["metric"] == "maj_sot@32":
-        flat = ssft.round_robin(per_tag, 32)
-        assert len(flat) == 32
+        flat = ssft.vote_order(per_tag, 32, "round_robin")
+        assert len(flat) == 32 and flat == ssft.round_robin(per_tag, 32)
         got = ssft.cons_at_k(flat, correct(flat))
-    else:
-        flat = ssft.tag_blocks(per_tag, 32)
+    else:  # the plain maj@K: the first K in tag-block order; K = all samples is ponder's default cons@k
+        k = int(case["metric"].removeprefix("maj@"))
+        flat = ssft.vote_order(per_tag, k, "tag_blocks")
+        if k == len(a):
+            assert ssft.vote_order(per_tag, k, "round_robin") == flat  # one vote over all: tag-major either way
         got = ssft.cons_at_k(flat, correct(flat))
     assert got == pytest.approx(case["official"])
 

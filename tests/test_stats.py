@@ -27,9 +27,21 @@ def test_paired_difference_uses_t_with_n_minus_1():
 def test_verdicts():
     assert stats.verdict({"lo": -0.01, "hi": 0.05}, ">") == "no effect at 95%"
     assert stats.verdict({"lo": -0.05, "hi": -0.01}, ">") == "opposite"
-    assert stats.verdict({"lo": -0.05, "hi": 0.01}, ">=") == "yes"
-    assert stats.verdict({"lo": -0.05, "hi": -0.01}, ">=") == "no (below)"
     assert stats.verdict({"lo": math.nan, "hi": math.nan}, ">") == "n/a (one seed)"
+
+
+def test_not_below_is_non_inferiority_with_a_stated_margin():
+    """'>=' holds only when the lower end is above −δ; an interval whose upper end is >= 0 no longer passes by
+    itself (with 3 seeds the intervals are ±7 points: the old rule could hardly fail)."""
+    assert stats.verdict({"lo": -0.015, "hi": 0.06}, ">=", margin=0.02) == "yes"
+    assert stats.verdict({"lo": 0.01, "hi": 0.06}, ">=", margin=0.02) == "yes"
+    assert stats.verdict({"lo": -0.076, "hi": 0.068}, ">=", margin=0.02).startswith("not shown")  # retry's guard
+    assert stats.verdict({"lo": -0.021, "hi": 0.083}, ">=", margin=0.02).startswith("not shown")  # SSFT pass@12
+    assert stats.verdict({"lo": -0.05, "hi": -0.03}, ">=", margin=0.02).startswith("no (below by more than")
+    assert stats.verdict({"lo": -0.05, "hi": -0.01}, ">=", margin=0.02).startswith("not shown")
+    for bad in (None, 0, -1.0):
+        with pytest.raises(ValueError, match="needs a margin"):
+            stats.verdict({"lo": -0.01, "hi": 0.05}, ">=", margin=bad)
     with pytest.raises(ValueError, match="paired values differ"):
         stats.paired_difference([1, 2], [1])
 

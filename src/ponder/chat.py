@@ -365,6 +365,12 @@ def text_ids(tokenizer, text: str) -> list[int]:
     return _encode(tokenizer, text, _special_ranges(text, _special_strings(tokenizer)))[0]
 
 
+def text_ids_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """`text_ids` and each token's character range [start, end) in `text`."""
+    ids, offsets = _encode(tokenizer, text, _special_ranges(text, _special_strings(tokenizer)))
+    return ids, [(int(a), int(b)) for a, b in offsets]
+
+
 def _check_tokenization(tokenizer, pieces: list[_Piece], segs: list[Segment]) -> None:
     escape, at = [], 0
     for p in pieces:

@@ -287,7 +287,7 @@ def report_cmd(run_dir: Path = typer.Argument(..., help="a run directory (runs/<
     """Render a run's metrics (metrics.json, trainer log history, saved sections) into RUN_DIR/report.md."""
     from ponder import ui
     from ponder.recipes import report
-    ui.info(f"report: {report.render(run_dir)}")
+    _guarded(lambda: ui.info(f"report: {report.render(run_dir)}"))
 
 
 def main() -> None:

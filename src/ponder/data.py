@@ -80,6 +80,7 @@ def read_jsonl(path: str | Path, skips: Counter | None = None) -> Iterator[tuple
         raise DataError(f"{path}: is a directory, not a JSONL file")
     if not path.exists():
         raise DataError(f"{path}: no such file")
+    _check_utf8(path)  # the whole file, even when only its first n records are read
     with path.open("rb") as f:
         for no, raw in enumerate(f, 1):
             try:
@@ -98,6 +99,18 @@ def read_jsonl(path: str | Path, skips: Counter | None = None) -> Iterator[tuple
             if not isinstance(rec, dict):
                 raise DataError(f"{path}:{no}: expected a JSON object, got {type(rec).__name__}")
             yield f"{path}:{no}", rec
+
+
+def _check_utf8(path: Path) -> None:
+    """A file with a byte that is not UTF-8 anywhere is refused (file:line), not only where it is read: an
+    evaluation on its first n problems would otherwise succeed on a file in another encoding (Latin-1, ...)."""
+    with path.open("rb") as f:
+        for no, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{no}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                                ) from None
 
 
 def write_jsonl(path: str | Path, records) -> None:

@@ -32,19 +32,24 @@ from dataclasses import dataclass, field
 import torch
 
 from ponder import tree
-from ponder.chat import end_of_turn_id, generation_prompt, pad_id, text_ids
+from ponder.chat import end_of_turn_id, generation_prompt, pad_id, text_ids, text_ids_offsets
 from ponder.logprobs import reduce, token_logprobs
 from ponder.prompts import ANSWER_TEMPLATE, LATRO_ARC_PROMPT, STOP_STRINGS
 from ponder.prompts import LATRO_PROMPT as PROMPT_TEMPLATE
 
-__all__ = ["PROMPT_TEMPLATE", "ANSWER_TEMPLATE", "STOP_STRINGS", "REWARDS", "score", "score_ids", "answer_score",
-           "self_rewards", "loss_terms", "render_prompt", "StdFilter"]
+__all__ = ["PROMPT_TEMPLATE", "ANSWER_TEMPLATE", "STOP_STRINGS", "REWARDS", "REWARD_SPANS", "score", "score_ids",
+           "answer_score", "answer_span", "self_rewards", "loss_terms", "render_prompt", "StdFilter"]
 
 #: R(z) for a rationale z (docs/methods.md §4.12): the four likelihood rewards of the reference answer y, and a
 #: 0/1 verifier on the model's own answer (then the trainer is plain RLOO/GRPO).
 REWARDS = ("logprob", "mean_logprob", "prob", "mean_prob", "verifier")
 #: Rewards in [0, 1]: a rollout that never stops gets 0, the floor (docs/methods.md §4.5).
 BOUNDED_REWARDS = ("prob", "mean_prob", "verifier")
+#: Which tokens of y the probability rewards (`SPAN_REWARDS`) score (`reward_span`, docs/methods.md §4.12):
+#: ``answer`` — only the reference answer's own tokens (RLPR, VeriFree); ``full`` — all of y, the answer
+#: template and the end-of-turn token included (ponder before issue 22).
+REWARD_SPANS = ("answer", "full")
+SPAN_REWARDS = ("prob", "mean_prob")
 #: Named prompt templates (`prompt_template: arc`): the official GSM8K and ARC-Challenge user messages.
 PROMPTS = {"gsm8k": PROMPT_TEMPLATE, "arc": LATRO_ARC_PROMPT}
 
@@ -77,6 +82,23 @@ def answer_ids(tokenizer, answer: str, eot: int | None = None) -> list[int]:
     if eot is None:
         eot = end_of_turn_id(tokenizer)
     return text_ids(tokenizer, answer) + [eot]  # special-token strings in a gold answer stay text
+
+
+def answer_span(tokenizer, template: str, answer: str, eot: int | None = None) -> tuple[list[int], tuple[int, int]]:
+    """y = `answer_ids` of ``template.format(answer=answer)`` and the token span [a, b) of the reference answer
+    itself inside it: the tokens whose characters overlap the ``{answer}`` text (a token that merges the space
+    before it, e.g. " 42", belongs to the span). The template text around it and the end-of-turn token are outside
+    the span — what RLPR (arXiv 2506.18254 Eq. 2: the probabilities of the reference answer's tokens y*) and
+    VeriFree (arXiv 2505.21493 Eq. 4: π(y*|x⊕z)) score (`REWARD_SPANS`, docs/methods.md §4.12)."""
+    if eot is None:
+        eot = end_of_turn_id(tokenizer)
+    text = template.format(answer=answer)
+    start = len(template.split("{answer}", 1)[0].format()) if "{answer}" in template else 0
+    end = start + len(answer) if "{answer}" in template else len(text)
+    ids, offsets = text_ids_offsets(tokenizer, text)
+    inside = [i for i, (lo, hi) in enumerate(offsets) if lo < end and hi > start]
+    span = (inside[0], inside[-1] + 1) if inside else (0, len(ids) + 1)  # no answer text: all of y
+    return ids + [eot], span
 
 
 def rationale_of(sample, eos_ids: Sequence[int] = ()) -> tuple[list[int], bool]:
@@ -116,11 +138,13 @@ def rationale_length(tokenizer, ids: Sequence[int], stops: Sequence[str]) -> int
 # ----------------------------------------------------------------------------------------------------------
 
 
-def trees(xs: Sequence[Sequence[int]], zs: Sequence[Sequence[int]], ys: Sequence[Sequence[int]]) -> list[tree.Tree]:
+def trees(xs: Sequence[Sequence[int]], zs: Sequence[Sequence[int]], ys: Sequence[Sequence[int]],
+          spans: Sequence[tuple[int, int] | None] | None = None) -> list[tree.Tree]:
     """The samples as `ponder.tree` trees x -> z_k -> y_k: one tree per distinct prompt x (samples with equal x,
     e.g. a question's K rationales, share it: x is forwarded once), z_k scored with group 2i and y_k with group
     2i+1 (i: the sample's index). An empty y leaves x -> z_k, the reference model's pass; an empty z makes y_k
-    a child of x."""
+    a child of x. spans[i] = (a, b): only y[a:b] is scored, y[:a] is context and y[b:] is left out (causal: it
+    changes nothing before it)."""
     if not (len(xs) == len(zs) == len(ys)):
         raise ValueError(f"prompts, rationales and answers differ in number: {len(xs)}, {len(zs)}, {len(ys)}")
     if any(len(x) == 0 for x in xs):
@@ -133,20 +157,25 @@ def trees(xs: Sequence[Sequence[int]], zs: Sequence[Sequence[int]], ys: Sequence
             out[key] = (t, t.add(x))
         t, root = out[key]
         at = t.add(z, root, weight=1.0, group=2 * i) if len(z) else root
-        if len(y):
-            t.add(y, at, weight=1.0, group=2 * i + 1)
+        a, b = (0, len(y)) if spans is None or spans[i] is None else spans[i]
+        if a > 0 and b > a:
+            at = t.add(y[:a], at, group=2 * i + 1)  # the template before the answer: context only
+        if len(y[a:b]):
+            t.add(y[a:b], at, weight=1.0, group=2 * i + 1)
     return [t for t, _ in out.values()]
 
 
 def score_ids(model, xs: Sequence[Sequence[int]], zs: Sequence[Sequence[int]], ys: Sequence[Sequence[int]],
-              pad_id: int, reward: str = "logprob", attention: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+              pad_id: int, reward: str = "logprob", attention: str = "auto",
+              spans: Sequence[tuple[int, int] | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ log π(z|x), R(y|x⊕z)) per sample from ONE forward over the trees x -> z_k -> y_k (`trees`: a prompt
     shared by several samples is forwarded once; `ponder.tree` makes every token's log-prob that of the separate
     ``[x z y]`` pass); R is `answer_score` with `reward` (default Σ log π(y|x⊕z), LaTRO's). Gradients flow (wrap
     in ``torch.no_grad()`` for rewards). An empty y gives R = 0 and makes this the ``[x z]``-only pass (the
-    reference model's KL term needs nothing else). attention: `ponder.tree.logits`'s mode."""
+    reference model's KL term needs nothing else). attention: `ponder.tree.logits`'s mode. spans: per sample the
+    token span of y that R scores (`answer_span`; None: all of y)."""
     n = len(xs)
-    flats = [tree.flatten(t) for t in trees(xs, zs, ys)]
+    flats = [tree.flatten(t) for t in trees(xs, zs, ys, spans)]
     device = next(model.parameters()).device
     dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
     if not any(f.pairs for f in flats):  # nothing scored (every z and y empty)
@@ -161,11 +190,14 @@ def score_ids(model, xs: Sequence[Sequence[int]], zs: Sequence[Sequence[int]], y
 
 @torch.no_grad()
 def no_rationale_scores(model, xs: Sequence[Sequence[int]], ys: Sequence[Sequence[int]], pad_id: int,
-                        batch_size: int = 64) -> torch.Tensor:
-    """RLPR's r' (arXiv 2506.18254 Eq. 3; docs/methods.md §4.15): the mean token probability of each y decoded
-    right after its x, with no rationale — computed once, before training, with the initial model."""
+                        batch_size: int = 64, spans: Sequence[tuple[int, int] | None] | None = None
+                        ) -> torch.Tensor:
+    """RLPR's r' (arXiv 2506.18254 Eq. 3; docs/methods.md §4.15): the mean token probability of each y (its
+    `spans`, as the reward scores it) decoded right after its x, with no rationale — computed once, before
+    training, with the initial model."""
+    sp = spans if spans is not None else [None] * len(xs)
     out = [score_ids(model, xs[i:i + batch_size], [[]] * len(xs[i:i + batch_size]), ys[i:i + batch_size], pad_id,
-                     reward="mean_prob")[1] for i in range(0, len(xs), batch_size)]
+                     reward="mean_prob", spans=sp[i:i + batch_size])[1] for i in range(0, len(xs), batch_size)]
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -236,8 +268,9 @@ def score(model, tokenizer, prompts: Sequence[str], rationales: Sequence[str], a
 
 
 def answer_score(logprobs: torch.Tensor, rows: torch.Tensor, n: int, reward: str = "logprob") -> torch.Tensor:
-    """R(y | x⊕z) per sample from the per-token log-probs ℓ_t = log π(y_t | x⊕z, y_<t) of the reference answer
-    (rows: the sample of each token; |y| counts y's tokens, the end-of-turn token included):
+    """R(y | x⊕z) per sample from the per-token log-probs ℓ_t = log π(y_t | x⊕z, y_<t) of the scored tokens of
+    the reference answer (rows: the sample of each token; |y| counts them: all of y with the end-of-turn token,
+    or for ``reward_span: answer`` only the answer's own tokens, `answer_span`):
 
     - ``logprob``       Σ_t ℓ_t = log π(y|x⊕z)                 LaTRO, arXiv 2411.04282 Eq. 3
     - ``mean_logprob``  (1/|y|) Σ_t ℓ_t                          Kwiatkowski et al., arXiv 2602.03979 Eq. 10

@@ -24,6 +24,7 @@ on-policy episode sampling (`rollout_episodes`). The trainer is `ponder.trainers
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +55,7 @@ def one_of(name: str, value, allowed: Sequence) -> None:
 
 
 def turn_advantages(rewards: Sequence[Sequence[float]], mode: str = "rloo", credit: str = "turn",
-                    gamma: float = 1.0, eps: float = 1e-6) -> list[list[float]]:
+                    gamma: float = 1.0, eps: float = 1e-6, skip_nan: bool = False) -> list[list[float]]:
     """Per-turn advantages of G episodes of the same problem (docs/methods.md §7.2).
 
     rewards[i][t]: the reward of episode i's attempt t (t = 0..T_i-1; episodes that stopped early — a correct
@@ -71,7 +72,10 @@ def turn_advantages(rewards: Sequence[Sequence[float]], mode: str = "rloo", cred
     - ``grpo``: A_{i,t} = (v_{i,t} - mean_{I_t} v) / (std_{I_t} v + eps), population std
       (`ponder.advantages.group_normalized`)
 
-    and A_{i,t} = 0 when n_t = 1 (no baseline). Returns a ragged list shaped like `rewards`."""
+    and A_{i,t} = 0 when n_t = 1 (no baseline). A turn whose values are all equal, or (grpo) whose std is below
+    `ponder.advantages.STD_THRESHOLD`, gets A = 0 exactly. A reward that is not finite (NaN, ±inf) raises unless
+    `skip_nan`: then the values it enters (v_{i,t}, and with ``credit: return`` the earlier turns' returns of its
+    episode) leave their turn's group and get A = 0. Returns a ragged list shaped like `rewards`."""
     one_of("advantage", mode, ADVANTAGES)
     one_of("credit", credit, CREDITS)
     if not 0.0 <= gamma <= 1.0:
@@ -79,6 +83,9 @@ def turn_advantages(rewards: Sequence[Sequence[float]], mode: str = "rloo", cred
     values = []
     for r in rewards:
         v = [float(x) for x in r]
+        if not skip_nan and not all(math.isfinite(x) for x in v):
+            raise ValueError(f"turn_advantages: a reward is not finite ({v}); set nan_rewards: skip to leave it out "
+                             "of its turn's group")
         if credit == "return":
             for t in range(len(v) - 2, -1, -1):
                 v[t] += gamma * v[t + 1]
@@ -89,8 +96,8 @@ def turn_advantages(rewards: Sequence[Sequence[float]], mode: str = "rloo", cred
         if len(members) < 2:
             continue
         x = torch.tensor([[values[i][t] for i in members]], dtype=torch.float64)
-        a = rloo_advantages(x) if mode == "rloo" else group_normalized(x, eps=eps)
-        for i, ai in zip(members, a[0].tolist()):
+        a = rloo_advantages(x, skip_nan) if mode == "rloo" else group_normalized(x, eps=eps, skip_nan=skip_nan)
+        for i, ai in zip(members, torch.nan_to_num(a, nan=0.0)[0].tolist()):
             out[i][t] = ai
     return out
 

@@ -21,6 +21,7 @@ templates do at inference (answers only). One renderer either way (`ponder.chat.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -294,8 +295,9 @@ def check_trajectory(rec: dict[str, Any], where: str) -> None:
         for name in ("text", "reward", "feedback"):
             if name not in a:
                 raise DataError(f"{where}: attempts[{j}]: missing field '{name}'")
-        if isinstance(a["reward"], bool) or not isinstance(a["reward"], (int, float)):
-            raise DataError(f"{where}: attempts[{j}].reward must be a number, got {a['reward']!r}")
+        if isinstance(a["reward"], bool) or not isinstance(a["reward"], (int, float)) or not math.isfinite(a["reward"]):
+            # a NaN/inf reward (JSON's NaN, Infinity) would make the weight exp(r/τ) NaN, inf or 0 silently
+            raise DataError(f"{where}: attempts[{j}].reward must be a finite number, got {a['reward']!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------

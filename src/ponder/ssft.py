@@ -302,9 +302,27 @@ def tag_blocks(per_tag: Sequence[Sequence[Any]], k: int | None = None) -> list[A
     return out if k is None else out[:k]
 
 
+def vote_order(per_tag: Sequence[Sequence[Any]], cons_k: int | None = None, cons_order: str = "round_robin"
+               ) -> list[Any]:
+    """The samples one Cons@K vote sees, in the order the official LightEval fork lists them — the order that
+    breaks a tie (the first-seen of the tied answers wins; docs/methods.md §1.11):
+    - K = all samples: the plain `MajAtK` over the predictions as generated, tag by tag (`tag_blocks`: all of
+      tag 1's samples, then tag 2's, ...), whatever `cons_order`;
+    - K < all, ``round_robin``: the tag-balanced `maj_sot@K` (`MajAtKSoTsingle`), which lists the samples
+      round-robin and counts the first K (`round_robin`: 6, 6, 5, 5, 5, 5 of 32 over 6 tags);
+    - K < all, ``tag_blocks``: the plain `maj@K`, the first K in tag-block order."""
+    if cons_order not in CONS_ORDERS:
+        raise ValueError(f"cons_order must be one of {', '.join(CONS_ORDERS)}, got {cons_order!r}")
+    total = sum(len(s) for s in per_tag)
+    if cons_k is None or cons_k >= total or cons_order == "tag_blocks":
+        return tag_blocks(per_tag, cons_k)
+    return round_robin(per_tag, cons_k)
+
+
 def cons_at_k(answers: Sequence[str | None], correct: Sequence[bool], group_size: int | None = None,
               rule: str = "official") -> float:
-    """Consensus accuracy of one problem's samples (in `round_robin` order) (docs/methods.md §1.11).
+    """Consensus accuracy of one problem's samples, in the order given (`vote_order` for one vote, `round_robin`
+    for groups) (docs/methods.md §1.11).
 
     group_size None: one majority vote over all samples (the official Cons@32). Otherwise the samples are cut
     into consecutive groups of `group_size` (with N tags and group_size N, each group holds one sample of every
@@ -353,7 +371,8 @@ def evaluate_forking(model, tokenizer, problems: Sequence[Problem | dict], tags:
     - ``pass@k`` (any of the k forced samples correct; unbiased estimator with n = k) and ``pass@k/sampled``;
     - ``cons@K`` — one majority vote over the first K = `cons_k` (default k) forced samples in `cons_order`
       (``round_robin``: the official tag-balanced Cons@K, 6, 6, 5, 5, 5, 5 samples for 32 over 6 tags;
-      ``tag_blocks``: the official plain maj@K) — and ``cons@G/groups`` (groups of `group_size`, default
+      ``tag_blocks``: the official plain maj@K; with K = k, all samples in tag-major order, the official MajAtK:
+      `vote_order`) — and ``cons@G/groups`` (groups of `group_size`, default
       len(tags): one sample per tag per group, the paper's "native" Cons@N), and ``maj@k/sampled``; votes follow
       `cons_rule` (``official``: "no answer" is a candidate; ``ponder``: it does not vote);
     - per tag: accuracy, mean completion length (tokens), share of each recognised strategy (testbed);
@@ -401,7 +420,7 @@ def evaluate_forking(model, tokenizer, problems: Sequence[Problem | dict], tags:
     res[f"pass@1/{tags[0]}"] = mean([mean([r["correct"] for r in f[0]]) for f in forced])
     res["pass@1/tags"] = mean([mean([r["correct"] for r in fl]) for fl in flat])
     res[f"pass@{k}"] = mean([pass_at_k(k, sum(r["correct"] for r in fl), k) for fl in flat])
-    voted = [(round_robin if cons_order == "round_robin" else tag_blocks)(f, cons_k) for f in forced]
+    voted = [vote_order(f, cons_k, cons_order) for f in forced]
     res[f"cons@{cons_k}"] = mean([cons_at_k([r["answer"] for r in v], [r["correct"] for r in v], rule=cons_rule)
                                   for v in voted])
     if k % group_size == 0:

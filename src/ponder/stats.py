@@ -2,7 +2,8 @@
 interval (Student's t over the per-seed differences: the seeds are the replicates, the arms share them).
 
 Effects are claims: `verdict` says "yes" only when the interval excludes zero in the claimed direction, and
-says "no effect at 95%" (or "opposite") otherwise, as plainly as a success.
+says "no effect at 95%" (or "opposite") otherwise, as plainly as a success. A "not below" claim is a
+non-inferiority test with a stated margin δ: "yes" only when the interval's lower end is above −δ.
 """
 
 from __future__ import annotations
@@ -54,19 +55,27 @@ def paired_items(a: Sequence[float], b: Sequence[float], z: float = 1.96) -> dic
     return {"mean": m, "se": se, "lo": m - z * se, "hi": m + z * se, "n": len(d)}
 
 
-def verdict(diff: dict[str, float], direction: str = ">") -> str:
+def verdict(diff: dict[str, float], direction: str = ">", margin: float | None = None) -> str:
     """Is the claimed direction ('>': a above b, '>=': a not below b) supported by the interval?
 
     '>': "yes" when the interval lies above 0; "opposite" when it lies below; else "no effect at 95%".
-    '>=': "yes" when the interval's upper end is >= 0 (a is not shown to be below b); else "no (below)"."""
+    '>=': non-inferiority with margin δ = `margin` (> 0, in the units of the difference; required): "yes" when
+    the interval's lower end is above −δ (a is at most δ below b, at 95%); "no (below by more than δ)" when its
+    upper end is below −δ; else "not shown (the interval reaches below −δ)". (An upper end >= 0 is no evidence
+    of "not below": with few seeds the interval is wide and such a test passes almost by construction.)"""
+    if direction == ">=":
+        if margin is None or not margin > 0:
+            raise ValueError(f"a '>=' (not below) claim needs a margin > 0, got {margin!r}")
+    elif direction != ">":
+        raise ValueError(f"direction must be '>' or '>=', got {direction!r}")
     lo, hi = diff["lo"], diff["hi"]
     if math.isnan(lo):
         return "n/a (one seed)"
     if direction == ">":
         return "yes" if lo > 0 else "opposite" if hi < 0 else "no effect at 95%"
-    if direction == ">=":
-        return "yes" if hi >= 0 else "no (below)"
-    raise ValueError(f"direction must be '>' or '>=', got {direction!r}")
+    if lo > -margin:
+        return "yes"
+    return "no (below by more than δ)" if hi < -margin else "not shown (the interval reaches below −δ)"
 
 
 def fmt_num(x: float, digits: int = 1) -> str:

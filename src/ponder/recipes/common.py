@@ -47,11 +47,12 @@ def effect_note(claim: str, a, b, results_md: str, direction: str = ">") -> str:
     """One line for a demo: the paired difference of `a` and `b` over the run's problems (in points), its 95%
     interval over problems, and a verdict; the multi-seed table that settles the claim is `results_md`."""
     d = stats.paired_items(a, b)
-    v = stats.verdict(d, direction)
-    word = {"yes": "appeared", "no effect at 95%": "within noise", "opposite": "the opposite appeared",
-            "no (below)": "it is below"}.get(v, v)
-    if direction == ">=" and v == "yes":  # an interval that reaches below 0 does not show "not hurt", only no harm
-        word = "not below at 95%" if d["lo"] >= 0 or d["mean"] >= 0 else "lower, but not significantly"
+    if direction == ">=":  # one run, no stated margin: described by the sign (the tables test a margin, stats.verdict)
+        word = "it is below" if d["hi"] < 0 else "not below at 95%" if d["lo"] >= 0 or d["mean"] >= 0 else \
+            "lower, but not significantly"
+    else:
+        v = stats.verdict(d, direction)
+        word = {"yes": "appeared", "no effect at 95%": "within noise", "opposite": "the opposite appeared"}.get(v, v)
     return (f"{claim}: {100 * d['mean']:+.1f} points (95% over the {d['n']} problems "
             f"[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]) — {word} in this run. Several seeds: {results_md}.")
 

@@ -11,6 +11,10 @@ A spec (configs/experiments/*.yaml):
     metrics: [m1@t1, m5@t1, m1@t5, p1@t5]   # the table's columns
     claims:                                 # "row:metric > row:metric" (or >=); a row is arm/model
       - {claim: "turn 5 beats turn 1", left: "rise/iter-1:m1@t5", op: ">", right: "rise/iter-1:m1@t1"}
+      - {claim: "turn 1 not below base", left: "rise/iter-1:m1@t1", op: ">=", right: "rise/base:m1@t1", margin: 2.0}
+
+A ">=" (not below) claim is a non-inferiority test and needs `margin`: δ in the table's units (points for
+accuracies); it holds when the interval's lower end is above −δ (`ponder.stats.verdict`).
 
 Every (arm, seed) writes its rows to runs/experiments/<name>/<arm>/seed-<s>/rows.json when it finishes; a re-run
 skips finished ones (`--force` redoes them), so an interrupted experiment loses at most the run in progress.
@@ -223,6 +227,14 @@ def load_spec(path: Path) -> dict[str, Any]:
                 raise ConfigError(f"{path}: claim {c.get('claim')!r}: '{side}' must be 'arm/row:metric'")
         if c.get("op", ">") not in (">", ">="):
             raise ConfigError(f"{path}: claim {c.get('claim')!r}: op must be '>' or '>='")
+        m = c.get("margin")
+        if c.get("op", ">") == ">=":
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0:
+                raise ConfigError(f"{path}: claim {c.get('claim')!r}: a '>=' (not below) claim needs margin: δ > 0 in "
+                                  f"the table's units (e.g. margin: 2.0 points; it holds when the 95% interval's "
+                                  f"lower end is above −δ), got {m!r}")
+        elif m is not None:
+            raise ConfigError(f"{path}: claim {c.get('claim')!r}: margin applies to '>=' claims only")
     return spec
 
 
@@ -306,8 +318,10 @@ def write_results(spec, base: Path, seeds: list[int], results_dir: Path, spec_pa
         b = [data_[rr][s][rm] for s in common if lm in data_[lr][s] and rm in data_[rr][s]]
         d = stats.paired_difference(a, b) if a else {"mean": math.nan, "se": math.nan, "lo": math.nan,
                                                      "hi": math.nan, "n": 0}
-        claims.append({**c, "diff": d, "verdict": stats.verdict(d, c.get("op", ">")) if a else "not run",
-                       "scale": scales.get(lm, scale)})
+        sc = scales.get(lm, scale)
+        margin = c["margin"] / sc if c.get("op", ">") == ">=" else None  # the spec states δ in table units
+        claims.append({**c, "diff": d, "verdict": stats.verdict(d, c.get("op", ">"), margin) if a else "not run",
+                       "scale": sc})
     result = {"name": spec["name"], "seeds": seeds, "rows": {r: {m: list(v) for m, v in cells.items()}
                                                             for r, cells in table},
               "per_seed": data_, "claims": claims}
@@ -342,14 +356,17 @@ def _markdown(spec, seeds, table, claims, data_, path: Path, pngs: list[str], sp
     lines += [f"- {n}" for n in spec.get("notes", [])] + ([""] if spec.get("notes") else [])
     lines += ["| row | " + " | ".join(metrics_) + " |", "|---|" + "---|" * len(metrics_)]
     for row, cells in table:
-        lines.append(f"| {row} | " + " | ".join(stats.fmt_pm(cells[m][0], cells[m][1], scales[m]) for m in metrics_)
+        label = spec["arms"].get(row.split("/")[0], {}).get("label")  # what the arm is (e.g. whose reward)
+        name = f"{row} ({label})" if label else row
+        lines.append(f"| {name} | " + " | ".join(stats.fmt_pm(cells[m][0], cells[m][1], scales[m]) for m in metrics_)
                      + " |")
     if claims:
         lines += ["", "| claim | left | right | difference ± s.e. | 95% interval | n | verdict |",
                   "|---|---|---|---|---|---|---|"]
         for c in claims:
             d = c["diff"]
-            lines.append(f"| {c['claim']} | `{c['left']}` | `{c['right']}` {c.get('op', '>')} | "
+            op = c.get("op", ">") + (f" (δ {c['margin']:g})" if c.get("op") == ">=" else "")
+            lines.append(f"| {c['claim']} | `{c['left']}` | `{c['right']}` {op} | "
                          f"{stats.fmt_pm(d['mean'], d['se'], c['scale'])} | {_interval(d, c['scale'])} | {d['n']} | "
                          f"**{c['verdict']}** |")
     lines += [""] + [f"![{spec['name']}]({png})" for png in pngs]

@@ -124,6 +124,8 @@ def render(run_dir: Path) -> Path:
     — into report.md, or into summary.md when a report.md not written from sections is already there (a run from
     an older ponder), which is never overwritten."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory (a folder a ponder run wrote, e.g. runs/sft)")
     if (run_dir / "sections.json").exists():
         saved = json.loads((run_dir / "sections.json").read_text())
         return write(run_dir, saved["title"], saved["sections"], saved.get("intro", []))

@@ -35,6 +35,21 @@ def cpu_processes(args) -> None:
         args.use_cpu = True
 
 
+def check_flex_trainable(args) -> None:
+    """FlexAttention has no backward on CPU (torch 2.13 raises NotImplementedError at the first training step):
+    a training config asking for it on a machine without a CUDA GPU is refused when it is read, in one line
+    naming the option and the values that work (docs/errors.md `flex-attention-on-cpu`)."""
+    if not (args.use_cpu or not torch.cuda.is_available()):
+        return
+    if getattr(args, "attention", None) == "flex":
+        raise ValueError("attention=flex cannot train on CPU: FlexAttention has no backward on CPU in torch "
+                         f"{torch.__version__.split('+')[0]}; use one of auto, sparse, dense (flex needs a CUDA GPU)")
+    if getattr(args, "attn_implementation", None) == "flex_attention":
+        raise ValueError("attn_implementation=flex_attention cannot train on CPU: FlexAttention has no backward on "
+                         f"CPU in torch {torch.__version__.split('+')[0]}; use sdpa or eager (flex_attention needs "
+                         "a CUDA GPU)")
+
+
 class TrainingStopped(ValueError):
     """A run that cannot go on (a non-finite loss, a full disk); the message says where and what is intact."""
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ponder import dist, rollout, ssft, ui, verify
-from ponder.advantages import group_normalized
+from ponder.advantages import NAN_REWARDS, finite_rewards, group_normalized
 from ponder.chat import generation_prompt, pad_id
 from ponder.data import DataError, as_problem, input_skips, load_problems
 from ponder.trainers.base import PonderTrainer, model_and_tokenizer
@@ -55,6 +55,8 @@ class GFPOConfig(ForkingConfig):
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (tag and trace)"})
     max_new_tokens: int = field(default=128, metadata={"help": "rollout length budget"})
     scale_rewards: bool = field(default=True, metadata={"help": "divide advantages by the group std (GRPO)"})
+    nan_rewards: str = field(default="raise", metadata={
+        "help": "raise | skip (a NaN or ±inf reward leaves its group's mean and std, advantage 0, counted)"})
     tag_policy: str = field(default="full", metadata={"help": "full (the first token from the whole vocabulary, "
                                                                "the paper) | tags (restricted to the N tags)"})
     generation_batch_size: int = field(default=64, metadata={"help": "sequences per generation batch"})
@@ -66,6 +68,8 @@ class GFPOConfig(ForkingConfig):
             raise ValueError("num_generations must be >= 2 (the advantage is relative to the group)")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0 (GFPO samples its tags)")
+        if self.nan_rewards not in NAN_REWARDS:
+            raise ValueError(f"nan_rewards must be one of {', '.join(NAN_REWARDS)}, got {self.nan_rewards!r}")
         if self.tag_policy not in ssft.TAG_POLICIES:
             raise ValueError(f"tag_policy must be one of {', '.join(ssft.TAG_POLICIES)}, got {self.tag_policy!r}")
         rollout.check_backend(self.rollout_backend)
@@ -100,6 +104,7 @@ class GFPOTrainer(PonderTrainer):
                                      args.seed)
         self.tag_ids = [t[0] for t in tag_ids]
         self.reward_fn = reward_fn or verify.score
+        self.reward_name = "verify" if reward_fn is None else getattr(reward_fn, "__name__", "reward_fn")
         data = train_dataset if train_dataset is not None else args.dataset
         if data is None:
             raise ValueError("no training problems: pass train_dataset or set `dataset` in the config")
@@ -142,13 +147,19 @@ class GFPOTrainer(PonderTrainer):
         chosen = ssft.sample_tags(logp, self.args.num_generations, gen)
         first = chosen if self.args.tag_policy == "full" else torch.tensor(self.tag_ids)[chosen]
         rewards = self.rollouts(model, items, first)
-        adv = group_normalized(rewards, scale=self.args.scale_rewards)
+        ids = [it["problem"].id for it in items for _ in range(rewards.shape[1])]
+        rewards, skipped = finite_rewards(rewards, self.args.nan_rewards, self.reward_name, ids)
+        adv = torch.nan_to_num(group_normalized(rewards, scale=self.args.scale_rewards,
+                                                skip_nan=self.args.nan_rewards == "skip"), nan=0.0)
         if model.training:
             s = self._stats
+            scored = ~torch.isnan(rewards)
             s["n"] += rewards.numel()
+            s["scored"] += int(scored.sum())
+            s["nonfinite_rewards"] += skipped
             s["groups"] += rewards.shape[0]
-            s["reward"] += float(rewards.sum())
-            s["zero_std_groups"] += int((rewards.std(1, unbiased=False) == 0).sum())
+            s["reward"] += float(rewards.nansum())
+            s["zero_std_groups"] += int((adv == 0).all(1).sum())
             p = logp.detach().exp()
             s["entropy"] += float(-(p * logp.detach().clamp(min=-1e4)).sum(-1).sum())
             s["candidates"] = logp.shape[1]
@@ -166,9 +177,10 @@ class GFPOTrainer(PonderTrainer):
             self._stats["candidates"] = max(p.get("candidates", 0) for p in parts)
         s = self._stats
         if "loss" in logs and s["n"]:
-            logs = {**logs, "reward": s["reward"] / s["n"], "frac_reward_zero_std": s["zero_std_groups"] / s["groups"],
+            logs = {**logs, "reward": s["reward"] / max(s["scored"], 1),
+                    "frac_reward_zero_std": s["zero_std_groups"] / s["groups"],
                     "tag_entropy": s["entropy"] / s["groups"], "tag_entropy_max": math.log(s["candidates"]),
-                    "completion_tokens": s["tokens"] / s["n"],
+                    "completion_tokens": s["tokens"] / s["n"], "nonfinite_rewards": s["nonfinite_rewards"],
                     "tag_share/other": s["other"] / s["n"],
                     **{f"tag_share/{t}": s[f"tag{i}"] / s["n"] for i, t in enumerate(self.tags)}}
             self._stats = Counter()

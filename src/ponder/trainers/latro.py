@@ -42,14 +42,19 @@ from peft import PeftModel
 from transformers import TrainingArguments
 
 from ponder import dist, latro, metrics, rollout, verify
-from ponder.advantages import group_normalized, normalize_advantages, rloo_advantages
+from ponder.advantages import (
+    NAN_REWARDS,
+    finite_rewards,
+    group_normalized,
+    normalize_advantages,
+    rloo_advantages,
+)
 from ponder.chat import end_of_turn_id, pad_id
 from ponder.data import DataError, Problem, input_skips, resolve_problems
 from ponder.prompts import check_template
 from ponder.trainers.base import PonderTrainer, cpu_processes, model_and_tokenizer
 
 ADVANTAGES = ("rloo", "grpo")
-NAN_REWARDS = ("raise", "skip")
 
 
 @dataclass
@@ -86,7 +91,10 @@ class LaTROConfig(TrainingArguments):
     normalize_advantages: bool = field(default=False, metadata={
         "help": "TRL RLOO's (A − mean)/(std + 1e-4) over the update's rollouts"})
     nan_rewards: str = field(default="raise", metadata={
-        "help": "raise | skip (TRL: a NaN reward leaves the baseline and gets advantage 0)"})
+        "help": "raise | skip (TRL: a NaN or ±inf reward leaves the baseline and gets advantage 0, counted)"})
+    reward_span: str = field(default="answer", metadata={
+        "help": "tokens of y that prob / mean_prob score: answer (the reference answer's own tokens, as RLPR and "
+                "VeriFree) | full (y with the answer template and end-of-turn: ponder's old behaviour)"})
     rlpr_debias: bool = field(default=True, metadata={"help": "reward mean_prob: clip(r − r', 0, 1), r' without "
                                                                 "a rationale from the initial model (RLPR Eqs. 3-4)"})
     std_filter_beta: float | None = field(default=None, metadata={
@@ -114,6 +122,7 @@ class LaTROConfig(TrainingArguments):
         one_of("reward", latro.REWARDS)
         one_of("advantage", ADVANTAGES)
         one_of("nan_rewards", NAN_REWARDS)
+        one_of("reward_span", latro.REWARD_SPANS)
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (RLOO needs a leave-one-out baseline), got "
                              f"{self.num_generations}")
@@ -173,16 +182,17 @@ class GroupSampler(torch.utils.data.Sampler):
 
 def encode_problems(tokenizer, problems: list[Problem], prompt_template: str, answer_template: str
                     ) -> list[dict[str, Any]]:
-    """Per problem: x (chat-templated prompt ids) and y (answer ids + end-of-turn)."""
+    """Per problem: x (chat-templated prompt ids), y (answer ids + end-of-turn) and the token span of the
+    reference answer inside y (`ponder.latro.answer_span`)."""
     eot = end_of_turn_id(tokenizer)
     out = []
     for i, p in enumerate(problems):
         try:
             x = latro.prompt_ids(tokenizer, latro.render_prompt(prompt_template, p.question, p.meta.get("options")))
-            y = latro.answer_ids(tokenizer, answer_template.format(answer=p.answer), eot)
+            y, span = latro.answer_span(tokenizer, answer_template, p.answer, eot)
         except (KeyError, IndexError) as e:
             raise DataError(f"problem {p.id}: the prompt/answer template has a field the problem lacks: {e}") from None
-        out.append({"prompt_ids": x, "answer_ids": y, "index": i})
+        out.append({"prompt_ids": x, "answer_ids": y, "answer_span": span, "index": i})
     return out
 
 
@@ -212,10 +222,12 @@ class Rollouts:
     verifier: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     keep: torch.Tensor | None = None
+    spans: list | None = None           # the token span of y the reward scores (None: all of y)
 
     def part(self, sl: slice) -> Rollouts:
         v = None if self.verifier is None else self.verifier[sl]
-        return Rollouts(self.xs[sl], self.zs[sl], self.ys[sl], self.index[sl], self.stopped[sl], self.lengths[sl], v)
+        return Rollouts(self.xs[sl], self.zs[sl], self.ys[sl], self.index[sl], self.stopped[sl], self.lengths[sl], v,
+                        spans=None if self.spans is None else self.spans[sl])
 
 
 class LaTROTrainer(PonderTrainer):
@@ -264,7 +276,9 @@ class LaTROTrainer(PonderTrainer):
         if args.reward == "mean_prob" and args.rlpr_debias:
             self.no_rationale = latro.no_rationale_scores(self.model, [t["prompt_ids"] for t in train],
                                                           [t["answer_ids"] for t in train], pad_id(tok),
-                                                          args.rollout_batch_size).double()
+                                                          args.rollout_batch_size,
+                                                          [t["answer_span"] for t in train]
+                                                          if args.reward_span == "answer" else None).double()
 
     # -- data ---------------------------------------------------------------------------------------------
 
@@ -332,6 +346,8 @@ class LaTROTrainer(PonderTrainer):
         index = index if index is not None else list(range(len(prompt_ids)))
         answer_ids = answer_ids if answer_ids is not None else [[] for _ in prompt_ids]
         out = Rollouts([], [], [], [], torch.zeros(0), [], [] if verifier else None)
+        if a.reward in latro.SPAN_REWARDS and a.reward_span == "answer":
+            out.spans = []
         stopped = []
         for x, y, i, row in zip(prompt_ids, answer_ids, index, samples):
             for s in row:
@@ -345,6 +361,9 @@ class LaTROTrainer(PonderTrainer):
                 out.xs.append(x)
                 out.zs.append(z)
                 out.ys.append([] if verifier else y)
+                if out.spans is not None:  # the answer's span when y is this training problem's (else all of y)
+                    item = self.train_dataset[i] if 0 <= i < len(self.train_dataset) else None
+                    out.spans.append(item["answer_span"] if item and item["answer_ids"] == y else None)
                 out.index.append(i)
                 stopped.append(ok)
         out.stopped = torch.tensor(stopped)
@@ -355,7 +374,8 @@ class LaTROTrainer(PonderTrainer):
     def _score(self, model, p: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
         """(Σ log π(z|x), R) for a micro-batch's rollouts: one forward over the trees x -> z_k -> y_k (gradients flow unless under no_grad)."""
         reward = "logprob" if self.args.reward == "verifier" else self.args.reward
-        logp_z, score = latro.score_ids(model, p.xs, p.zs, p.ys, pad_id(self.processing_class), reward=reward)
+        logp_z, score = latro.score_ids(model, p.xs, p.zs, p.ys, pad_id(self.processing_class), reward=reward,
+                                        spans=p.spans)
         if p.verifier is not None:
             score = p.verifier.to(logp_z.device, logp_z.dtype)
         return logp_z, score
@@ -388,10 +408,16 @@ class LaTROTrainer(PonderTrainer):
             lz, sy, stopped, ref, index, lengths, tokens, starts = self._whole_update(
                 plans, lz, sy, stopped, ref, lengths, tokens)
         r0 = self.no_rationale[index].to(sy.device, sy.dtype) if self.no_rationale is not None else None
-        if a.nan_rewards == "skip":
-            sy = torch.where(torch.isfinite(sy), sy, torch.full_like(sy, float("nan")))
+        ids = [self.train_problems[i].id for i in index]
+        # every reward is checked before it enters an advantage: the score itself, then the total with the KL term
+        sy, skipped = finite_rewards(sy, a.nan_rewards, a.reward, ids)
         reward, kl = latro.self_rewards(sy, lz, ref, stopped, a.beta, a.nonstop_penalty,
                                         bounded=a.reward in latro.BOUNDED_REWARDS, baseline=r0)
+        skipped_score = torch.isnan(sy) & torch.isnan(reward)  # already counted (a non-stopped one gets the floor)
+        reward, more = finite_rewards(torch.where(skipped_score, 0.0, reward), a.nan_rewards,
+                                      f"{a.reward} − beta·KL", ids)
+        reward = torch.where(skipped_score, torch.nan, reward)
+        skipped += more
         groups = reward.view(-1, k)
         step = self.state.global_step + 1
         if not self._filter_loaded:  # resume: the filter's EMA was saved with the trainer state
@@ -402,10 +428,11 @@ class LaTROTrainer(PonderTrainer):
         self.std_filter.observe(step, stds)
         self.state.stateful_callbacks["LaTROStdFilter"] = self.std_filter.state()
         keep = (stds >= threshold) | (threshold <= 0)
+        skip = a.nan_rewards == "skip"
         if a.advantage == "rloo":
-            adv = rloo_advantages(groups, skip_nan=a.nan_rewards == "skip")
+            adv = rloo_advantages(groups, skip_nan=skip)
         else:
-            adv = group_normalized(groups, eps=1e-6, unbiased=True)
+            adv = group_normalized(groups, eps=1e-6, unbiased=True, skip_nan=skip)
         adv = torch.where(keep[:, None], adv, torch.zeros_like(adv)).view(-1)
         keep = keep[:, None].expand(-1, k).reshape(-1).to(lz.dtype)
         if a.normalize_advantages:  # TRL normalises over the batch of every process: the whole update here
@@ -414,7 +441,7 @@ class LaTROTrainer(PonderTrainer):
         for p, at in zip(plans, starts):
             n = len(p.xs)
             p.advantages, p.keep = adv[at:at + n], keep[at:at + n]
-        self._record(sy, reward, kl, adv, stopped, lz, lengths, sum(tokens), keep, threshold)
+        self._record(sy, reward, kl, adv, stopped, lz, lengths, sum(tokens), keep, threshold, skipped)
 
     def _whole_update(self, plans, lz, sy, stopped, ref, lengths, tokens):
         """Every process's rollouts of this update, in slot order (micro-step × processes + rank: the order of
@@ -446,12 +473,14 @@ class LaTROTrainer(PonderTrainer):
         logp_z, score = self._score(model, p)
         if p.advantages is None:  # a one-micro-batch update: rewards from this very pass
             self._finish([p], [logp_z], [score])
+        # a skipped (non-finite) reward has no answer-side term either (checked by _finish: else it raised)
+        score = torch.where(torch.isfinite(score), score, torch.zeros_like(score))
         loss = latro.loss_terms(logp_z, score, p.advantages.to(logp_z.device), self.args.sft_weight)
         return (loss * p.keep.to(loss.device)).sum()
 
     # -- logging and evaluation ---------------------------------------------------------------------------
 
-    def _record(self, score, reward, kl, adv, stopped, logp_z, lengths, tokens, keep, threshold):
+    def _record(self, score, reward, kl, adv, stopped, logp_z, lengths, tokens, keep, threshold, skipped=0):
         vals = {
             "reward": score.nanmean(),                       # R: Σ log π(y|x⊕z) for LaTRO, or the chosen reward
             "reward_total": reward.nanmean(),                # after the penalty, de-biasing and the KL term
@@ -463,6 +492,7 @@ class LaTROTrainer(PonderTrainer):
             "logp_z": logp_z.mean(),
             "kept_fraction": keep.mean(),
             "std_threshold": kl.new_tensor(threshold),
+            "nonfinite_rewards": kl.new_tensor(float(skipped)),  # skipped under nan_rewards: skip (else it raised)
         }
         if self.args.reward in ("logprob", "prob"):          # π(y|x⊕z): the probability of the gold answer
             vals["answer_prob"] = score.exp().nanmean() if self.args.reward == "logprob" else score.nanmean()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,9 +35,10 @@ from peft import PeftModel
 from transformers import TrainingArguments
 
 from ponder import retry, rise, rollout, tree
+from ponder.advantages import NAN_REWARDS, finite_rewards
 from ponder.chat import HISTORY_REASONING, pad_id
 from ponder.data import DataError, input_skips, resolve_problems
-from ponder.trainers.base import PonderTrainer, cpu_processes, model_and_tokenizer
+from ponder.trainers.base import PonderTrainer, check_flex_trainable, cpu_processes, model_and_tokenizer
 from ponder.trainers.latro import disable_dropout
 
 LAYOUTS = ("tree", "turns")
@@ -62,6 +64,8 @@ class RetryConfig(TrainingArguments):
     advantage: str = field(default="rloo", metadata={"help": "rloo | grpo, per turn over the problem's episodes"})
     credit: str = field(default="turn", metadata={"help": "turn (A from r_t) | return (A from Σ γ^(s-t) r_s)"})
     gamma: float = field(default=1.0, metadata={"help": "discount of credit: return"})
+    nan_rewards: str = field(default="raise", metadata={
+        "help": "raise | skip (a NaN or ±inf reward leaves its turn's group, advantage 0, counted)"})
     beta: float = field(default=0.0, metadata={"help": "KL coefficient (k3 to the starting model); 0: no ref"})
     loss_normalization: str = field(default="tokens", metadata={
         "help": "tokens (mean over attempt tokens) | attempts (each attempt's token mean, averaged)"})
@@ -84,6 +88,7 @@ class RetryConfig(TrainingArguments):
         retry.one_of("history_reasoning", self.history_reasoning, HISTORY_REASONING)
         retry.one_of("advantage", self.advantage, retry.ADVANTAGES)
         retry.one_of("credit", self.credit, retry.CREDITS)
+        retry.one_of("nan_rewards", self.nan_rewards, NAN_REWARDS)
         retry.one_of("reward", self.reward, rise.REWARDS)
         retry.one_of("loss_normalization", self.loss_normalization, NORMALIZATIONS)
         retry.one_of("layout", self.layout, LAYOUTS)
@@ -105,6 +110,7 @@ class RetryConfig(TrainingArguments):
         if self.output_dir is None:
             self.output_dir = "runs/retry"
         cpu_processes(self)
+        check_flex_trainable(self)
         super().__post_init__()
 
 
@@ -190,8 +196,13 @@ class RetryTrainer(PonderTrainer):
                                      a.generation_batch_size, a.rollout_backend, a.context_window or None)
         policy.train(was_training)
         trees, per = [], []   # per tree: the KL weight w_t of each of its episode's attempts
+        flat = [(r, self.problems[index[e.problem]].id) for row in eps for e in row for r in e.rewards]
+        _, skipped = finite_rewards(torch.tensor([r for r, _ in flat], dtype=torch.float64), a.nan_rewards, a.reward,
+                                    [i for _, i in flat])
+        self._metrics["nonfinite_rewards"].append(float(skipped))
         for row in eps:
-            adv = retry.turn_advantages([e.rewards for e in row], a.advantage, a.credit, a.gamma)
+            adv = retry.turn_advantages([e.rewards for e in row], a.advantage, a.credit, a.gamma,
+                                        skip_nan=a.nan_rewards == "skip")
             self._metrics["advantage_abs"] += [abs(x) for ad in adv for x in ad]
             for e, ad in zip(row, adv):
                 ts = episode_forest(e, ad, a.loss_normalization, a.layout)
@@ -241,7 +252,7 @@ class RetryTrainer(PonderTrainer):
         T = self.args.max_turns
         m = self._metrics
         for t in range(T):
-            at = [e.rewards[t] for e in flat if len(e.rewards) > t]
+            at = [e.rewards[t] for e in flat if len(e.rewards) > t and math.isfinite(e.rewards[t])]
             if at:
                 m[f"reward/turn{t + 1}"].append(sum(at) / len(at))
                 m[f"accuracy/turn{t + 1}"].append(sum(r >= 1.0 for r in at) / len(at))

@@ -28,6 +28,7 @@ from ponder.data import DataError, as_conversation, input_skips
 from ponder.logprobs import cross_entropy, logits_at, shift_pairs
 from ponder.trainers.base import (
     PonderTrainer,
+    check_flex_trainable,
     cpu_processes,
     fit_context,
     model_and_tokenizer,
@@ -71,6 +72,7 @@ class SFTConfig(TrainingArguments):
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; silence the per-run warning
         cpu_processes(self)
+        check_flex_trainable(self)
         super().__post_init__()
 
 

@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 # resolve on torch==2.13.0 (a floating torch would pull a multi-GB CUDA build).
 PIPC   := $(PIP) install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: setup demo test test-portable test-slow test-all test-gpu bench lint clean
+.PHONY: setup demo readme-demo test test-portable test-slow test-all test-gpu bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt $(VENV)/.torch
 
 demo: setup
 	$(VENV)/bin/ponder demo
+
+# the README's demo table is this command's output (runs/demo/summary.md names the CPU), never edited by hand
+readme-demo: demo
+	$(PY) scripts/readme-demo.py runs/demo README.md
 
 test: setup
 	$(PY) -m pytest -m "not slow" -q

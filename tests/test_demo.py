@@ -1,10 +1,16 @@
 """`ponder demo` in a reduced mode (seconds, tiny budgets): real numbers, the report's structure; `ponder report`."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 from typer.testing import CliRunner
 
+from ponder import runtime
 from ponder.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_quick_onepass(tmp_path):
@@ -82,3 +88,21 @@ def test_demo_quick_all_methods(tmp_path):
     report = (out / "report.md").read_text()
     for title in ("One-pass", "RISE", "LaTRO", "SSFT"):
         assert f"## {title}" in report
+    # the README's table: one row per method, each accuracy method with its start -> end and interval, the CPU named
+    summary = (out / "summary.md").read_text()
+    assert runtime.machine()["cpu"] in summary and "load" in summary
+    rows = [x for x in summary.splitlines() if x.startswith("| ") and not x.startswith("| method")]
+    assert len(rows) == 4 and "— (an equivalence" in rows[0]
+    for name, row in zip(("rise", "latro", "ssft"), rows[1:]):
+        vs = m["methods"][name]["vs_start"]
+        assert vs["lo"] <= vs["diff"] <= vs["hi"] and abs(vs["end"] - vs["start"] - vs["diff"]) < 1e-9
+        assert f"{vs['start']:.1f} → {vs['end']:.1f}" in row, row
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- demo-table: written by `make readme-demo` -->\nold table\n<!-- /demo-table -->\nafter\n")
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "readme-demo.py"), str(out), str(readme)], check=True)
+    text = readme.read_text()
+    assert "old table" not in text and summary.strip() in text and text.startswith("intro\n") and \
+        text.endswith("<!-- /demo-table -->\nafter\n")
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "readme-demo.py"), str(tmp_path / "none"),
+                          str(readme)], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no such file" in bad.stderr

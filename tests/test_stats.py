@@ -61,11 +61,14 @@ def test_fmt_pm_keeps_small_values_visible():
     assert stats.fmt_pm(3.7e-17, 0.006) == "0.0 ± 0.6"  # float noise of an exact tie
 
 
-def test_effect_note_words_a_not_below_claim_by_its_sign():
+def test_effect_note_words_a_not_below_claim_as_non_inferiority_within_the_margin():
     from ponder.recipes.common import effect_note
     a = [1.0] * 20 + [0.0] * 80  # 5 points lower than b, the problems solved differ: the interval reaches above 0
     b = [0.0] * 10 + [1.0] * 25 + [0.0] * 65
     note = effect_note("m1@t1 − base", a, b, "docs/results/x.md", ">=")
-    assert "-5.0 points" in note and "lower, but not significantly" in note
-    assert "not below at 95%" in effect_note("m1@t1 − base", b, a, "docs/results/x.md", ">=")
+    assert "-5.0 points" in note and "not shown: the interval reaches below −2 points" in note
+    # +5 with an interval [−4.9, +14.9]: an upper end above 0 is no evidence of "not below" (the old wording passed it)
+    assert "not shown" in effect_note("m1@t1 − base", b, a, "docs/results/x.md", ">=")
+    assert "not below by more than 2 points at 95%" in effect_note("m1@t1 − base", a, a, "docs/results/x.md", ">=")
+    assert "below by more than 2 points" in effect_note("x", [0.0] * 100, [1.0] * 50 + [0.0] * 50, "x.md", ">=")
     assert "within noise" in effect_note("m1@t5 − m1@t1", b, a, "docs/results/x.md")

@@ -45,3 +45,31 @@ def configure(environ=os.environ) -> dict[str, str | int | bool]:
     if late:  # the caller already imported torch: only the thread count can still change
         sys.modules["torch"].set_num_threads(n)
     return {"wait_policy": environ["OMP_WAIT_POLICY"], "threads": n, "wait_policy_applied": not late}
+
+
+def machine() -> dict[str, str | int | float]:
+    """What a timing or a result was measured on: CPU model, the instruction set torch's kernels use (AVX512,
+    AVX2, DEFAULT; ATEN_CPU_CAPABILITY can force a lower one), whether the CPU has AMX / AVX512-BF16, torch's
+    thread count and the 1-minute load average now."""
+    import platform
+
+    import torch
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:  # not Linux: the platform's word is all there is
+        pass
+    return {"cpu": model, "kernels": torch.backends.cpu.get_cpu_capability(),
+            "amx": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
+            "threads": torch.get_num_threads(), "load": round(os.getloadavg()[0], 1)}
+
+
+def describe(m: dict) -> str:
+    """`machine()` in a sentence for a report."""
+    extra = ", AMX" if m["amx"] else ", AVX512-BF16" if m["avx512_bf16"] else ""
+    return f"{m['cpu']} ({m['kernels']} kernels{extra}), {m['threads']} threads, load {m['load']}"

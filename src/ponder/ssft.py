@@ -453,6 +453,7 @@ def evaluate_forking(model, tokenizer, problems: Sequence[Problem | dict], tags:
         per[t] = row
     res["per_tag"] = per
     res["per_problem"] = {f"pass@1/{tags[0]}": [mean([r["correct"] for r in f[0]]) for f in forced],
+                          "pass@1/tags": [mean([r["correct"] for r in fl]) for fl in flat],
                           f"pass@{k}": [float(any(r["correct"] for r in fl)) for fl in flat],
                           f"cons@{cons_k}": [cons_at_k([r["answer"] for r in v], [r["correct"] for r in v],
                                                        rule=cons_rule) for v in voted]}

@@ -258,6 +258,7 @@ def demo(run_dir, base: str, problems: list, quick: bool = False, *, steps: int 
     final = next((h for h in reversed(history) if "reward" in h), {})
     return {"title": "LaTRO: self-rewarding latent reasoning (testbed)",
             "columns": ["model", "greedy accuracy", maj], "rows": rows, "plots": [png.name], "notes": notes,
+            "vs_start": {"metric": "greedy accuracy %", "start": per["base"]["greedy"], "end": per["latro"]["greedy"]},
             "metrics": {"evals": evals, "seconds": timings, "steps": steps, "train_questions": n_train, "k": k,
                         "lr": lr, "sft_lr": sft_lr, "sft_weight": sft_weight, "final_reward": final.get("reward"),
                         "final_kl": final.get("kl")}}

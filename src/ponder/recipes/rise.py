@@ -341,7 +341,8 @@ def demo(run_dir: Path, base: str, problems: list, quick: bool = False) -> dict[
                                                "changed_answer_rate"]} for name, r in evals.items()}
     metrics["seconds"] = time.time() - t0
     return {"title": f"RISE: multi-turn self-correction ({len(problems)} held-out problems, %)",
-            "columns": columns, "rows": rows, "plots": [plot], "notes": notes, "metrics": metrics}
+            "columns": columns, "rows": rows, "plots": [plot], "notes": notes, "metrics": metrics,
+            "vs_start": {"metric": "m1@t1 %", "start": b["m1@t1"], "end": r["m1@t1"]}}
 
 
 def _pct(xs) -> str:

@@ -268,7 +268,9 @@ def demo(run_dir, base: str, problems: list, quick: bool = False, *, steps: int 
         return r
 
     k = num_tags * per_tag
-    res = {}  # the starting model is evaluated by `ponder demo` itself (its first table)
+    start, start_tok = models.load(str(base))  # the same k samples at the same temperature, under <think>
+    res = {"testbed (start)": ev(start, start_tok, [THINK_OPEN], k)}
+    del start
     mixed = train("mixed")
     res["SFT-mixed"] = ev(mixed.model, mixed.processing_class, [THINK_OPEN], k)
     hung = train("hungarian")
@@ -290,16 +292,20 @@ def demo(run_dir, base: str, problems: list, quick: bool = False, *, steps: int 
 
     rows = [row(n, r) for n, r in res.items()]
     s, m = res["SSFT"]["per_problem"], res["SFT-mixed"]["per_problem"]
+    known = dataset.count(":") == 2
     md = "docs/results/ssft.md"
     specialised = len(modal(res["SSFT"]))
     notes = [effect_note(f"SSFT Cons@{k} − SFT-mixed Cons@{k} (the paper: above)", s[f"cons@{k}"], m[f"cons@{k}"], md),
              effect_note(f"SSFT pass@{k} − SFT-mixed pass@{k} (the paper: not below)", s[f"pass@{k}"], m[f"pass@{k}"],
                          md, ">="),
              effect_note("SSFT Pass@1 <think1> − SFT-mixed <think>", s["pass@1/<think1>"], m["pass@1/<think>"], md),
-             f"Tags specialise: {specialised} different modal strategies over the 6 tags. {steps} training steps x "
-             f"{batch} questions (4 traces each) per run, the same for SSFT and SFT-mixed; k = {k} samples at "
-             f"temperature 0.7 on {len(problems)} held-out problems (SSFT: one per forking tag)."]
-    notes.append("The starting model knows two of the four strategies; at this budget the fine-tuned models are "
+             f"Tags specialise: {specialised} different modal strategies over the {num_tags} tags. {steps} training "
+             f"steps x {batch} questions ({len(data.load_tracesets(dataset, n=1)[0].traces)} traces each, "
+             f"`{dataset}`) per run, the same for SSFT and SFT-mixed; k = {k} samples at temperature 0.7 on "
+             f"{len(problems)} held-out problems (SSFT: {per_tag} per forking tag)."]
+    notes.append("As in the paper, the starting model already reasons in these ways (the testbed was pre-trained on "
+                 "these two strategies, untagged); SSFT binds them to tags." if known else
+                 "The starting model knows two of the four strategies; at this budget the fine-tuned models are "
                  "still learning the other two, so compare them with each other, not with the starting model.")
     metrics = {name: {kk: v for kk, v in r.items() if kk != "tags"} for name, r in res.items()}
     metrics["seconds"] = time.time() - t0
@@ -308,4 +314,6 @@ def demo(run_dir, base: str, problems: list, quick: bool = False, *, steps: int 
             "columns": ["model", "pass@1 (<think1> / <think>)", f"pass@{k}", f"cons@{k}",
                         f"distinct strategies@{k}", f"distinct answers@{k} (among extracted answers)",
                         "tags' modal strategies"],
-            "rows": rows, "plots": ["ssft_forking.png", "ssft_matching.png"], "notes": notes, "metrics": metrics}
+            "rows": rows, "plots": ["ssft_forking.png", "ssft_matching.png"], "notes": notes, "metrics": metrics,
+            "vs_start": {"metric": f"accuracy of {k} samples % (T 0.7)",
+                         "start": res["testbed (start)"]["per_problem"]["pass@1/tags"], "end": s["pass@1/tags"]}}

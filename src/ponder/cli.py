@@ -173,9 +173,9 @@ def testbed_info():
 
 #: The config class each training command reads (module, class): what `ponder <method> --help` lists.
 CONFIGS = {"sft": ("ponder.trainers.sft", "SFTConfig"), "onepass": ("ponder.trainers.onepass", "OnePassConfig"),
-           "rise": ("ponder.recipes.rise", "RISERunConfig"), "retry": ("ponder.recipes.retry", "RetryRunConfig"),
-           "latro": ("ponder.trainers.latro", "LaTROConfig"), "ssft": ("ponder.recipes.ssft", "SSFTRunConfig"),
-           "gfpo": ("ponder.recipes.ssft", "GFPORunConfig")}
+           "rise": ("ponder.recipes.rise", "RISERunConfig"), "retry": ("ponder.trainers.retry", "RetryConfig"),
+           "latro": ("ponder.trainers.latro", "LaTROConfig"), "ssft": ("ponder.trainers.ssft", "SSFTConfig"),
+           "gfpo": ("ponder.trainers.gfpo", "GFPOConfig")}
 
 
 def config_help(name: str) -> str:

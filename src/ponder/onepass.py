@@ -21,12 +21,12 @@ from ponder import masks, tree
 from ponder.chat import pad_id, render
 from ponder.data import as_conversation
 from ponder.logprobs import logprobs_of, token_logprobs
-from ponder.tree import Packed, check_backend
+from ponder.tree import Packed, check_attention_backend
 
 
 def attention_for(model, batch: Packed, prefer: str = "auto"):
     """A mask for `batch`: a BlockMask under flex_attention (or prefer="flex"), else a dense additive mask."""
-    impl = check_backend(model)
+    impl = check_attention_backend(model)
     flex = prefer == "flex" or (prefer == "auto" and impl == "flex_attention")
     if flex and impl != "flex_attention":
         raise ValueError("attention='flex' needs a model loaded with attn_implementation='flex_attention'")

@@ -5,10 +5,8 @@ config -> trainer -> train -> `runs/<name>/` loop of the training sub-commands."
 from __future__ import annotations
 
 import atexit
-import errno
 import json
 import os
-import shutil
 import socket
 import time
 from pathlib import Path
@@ -16,7 +14,7 @@ from typing import Any
 
 from ponder import dist, models, stats, ui
 from ponder.config import ConfigError, load_config, to_yaml
-from ponder.trainers.base import TrainingStopped
+from ponder.trainers.base import TrainingStopped, atomic_dir
 
 #: The lock file a run keeps in its output directory while it runs.
 LOCK = ".ponder.lock"
@@ -155,28 +153,9 @@ def save_final(trainer, final: Path) -> None:
     if bad:
         raise TrainingStopped(f"the trained weights hold NaN/inf ({len(bad)} tensors, e.g. {bad[0]}): the run "
                               f"diverged; nothing was saved as {final}")
-    staging = final.with_name(f".{final.name}.staging")
-    main = trainer.args.should_save
-    if main:
-        shutil.rmtree(staging, ignore_errors=True)
-    dist.barrier()
-    try:
+    with atomic_dir(final, final.with_name(f".{final.name}.staging"), trainer.args.should_save, dist.barrier,
+                    f"the final model to {final}", lambda: f"the checkpoints in {final.parent} are intact") as staging:
         trainer.save_model(str(staging))
-        dist.barrier()
-        if main:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging, final)
-    except OSError as e:
-        if main:
-            shutil.rmtree(staging, ignore_errors=True)
-        why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise TrainingStopped(f"could not write the final model to {final}: {why}; the checkpoints in "
-                              f"{final.parent} are intact") from None
-    except BaseException:  # Ctrl-C: no half-written model left behind
-        if main:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
     dist.barrier()
 
 

@@ -99,3 +99,21 @@ def test_old_names_load_with_a_notice(tmp_path, monkeypatch, capsys, module, cls
         assert capsys.readouterr().err == notice
     with pytest.raises(ConfigError, match=rf"c\.yaml:1: '{old}' is the old name of '{new}'; give only '{new}'"):
         load_config(cls, write(tmp_path, f"{old}: {value}\n{new}: {value}\n"), out)
+
+
+def test_configs_are_shallow_and_never_built_on_another_methods():
+    """At most two config classes between a method's config and TrainingArguments: the shared groups, and for the
+    RISE loop the RISE trainer's own config (RISERunConfig -> RISEConfig -> PonderConfig)."""
+    import importlib
+
+    from transformers import TrainingArguments
+
+    from ponder.cli import CONFIGS
+    from ponder.trainers.configs import PonderConfig, SamplingConfig, SupervisedConfig
+    from ponder.trainers.rise import RISEConfig
+
+    allowed = {PonderConfig, SamplingConfig, SupervisedConfig, RISEConfig}
+    for method, (module, name) in CONFIGS.items():
+        cls = getattr(importlib.import_module(module), name)
+        above = [k for k in cls.__mro__[1:] if issubclass(k, TrainingArguments) and k is not TrainingArguments]
+        assert len(above) <= 2 and set(above) <= allowed, (method, above)

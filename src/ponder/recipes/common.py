@@ -9,11 +9,14 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ponder import dist, models, stats, ui
 from ponder.config import ConfigError, load_config, to_yaml
+from ponder.data import read_jsonl, write_jsonl
+from ponder.episodes import Env, eval_metrics, evaluate, headline
 from ponder.trainers.base import TrainingStopped, atomic_dir
 
 #: The lock file a run keeps in its output directory while it runs.
@@ -135,11 +138,11 @@ def release_locks(path: Path | None = None) -> None:
 atexit.register(release_locks)
 
 
-def start_run(cfg) -> Path:
+def start_run(cfg, write_config: bool = True) -> Path:
     """Take the run's output directory (`lock_output_dir`) and record the config it runs with (``config.yaml``)."""
     out = Path(cfg.output_dir)
     lock_output_dir(out)
-    if dist.is_main():
+    if write_config and dist.is_main():
         (out / "config.yaml").write_text(to_yaml(cfg))
     return out
 
@@ -181,3 +184,41 @@ def train(cfg, trainer_cls, title: str):
     ui.print_table(f"{title}: {cfg.model} on {cfg.dataset}", ["metric", "value"], rows)
     ui.info(f"model: {out / 'final'}   metrics: {out / 'metrics.json'}")
     return metrics, trainer
+
+
+def finish_run(out: Path, results: dict[str, Any], t0: float, write_report: Callable[[], Any]) -> dict[str, Any]:
+    """A recipe's end: the run's seconds, metrics.json, the report (rank 0) and where they are."""
+    results["seconds"] = time.time() - t0
+    write_json(out / "metrics.json", results)
+    if dist.is_main():
+        write_report()
+    ui.info(f"report: {out / 'report.md'}   metrics: {out / 'metrics.json'}")
+    return results
+
+
+def episode_eval(model, tok, problems, cfg, name: str, out: Path, resume: bool, progress: bool = True
+                 ) -> dict[str, Any]:
+    """RISE's sequential + parallel evaluation of one model (`episodes.evaluate` in the config's environment,
+    with its ``eval_*`` settings), as the RISE and retry recipes run it: the records written to
+    out/eval/<name>.jsonl (rank 0), or read back from there when a resumed run finished it before; the headline
+    metrics printed. Returns the metrics."""
+    path = out / "eval" / f"{name}.jsonl"
+    if resume and path.exists():
+        r = eval_metrics([rec for _, rec in read_jsonl(path)], cfg.eval_parallel)
+        ui.info(f"[bold]{name}[/]: evaluated before this resume ({path})")
+    else:
+        ui.info(f"[bold]evaluating {name}[/] on {len(problems)} {cfg.eval_split} problems "
+                f"({cfg.eval_turns} sequential turns, {cfg.eval_parallel} parallel samples)")
+        env = Env(cfg.reward, cfg.demo, history_reasoning=cfg.history_reasoning)
+        r = evaluate(model, tok, problems, env=env, turns=cfg.eval_turns, parallel=cfg.eval_parallel,
+                     context_window=cfg.context_window, temperature=cfg.eval_temperature,
+                     max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.rollout_batch_size,
+                     progress=progress, unit_size=cfg.unit_size)
+        records = r.pop("records")
+        if dist.is_main():
+            write_jsonl(path, records)
+    source = getattr(cfg, "eval_dataset", None) or cfg.dataset
+    ui.print_table(f"{name}: {cfg.model} on {source}", ["metric", "value"],
+                   headline(r, cfg.eval_turns, cfg.eval_parallel) + [
+                       (f"accuracy at turn {k + 1}", a) for k, a in enumerate(r["accuracy_by_turn"])])
+    return r

@@ -195,16 +195,17 @@ def demo(run_dir, base: str, problems: list, quick: bool = False, *, steps: int 
     timings, evals, per = {}, {}, {}
 
     def evaluate(model, tok, name):
+        """Greedy accuracy and maj@k of `model` -> evals[name], per-problem results, its time."""
+        t = time.time()
         model.eval()
         r = metrics.evaluate(model, tok, problems, samples=samples, max_new_tokens=96, batch_size=128, seed=seed)
         per[name] = {"greedy": [float(x["greedy_correct"]) for x in r["records"]],
                      "maj": [float(metrics.maj_correct(x["answers"], x["correct"])) for x in r["records"]]}
-        return {"greedy": r["greedy_accuracy"], "maj": r[f"maj@{samples}"]}
+        evals[name] = {"greedy": r["greedy_accuracy"], "maj": r[f"maj@{samples}"]}
+        timings[f"eval_{name}"] = time.time() - t
 
     model, tok = models.load(str(base))
-    t = time.time()
-    evals["base"] = evaluate(model, tok, "base")
-    timings["eval_base"] = time.time() - t
+    evaluate(model, tok, "base")
 
     # LaTRO: K self-sampled rationales per question, self-reward log p("The answer is {gold}." | x, z).
     t = time.time()
@@ -216,9 +217,7 @@ def demo(run_dir, base: str, problems: list, quick: bool = False, *, steps: int 
     tr = LaTROTrainer(model=model, args=cfg, train_dataset=train, processing_class=tok)
     tr.train()
     timings["train_latro"] = time.time() - t
-    t = time.time()
-    evals["latro"] = evaluate(tr.model, tok, "latro")
-    timings["eval_latro"] = time.time() - t
+    evaluate(tr.model, tok, "latro")
     history = tr.state.log_history
 
     # SFT on gold rationales: the same questions, one gold rationale each, batches of `questions`.
@@ -230,9 +229,7 @@ def demo(run_dir, base: str, problems: list, quick: bool = False, *, steps: int 
     st = SFTTrainer(model=sft_model, args=scfg, train_dataset=conv, processing_class=tok)
     st.train()
     timings["train_sft"] = time.time() - t
-    t = time.time()
-    evals["sft"] = evaluate(st.model, tok, "sft")
-    timings["eval_sft"] = time.time() - t
+    evaluate(st.model, tok, "sft")
 
     maj = f"maj@{samples}"
     curve = history + [{"step": 0, "eval_greedy_accuracy": evals["base"]["greedy"], f"eval_{maj}": evals["base"]["maj"]},

@@ -12,12 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ponder import data, dist, models, ui
+from ponder import data, models
 from ponder.config import load_config, to_yaml
-from ponder.data import write_jsonl
-from ponder.episodes import HEADLINE, Env, eval_metrics, evaluate, headline
+from ponder.episodes import HEADLINE
 from ponder.recipes import report as reports
-from ponder.recipes.common import lock_output_dir, resume_arg, save_final, write_json
+from ponder.recipes.common import episode_eval, finish_run, resume_arg, save_final, start_run
 from ponder.recipes.report import pct
 from ponder.trainers.retry import RetryConfig, RetryTrainer
 
@@ -41,38 +40,16 @@ def run(cfg: RetryConfig, config_text: str | None = None) -> dict[str, Any]:
     """Evaluate the base model, train, evaluate the trained model; metrics.json, report.md and the plot.
     ``resume_from_checkpoint: last`` reads a finished base evaluation back and resumes training."""
     t0 = time.time()
-    out = Path(cfg.output_dir)
-    resume = resume_arg(cfg) is True
-    lock_output_dir(out)
-    if config_text is not None and dist.is_main():
-        (out / "config.yaml").write_text(config_text)
+    out, resume = start_run(cfg, write_config=config_text is not None), resume_arg(cfg) is True
     model, tok = models.load(cfg.model, dtype=cfg.dtype, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code)
-    env = Env(cfg.reward, cfg.demo, history_reasoning=cfg.history_reasoning)
     test = data.load_problems(cfg.eval_dataset or cfg.dataset, n=cfg.n_eval, split=cfg.eval_split,
                               seed=cfg.problem_seed())
-    eval_kw = dict(env=env, turns=cfg.eval_turns, parallel=cfg.eval_parallel, context_window=cfg.context_window,
-                   temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                   batch_size=cfg.rollout_batch_size, unit_size=cfg.unit_size)
     results: dict[str, Any] = {"config": {k: getattr(cfg, k) for k in _RUN_FIELDS}, "evals": {}}
 
     def do_eval(name):
-        path = out / "eval" / f"{name}.jsonl"
         t = time.time()
-        if resume and path.exists():
-            r = eval_metrics([rec for _, rec in data.read_jsonl(path)], cfg.eval_parallel)
-            ui.info(f"[bold]{name}[/]: evaluated before this resume ({path})")
-        else:
-            ui.info(f"[bold]evaluating {name}[/] on {len(test)} {cfg.eval_split} problems "
-                    f"({cfg.eval_turns} sequential turns, {cfg.eval_parallel} parallel samples)")
-            r = evaluate(model, tok, test, progress=False, **eval_kw)
-            if dist.is_main():
-                write_jsonl(path, r.pop("records"))
-        r.pop("records", None)
-        results["evals"][name] = r
+        results["evals"][name] = episode_eval(model, tok, test, cfg, name, out, resume, progress=False)
         results[f"{name}_eval_seconds"] = time.time() - t
-        ui.print_table(f"{name}: {cfg.model} on {cfg.eval_dataset or cfg.dataset}", ["metric", "value"],
-                       headline(r, cfg.eval_turns, cfg.eval_parallel) + [
-                           (f"accuracy at turn {k + 1}", a) for k, a in enumerate(r["accuracy_by_turn"])])
 
     if cfg.eval_base:
         do_eval("base")
@@ -86,12 +63,7 @@ def run(cfg: RetryConfig, config_text: str | None = None) -> dict[str, Any]:
     model = trainer.model
     save_final(trainer, out / "final")
     do_eval("trained")
-    results["seconds"] = time.time() - t0
-    write_json(out / "metrics.json", results)
-    if dist.is_main():
-        write_report(out, results, cfg)
-    ui.info(f"report: {out / 'report.md'}   metrics: {out / 'metrics.json'}")
-    return results
+    return finish_run(out, results, t0, lambda: write_report(out, results, cfg))
 
 
 def _train_means(history: list[dict[str, Any]], key: str) -> tuple[float, float] | None:

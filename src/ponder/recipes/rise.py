@@ -19,9 +19,17 @@ from transformers.trainer_utils import get_last_checkpoint
 from ponder import data, dist, episodes, models, rise, rollout, ui
 from ponder.config import check_choice, load_config, to_yaml
 from ponder.data import write_jsonl
-from ponder.episodes import HEADLINE, Env, eval_metrics, evaluate, headline
+from ponder.episodes import HEADLINE, Env, evaluate
 from ponder.recipes import report as reports
-from ponder.recipes.common import effect_note, lock_output_dir, resume_arg, save_final, write_json
+from ponder.recipes.common import (
+    effect_note,
+    episode_eval,
+    finish_run,
+    resume_arg,
+    save_final,
+    start_run,
+    write_json,
+)
 from ponder.recipes.report import pct
 from ponder.rise import collect, collection_summary
 from ponder.trainers.base import ADAPTER_DIR
@@ -91,37 +99,16 @@ def run(cfg, config_text: str | None = None) -> dict[str, Any]:
     read back from their files (an iteration is finished once its ``iteration.json`` is written, after its
     ``final/``), collected trajectories are reused, and training resumes from its last checkpoint."""
     t0 = time.time()
-    out = Path(cfg.output_dir)
-    resume = resume_arg(cfg) is True
-    lock_output_dir(out)
-    if config_text is not None and dist.is_main():
-        (out / "config.yaml").write_text(config_text)
+    out, resume = start_run(cfg, write_config=config_text is not None), resume_arg(cfg) is True
     model, tok = models.load(cfg.model, dtype=cfg.dtype, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code)
     teacher = models.load(cfg.teacher, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code) if cfg.teacher \
         else None
     env = Env(cfg.reward, cfg.demo, history_reasoning=cfg.history_reasoning)
     test = data.load_problems(cfg.dataset, n=cfg.n_eval, split=cfg.eval_split, seed=cfg.seed)
-    eval_kw = dict(env=env, turns=cfg.eval_turns, parallel=cfg.eval_parallel, context_window=cfg.context_window,
-                   temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                   batch_size=cfg.rollout_batch_size, unit_size=cfg.unit_size)
     results: dict[str, Any] = {"config": {k: getattr(cfg, k) for k in _RUN_FIELDS}, "evals": {}, "iterations": []}
 
     def do_eval(name):
-        path = out / "eval" / f"{name}.jsonl"
-        if resume and path.exists():
-            r = eval_metrics([rec for _, rec in data.read_jsonl(path)], cfg.eval_parallel)
-            ui.info(f"[bold]{name}[/]: evaluated before this resume ({path})")
-        else:
-            ui.info(f"[bold]evaluating {name}[/] on {len(test)} {cfg.eval_split} problems "
-                    f"({cfg.eval_turns} sequential turns, {cfg.eval_parallel} parallel samples)")
-            r = evaluate(model, tok, test, **eval_kw)
-            records = r.pop("records")
-            if dist.is_main():
-                write_jsonl(path, records)
-        results["evals"][name] = r
-        ui.print_table(f"{name}: {cfg.model} on {cfg.dataset}", ["metric", "value"],
-                       headline(r, cfg.eval_turns, cfg.eval_parallel) + [
-                           (f"accuracy at turn {k + 1}", a) for k, a in enumerate(r["accuracy_by_turn"])])
+        r = results["evals"][name] = episode_eval(model, tok, test, cfg, name, out, resume)
         return r
 
     if cfg.eval_base:
@@ -171,12 +158,7 @@ def run(cfg, config_text: str | None = None) -> dict[str, Any]:
                                       "data": {k: dict(v) for k, v in trainer.data_stats.items()}})
         write_json(done, results["iterations"][-1])
         do_eval(f"iter-{it}")
-    results["seconds"] = time.time() - t0
-    write_json(out / "metrics.json", results)
-    if dist.is_main():
-        write_report(out, results, cfg)
-    ui.info(f"report: {out / 'report.md'}   metrics: {out / 'metrics.json'}")
-    return results
+    return finish_run(out, results, t0, lambda: write_report(out, results, cfg))
 
 
 def load_iteration_model(cfg, final: Path):

@@ -98,6 +98,6 @@ def test_the_layer_rule_is_checked():
     """The checks above see real imports: recipes import trainers, trainers import the methods' math."""
     g = graph()
     assert "ponder.trainers.latro" in g["ponder.recipes.latro"]
-    assert "ponder.latro" in g["ponder.trainers.latro"]
+    assert "ponder.methods.latro" in g["ponder.trainers.latro"]
     assert layer("ponder.recipes.demo") == 4 and layer("ponder.trainers.sft") == 3 and layer("ponder.config") == 0
     assert layer("ponder.methods.rise") == 2 and layer("ponder.engine.tree") == 1

@@ -13,7 +13,7 @@ import sys
 
 __version__ = "0.1.0"
 
-_LAZY = {"onepass_logprobs": "ponder.onepass", "npass_logprobs": "ponder.onepass"}
+_LAZY = {"onepass_logprobs": "ponder.methods.onepass", "npass_logprobs": "ponder.methods.onepass"}
 _GROUPS = ("engine", "methods")
 
 

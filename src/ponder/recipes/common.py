@@ -13,10 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ponder import dist, models, stats, ui
+from ponder import ui
 from ponder.config import ConfigError, load_config, to_yaml
-from ponder.data import read_jsonl, write_jsonl
-from ponder.episodes import Env, eval_metrics, evaluate, headline
+from ponder.engine import dist, models
+from ponder.engine.data import read_jsonl, write_jsonl
+from ponder.methods import stats
+from ponder.methods.episodes import Env, eval_metrics, evaluate, headline
 from ponder.trainers.base import TrainingStopped, atomic_dir
 
 #: The lock file a run keeps in its output directory while it runs.

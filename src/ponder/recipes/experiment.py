@@ -38,8 +38,10 @@ from typing import Any
 
 import yaml
 
-from ponder import data, metrics, models, stats, ui
+from ponder import ui
 from ponder.config import ConfigError, load_config, note_renamed
+from ponder.engine import data, models
+from ponder.methods import metrics, stats
 from ponder.recipes import latro as latro_recipe
 from ponder.recipes import retry as retry_recipe
 from ponder.recipes import rise as rise_recipe

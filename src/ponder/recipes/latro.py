@@ -7,8 +7,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ponder import data, dist, metrics, models, testbed, ui
+from ponder import ui
 from ponder.config import check_choice, load_config
+from ponder.engine import data, dist, models, testbed
+from ponder.methods import metrics
 from ponder.recipes import report as reports
 from ponder.recipes.common import effect_note, pyplot, resume_arg, save_final, start_run, write_json
 from ponder.recipes.report import flatten, pct

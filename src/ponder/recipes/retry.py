@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ponder import data, models
 from ponder.config import load_config, to_yaml
-from ponder.episodes import HEADLINE
+from ponder.engine import data, models
+from ponder.methods.episodes import HEADLINE
 from ponder.recipes import report as reports
 from ponder.recipes.common import episode_eval, finish_run, resume_arg, save_final, start_run
 from ponder.recipes.report import pct

@@ -16,10 +16,13 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers.trainer_utils import get_last_checkpoint
 
-from ponder import data, dist, episodes, models, rise, rollout, ui
+from ponder import ui
 from ponder.config import check_choice, load_config, to_yaml
-from ponder.data import write_jsonl
-from ponder.episodes import HEADLINE, Env, evaluate
+from ponder.engine import data, dist, models, rollout
+from ponder.engine.data import write_jsonl
+from ponder.methods import episodes, rise
+from ponder.methods.episodes import HEADLINE, Env, evaluate
+from ponder.methods.rise import collect, collection_summary
 from ponder.recipes import report as reports
 from ponder.recipes.common import (
     effect_note,
@@ -31,7 +34,6 @@ from ponder.recipes.common import (
     write_json,
 )
 from ponder.recipes.report import pct
-from ponder.rise import collect, collection_summary
 from ponder.trainers.base import ADAPTER_DIR
 from ponder.trainers.configs import check_unit_size, config, option
 from ponder.trainers.rise import RISEConfig, RISETrainer

@@ -8,9 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ponder import data, dist, models, ssft, ui
-from ponder.chat import THINK_OPEN
+from ponder import ui
 from ponder.config import load_config
+from ponder.engine import data, dist, models
+from ponder.engine.chat import THINK_OPEN
+from ponder.methods import ssft
 from ponder.recipes import report as reports
 from ponder.recipes.common import effect_note, pyplot, train, write_json
 from ponder.trainers.gfpo import GFPOConfig, GFPOTrainer

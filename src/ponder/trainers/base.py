@@ -23,8 +23,9 @@ from peft import PeftModel
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
-from ponder import models, ui
-from ponder.data import DataError, load_conversations
+from ponder import ui
+from ponder.engine import models
+from ponder.engine.data import DataError, load_conversations
 
 #: Written into every checkpoint: the sum of the per-step losses so far, so a resumed run reports the
 #: train_loss of the whole run (HF's covers only the steps of the last `train()` call).

@@ -21,10 +21,10 @@ from typing import Any, ClassVar
 import torch
 from transformers import TrainingArguments
 
-from ponder import rollout
-from ponder.advantages import NAN_REWARDS
-from ponder.chat import HISTORY_REASONING
 from ponder.config import check_choice, renamed
+from ponder.engine import rollout
+from ponder.engine.chat import HISTORY_REASONING
+from ponder.methods.advantages import NAN_REWARDS
 from ponder.trainers.base import check_flex_trainable, cpu_processes
 
 

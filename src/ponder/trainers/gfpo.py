@@ -37,11 +37,13 @@ from typing import ClassVar
 
 import torch
 
-from ponder import dist, rollout, ssft, ui, verify
-from ponder.advantages import finite_rewards, group_normalized
-from ponder.chat import generation_prompt, pad_id
+from ponder import ui
 from ponder.config import check_choice
-from ponder.data import DataError, as_problem, input_skips, load_problems
+from ponder.engine import dist, rollout
+from ponder.engine.chat import generation_prompt, pad_id
+from ponder.engine.data import DataError, as_problem, input_skips, load_problems
+from ponder.methods import ssft, verify
+from ponder.methods.advantages import finite_rewards, group_normalized
 from ponder.trainers import configs
 from ponder.trainers.base import PonderTrainer, model_and_tokenizer
 from ponder.trainers.configs import SamplingConfig, config, option

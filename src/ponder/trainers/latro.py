@@ -38,17 +38,18 @@ from typing import Any, ClassVar
 
 import torch
 
-from ponder import dist, latro, metrics, rollout, verify
-from ponder.advantages import (
+from ponder.config import check_choice
+from ponder.engine import dist, rollout
+from ponder.engine.chat import end_of_turn_id, pad_id
+from ponder.engine.data import DataError, Problem, input_skips, resolve_problems
+from ponder.engine.prompts import check_template
+from ponder.methods import latro, metrics, verify
+from ponder.methods.advantages import (
     finite_rewards,
     group_normalized,
     normalize_advantages,
     rloo_advantages,
 )
-from ponder.chat import end_of_turn_id, pad_id
-from ponder.config import check_choice
-from ponder.data import DataError, Problem, input_skips, resolve_problems
-from ponder.prompts import check_template
 from ponder.trainers.base import PonderTrainer, model_and_tokenizer
 from ponder.trainers.configs import SamplingConfig, config, option
 from ponder.trainers.rl import disable_dropout, reference_forward, reference_model, update_seed

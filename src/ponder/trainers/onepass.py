@@ -18,12 +18,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from ponder import masks, ui
-from ponder.chat import pad_id
+from ponder import ui
 from ponder.config import check_choice
-from ponder.data import DataError, as_conversation, input_skips
-from ponder.logprobs import cross_entropy, weighted_cross_entropy
-from ponder.onepass import chunks, onepass_logits
+from ponder.engine import masks
+from ponder.engine.chat import pad_id
+from ponder.engine.data import DataError, as_conversation, input_skips
+from ponder.engine.logprobs import cross_entropy, weighted_cross_entropy
+from ponder.engine.tree import ATTENTION_MODES, check_attention_backend
+from ponder.methods.onepass import chunks, onepass_logits
 from ponder.trainers import configs
 from ponder.trainers.base import (
     PonderTrainer,
@@ -38,7 +40,6 @@ from ponder.trainers.base import (
 )
 from ponder.trainers.configs import SupervisedConfig, check_supervised, config, option
 from ponder.trainers.sft import encode
-from ponder.tree import ATTENTION_MODES, check_attention_backend
 
 MODES = ("onepass", "npass", "kpass")
 

@@ -31,11 +31,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from ponder import episodes, retry, tree
-from ponder.advantages import finite_rewards
-from ponder.chat import HISTORY_REASONING, pad_id
 from ponder.config import check_choice
-from ponder.data import DataError, input_skips, resolve_problems
+from ponder.engine import tree
+from ponder.engine.chat import HISTORY_REASONING, pad_id
+from ponder.engine.data import DataError, input_skips, resolve_problems
+from ponder.methods import episodes, retry
+from ponder.methods.advantages import finite_rewards
 from ponder.trainers import configs
 from ponder.trainers.base import PonderTrainer, model_and_tokenizer
 from ponder.trainers.configs import SamplingConfig, check_unit_size, config, option

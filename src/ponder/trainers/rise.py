@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from ponder import rise
 from ponder.config import check_choice
-from ponder.data import DataError
+from ponder.engine.data import DataError
+from ponder.methods import rise
 from ponder.trainers import configs
 from ponder.trainers.configs import PonderConfig, config, option
 from ponder.trainers.onepass import OnePassTrainer, check_onepass

@@ -19,9 +19,9 @@ from collections import Counter
 from typing import Any, ClassVar
 
 from ponder import ui
-from ponder.chat import Rendered, pad_id, render
-from ponder.data import DataError, as_conversation, input_skips
-from ponder.logprobs import weighted_cross_entropy
+from ponder.engine.chat import Rendered, pad_id, render
+from ponder.engine.data import DataError, as_conversation, input_skips
+from ponder.engine.logprobs import weighted_cross_entropy
 from ponder.trainers import configs
 from ponder.trainers.base import (
     PonderTrainer,

@@ -33,11 +33,13 @@ from typing import Any, ClassVar
 import torch
 from peft import TrainableTokensConfig, get_peft_model
 
-from ponder import dist, models, ssft, ui
-from ponder.chat import THINK_OPEN, pad_id
+from ponder import ui
 from ponder.config import check_choice
-from ponder.data import DataError, TraceSet, input_skips, load_tracesets, traceset_from_record
-from ponder.logprobs import weighted_cross_entropy
+from ponder.engine import dist, models
+from ponder.engine.chat import THINK_OPEN, pad_id
+from ponder.engine.data import DataError, TraceSet, input_skips, load_tracesets, traceset_from_record
+from ponder.engine.logprobs import weighted_cross_entropy
+from ponder.methods import ssft
 from ponder.trainers import configs
 from ponder.trainers.base import (
     PonderTrainer,

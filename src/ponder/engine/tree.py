@@ -38,7 +38,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 
 from ponder.config import check_choice
-from ponder.logprobs import logits_at, logprobs_of
+from ponder.engine.logprobs import logits_at, logprobs_of
 
 CUSTOM_MASK_BACKENDS = ("eager", "sdpa", "flex_attention")
 ATTENTION_MODES = ("auto", "dense", "sparse", "flex")

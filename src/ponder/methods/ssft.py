@@ -27,12 +27,14 @@ from typing import Any
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from ponder import dist, masks, rollout, testbed, tree, ui, verify
-from ponder.chat import generation_prompt, pad_id, render
+from ponder import ui
 from ponder.config import check_choice
-from ponder.data import Problem, as_problem
-from ponder.logprobs import left_pad, reduce
-from ponder.metrics import maj_correct, mean, pass_at_k
+from ponder.engine import dist, masks, rollout, testbed, tree
+from ponder.engine.chat import generation_prompt, pad_id, render
+from ponder.engine.data import Problem, as_problem
+from ponder.engine.logprobs import left_pad, reduce
+from ponder.methods import verify
+from ponder.methods.metrics import maj_correct, mean, pass_at_k
 
 TAG_FORMAT = "<think{}>"
 

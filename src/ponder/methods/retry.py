@@ -31,13 +31,13 @@ from typing import Any
 
 import torch
 
-from ponder import rollout
-from ponder.advantages import group_normalized, rloo_advantages
-from ponder.chat import HISTORY_REASONING, normalize_messages, render
 from ponder.config import check_choice
-from ponder.data import Problem
-from ponder.episodes import Env, window
-from ponder.tree import Tree
+from ponder.engine import rollout
+from ponder.engine.chat import HISTORY_REASONING, normalize_messages, render
+from ponder.engine.data import Problem
+from ponder.engine.tree import Tree
+from ponder.methods.advantages import group_normalized, rloo_advantages
+from ponder.methods.episodes import Env, window
 
 ADVANTAGES = ("rloo", "grpo")
 CREDITS = ("turn", "return")

@@ -23,11 +23,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ponder import dist, metrics, rollout, ui
-from ponder.advantages import reward_weights
+from ponder import ui
 from ponder.config import check_choice
-from ponder.data import DataError, Problem, as_problem, read_jsonl
-from ponder.episodes import (  # re-exported: the names ponder.rise had
+from ponder.engine import dist, rollout
+from ponder.engine.data import DataError, Problem, as_problem, read_jsonl
+from ponder.engine.prompts import DEMO_ANSWER, FIRST_TURN_PROMPT, INSTRUCTION, RETRY_PROMPT, SUCCESS_PROMPT
+from ponder.methods import metrics
+from ponder.methods.advantages import reward_weights
+from ponder.methods.episodes import (  # re-exported: the names ponder.methods.rise had
     HEADLINE,
     REWARDS,
     Env,
@@ -38,7 +41,6 @@ from ponder.episodes import (  # re-exported: the names ponder.rise had
     headline,
     window,
 )
-from ponder.prompts import DEMO_ANSWER, FIRST_TURN_PROMPT, INSTRUCTION, RETRY_PROMPT, SUCCESS_PROMPT
 
 __all__ = ["RETRY_PROMPT", "FIRST_TURN_PROMPT", "SUCCESS_PROMPT", "INSTRUCTION", "DEMO_ANSWER", "Env", "collect",
            "convert", "evaluate", "reward_weight", "REWARDS", "window", "HEADLINE", "headline", "eval_metrics",

@@ -16,11 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ponder import dist, metrics, rollout, verify
-from ponder.chat import HISTORY_REASONING, generation_prompt, normalize_messages
 from ponder.config import check_choice
-from ponder.data import Problem, as_problem
-from ponder.prompts import DEMO_ANSWER, FIRST_TURN_PROMPT, INSTRUCTION, RETRY_PROMPT, SUCCESS_PROMPT
+from ponder.engine import dist, rollout
+from ponder.engine.chat import HISTORY_REASONING, generation_prompt, normalize_messages
+from ponder.engine.data import Problem, as_problem
+from ponder.engine.prompts import DEMO_ANSWER, FIRST_TURN_PROMPT, INSTRUCTION, RETRY_PROMPT, SUCCESS_PROMPT
+from ponder.methods import metrics, verify
 
 REWARDS = ("verify", "rise_official", "gsm8k")  # gsm8k: the old name of rise_official
 

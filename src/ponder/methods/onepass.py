@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from ponder import masks, tree
-from ponder.chat import pad_id, render
-from ponder.data import as_conversation
-from ponder.logprobs import logprobs_of, token_logprobs
-from ponder.tree import Packed, check_attention_backend
+from ponder.engine import masks, tree
+from ponder.engine.chat import pad_id, render
+from ponder.engine.data import as_conversation
+from ponder.engine.logprobs import logprobs_of, token_logprobs
+from ponder.engine.tree import Packed, check_attention_backend
 
 
 def attention_for(model, batch: Packed, prefer: str = "auto"):

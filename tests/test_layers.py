@@ -101,3 +101,12 @@ def test_the_layer_rule_is_checked():
     assert "ponder.methods.latro" in g["ponder.trainers.latro"]
     assert layer("ponder.recipes.demo") == 4 and layer("ponder.trainers.sft") == 3 and layer("ponder.config") == 0
     assert layer("ponder.methods.rise") == 2 and layer("ponder.engine.tree") == 1
+
+
+def test_every_component_sits_in_its_layer_folder():
+    """The file list shows the architecture: only the base modules (no ponder imports) and the CLI sit at the top
+    of src/ponder; the rest is in engine/, methods/, trainers/, recipes/."""
+    top = sorted(m for m in MODULES if m.count(".") == 1 and not any(
+        m == f"ponder.{d}" for d in ("engine", "methods", "trainers", "recipes")))
+    assert top == ["ponder.__main__", "ponder.cli", "ponder.config", "ponder.ui"]
+    assert all(not graph()[m] for m in ("ponder.config", "ponder.ui"))

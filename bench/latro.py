@@ -119,7 +119,7 @@ def run_ours(spec, problems, k, per_step, length, steps, seed):
     from ponder.trainers.latro import LaTROConfig, LaTROTrainer
     model, tok = models.load(spec)
     args = LaTROConfig(output_dir="/tmp/ponder-bench-latro", report_to=[], disable_tqdm=True, num_generations=k,
-                       per_device_train_batch_size=per_step, max_rationale_length=length, max_steps=steps,
+                       per_device_train_batch_size=per_step, max_new_tokens=length, max_steps=steps,
                        prompt_template="{question}", stop=["The answer is"], learning_rate=1e-5, beta=0.05,
                        sft_weight=0.0, save_strategy="no", logging_steps=10_000, seed=seed,
                        rollout_batch_size=per_step, use_cpu=True)

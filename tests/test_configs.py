@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parents[1] / "configs"
 # what `ponder <method> --config` loads: the trainer's config, or the recipe's when it adds recipe settings
 CLASSES = {"sft": "ponder.trainers.sft:SFTConfig", "onepass": "ponder.trainers.onepass:OnePassConfig",
            "latro": "ponder.trainers.latro:LaTROConfig",
-           "ssft": "ponder.recipes.ssft:SSFTRunConfig", "gfpo": "ponder.recipes.ssft:GFPORunConfig",
+           "ssft": "ponder.trainers.ssft:SSFTConfig", "gfpo": "ponder.trainers.gfpo:GFPOConfig",
            "rise": "ponder.recipes.rise:RISERunConfig",
-           "retry": "ponder.recipes.retry:RetryRunConfig"}
+           "retry": "ponder.trainers.retry:RetryConfig"}
 
 
 def config_class(method: str):

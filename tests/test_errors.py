@@ -168,7 +168,7 @@ def _(tmp):
 @case("bad-choice")
 def _(tmp):
     return ["sft", "loss_normalization=foo"], \
-        r"command line \(loss_normalization=foo\): loss_normalization must be 'tokens' or 'messages', got 'foo'"
+        r"command line \(loss_normalization=foo\): loss_normalization must be one of tokens, messages, got 'foo'"
 
 
 @case("bad-hf-choice")
@@ -449,7 +449,7 @@ def _(tmp):
 def _(tmp):
     p = jsonl(tmp / "p.jsonl", [{"question": "1 " * 2500, "answer": "2"}])
     return ["latro", "model=tiny-random", f"dataset={p}", "max_steps=1", "num_generations=2",
-            "per_device_train_batch_size=2", "max_rationale_length=8", "report_to=none", "save_strategy=no",
+            "per_device_train_batch_size=2", "max_new_tokens=8", "report_to=none", "save_strategy=no",
             f"output_dir={tmp / 'run'}"], r"1 of 1 prompts do not fit the model's context \(4096 tokens\) with " \
         r"max_new_tokens=8"
 
@@ -560,6 +560,42 @@ def row(slug):
     return register
 
 
+@row("old-config-name")
+def test_old_config_name_loads_with_a_notice(monkeypatch, capsys):
+    from ponder import config
+    from ponder.trainers.ssft import SSFTConfig
+
+    monkeypatch.setattr(config, "_NOTED", set())
+    cfg = config.load_config(SSFTConfig, None, ["dataset_size=8", "report_to=none"])
+    assert cfg.n_train == 8
+    assert capsys.readouterr().err == "note: 'dataset_size' is deprecated; use 'n_train'\n"
+
+
+@row("old-and-new-config-name")
+def test_old_and_new_config_name_is_an_error(tmp_path):
+    from ponder.config import ConfigError, load_config
+    from ponder.trainers.ssft import SSFTConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("dataset_size: 8\nn_train: 8\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:1: 'dataset_size' is the old name of 'n_train'; give only "
+                                          r"'n_train'"):
+        load_config(SSFTConfig, path)
+
+
+@row("transformers-version")
+def test_other_transformers_release_is_refused_in_one_line(monkeypatch):
+    from ponder.trainers.base import check_transformers
+
+    check_transformers()  # the installed (pinned) release passes
+    with pytest.raises(RuntimeError, match=r"as they are in transformers 5\.23\.x; found 5\.24\.0\. Install "
+                                           r"transformers==5\.23\.\* \(pyproject\.toml\), or set "
+                                           r"PONDER_ANY_TRANSFORMERS=1 to try anyway$"):
+        check_transformers("5.24.0")
+    monkeypatch.setenv("PONDER_ANY_TRANSFORMERS", "1")
+    check_transformers("5.24.0")  # a warning only
+
+
 @row("diverging-learning-rate")
 def test_diverging_learning_rate_stops_naming_step_and_lr(tmp_path):
     r = cli(*sft_args(tmp_path, None, "learning_rate=1e10", "lr_scheduler_type=constant", "max_steps=4",
@@ -590,7 +626,7 @@ def test_zero_variance_reward_groups_are_counted_without_nan(tmp_path, tiny):
     assert torch.equal(a[0], torch.zeros(3)) and torch.isfinite(a).all()  # a flat group has no signal, not NaN
     cfg = GFPOConfig(output_dir=str(tmp_path), model="tiny-random", num_tags=2, num_generations=2, max_new_tokens=2,
                      max_steps=2, per_device_train_batch_size=2, logging_steps=1, report_to="none",
-                     save_strategy="no", dataset_size=4)
+                     save_strategy="no", n_train=4)
     tr = GFPOTrainer(args=cfg, reward_fn=lambda p, text: 1.0)
     out = tr.train()
     logs = [h for h in tr.state.log_history if "loss" in h]
@@ -610,7 +646,7 @@ def test_a_non_finite_reward_is_one_line_or_a_counted_skip(tmp_path, monkeypatch
     monkeypatch.setattr(latro, "score_ids", poisoned)
     p = jsonl(tmp_path / "p.jsonl", [{"id": "p0", "question": "1+1", "answer": "2"}])
     args = ["latro", "model=tiny-random", f"dataset={p}", "max_steps=1", "num_generations=4", "reward=mean_logprob",
-            "per_device_train_batch_size=4", "max_rationale_length=4", "report_to=none", "save_strategy=no",
+            "per_device_train_batch_size=4", "max_new_tokens=4", "report_to=none", "save_strategy=no",
             "logging_steps=1", "stop=[]"]
     r = cli(*args, f"output_dir={tmp_path / 'a'}")
     assert r.exit_code == 2 and re.fullmatch(

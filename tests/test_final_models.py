@@ -25,15 +25,15 @@ COMMON = ["model=tiny-random", "max_steps=1", "report_to=none", "save_strategy=n
 RUNS = {
     "sft": ["dataset=testbed:single", "per_device_train_batch_size=2"],
     "onepass": ["dataset=testbed:multi", "per_device_train_batch_size=2"],
-    "ssft": ["dataset=testbed:traces", "dataset_size=2", "num_tags=4", "per_device_train_batch_size=2"],
-    "gfpo": ["dataset=testbed", "dataset_size=2", "num_tags=2", "num_generations=2", "max_new_tokens=4",
+    "ssft": ["dataset=testbed:traces", "n_train=2", "num_tags=4", "per_device_train_batch_size=2"],
+    "gfpo": ["dataset=testbed", "n_train=2", "num_tags=2", "num_generations=2", "max_new_tokens=4",
              "per_device_train_batch_size=2"],
     "latro": ["dataset=testbed", "n_train=2", "num_generations=2", "per_device_train_batch_size=4",
-              "max_rationale_length=4", "n_eval=2", "eval_samples=2", "eval_max_new_tokens=4"],
+              "max_new_tokens=4", "n_eval=2", "eval_samples=2", "eval_max_new_tokens=4"],
     "retry": ["dataset=testbed", "n_train=2", "num_generations=2", "max_turns=2", "max_new_tokens=4",
-              "per_device_train_batch_size=2", "eval_problems=2", "eval_turns=2", "eval_parallel=1"],
-    "rise": ["task=testbed", "train_problems=2", "collect_turns=1", "samples=[1]", "max_new_tokens=4",
-             "per_device_train_batch_size=2", "eval_problems=2", "eval_turns=2", "eval_parallel=1"],
+              "per_device_train_batch_size=2", "n_eval=2", "eval_turns=2", "eval_parallel=1"],
+    "rise": ["dataset=testbed", "n_train=2", "collect_turns=1", "samples=[1]", "max_new_tokens=4",
+             "per_device_train_batch_size=2", "n_eval=2", "eval_turns=2", "eval_parallel=1"],
 }
 #: The recipe module whose `save_final` writes each method's final model.
 SAVER = {"sft": "common", "onepass": "common", "ssft": "common", "gfpo": "common", "latro": "latro",

@@ -23,10 +23,10 @@ def tiny64():
 
 def make(model, tok, tmp_path, rewards_of_tag=None, **kw):
     kw = {"num_tags": 4, "num_generations": 5, "report_to": [], "disable_tqdm": True, "save_strategy": "no",
-          "max_new_tokens": 4, "dataset_size": 3, **kw}
+          "max_new_tokens": 4, "n_train": 3, **kw}
     args = GFPOConfig(output_dir=str(tmp_path), model="unused", **kw)
     tr = GFPOTrainer(model=model, args=args, processing_class=tok,
-                     train_dataset=load_problems("testbed", n=kw["dataset_size"], split="train"))
+                     train_dataset=load_problems("testbed", n=kw["n_train"], split="train"))
     if rewards_of_tag is not None:  # rollouts stubbed: the reward depends on the first token only (0 if no tag)
         tr.seen = []
         reward_of = dict(zip(tr.tag_ids, rewards_of_tag))

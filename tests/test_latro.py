@@ -276,7 +276,7 @@ PROBLEMS = [{"id": str(i), "question": f"{10 + i}+{20 + i}*{2 + i % 7}=?", "answ
 
 def make_trainer(model, tok, tmp_path, **kw):
     opts = dict(output_dir=str(tmp_path), report_to=[], disable_tqdm=True, num_generations=4,
-                per_device_train_batch_size=8, max_rationale_length=10, prompt_template="{question}",
+                per_device_train_batch_size=8, max_new_tokens=10, prompt_template="{question}",
                 stop=["1", "a"], learning_rate=1e-2, beta=0.3, sft_weight=0.7, save_strategy="no")
     opts.update(kw)
     return LaTROTrainer(model=model, args=LaTROConfig(**opts), train_dataset=PROBLEMS, processing_class=tok)
@@ -504,7 +504,7 @@ def test_config_checks():
     with pytest.raises(ValueError, match=">= 2"):
         LaTROConfig(output_dir="x", num_generations=1, per_device_train_batch_size=4)
     c = LaTROConfig(output_dir="x")
-    assert (c.num_generations, c.per_device_train_batch_size, c.learning_rate, c.beta, c.max_rationale_length,
+    assert (c.num_generations, c.per_device_train_batch_size, c.learning_rate, c.beta, c.max_new_tokens,
             c.temperature, c.nonstop_penalty, c.sft_weight) == (16, 48, 5e-7, 0.05, 500, 1.0, 2.0, 1.0)
 
 
@@ -516,7 +516,7 @@ def test_shipped_configs_load(name):
     c = load_config(LaTROConfig, os.path.join(root, "configs", "latro", f"{name}.yaml"), over)
     assert c.per_device_train_batch_size % c.num_generations == 0 and "{question}" in c.prompt_template
     if name == "gpu":  # the paper's GSM8K recipe: 16 rollouts x 3 accumulation steps x 8 GPUs = 384 per update
-        assert (c.num_generations, c.learning_rate, c.beta, c.max_rationale_length) == (16, 5e-7, 0.05, 500)
+        assert (c.num_generations, c.learning_rate, c.beta, c.max_new_tokens) == (16, 5e-7, 0.05, 500)
         assert c.per_device_train_batch_size * c.gradient_accumulation_steps * 8 == 384
 
 
@@ -567,7 +567,7 @@ def test_cli_latro_writes_report_and_plot(tmp_path):
     cfg = tmp_path / "latro.yaml"
     cfg.write_text("model: tiny-random\ndataset: testbed\nn_train: 16\nprompt_template: '{question}'\n"
                    "stop: ['The answer is']\nnum_generations: 2\nper_device_train_batch_size: 4\n"
-                   "max_rationale_length: 6\nmax_steps: 2\nlogging_steps: 1\neval_strategy: steps\neval_steps: 1\n"
+                   "max_new_tokens: 6\nmax_steps: 2\nlogging_steps: 1\neval_strategy: steps\neval_steps: 1\n"
                    "n_eval: 3\neval_samples: 2\nreport_to: none\nsave_strategy: 'no'\n")
     out = tmp_path / "run"
     r = CliRunner().invoke(app, ["latro", "--config", str(cfg), f"output_dir={out}", "learning_rate=0.001"])
@@ -596,7 +596,7 @@ def test_smollm2_lora_smoke(tmp_path):
     problems = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
                  "answer": str(a + b)} for a, b in [(3, 4), (12, 5)]]
     args = LaTROConfig(output_dir=str(tmp_path), report_to=[], disable_tqdm=True, num_generations=2,
-                       per_device_train_batch_size=4, max_rationale_length=24, max_steps=2, logging_steps=1,
+                       per_device_train_batch_size=4, max_new_tokens=24, max_steps=2, logging_steps=1,
                        learning_rate=1e-4, save_strategy="no")
     tr = LaTROTrainer(model=model, args=args, train_dataset=problems, processing_class=tok)
     tr.train()
@@ -636,7 +636,7 @@ def test_sft_gold_arm_trains_on_exactly_the_latro_questions(tmp_path, task):
     cfg.write_text(f"model: tiny-random\ndataset: '{task}'\nn_train: 6\nnum_generations: 2\n"
                    "per_device_train_batch_size: 4\nprompt_template: '{question}'\n")
     rows = experiment.run_sft_gold(str(cfg), {"sft": {"max_steps": 1, "per_device_train_batch_size": 2},
-                                              "eval": {"eval_problems": 2, "samples": 0, "max_new_tokens": 4}},
+                                              "eval": {"n_eval": 2, "samples": 0, "max_new_tokens": 4}},
                                    0, tmp_path / "sft", None)
     assert 0 <= rows["sft"]["greedy_accuracy"] <= 1
     gold = [rec["messages"] for _, rec in read_jsonl(tmp_path / "sft" / "gold.jsonl")]

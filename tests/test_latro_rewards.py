@@ -289,7 +289,7 @@ def test_trainer_non_finite_reward_is_refused_or_skipped(tmp_path, monkeypatch, 
     advantages are the estimator's over the scorable rewards, by hand, then TRL's normalisation."""
     model, tok = models.load("tiny-random", dtype="float64")
     opts = dict(output_dir=str(tmp_path), report_to=[], disable_tqdm=True, num_generations=4, advantage=advantage,
-                per_device_train_batch_size=8, max_rationale_length=6, prompt_template="{question}", beta=0.1,
+                per_device_train_batch_size=8, max_new_tokens=6, prompt_template="{question}", beta=0.1,
                 reward="mean_logprob", save_strategy="no", max_steps=1, logging_steps=1, normalize_advantages=True,
                 stop=list("0123456789+=?abcdefghij"))
     state = {}

@@ -1,5 +1,6 @@
-"""The import graph of src/ponder: three layers, imports only downward, no cycles (imports inside functions
-count), no module reaching into another module's private names, function-local imports only in the CLI."""
+"""The import graph of src/ponder: five layers (base, engine, methods, trainers, recipes), imports only downward,
+no cycles (imports inside functions count), no module reaching into another module's private names,
+function-local imports only in the CLI."""
 
 import ast
 from pathlib import Path
@@ -16,14 +17,16 @@ def _modules() -> dict[str, Path]:
 
 
 MODULES = _modules()
+LEAVES = {m.rsplit(".", 1)[-1] for m in MODULES}  # `rollout._x` reaches into a module whatever its folder
 
 
 def layer(mod: str) -> int:
-    """0 components, 1 trainers, 2 recipes (and the CLI on top of them)."""
-    if mod.startswith("ponder.trainers"):
-        return 1
+    """0 base (config, ui: no ponder imports), 1 engine, 2 methods, 3 trainers, 4 recipes (and the CLI on top)."""
     if mod.startswith("ponder.recipes") or mod in ("ponder.cli", "ponder.__main__"):
-        return 2
+        return 4
+    for n, prefix in ((3, "ponder.trainers"), (2, "ponder.methods"), (1, "ponder.engine")):
+        if mod.startswith(prefix):
+            return n
     return 0
 
 
@@ -81,7 +84,7 @@ def test_no_private_names_across_modules():
     bad += [f"{m} uses {node.value.id}.{node.attr}" for m, p in MODULES.items()
             for node in ast.walk(ast.parse(p.read_text())) if isinstance(node, ast.Attribute)
             and isinstance(node.value, ast.Name) and node.attr.startswith("_") and not node.attr.startswith("__")
-            and f"ponder.{node.value.id}" in MODULES]
+            and node.value.id in LEAVES]
     assert not bad, "\n".join(bad)
 
 
@@ -92,8 +95,18 @@ def test_function_local_ponder_imports_only_in_the_cli():
 
 
 def test_the_layer_rule_is_checked():
-    """The checks above see real imports: recipes import trainers, trainers import components."""
+    """The checks above see real imports: recipes import trainers, trainers import the methods' math."""
     g = graph()
     assert "ponder.trainers.latro" in g["ponder.recipes.latro"]
-    assert "ponder.latro" in g["ponder.trainers.latro"]
-    assert layer("ponder.recipes.demo") == 2 and layer("ponder.trainers.sft") == 1 and layer("ponder.rise") == 0
+    assert "ponder.methods.latro" in g["ponder.trainers.latro"]
+    assert layer("ponder.recipes.demo") == 4 and layer("ponder.trainers.sft") == 3 and layer("ponder.config") == 0
+    assert layer("ponder.methods.rise") == 2 and layer("ponder.engine.tree") == 1
+
+
+def test_every_component_sits_in_its_layer_folder():
+    """The file list shows the architecture: only the base modules (no ponder imports) and the CLI sit at the top
+    of src/ponder; the rest is in engine/, methods/, trainers/, recipes/."""
+    top = sorted(m for m in MODULES if m.count(".") == 1 and not any(
+        m == f"ponder.{d}" for d in ("engine", "methods", "trainers", "recipes")))
+    assert top == ["ponder.__main__", "ponder.cli", "ponder.config", "ponder.ui"]
+    assert all(not graph()[m] for m in ("ponder.config", "ponder.ui"))

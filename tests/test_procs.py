@@ -87,23 +87,23 @@ def runs(data: Path, probs: Path) -> dict[str, tuple[list[list[str]], list[str] 
         # steps: the last step's loss is not logged before the end (train_loss must still be the whole run's)
         "sft": [*sft, "max_steps=4", "logging_steps=3", "save_strategy=steps", "save_steps=2"],
         "onepass": ["onepass", *TRAIN, f"dataset={data}", "max_steps=3"],
-        "ssft": ["ssft", *TRAIN, "dataset=testbed:traces", "dataset_size=8", "num_tags=4", "max_steps=2",
-                 "eval_problems=2", "eval_max_new_tokens=6", "eval_per_tag=1"],
-        "gfpo": ["gfpo", *TRAIN, f"dataset={probs}", "dataset_size=8", "num_tags=4", "num_generations=4",
-                 "max_new_tokens=12", "max_steps=2", "eval_problems=0", "tags_only=true", "tag_policy=tags"],
+        "ssft": ["ssft", *TRAIN, "dataset=testbed:traces", "n_train=8", "num_tags=4", "max_steps=2",
+                 "n_eval=2", "eval_max_new_tokens=6", "eval_per_tag=1"],
+        "gfpo": ["gfpo", *TRAIN, f"dataset={probs}", "n_train=8", "num_tags=4", "num_generations=4",
+                 "max_new_tokens=12", "max_steps=2", "n_eval=0", "tags_only=true", "tag_policy=tags"],
         # RISE: collection and evaluation in work units of 2 problems (the same units and seeds however many
         # processes), training on the gathered trajectories (8: a whole number of global batches of 4, else the
         # 2-process data loader repeats examples to fill its last batch, as accelerate does, and the runs differ)
-        "rise": ["rise", *TRAIN, f"task={probs}", "train_problems=8", "collect_turns=2", "samples=[1,2]",
-                 "max_steps=2", "eval_problems=6", "eval_turns=2", "eval_parallel=2", "max_new_tokens=6",
+        "rise": ["rise", *TRAIN, f"dataset={probs}", "n_train=8", "collect_turns=2", "samples=[1,2]",
+                 "max_steps=2", "n_eval=6", "eval_turns=2", "eval_parallel=2", "max_new_tokens=6",
                  "unit_size=2", "criteria=all"],
         # LaTRO: 4 questions x K=4 a global batch, 2 steps = 2 epochs (the group sampler's order per epoch)
         "latro": ["latro", *TRAIN, f"dataset={probs}", "n_train=4", "num_generations=4",
-                  "per_device_train_batch_size=8", "max_rationale_length=8", "max_steps=2", "n_eval=5",
+                  "per_device_train_batch_size=8", "max_new_tokens=8", "max_steps=2", "n_eval=5",
                   "eval_samples=2", "eval_max_new_tokens=6", "beta=0.1"],
         # multi-turn retry RL: 4 problems x G = 2 episodes of up to 2 attempts a global batch, one tree each
         "retry": ["retry", *TRAIN, f"dataset={probs}", "n_train=8", "num_generations=4", "max_turns=2",
-                  "max_new_tokens=12", "max_steps=2", "beta=0.1", "eval_problems=4", "eval_turns=2",
+                  "max_new_tokens=12", "max_steps=2", "beta=0.1", "n_eval=4", "eval_turns=2",
                   "eval_parallel=2", "unit_size=2"],
         # stopped after 2 of 4 steps, resumed by 2 processes from checkpoint-2 (constant learning rate, so the
         # 2-step run's schedule is the 4-step run's)

@@ -22,15 +22,15 @@ def _run(args, out):
 
 @pytest.fixture(scope="module")
 def rise_run(tmp_path_factory):
-    return _run(["rise", *COMMON, "task=testbed", "train_problems=2", "collect_turns=1", "samples=[1]",
-                 "max_new_tokens=4", "max_steps=1", "per_device_train_batch_size=2", "eval_problems=3",
+    return _run(["rise", *COMMON, "dataset=testbed", "n_train=2", "collect_turns=1", "samples=[1]",
+                 "max_new_tokens=4", "max_steps=1", "per_device_train_batch_size=2", "n_eval=3",
                  "eval_turns=2", "eval_parallel=2"], tmp_path_factory.mktemp("rise") / "run")
 
 
 @pytest.fixture(scope="module")
 def latro_run(tmp_path_factory):
     return _run(["latro", *COMMON, "dataset=testbed", "n_train=2", "num_generations=2", "max_steps=2",
-                 "per_device_train_batch_size=4", "max_rationale_length=4", "n_eval=4", "eval_samples=2",
+                 "per_device_train_batch_size=4", "max_new_tokens=4", "n_eval=4", "eval_samples=2",
                  "eval_max_new_tokens=4", "logging_steps=1"], tmp_path_factory.mktemp("latro") / "run")
 
 
@@ -131,7 +131,7 @@ def test_onepass_tokens_forwarded_counts_the_steps_run(tmp_path):
 
 
 def test_accuracy_by_turn_axis_is_0_to_100_percent_for_all_zero_data(tmp_path):
-    from ponder.recipes.rise import plot_by_turn
+    from ponder.recipes.report import plot_by_turn
     zero = {"accuracy_by_turn": [0.0, 0.0], "majority_by_turn": [0.0, 0.0], "pass_by_turn": [0.0, 0.0],
             "m2@t1": 0.0, "p2@t1": 0.0}
     fig = plot_by_turn({"base": zero}, tmp_path / "a.png")
@@ -172,8 +172,8 @@ def test_method_help_lists_config_fields(method):
     assert "learning_rate: float = 5e-05" in r.output
     if method == "rise":
         assert "eval_turns: int = 5" in r.output and "sequential turns" in r.output
-        heads = [r.output.index(f"\n{h}") for h in ("RISERunConfig:", "RISEConfig\n", "OnePassConfig\n",
-                                                    "SFTConfig\n", "TrainingArguments:")]
+        heads = [r.output.index(f"\n{h}") for h in ("RISERunConfig:", "RISEConfig:", "PonderConfig:",
+                                                    "TrainingArguments:")]
         assert heads == sorted(heads)  # the method's own group first, TrainingArguments last
     if method == "gfpo":
         assert "eval_per_tag: int = 2" in r.output and "samples per tag" in r.output

@@ -139,13 +139,13 @@ CASES = {
     "sft-last": (["sft", "max_steps=3", "save_steps=3", "lr_scheduler_type=constant"], "after", 3, "checkpoint-3"),
     # killed while checkpoint-4 is half in place (written to .staging, not renamed): resume takes checkpoint-2
     "onepass": (["onepass", "max_steps=6", "save_steps=2"], "inside", 4, ".staging/checkpoint-4"),
-    "ssft": (["ssft", "dataset=testbed:traces", "dataset_size=8", "num_tags=4", "max_steps=4", "save_steps=2",
-              "eval_problems=0"], "after", 2, "checkpoint-2"),
-    "gfpo": (["gfpo", "dataset_size=8", "num_tags=4", "num_generations=4", "max_new_tokens=12", "max_steps=3",
-              "save_steps=1", "eval_problems=0", "tags_only=true", "tag_policy=tags"], "after", 1, "checkpoint-1"),
+    "ssft": (["ssft", "dataset=testbed:traces", "n_train=8", "num_tags=4", "max_steps=4", "save_steps=2",
+              "n_eval=0"], "after", 2, "checkpoint-2"),
+    "gfpo": (["gfpo", "n_train=8", "num_tags=4", "num_generations=4", "max_new_tokens=12", "max_steps=3",
+              "save_steps=1", "n_eval=0", "tags_only=true", "tag_policy=tags"], "after", 1, "checkpoint-1"),
     # LaTRO: the rationales after the resume are sampled with the seeds of their (step, slot); the reference
     # model is the starting model again
-    "latro": (["latro", "n_train=4", "num_generations=4", "per_device_train_batch_size=8", "max_rationale_length=8",
+    "latro": (["latro", "n_train=4", "num_generations=4", "per_device_train_batch_size=8", "max_new_tokens=8",
                "max_steps=3", "save_steps=1", "n_eval=2", "eval_samples=0", "eval_max_new_tokens=4", "beta=0.1"],
               "after", 1, "checkpoint-1"),
 }
@@ -178,8 +178,8 @@ def test_kill_after_checkpoint_and_resume(tmp_path, name):
                                                         if "grad_norm" in h) > 1e-3
 
 
-RISE = ["rise", "train_problems=4", "collect_turns=2", "samples=[1,2]", "max_steps=2", "save_steps=1",
-        "eval_problems=4", "eval_turns=2", "eval_parallel=2", "max_new_tokens=6", "iterations=2", "criteria=all"]
+RISE = ["rise", "n_train=4", "collect_turns=2", "samples=[1,2]", "max_steps=2", "save_steps=1",
+        "n_eval=4", "eval_turns=2", "eval_parallel=2", "max_new_tokens=6", "iterations=2", "criteria=all"]
 
 
 @pytest.mark.parametrize("where", ["training", "between_iterations"])
@@ -187,7 +187,7 @@ def test_rise_recipe_killed_and_resumed(tmp_path, where):
     """RISE killed inside iteration 1's training (after its checkpoint-1: the trajectories are reused and
     training resumes) or between iterations (iteration 1 finished: its model, trajectories and evaluation are
     reused, iteration 2 runs), then resumed: the same iteration-2 model and the same metrics."""
-    args = [*RISE, *TRAIN, f"task={problems(tmp_path / 'p.jsonl')}"]
+    args = [*RISE, *TRAIN, f"dataset={problems(tmp_path / 'p.jsonl')}"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     invoke([*args, f"output_dir={straight}"])
     if where == "training":

@@ -319,7 +319,7 @@ def test_cli_retry_writes_report_and_plot(tmp_path):
     from ponder.cli import app
     out = tmp_path / "run"
     r = CliRunner().invoke(app, ["retry", "-c", "configs/retry/testbed.yaml", f"output_dir={out}", "max_steps=1",
-                                 "n_train=4", "eval_problems=4", "eval_turns=2", "eval_parallel=2",
+                                 "n_train=4", "n_eval=4", "eval_turns=2", "eval_parallel=2",
                                  "per_device_train_batch_size=2", "num_generations=2", "max_new_tokens=32"])
     assert r.exit_code == 0, r.output
     m = json.loads((out / "metrics.json").read_text())

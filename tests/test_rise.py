@@ -470,8 +470,8 @@ def test_rise_command_end_to_end(tmp_path):
     from ponder.cli import app
     out = tmp_path / "run"
     r = CliRunner().invoke(app, ["rise", "--config", "configs/rise/testbed.yaml", "model=tiny-random",
-                                 f"output_dir={out}", "train_problems=3", "collect_turns=2", "samples=[1,2]",
-                                 "max_steps=2", "per_device_train_batch_size=2", "eval_problems=3", "eval_turns=2",
+                                 f"output_dir={out}", "n_train=3", "collect_turns=2", "samples=[1,2]",
+                                 "max_steps=2", "per_device_train_batch_size=2", "n_eval=3", "eval_turns=2",
                                  "eval_parallel=2", "max_new_tokens=6", "iterations=1", "report_to=none"])
     assert r.exit_code == 0, r.output
     m = json.loads((out / "metrics.json").read_text())
@@ -489,7 +489,7 @@ def test_smollm2_smoke(smol_dir, tmp_path):
     one training step, evaluation."""
     from ponder.recipes.rise import run_rise
     out = tmp_path / "smol"
-    res = run_rise("configs/rise/smollm2.yaml", [f"output_dir={out}", "train_problems=2", "eval_problems=2",
+    res = run_rise("configs/rise/smollm2.yaml", [f"output_dir={out}", "n_train=2", "n_eval=2",
                                                   "max_steps=1", "max_new_tokens=24", "eval_turns=2",
                                                   "eval_parallel=2", "samples=[1,2]"])
     assert set(res["evals"]) == {"base", "iter-1"} and (out / "report.md").exists()

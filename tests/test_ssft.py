@@ -411,8 +411,8 @@ def test_ssft_gfpo_and_forking_eval_commands(tmp_path):
 
     from ponder.cli import app
     run = CliRunner()
-    small = ["model=tiny-random", "max_steps=2", "per_device_train_batch_size=2", "dataset_size=4",
-             "eval_problems=2", "eval_max_new_tokens=6", "report_to=none", "save_strategy='no'", "logging_steps=1"]
+    small = ["model=tiny-random", "max_steps=2", "per_device_train_batch_size=2", "n_train=4",
+             "n_eval=2", "eval_max_new_tokens=6", "report_to=none", "save_strategy='no'", "logging_steps=1"]
     r = run.invoke(app, ["ssft", "--config", "configs/ssft/testbed.yaml", f"output_dir={tmp_path / 's'}", *small])
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "s" / "metrics.json").read_text())

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 import typer.core
 
-from ponder import runtime
+from ponder.engine import runtime
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Teach language models to reason: SSFT/GFPO, one-pass multi-turn SFT, RISE, LaTRO.")
@@ -91,8 +91,8 @@ def eval_cmd(model: str = typer.Option("testbed", help="model spec: testbed | sm
     """Greedy accuracy, pass@k and maj@k of a model on a task; prints a table and writes metrics.json.
     With --forking N: the forking-token diversity evaluation (report.md with per-tag plots)."""
     if forking is not None or tags:
+        from ponder.methods.ssft import forking_tags
         from ponder.recipes.ssft import evaluate_forking_run
-        from ponder.ssft import forking_tags
 
         def forking_eval():
             tag_list = [t.strip() for t in tags.split(",")] if tags else forking_tags(forking)
@@ -106,8 +106,10 @@ def eval_cmd(model: str = typer.Option("testbed", help="model spec: testbed | sm
 
 def _eval(model, task, n, samples, temperature, max_new_tokens, batch_size, split, seed, prompt, task_config, out,
           trust_remote_code):
-    from ponder import data, dist, metrics, models, prompts, ui
+    from ponder import ui
     from ponder.config import parse_override
+    from ponder.engine import data, dist, models, prompts
+    from ponder.methods import metrics
     from ponder.recipes.common import lock_output_dir, write_json
     prompts.check_template(prompt, ("question",), "--prompt")
     if n < 1 or samples < 0 or max_new_tokens < 1 or batch_size < 1 or temperature < 0:
@@ -137,7 +139,7 @@ def _eval(model, task, n, samples, temperature, max_new_tokens, batch_size, spli
 @app.command("tasks")
 def tasks_cmd():
     """List the task names `--task` accepts."""
-    from ponder import data
+    from ponder.engine import data
     print("testbed")
     for t in data.rg_tasks():
         print(f"rg:{t}")
@@ -165,7 +167,7 @@ def testbed_build(max_steps: int = typer.Option(None, help="most training steps 
 @testbed_app.command("info")
 def testbed_info():
     """Where the testbed's weights are and how they were built."""
-    from ponder import testbed
+    from ponder.engine import testbed
     path = testbed.weights_dir()
     print(path)
     print((path / "testbed.json").read_text())
@@ -173,9 +175,9 @@ def testbed_info():
 
 #: The config class each training command reads (module, class): what `ponder <method> --help` lists.
 CONFIGS = {"sft": ("ponder.trainers.sft", "SFTConfig"), "onepass": ("ponder.trainers.onepass", "OnePassConfig"),
-           "rise": ("ponder.recipes.rise", "RISERunConfig"), "retry": ("ponder.recipes.retry", "RetryRunConfig"),
-           "latro": ("ponder.trainers.latro", "LaTROConfig"), "ssft": ("ponder.recipes.ssft", "SSFTRunConfig"),
-           "gfpo": ("ponder.recipes.ssft", "GFPORunConfig")}
+           "rise": ("ponder.recipes.rise", "RISERunConfig"), "retry": ("ponder.trainers.retry", "RetryConfig"),
+           "latro": ("ponder.trainers.latro", "LaTROConfig"), "ssft": ("ponder.trainers.ssft", "SSFTConfig"),
+           "gfpo": ("ponder.trainers.gfpo", "GFPOConfig")}
 
 
 def config_help(name: str) -> str:

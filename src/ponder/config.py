@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -22,6 +23,44 @@ import yaml
 
 class ConfigError(ValueError):
     pass
+
+
+def check_choice(name: str, value: Any, allowed) -> None:
+    """The one "must be one of" check: `value` of option `name` is one of `allowed`, or a ValueError naming all."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+
+
+#: Old field names that still load, old -> new (a config class may add its own in ``ALIASES``).
+ALIASES = {"dataset_size": "n_train", "train_problems": "n_train", "task": "dataset", "eval_task": "eval_dataset",
+           "eval_problems": "n_eval", "generation_batch_size": "rollout_batch_size", "dataset_seed": "data_seed",
+           "max_rationale_length": "max_new_tokens"}
+_NOTED: set[str] = set()
+
+
+def renamed(cls, values: dict[str, Any], where: dict[str, str] | None = None) -> dict[str, Any]:
+    """`values` with deprecated field names of `cls` replaced by the new ones; a one-line notice per old name
+    (once per process). Both names at once is an error."""
+    aliases = {**ALIASES, **getattr(cls, "ALIASES", {})}
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = dict(values)
+    for old in [k for k in values if k not in names and aliases.get(k) in names]:
+        new = aliases[old]
+        loc = (where or {}).get(old, cls.__name__)
+        if new in values:
+            raise ConfigError(f"{loc}: '{old}' is the old name of '{new}'; give only '{new}'")
+        out[new] = out.pop(old)
+        if where is not None:
+            where[new] = where.pop(old)
+        note_renamed(old, new)
+    return out
+
+
+def note_renamed(old: str, new: str) -> None:
+    """The one-line deprecation notice of an old option name, once per process."""
+    if old not in _NOTED:
+        _NOTED.add(old)
+        print(f"note: '{old}' is deprecated; use '{new}'", file=sys.stderr)
 
 
 class _Loader(yaml.SafeLoader):
@@ -181,8 +220,10 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
     if path is not None:
         path = Path(path)
         data, lines = _read_yaml(path)
+        locs = {k: f"{path}:{n}" for k, n in lines.items()}
+        data = renamed(cls, data, locs)
         for k, v in data.items():
-            loc = f"{path}:{lines.get(k, 1)}"
+            loc = locs.get(k, f"{path}:1")
             if k not in fields:
                 raise ConfigError(_unknown(cls, k, loc, fields))
             values[k] = _check_type(cls, k, v, loc)
@@ -190,6 +231,7 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
     for text in overrides or []:
         keys, v = parse_override(text)
         loc = f"command line ({text})"
+        keys[0] = next(iter(renamed(cls, {keys[0]: None}, {keys[0]: loc})))
         if keys[0] not in fields:
             raise ConfigError(_unknown(cls, keys[0], loc, fields))
         if len(keys) == 1:

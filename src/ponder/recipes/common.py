@@ -5,18 +5,21 @@ config -> trainer -> train -> `runs/<name>/` loop of the training sub-commands."
 from __future__ import annotations
 
 import atexit
-import errno
 import json
 import os
-import shutil
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ponder import dist, models, stats, ui
+from ponder import ui
 from ponder.config import ConfigError, load_config, to_yaml
-from ponder.trainers.base import TrainingStopped
+from ponder.engine import dist, models
+from ponder.engine.data import read_jsonl, write_jsonl
+from ponder.methods import stats
+from ponder.methods.episodes import Env, eval_metrics, evaluate, headline
+from ponder.trainers.base import TrainingStopped, atomic_dir
 
 #: The lock file a run keeps in its output directory while it runs.
 LOCK = ".ponder.lock"
@@ -142,11 +145,11 @@ def release_locks(path: Path | None = None) -> None:
 atexit.register(release_locks)
 
 
-def start_run(cfg) -> Path:
+def start_run(cfg, write_config: bool = True) -> Path:
     """Take the run's output directory (`lock_output_dir`) and record the config it runs with (``config.yaml``)."""
     out = Path(cfg.output_dir)
     lock_output_dir(out)
-    if dist.is_main():
+    if write_config and dist.is_main():
         (out / "config.yaml").write_text(to_yaml(cfg))
     return out
 
@@ -160,28 +163,9 @@ def save_final(trainer, final: Path) -> None:
     if bad:
         raise TrainingStopped(f"the trained weights hold NaN/inf ({len(bad)} tensors, e.g. {bad[0]}): the run "
                               f"diverged; nothing was saved as {final}")
-    staging = final.with_name(f".{final.name}.staging")
-    main = trainer.args.should_save
-    if main:
-        shutil.rmtree(staging, ignore_errors=True)
-    dist.barrier()
-    try:
+    with atomic_dir(final, final.with_name(f".{final.name}.staging"), trainer.args.should_save, dist.barrier,
+                    f"the final model to {final}", lambda: f"the checkpoints in {final.parent} are intact") as staging:
         trainer.save_model(str(staging))
-        dist.barrier()
-        if main:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging, final)
-    except OSError as e:
-        if main:
-            shutil.rmtree(staging, ignore_errors=True)
-        why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise TrainingStopped(f"could not write the final model to {final}: {why}; the checkpoints in "
-                              f"{final.parent} are intact") from None
-    except BaseException:  # Ctrl-C: no half-written model left behind
-        if main:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
     dist.barrier()
 
 
@@ -207,3 +191,41 @@ def train(cfg, trainer_cls, title: str):
     ui.print_table(f"{title}: {cfg.model} on {cfg.dataset}", ["metric", "value"], rows)
     ui.info(f"model: {out / 'final'}   metrics: {out / 'metrics.json'}")
     return metrics, trainer
+
+
+def finish_run(out: Path, results: dict[str, Any], t0: float, write_report: Callable[[], Any]) -> dict[str, Any]:
+    """A recipe's end: the run's seconds, metrics.json, the report (rank 0) and where they are."""
+    results["seconds"] = time.time() - t0
+    write_json(out / "metrics.json", results)
+    if dist.is_main():
+        write_report()
+    ui.info(f"report: {out / 'report.md'}   metrics: {out / 'metrics.json'}")
+    return results
+
+
+def episode_eval(model, tok, problems, cfg, name: str, out: Path, resume: bool, progress: bool = True
+                 ) -> dict[str, Any]:
+    """RISE's sequential + parallel evaluation of one model (`episodes.evaluate` in the config's environment,
+    with its ``eval_*`` settings), as the RISE and retry recipes run it: the records written to
+    out/eval/<name>.jsonl (rank 0), or read back from there when a resumed run finished it before; the headline
+    metrics printed. Returns the metrics."""
+    path = out / "eval" / f"{name}.jsonl"
+    if resume and path.exists():
+        r = eval_metrics([rec for _, rec in read_jsonl(path)], cfg.eval_parallel)
+        ui.info(f"[bold]{name}[/]: evaluated before this resume ({path})")
+    else:
+        ui.info(f"[bold]evaluating {name}[/] on {len(problems)} {cfg.eval_split} problems "
+                f"({cfg.eval_turns} sequential turns, {cfg.eval_parallel} parallel samples)")
+        env = Env(cfg.reward, cfg.demo, history_reasoning=cfg.history_reasoning)
+        r = evaluate(model, tok, problems, env=env, turns=cfg.eval_turns, parallel=cfg.eval_parallel,
+                     context_window=cfg.context_window, temperature=cfg.eval_temperature,
+                     max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.rollout_batch_size,
+                     progress=progress, unit_size=cfg.unit_size)
+        records = r.pop("records")
+        if dist.is_main():
+            write_jsonl(path, records)
+    source = getattr(cfg, "eval_dataset", None) or cfg.dataset
+    ui.print_table(f"{name}: {cfg.model} on {source}", ["metric", "value"],
+                   headline(r, cfg.eval_turns, cfg.eval_parallel) + [
+                       (f"accuracy at turn {k + 1}", a) for k, a in enumerate(r["accuracy_by_turn"])])
+    return r

@@ -14,7 +14,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ponder import data, metrics, models, runtime, stats, testbed, ui
+from ponder import ui
+from ponder.engine import data, models, runtime, testbed
+from ponder.methods import metrics, stats
 from ponder.recipes import latro, onepass, report, rise, ssft
 from ponder.recipes.common import write_json
 

@@ -7,7 +7,7 @@ A spec (configs/experiments/*.yaml):
     title: RISE on the testbed
     seeds: [0, 1, 2]
     arms:                                   # arm name -> a run kind and its config
-      rise: {run: rise, config: configs/rise/testbed.yaml, overrides: {iterations: 1, eval_problems: 400}}
+      rise: {run: rise, config: configs/rise/testbed.yaml, overrides: {iterations: 1, n_eval: 400}}
     metrics: [m1@t1, m5@t1, m1@t5, p1@t5]   # the table's columns
     claims:                                 # "row:metric > row:metric" (or >=); a row is arm/model
       - {claim: "turn 5 beats turn 1", left: "rise/iter-1:m1@t5", op: ">", right: "rise/iter-1:m1@t1"}
@@ -38,19 +38,22 @@ from typing import Any
 
 import yaml
 
-from ponder import data, metrics, models, stats, ui
-from ponder.config import ConfigError, load_config
+from ponder import ui
+from ponder.config import ConfigError, load_config, note_renamed
+from ponder.engine import data, models
+from ponder.methods import metrics, stats
 from ponder.recipes import latro as latro_recipe
 from ponder.recipes import retry as retry_recipe
 from ponder.recipes import rise as rise_recipe
 from ponder.recipes import ssft as ssft_recipe
 from ponder.recipes.common import pyplot, resume_arg, write_json
-from ponder.recipes.retry import RetryRunConfig
 from ponder.recipes.rise import RISERunConfig
-from ponder.recipes.ssft import GFPORunConfig, SSFTRunConfig
+from ponder.trainers.gfpo import GFPOConfig
 from ponder.trainers.latro import LaTROConfig
 from ponder.trainers.onepass import OnePassConfig, OnePassTrainer
+from ponder.trainers.retry import RetryConfig
 from ponder.trainers.sft import SFTConfig, SFTTrainer
+from ponder.trainers.ssft import SSFTConfig
 
 SPEC_KEYS = {"name", "title", "seeds", "arms", "metrics", "claims", "notes", "scale", "scales", "curves",
              "curve_groups", "curve_baselines"}
@@ -94,7 +97,7 @@ def run_rise(config, overrides, seed, out, after):
 def run_retry(config, overrides, seed, out, after):
     """`ponder retry`: the base and the trained model under RISE's evaluation, and the attempts and tokens the
     training sampled (the rollout budget compared with RISE's collection)."""
-    cfg = load_config(RetryRunConfig, config, _overrides(overrides, seed, out))
+    cfg = load_config(RetryConfig, config, _overrides(overrides, seed, out))
     res = retry_recipe.run(cfg)
     evs = {name: _scalars(ev) for name, ev in res["evals"].items()}
     evs["trained"].update(sampled_attempts=float(res["train"]["sampled_attempts"]),
@@ -106,7 +109,11 @@ def run_eval(config, overrides, seed, out, after):
     """Evaluate a model: greedy accuracy, sample accuracy, pass@k and maj@k (`ponder.metrics.evaluate`)."""
     o = dict(overrides)
     model_spec = after["model"] if after else o.pop("model", "testbed")
-    problems = data.load_problems(o.pop("task", "testbed"), n=o.pop("eval_problems", 400), split="test")
+    for old, new in (("task", "dataset"), ("eval_problems", "n_eval")):  # the names before the configs' ones
+        if old in o:
+            note_renamed(old, new)
+            o.setdefault(new, o.pop(old))
+    problems = data.load_problems(o.pop("dataset", "testbed"), n=o.pop("n_eval", 400), split="test")
     model, tok = models.load(str(model_spec))
     r = metrics.evaluate(model, tok, problems, seed=seed, **o)
     r.pop("records")
@@ -114,7 +121,7 @@ def run_eval(config, overrides, seed, out, after):
 
 
 def run_sft(config, overrides, seed, out, after):
-    """SFT, then `metrics.evaluate` of the final model (`eval` overrides: task, eval_problems, samples, ...)."""
+    """SFT, then `metrics.evaluate` of the final model (`eval` overrides: dataset, n_eval, samples, ...)."""
     o = dict(overrides)
     ev = o.pop("eval", {})
     cfg = load_config(SFTConfig, config, _overrides(o, seed, out))
@@ -138,7 +145,7 @@ def run_latro(config, overrides, seed, out, after):
 
 def run_sft_gold(config, overrides, seed, out, after):
     """SFT on gold rationales of exactly the questions a LaTRO config trains on (its dataset, n_train,
-    dataset_split, dataset_seed: the same problems), then `metrics.evaluate`. overrides: the LaTRO
+    dataset_split, data_seed: the same problems), then `metrics.evaluate`. overrides: the LaTRO
     config's overrides, plus `sft:` (SFTConfig fields), `eval:` (as for `eval` runs) and `gold_strategy` (the
     rationales' format, default ``direct``: `ponder.recipes.latro.gold_conversations`)."""
     o = dict(overrides)
@@ -146,7 +153,7 @@ def run_sft_gold(config, overrides, seed, out, after):
     if after:
         o["model"] = str(after["model"])
     lcfg = load_config(LaTROConfig, config, _overrides(o, seed, out))
-    problems = data.resolve_problems(lcfg.dataset, lcfg.n_train, lcfg.dataset_split, "dataset", lcfg.dataset_seed)
+    problems = data.resolve_problems(lcfg.dataset, lcfg.n_train, lcfg.dataset_split, "dataset", lcfg.problem_seed())
     gold = out / "gold.jsonl"
     data.write_jsonl(gold, [{"messages": m} for m in latro_recipe.gold_conversations(problems, strategy)])
     sft = {"model": lcfg.model, "dataset": str(gold), "lr_scheduler_type": "constant", "save_strategy": "no",
@@ -163,18 +170,18 @@ def _forking(cfg_cls, name, config, overrides, seed, out, after):
     if after:
         o["model"] = str(after["model"])
     cfg = load_config(cfg_cls, config, _overrides(o, seed, out))
-    res = (ssft_recipe.ssft_run if cfg_cls is SSFTRunConfig else ssft_recipe.gfpo_run)(cfg)
+    res = (ssft_recipe.ssft_run if cfg_cls is SSFTConfig else ssft_recipe.gfpo_run)(cfg)
     ev = dict(res.get("eval", {}))
     ev.pop("per_tag", None)
     return {name: _scalars(ev)}
 
 
 def run_ssft(config, overrides, seed, out, after):
-    return _forking(SSFTRunConfig, "ssft", config, overrides, seed, out, after)
+    return _forking(SSFTConfig, "ssft", config, overrides, seed, out, after)
 
 
 def run_gfpo(config, overrides, seed, out, after):
-    return _forking(GFPORunConfig, "gfpo", config, overrides, seed, out, after)
+    return _forking(GFPOConfig, "gfpo", config, overrides, seed, out, after)
 
 
 def run_onepass(config, overrides, seed, out, after):

@@ -7,8 +7,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ponder import data, dist, metrics, models, testbed, ui
-from ponder.config import load_config
+from ponder import ui
+from ponder.config import check_choice, load_config
+from ponder.engine import data, dist, models, testbed
+from ponder.methods import metrics
 from ponder.recipes import report as reports
 from ponder.recipes.common import effect_note, pyplot, resume_arg, save_final, start_run, write_json
 from ponder.recipes.report import flatten, pct
@@ -112,7 +114,7 @@ def write_report(out: Path, cfg: LaTROConfig, log_history: list[dict[str, Any]],
     png = plot(log_history, out / "latro.png", f"LaTRO: {cfg.model} on {cfg.dataset}")
     evals = [h for h in log_history if "eval_greedy_accuracy" in h]
     maj = next((k for h in evals for k in h if k.startswith("eval_maj@")), None)
-    intro = [f"K = {cfg.num_generations}, L = {cfg.max_rationale_length}, β = {cfg.beta}, γ = {cfg.nonstop_penalty}, "
+    intro = [f"K = {cfg.num_generations}, L = {cfg.max_new_tokens}, β = {cfg.beta}, γ = {cfg.nonstop_penalty}, "
              f"sft_weight = {cfg.sft_weight}, lr = {cfg.learning_rate}, rollouts per step = "
              f"{cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * max(1, cfg.world_size)}, "
              f"steps = {summary.get('steps')}, {summary.get('seconds', 0):.0f} s."]
@@ -162,8 +164,7 @@ def gold_conversations(problems, strategy: str = "direct") -> list[list[dict[str
     from the model's own, as human-written GSM8K solutions are for an LLM)."""
     if any("a" not in p.meta for p in problems):
         raise ValueError("gold rationales exist for testbed problems only (testbed, testbed:words)")
-    if strategy not in testbed.STRATEGIES:
-        raise ValueError(f"strategy must be one of {', '.join(testbed.STRATEGIES)}, got {strategy!r}")
+    check_choice("strategy", strategy, testbed.STRATEGIES)
     out = []
     for p in problems:
         arith = testbed.Arith(*(int(p.meta[k]) for k in "abc"))
@@ -196,30 +197,29 @@ def demo(run_dir, base: str, problems: list, quick: bool = False, *, steps: int 
     timings, evals, per = {}, {}, {}
 
     def evaluate(model, tok, name):
+        """Greedy accuracy and maj@k of `model` -> evals[name], per-problem results, its time."""
+        t = time.time()
         model.eval()
         r = metrics.evaluate(model, tok, problems, samples=samples, max_new_tokens=96, batch_size=128, seed=seed)
         per[name] = {"greedy": [float(x["greedy_correct"]) for x in r["records"]],
                      "maj": [float(metrics.maj_correct(x["answers"], x["correct"])) for x in r["records"]]}
-        return {"greedy": r["greedy_accuracy"], "maj": r[f"maj@{samples}"]}
+        evals[name] = {"greedy": r["greedy_accuracy"], "maj": r[f"maj@{samples}"]}
+        timings[f"eval_{name}"] = time.time() - t
 
     model, tok = models.load(str(base))
-    t = time.time()
-    evals["base"] = evaluate(model, tok, "base")
-    timings["eval_base"] = time.time() - t
+    evaluate(model, tok, "base")
 
     # LaTRO: K self-sampled rationales per question, self-reward log p("The answer is {gold}." | x, z).
     t = time.time()
     cfg = LaTROConfig(output_dir=str(run_dir / "latro"), model=str(base), num_generations=k,
-                      per_device_train_batch_size=questions * k, max_rationale_length=64, max_steps=steps,
+                      per_device_train_batch_size=questions * k, max_new_tokens=64, max_steps=steps,
                       learning_rate=lr, beta=0.05, sft_weight=sft_weight, prompt_template="{question}",
                       stop=["The answer is"], rollout_batch_size=128, **common)
     train = data.load_problems("testbed", n=n_train, split="train", seed=seed + 1)
     tr = LaTROTrainer(model=model, args=cfg, train_dataset=train, processing_class=tok)
     tr.train()
     timings["train_latro"] = time.time() - t
-    t = time.time()
-    evals["latro"] = evaluate(tr.model, tok, "latro")
-    timings["eval_latro"] = time.time() - t
+    evaluate(tr.model, tok, "latro")
     history = tr.state.log_history
 
     # SFT on gold rationales: the same questions, one gold rationale each, batches of `questions`.
@@ -231,9 +231,7 @@ def demo(run_dir, base: str, problems: list, quick: bool = False, *, steps: int 
     st = SFTTrainer(model=sft_model, args=scfg, train_dataset=conv, processing_class=tok)
     st.train()
     timings["train_sft"] = time.time() - t
-    t = time.time()
-    evals["sft"] = evaluate(st.model, tok, "sft")
-    timings["eval_sft"] = time.time() - t
+    evaluate(st.model, tok, "sft")
 
     maj = f"maj@{samples}"
     curve = history + [{"step": 0, "eval_greedy_accuracy": evals["base"]["greedy"], f"eval_{maj}": evals["base"]["maj"]},

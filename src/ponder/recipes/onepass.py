@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ponder import masks, models, testbed
-from ponder.chat import pad_id
-from ponder.data import load_conversations
-from ponder.onepass import npass_samples, npass_step, onepass_step
+from ponder.engine import masks, models, testbed
+from ponder.engine.chat import pad_id
+from ponder.engine.data import load_conversations
+from ponder.methods.onepass import npass_samples, npass_step, onepass_step
 from ponder.recipes.common import pyplot, run_training
 from ponder.trainers.onepass import OnePassConfig, OnePassTrainer
 

@@ -146,3 +146,33 @@ def render(run_dir: Path) -> Path:
                          "plots": ["training.png"], "notes": []})
     name = "summary.md" if (run_dir / "report.md").exists() else "report.md"
     return write(run_dir, f"ponder run: {run_dir.name}", sections, name=name)
+
+
+def plot_by_turn(evals: dict[str, dict[str, Any]], path: Path):
+    """Accuracy at each turn alone, majority over turns 1..k (m1@tk) and any-correct (p1@tk), one line per
+    model (base, iter-1, ...), with the parallel baselines at equal compute (m{k}@t1, p{k}@t1) dashed."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    panels = [("accuracy_by_turn", "accuracy of turn k alone", None),
+              ("majority_by_turn", "m1@tk: majority over turns 1..k (dashed: parallel)", "m"),
+              ("pass_by_turn", "p1@tk: some turn in 1..k correct (dashed: parallel)", "p")]
+    for ax, (key, title, baseline) in zip(axes, panels):
+        for j, (name, r) in enumerate(evals.items()):
+            ys = [100 * y for y in r[key]]
+            ax.plot(range(1, len(ys) + 1), ys, marker="o", label=name, color=f"C{j}")
+            parallel = [x for x in r if baseline and x.startswith(baseline) and x.endswith("@t1") and x != "m1@t1"]
+            if parallel:
+                ax.axhline(100 * r[parallel[0]], color=f"C{j}", ls="--", lw=1, label=f"{name} {parallel[0]}")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("turn k")
+        ax.set_xticks(range(1, len(ys) + 1))
+        # fixed 0-100 %: matplotlib would zoom into all-equal data (e.g. all 0: a 1e-17 axis, negative %)
+        ax.set_ylim(-2, 102)
+        ax.set_yticks(range(0, 101, 20))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("% of problems")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig  # closed, still inspectable (tests read its axes)

@@ -1,6 +1,6 @@
 """`ponder retry`: multi-turn retry RL with earlier reasoning hidden, each episode trained as one tree
 (`ponder.trainers.retry.RetryTrainer`, docs/methods.md §7) — evaluate the starting model, train, evaluate the
-trained model with RISE's sequential + parallel evaluation (`ponder.rise.evaluate`: m1@t1, m{k}@t1, m1@t{T},
+trained model with RISE's sequential + parallel evaluation (`ponder.episodes.evaluate`: m1@t1, m{k}@t1, m1@t{T},
 p1@t{T}, accuracy by turn), and write runs/<name>/{config.yaml, final/, eval/*.jsonl, metrics.json, report.md,
 accuracy_by_turn.png}. The report puts the trained model's single-turn accuracy (m1@t1) next to the base
 model's: multi-turn training can trade turn-1 accuracy for later turns."""
@@ -9,93 +9,47 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ponder import data, dist, models, ui
 from ponder.config import load_config, to_yaml
-from ponder.data import write_jsonl
+from ponder.engine import data, models
+from ponder.methods.episodes import HEADLINE
 from ponder.recipes import report as reports
-from ponder.recipes.common import lock_output_dir, resume_arg, save_final, write_json
+from ponder.recipes.common import episode_eval, finish_run, resume_arg, save_final, start_run
 from ponder.recipes.report import pct
-from ponder.recipes.rise import plot_by_turn
-from ponder.rise import HEADLINE, Env, eval_metrics, evaluate, headline
 from ponder.trainers.retry import RetryConfig, RetryTrainer
 
-
-@dataclass
-class RetryRunConfig(RetryConfig):
-    """The recipe's evaluation settings on top of the trainer's (RISE's evaluation, docs/methods.md §3.7)."""
-    eval_task: str | None = field(default=None, metadata={"help": "held-out problems (default: `dataset`)"})
-    eval_problems: int = field(default=200, metadata={"help": "number of held-out problems"})
-    eval_split: str = field(default="test")
-    eval_turns: int = field(default=5, metadata={"help": "sequential turns (feedback always 'incorrect')"})
-    eval_parallel: int = field(default=5, metadata={"help": "parallel first-turn samples (m{k}@t1, p{k}@t1)"})
-    eval_temperature: float = field(default=1.0, metadata={"help": "the official RISE evaluation samples at 1.0"})
-    eval_base: bool = field(default=True, metadata={"help": "evaluate the starting model too (the guard)"})
-    unit_size: int | None = field(default=None, metadata={
-        "help": "problems per evaluation work unit (each seeded by its index): set it to get the same evaluation "
-                "with any number of processes; unset: one unit per process"})
-
-    def __post_init__(self):
-        if self.eval_problems < 1 or self.eval_turns < 1 or self.eval_parallel < 0:
-            raise ValueError("eval_problems and eval_turns must be >= 1, eval_parallel >= 0")
-        if self.eval_temperature < 0:
-            raise ValueError(f"eval_temperature must be >= 0, got {self.eval_temperature}")
-        if self.unit_size is not None and self.unit_size < 1:
-            raise ValueError(f"unit_size must be >= 1 (or unset: one work unit per process), got {self.unit_size}")
-        super().__post_init__()
+#: The recipe reads the trainer's config (its evaluation fields included).
+RetryRunConfig = RetryConfig
 
 
 _RUN_FIELDS = ("model", "dataset", "n_train", "num_generations", "max_turns", "history_reasoning", "context_window",
                "reward", "advantage", "credit", "gamma", "beta", "loss_normalization", "layout", "temperature",
-               "max_new_tokens", "max_steps", "learning_rate", "per_device_train_batch_size", "lora", "eval_task",
-               "eval_problems", "eval_turns", "eval_parallel", "eval_temperature", "seed")
+               "max_new_tokens", "max_steps", "learning_rate", "per_device_train_batch_size", "lora", "eval_dataset",
+               "n_eval", "eval_turns", "eval_parallel", "eval_temperature", "seed")
 
 
 def run_retry(config_path, overrides: list[str]) -> dict[str, Any]:
     """`ponder retry -c CONFIG key=value ...`."""
-    cfg = load_config(RetryRunConfig, config_path, overrides)
+    cfg = load_config(RetryConfig, config_path, overrides)
     return run(cfg, config_text=to_yaml(cfg))
 
 
-def run(cfg: RetryRunConfig, config_text: str | None = None) -> dict[str, Any]:
+def run(cfg: RetryConfig, config_text: str | None = None) -> dict[str, Any]:
     """Evaluate the base model, train, evaluate the trained model; metrics.json, report.md and the plot.
     ``resume_from_checkpoint: last`` reads a finished base evaluation back and resumes training."""
     t0 = time.time()
-    out = Path(cfg.output_dir)
-    resume = resume_arg(cfg) is True
-    lock_output_dir(out)
-    if config_text is not None and dist.is_main():
-        (out / "config.yaml").write_text(config_text)
+    out, resume = start_run(cfg, write_config=config_text is not None), resume_arg(cfg) is True
     model, tok = models.load(cfg.model, dtype=cfg.dtype, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code)
-    env = Env(cfg.reward, cfg.demo, history_reasoning=cfg.history_reasoning)
-    test = data.load_problems(cfg.eval_task or cfg.dataset, n=cfg.eval_problems, split=cfg.eval_split,
-                              seed=cfg.dataset_seed)
-    eval_kw = dict(env=env, turns=cfg.eval_turns, parallel=cfg.eval_parallel, context_window=cfg.context_window,
-                   temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                   batch_size=cfg.generation_batch_size, unit_size=cfg.unit_size)
+    test = data.load_problems(cfg.eval_dataset or cfg.dataset, n=cfg.n_eval, split=cfg.eval_split,
+                              seed=cfg.problem_seed())
     results: dict[str, Any] = {"config": {k: getattr(cfg, k) for k in _RUN_FIELDS}, "evals": {}}
 
     def do_eval(name):
-        path = out / "eval" / f"{name}.jsonl"
         t = time.time()
-        if resume and path.exists():
-            r = eval_metrics([rec for _, rec in data.read_jsonl(path)], cfg.eval_parallel)
-            ui.info(f"[bold]{name}[/]: evaluated before this resume ({path})")
-        else:
-            ui.info(f"[bold]evaluating {name}[/] on {len(test)} {cfg.eval_split} problems "
-                    f"({cfg.eval_turns} sequential turns, {cfg.eval_parallel} parallel samples)")
-            r = evaluate(model, tok, test, progress=False, **eval_kw)
-            if dist.is_main():
-                write_jsonl(path, r.pop("records"))
-        r.pop("records", None)
-        results["evals"][name] = r
+        results["evals"][name] = episode_eval(model, tok, test, cfg, name, out, resume, progress=False)
         results[f"{name}_eval_seconds"] = time.time() - t
-        ui.print_table(f"{name}: {cfg.model} on {cfg.eval_task or cfg.dataset}", ["metric", "value"],
-                       headline(r, cfg.eval_turns, cfg.eval_parallel) + [
-                           (f"accuracy at turn {k + 1}", a) for k, a in enumerate(r["accuracy_by_turn"])])
 
     if cfg.eval_base:
         do_eval("base")
@@ -109,12 +63,7 @@ def run(cfg: RetryRunConfig, config_text: str | None = None) -> dict[str, Any]:
     model = trainer.model
     save_final(trainer, out / "final")
     do_eval("trained")
-    results["seconds"] = time.time() - t0
-    write_json(out / "metrics.json", results)
-    if dist.is_main():
-        write_report(out, results, cfg)
-    ui.info(f"report: {out / 'report.md'}   metrics: {out / 'metrics.json'}")
-    return results
+    return finish_run(out, results, t0, lambda: write_report(out, results, cfg))
 
 
 def _train_means(history: list[dict[str, Any]], key: str) -> tuple[float, float] | None:
@@ -125,7 +74,7 @@ def _train_means(history: list[dict[str, Any]], key: str) -> tuple[float, float]
     return sum(vals[:k]) / k, sum(vals[-k:]) / k
 
 
-def write_report(out: Path, results: dict[str, Any], cfg: RetryRunConfig) -> Path:
+def write_report(out: Path, results: dict[str, Any], cfg: RetryConfig) -> Path:
     """report.md (and sections.json, so `ponder report` re-renders it with these tables) and
     accuracy_by_turn.png; percentages."""
     evals = results["evals"]
@@ -137,7 +86,7 @@ def write_report(out: Path, results: dict[str, Any], cfg: RetryRunConfig) -> Pat
              f"{cfg.history_reasoning}; advantages {cfg.advantage} per turn, credit {cfg.credit}"
              + (f" (gamma {cfg.gamma})" if cfg.credit == "return" else "") + f"; beta {cfg.beta}; layout "
              f"{cfg.layout}; lr {cfg.learning_rate}.", "",
-             f"Evaluation on {len(evals.get('trained', {}).get('per_problem', {}).get('m1@t1', [])) or cfg.eval_problems} "
+             f"Evaluation on {len(evals.get('trained', {}).get('per_problem', {}).get('m1@t1', [])) or cfg.n_eval} "
              f"{cfg.eval_split} problems: {T} sequential turns (feedback always \"incorrect\", context window "
              f"{cfg.context_window or 'all'}) and {k} parallel first-turn samples, temperature "
              f"{cfg.eval_temperature}. m1@t1 is single-turn accuracy: the guard against multi-turn training "
@@ -149,7 +98,7 @@ def write_report(out: Path, results: dict[str, Any], cfg: RetryRunConfig) -> Pat
                      f"{pct(evals['trained']['m1@t1'])}% ({d:+.1f} points; one seed — see the lead's multi-seed runs "
                      "before reading an effect into it).")
     if evals:
-        plot_by_turn(evals, out / "accuracy_by_turn.png")
+        reports.plot_by_turn(evals, out / "accuracy_by_turn.png")
     sections = [
         {"title": "Evaluation (%)", "columns": ["model", *keys],
          "rows": [[name, *(pct(r[x]) if x in r else "-" for x in keys)] for name, r in evals.items()],

@@ -9,7 +9,6 @@ import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,52 +16,64 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers.trainer_utils import get_last_checkpoint
 
-from ponder import data, dist, models, rise, rollout, ui
-from ponder.config import load_config, to_yaml
-from ponder.data import write_jsonl
+from ponder import ui
+from ponder.config import check_choice, load_config, to_yaml
+from ponder.engine import data, dist, models, rollout
+from ponder.engine.data import write_jsonl
+from ponder.methods import episodes, rise
+from ponder.methods.episodes import HEADLINE, Env, evaluate
+from ponder.methods.rise import collect, collection_summary
 from ponder.recipes import report as reports
-from ponder.recipes.common import effect_note, lock_output_dir, pyplot, resume_arg, save_final, write_json
+from ponder.recipes.common import (
+    effect_note,
+    episode_eval,
+    finish_run,
+    resume_arg,
+    save_final,
+    start_run,
+    write_json,
+)
 from ponder.recipes.report import pct
-from ponder.rise import HEADLINE, Env, collect, collection_summary, eval_metrics, evaluate, headline
 from ponder.trainers.base import ADAPTER_DIR
+from ponder.trainers.configs import check_unit_size, config, option
 from ponder.trainers.rise import RISEConfig, RISETrainer
 
 
-@dataclass
+@config
 class RISERunConfig(RISEConfig):
     """The recipe's settings on top of the trainer's: collection (arXiv 2407.18219 §4, official
     `workflow_gen.py`), evaluation (§5, `workflow_eval.py`) and the number of iterations."""
-    task: str = field(default="testbed", metadata={"help": "problems: testbed | rg:<task> | file.jsonl | hf:..."})
-    train_problems: int = field(default=512, metadata={"help": "problems collected per iteration (fresh ones)"})
-    collect_turns: int = field(default=2, metadata={"help": "turns per collected episode"})
-    samples: list[int] = field(default_factory=lambda: [1, 8], metadata={
-        "help": "candidates per turn, best-of-n (last value repeats); [1, 16] = the official self-distillation"})
-    teacher: str | None = field(default=None, metadata={"help": "distillation: a model spec for teacher turns"})
-    teacher_turns: list[int] | None = field(default=None, metadata={"help": "0-based turns played by the teacher "
-                                                                   "(default: all after the first)"})
-    temperature: float = field(default=1.0, metadata={"help": "collection sampling temperature"})
-    max_new_tokens: int = field(default=256, metadata={"help": "per attempt"})
-    generation_batch_size: int = field(default=64, metadata={"help": "sequences per generation batch"})
-    rollout_backend: str = field(default="auto", metadata={"help": "sampler: auto | generate | lean | vllm "
-                                                                     "(docs/methods.md §6)"})
-    reward: str = field(default="verify", metadata={"help": "verify (ponder.verify.score) | rise_official (the "
-                                                                   "official GSM8K reward +1/0/-1; alias gsm8k)"})
-    demo: bool = field(default=False, metadata={"help": "instruction + one-shot demo prefix (math chat models)"})
-    iterations: int = field(default=1, metadata={"help": "collect -> train rounds, each with the newest model"})
-    eval_problems: int = field(default=200, metadata={"help": "held-out problems"})
-    eval_split: str = field(default="test")
-    eval_turns: int = field(default=5, metadata={"help": "sequential turns"})
-    eval_parallel: int = field(default=5, metadata={"help": "parallel first-turn samples (m5@t1)"})
-    context_window: int = field(default=2, metadata={"help": "sliding window; 0 = full history"})
-    eval_temperature: float = field(default=1.0, metadata={"help": "the official evaluation samples at 1.0"})
-    eval_base: bool = field(default=True, metadata={"help": "evaluate the starting model too"})
-    unit_size: int | None = field(default=None, metadata={
-        "help": "problems per work unit of collection and evaluation (each unit seeded on its own; default one "
-                "unit per process); set it to get the same results for any number of processes"})
+    # -- collection
+    dataset: str | None = option("testbed", "problems: testbed | rg:<task> | file.jsonl | hf:...")
+    n_train: int = option(512, "problems collected per iteration (fresh ones)")
+    collect_turns: int = option(2, "turns per collected episode")
+    samples: list[int] = option([1, 8], "candidates per turn, best-of-n (last value repeats); [1, 16] = the "
+                                        "official self-distillation")
+    teacher: str | None = option(None, "distillation: a model spec for teacher turns")
+    teacher_turns: list[int] | None = option(None, "0-based turns played by the teacher (default: all after the "
+                                                   "first)")
+    temperature: float = option(1.0, "collection sampling temperature")
+    max_new_tokens: int = option(256, "per attempt")
+    rollout_batch_size: int = option(64, "sequences per sampling batch")
+    rollout_backend: str = option("auto", "sampler: auto | generate | lean | vllm (docs/methods.md §6)")
+    reward: str = option("verify", "verify (ponder.verify.score) | rise_official (the official GSM8K reward "
+                                   "+1/0/-1; alias gsm8k)")
+    demo: bool = option(False, "instruction + one-shot demo prefix (math chat models)")
+    iterations: int = option(1, "collect -> train rounds, each with the newest model")
+    # -- evaluation
+    n_eval: int = option(200, "held-out problems")
+    eval_split: str = option("test", "split of `dataset` to evaluate on")
+    eval_turns: int = option(5, "sequential turns")
+    eval_parallel: int = option(5, "parallel first-turn samples (m5@t1)")
+    context_window: int = option(2, "sliding window; 0 = full history")
+    eval_temperature: float = option(1.0, "the official evaluation samples at 1.0")
+    eval_base: bool = option(True, "evaluate the starting model too")
+    unit_size: int | None = option(None, "problems per work unit of collection and evaluation (each unit seeded "
+                                         "on its own; default one unit per process); set it to get the same "
+                                         "results for any number of processes")
 
     def __post_init__(self):
-        if self.reward not in rise.REWARDS:
-            raise ValueError(f"reward must be one of {', '.join(rise.REWARDS)}, got {self.reward!r}")
+        check_choice("reward", self.reward, episodes.REWARDS)
         if isinstance(self.samples, int):
             self.samples = [self.samples]
         if not self.samples or any(not isinstance(n, int) or n < 1 for n in self.samples):
@@ -70,8 +81,7 @@ class RISERunConfig(RISEConfig):
         if self.collect_turns < 1 or self.eval_turns < 1 or self.iterations < 0:
             raise ValueError("collect_turns and eval_turns must be >= 1 and iterations >= 0")
         rollout.check_backend(self.rollout_backend)
-        if self.unit_size is not None and self.unit_size < 1:
-            raise ValueError(f"unit_size must be >= 1 (or unset: one work unit per process), got {self.unit_size}")
+        check_unit_size(self.unit_size)
         super().__post_init__()
 
 
@@ -91,37 +101,16 @@ def run(cfg, config_text: str | None = None) -> dict[str, Any]:
     read back from their files (an iteration is finished once its ``iteration.json`` is written, after its
     ``final/``), collected trajectories are reused, and training resumes from its last checkpoint."""
     t0 = time.time()
-    out = Path(cfg.output_dir)
-    resume = resume_arg(cfg) is True
-    lock_output_dir(out)
-    if config_text is not None and dist.is_main():
-        (out / "config.yaml").write_text(config_text)
+    out, resume = start_run(cfg, write_config=config_text is not None), resume_arg(cfg) is True
     model, tok = models.load(cfg.model, dtype=cfg.dtype, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code)
     teacher = models.load(cfg.teacher, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code) if cfg.teacher \
         else None
     env = Env(cfg.reward, cfg.demo, history_reasoning=cfg.history_reasoning)
-    test = data.load_problems(cfg.task, n=cfg.eval_problems, split=cfg.eval_split, seed=cfg.seed)
-    eval_kw = dict(env=env, turns=cfg.eval_turns, parallel=cfg.eval_parallel, context_window=cfg.context_window,
-                   temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                   batch_size=cfg.generation_batch_size, unit_size=cfg.unit_size)
+    test = data.load_problems(cfg.dataset, n=cfg.n_eval, split=cfg.eval_split, seed=cfg.seed)
     results: dict[str, Any] = {"config": {k: getattr(cfg, k) for k in _RUN_FIELDS}, "evals": {}, "iterations": []}
 
     def do_eval(name):
-        path = out / "eval" / f"{name}.jsonl"
-        if resume and path.exists():
-            r = eval_metrics([rec for _, rec in data.read_jsonl(path)], cfg.eval_parallel)
-            ui.info(f"[bold]{name}[/]: evaluated before this resume ({path})")
-        else:
-            ui.info(f"[bold]evaluating {name}[/] on {len(test)} {cfg.eval_split} problems "
-                    f"({cfg.eval_turns} sequential turns, {cfg.eval_parallel} parallel samples)")
-            r = evaluate(model, tok, test, **eval_kw)
-            records = r.pop("records")
-            if dist.is_main():
-                write_jsonl(path, records)
-        results["evals"][name] = r
-        ui.print_table(f"{name}: {cfg.model} on {cfg.task}", ["metric", "value"],
-                       headline(r, cfg.eval_turns, cfg.eval_parallel) + [
-                           (f"accuracy at turn {k + 1}", a) for k, a in enumerate(r["accuracy_by_turn"])])
+        r = results["evals"][name] = episode_eval(model, tok, test, cfg, name, out, resume)
         return r
 
     if cfg.eval_base:
@@ -141,13 +130,13 @@ def run(cfg, config_text: str | None = None) -> dict[str, Any]:
             ui.info(f"[bold]iteration {it}/{cfg.iterations}[/]: trajectories collected before this resume")
             trajs = rise.load_trajectories(it_dir / "trajectories.jsonl")
         else:
-            ui.info(f"[bold]iteration {it}/{cfg.iterations}[/]: collecting {cfg.train_problems} episodes "
+            ui.info(f"[bold]iteration {it}/{cfg.iterations}[/]: collecting {cfg.n_train} episodes "
                     f"({cfg.collect_turns} turns, samples per turn {cfg.samples})")
-            probs = data.load_problems(cfg.task, n=cfg.train_problems, split="train", seed=cfg.seed + it)
+            probs = data.load_problems(cfg.dataset, n=cfg.n_train, split="train", seed=cfg.seed + it)
             trajs = collect(model, tok, probs, env, turns=cfg.collect_turns, samples=cfg.samples, teacher=teacher,
                             teacher_turns=cfg.teacher_turns, temperature=cfg.temperature,
                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7919 * it,
-                            batch_size=cfg.generation_batch_size, unit_size=cfg.unit_size,
+                            batch_size=cfg.rollout_batch_size, unit_size=cfg.unit_size,
                             backend=cfg.rollout_backend)
             if dist.is_main():
                 write_jsonl(it_dir / "trajectories.jsonl", trajs)
@@ -171,12 +160,7 @@ def run(cfg, config_text: str | None = None) -> dict[str, Any]:
                                       "data": {k: dict(v) for k, v in trainer.data_stats.items()}})
         write_json(done, results["iterations"][-1])
         do_eval(f"iter-{it}")
-    results["seconds"] = time.time() - t0
-    write_json(out / "metrics.json", results)
-    if dist.is_main():
-        write_report(out, results, cfg)
-    ui.info(f"report: {out / 'report.md'}   metrics: {out / 'metrics.json'}")
-    return results
+    return finish_run(out, results, t0, lambda: write_report(out, results, cfg))
 
 
 def load_iteration_model(cfg, final: Path):
@@ -191,40 +175,10 @@ def load_iteration_model(cfg, final: Path):
     return model
 
 
-_RUN_FIELDS = ("model", "task", "reward", "demo", "history_reasoning", "iterations", "train_problems", "collect_turns", "samples",
+_RUN_FIELDS = ("model", "dataset", "reward", "demo", "history_reasoning", "iterations", "n_train", "collect_turns", "samples",
                "teacher", "temperature", "tau", "criteria", "remove_duplicates", "only_success", "mode",
-               "max_steps", "learning_rate", "per_device_train_batch_size", "eval_problems", "eval_turns",
+               "max_steps", "learning_rate", "per_device_train_batch_size", "n_eval", "eval_turns",
                "eval_parallel", "context_window", "eval_temperature", "max_new_tokens", "seed")
-
-
-def plot_by_turn(evals: dict[str, dict[str, Any]], path: Path):
-    """Accuracy at each turn alone, majority over turns 1..k (m1@tk) and any-correct (p1@tk), one line per
-    model (base, iter-1, ...), with the parallel baselines at equal compute (m{k}@t1, p{k}@t1) dashed."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
-    panels = [("accuracy_by_turn", "accuracy of turn k alone", None),
-              ("majority_by_turn", "m1@tk: majority over turns 1..k (dashed: parallel)", "m"),
-              ("pass_by_turn", "p1@tk: some turn in 1..k correct (dashed: parallel)", "p")]
-    for ax, (key, title, baseline) in zip(axes, panels):
-        for j, (name, r) in enumerate(evals.items()):
-            ys = [100 * y for y in r[key]]
-            ax.plot(range(1, len(ys) + 1), ys, marker="o", label=name, color=f"C{j}")
-            parallel = [x for x in r if baseline and x.startswith(baseline) and x.endswith("@t1") and x != "m1@t1"]
-            if parallel:
-                ax.axhline(100 * r[parallel[0]], color=f"C{j}", ls="--", lw=1, label=f"{name} {parallel[0]}")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("turn k")
-        ax.set_xticks(range(1, len(ys) + 1))
-        # fixed 0-100 %: matplotlib would zoom into all-equal data (e.g. all 0: a 1e-17 axis, negative %)
-        ax.set_ylim(-2, 102)
-        ax.set_yticks(range(0, 101, 20))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0].set_ylabel("% of problems")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return fig  # closed, still inspectable (tests read its axes)
 
 
 def write_report(out: Path, results: dict[str, Any], cfg) -> Path:
@@ -234,16 +188,16 @@ def write_report(out: Path, results: dict[str, Any], cfg) -> Path:
     evals = results["evals"]
     T, k = cfg.eval_turns, cfg.eval_parallel
     keys = list(dict.fromkeys(h.format(k=k, T=T) for h in HEADLINE))  # k = 1: m1@t1 once
-    intro = [f"{cfg.iterations} iteration(s); collection: {cfg.train_problems} problems, {cfg.collect_turns} turns, "
+    intro = [f"{cfg.iterations} iteration(s); collection: {cfg.n_train} problems, {cfg.collect_turns} turns, "
              f"samples per turn {cfg.samples}" + (f", teacher {cfg.teacher}" if cfg.teacher else "") +
              f"; weights exp(r/{cfg.tau}), criteria {cfg.criteria}; training {cfg.max_steps} steps per iteration "
              f"({cfg.mode}).", "",
-             f"Evaluation on {cfg.eval_problems} {cfg.eval_split} problems: {T} sequential turns (feedback always "
+             f"Evaluation on {cfg.n_eval} {cfg.eval_split} problems: {T} sequential turns (feedback always "
              f"\"incorrect\", context window {cfg.context_window}) and {k} parallel first-turn samples, "
              f"temperature {cfg.eval_temperature}. m1@t{T}: majority over the turns' answers (ties: earliest "
              f"turn); p1@t{T}: some turn correct (oracle). \"{ui.UNDEFINED}\": no cases to take a rate over."]
     if evals:
-        plot_by_turn(evals, out / "accuracy_by_turn.png")
+        reports.plot_by_turn(evals, out / "accuracy_by_turn.png")
     diag = [("right_after_wrong", "accuracy after a wrong turn"), ("right_after_right", "accuracy after a correct turn"),
             ("repeats_shown_wrong", "repeats the wrong answer it was shown"),
             ("fresh_gives_shown_wrong", "a fresh sample gives that wrong answer")]
@@ -267,7 +221,7 @@ def write_report(out: Path, results: dict[str, Any], cfg) -> Path:
             "columns": ["turn", "episodes", "chosen attempt correct (%)", "candidates correct (%)"],
             "rows": [[b["turn"], b["episodes"], pct(b["success"]), pct(b["candidate_success"])] for b in c["by_turn"]],
             "notes": ["Training data: " + ", ".join(f"{key} {ui.fmt(v)}" for key, v in sorted(d.items()))]})
-    return reports.write(out, f"RISE: {cfg.model} on {cfg.task}", sections, intro)
+    return reports.write(out, f"RISE: {cfg.model} on {cfg.dataset}", sections, intro)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -319,7 +273,7 @@ def demo(run_dir: Path, base: str, problems: list, quick: bool = False) -> dict[
     for r in evals.values():
         r.pop("records")
     plot = "rise_accuracy_by_turn.png"
-    plot_by_turn(evals, run_dir / plot)
+    reports.plot_by_turn(evals, run_dir / plot)
 
     keys = [h.format(k=k, T=T) for h in HEADLINE[:4]]
     columns = ["model"] + keys + [f"acc t{j + 1}" for j in range(T)]

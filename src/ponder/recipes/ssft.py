@@ -5,37 +5,22 @@ length and strategy) with its plots, and the SSFT demo."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ponder import data, dist, models, ssft, ui
-from ponder.chat import THINK_OPEN
+from ponder import ui
 from ponder.config import load_config
+from ponder.engine import data, dist, models
+from ponder.engine.chat import THINK_OPEN
+from ponder.methods import ssft
 from ponder.recipes import report as reports
 from ponder.recipes.common import effect_note, pyplot, train, write_json
 from ponder.trainers.gfpo import GFPOConfig, GFPOTrainer
 from ponder.trainers.ssft import SSFTConfig, SSFTTrainer
 
-
-@dataclass
-class ForkingEval:
-    """The recipe's forking evaluation after training (`ponder.ssft.evaluate_forking`)."""
-    eval_problems: int = field(default=0, metadata={"help": "held-out problems to evaluate after training"})
-    eval_task: str = field(default="testbed", metadata={"help": "problems for the evaluation"})
-    eval_per_tag: int = field(default=2, metadata={"help": "samples per tag (k = N * eval_per_tag)"})
-    eval_temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
-    eval_max_new_tokens: int = field(default=128, metadata={"help": "completion budget"})
-
-
-@dataclass
-class SSFTRunConfig(SSFTConfig, ForkingEval):
-    pass
-
-
-@dataclass
-class GFPORunConfig(GFPOConfig, ForkingEval):
-    pass
+#: The recipes read the trainers' configs (their evaluation fields included).
+SSFTRunConfig = SSFTConfig
+GFPORunConfig = GFPOConfig
 
 
 def write_matching(trainer: SSFTTrainer, out: Path) -> None:
@@ -107,22 +92,22 @@ def tag_distribution_rows(before: list[float] | None, after: list[float], names:
 
 def run_ssft(config_path, overrides: list[str]):
     """`ponder ssft -c CONFIG key=value ...`: see `ssft_run`."""
-    return ssft_run(load_config(SSFTRunConfig, config_path, overrides))
+    return ssft_run(load_config(SSFTConfig, config_path, overrides))
 
 
-def ssft_run(cfg: SSFTRunConfig) -> dict[str, Any]:
+def ssft_run(cfg: SSFTConfig) -> dict[str, Any]:
     """SSFT (or the SFT-mixed / random-assignment baselines), its matching statistics, and the forking
     evaluation of the final model."""
     metrics, trainer = train(cfg, SSFTTrainer, "ssft")
     out = Path(cfg.output_dir)
     if cfg.assignment != "mixed":
         write_matching(trainer, out)
-    if cfg.eval_problems:
+    if cfg.n_eval:
         extra = [{"title": "Matching statistics", "plots": ["matching.png"]}] if (out / "matching.png").exists() \
             else []
         # SFT-mixed has one tag: k = N·per_tag samples of <think>, voted in groups of N like the tagged runs
         per_tag = cfg.eval_per_tag * (cfg.num_tags if cfg.assignment == "mixed" else 1)
-        metrics["eval"] = evaluate_forking_run(out / "final", cfg.tags, out, cfg.eval_task, cfg.eval_problems,
+        metrics["eval"] = evaluate_forking_run(out / "final", cfg.tags, out, cfg.eval_dataset, cfg.n_eval,
                                                per_tag, cfg.eval_temperature, cfg.eval_max_new_tokens,
                                                f"SSFT ({cfg.assignment})", extra_sections=extra,
                                                group_size=cfg.num_tags)
@@ -132,12 +117,12 @@ def ssft_run(cfg: SSFTRunConfig) -> dict[str, Any]:
 
 def run_gfpo(config_path, overrides: list[str]):
     """`ponder gfpo -c CONFIG key=value ...`: see `gfpo_run`."""
-    return gfpo_run(load_config(GFPORunConfig, config_path, overrides))
+    return gfpo_run(load_config(GFPOConfig, config_path, overrides))
 
 
-def gfpo_run(cfg: GFPORunConfig) -> dict[str, Any]:
+def gfpo_run(cfg: GFPOConfig) -> dict[str, Any]:
     """GFPO from an SSFT model + the tag distribution before/after + forking evaluation of the final model."""
-    probe = data.load_problems(cfg.eval_task, n=100, split="test")
+    probe = data.load_problems(cfg.eval_dataset, n=100, split="test")
 
     def dist(spec):
         m, tok = models.load(spec, trust_remote_code=cfg.trust_remote_code)
@@ -154,13 +139,13 @@ def gfpo_run(cfg: GFPORunConfig) -> dict[str, Any]:
     title = f"mean π(g|x) over {len(probe)} held-out problems (tag policy {cfg.tag_policy})"
     rows = tag_distribution_rows(before, after, names)
     ui.print_table(title, ["tag", "before", "after"], rows)
-    if cfg.eval_problems:
+    if cfg.n_eval:
         extra = [{"title": f"Tag distribution: {title}", "columns": ["tag", "before", "after"], "rows": rows,
                   "notes": ["Under the full policy a tag's probability is its share of the whole vocabulary's "
                             "softmax at the first answer token, so the tags need not sum to one."]
                   if cfg.tag_policy == "full" else []}]
-        metrics["eval"] = evaluate_forking_run(out / "final", names, out, cfg.eval_task,
-                                               cfg.eval_problems, cfg.eval_per_tag, cfg.eval_temperature,
+        metrics["eval"] = evaluate_forking_run(out / "final", names, out, cfg.eval_dataset,
+                                               cfg.n_eval, cfg.eval_per_tag, cfg.eval_temperature,
                                                cfg.eval_max_new_tokens, "GFPO", extra_sections=extra)
     write_json(out / "metrics.json", metrics)
     return metrics
@@ -249,7 +234,7 @@ def demo(run_dir, base: str, problems: list, quick: bool = False, *, steps: int 
     batch = batch or (2 if quick else 8)
     n_data = 8 if quick else steps * batch  # each trace set seen once
     per_tag, max_new = (1, 40) if quick else (per_tag, 64)
-    common = dict(model=str(base), dataset=dataset, dataset_size=n_data, num_tags=num_tags, prefix_len=16,
+    common = dict(model=str(base), dataset=dataset, n_train=n_data, num_tags=num_tags, prefix_len=16,
                   max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
                   lr_scheduler_type=scheduler, warmup_steps=0, logging_steps=max(steps // 5, 1),
                   save_strategy="no", report_to="none", disable_tqdm=True, dataloader_pin_memory=False, seed=0)

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from transformers import LlamaForCausalLM, TrainerCallback
 
-from ponder import rollout, testbed, verify
-from ponder.models import tiny_config
+from ponder.engine import rollout, testbed
+from ponder.engine.models import tiny_config
+from ponder.methods import verify
 from ponder.trainers.sft import SFTConfig, SFTTrainer
 
 

@@ -5,6 +5,7 @@ tokenizer) from a config, the padding/packing collators, and reporting of data c
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import json
@@ -12,15 +13,19 @@ import math
 import os
 import shutil
 from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from peft import PeftModel
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
-from ponder import models, ui
-from ponder.data import DataError, load_conversations
+from ponder import ui
+from ponder.engine import models
+from ponder.engine.data import DataError, load_conversations
 
 #: Written into every checkpoint: the sum of the per-step losses so far, so a resumed run reports the
 #: train_loss of the whole run (HF's covers only the steps of the last `train()` call).
@@ -137,11 +142,39 @@ class ConsoleLog(TrainerCallback):
             self.bar = None
 
 
+#: The transformers release whose private `Trainer` internals `PonderTrainer` relies on (pyproject.toml pins it):
+#: the methods it overrides or calls and the attributes it reads. Another release may rename or re-sign them and
+#: nothing would fail loudly — a resumed run's loss or an exact denominator would just be wrong.
+TRANSFORMERS_PINNED = "5.23"
+TRAINER_PRIVATE_METHODS = ("_get_num_items_in_batch", "_maybe_log_save_evaluate", "_run_epoch", "_save_checkpoint",
+                           "_get_output_dir", "_get_learning_rate")
+TRAINER_PRIVATE_ATTRIBUTES = ("_total_loss_scalar", "_tr_loss", "_initial_global_step")
+
+
+def check_transformers(version: str = transformers.__version__) -> None:
+    """Refuse, in one line, a transformers release other than the pinned one (or one missing a private method
+    `PonderTrainer` overrides). ``PONDER_ANY_TRANSFORMERS=1`` turns the refusal into a warning."""
+    missing = [m for m in TRAINER_PRIVATE_METHODS if not hasattr(Trainer, m)]
+    if version.split(".")[:2] == TRANSFORMERS_PINNED.split(".") and not missing:
+        return
+    msg = (f"ponder's trainers override private transformers.Trainer methods ({', '.join(TRAINER_PRIVATE_METHODS)}) "
+           f"and read private attributes ({', '.join(TRAINER_PRIVATE_ATTRIBUTES)}) as they are in transformers "
+           f"{TRANSFORMERS_PINNED}.x; found {version}" + (f", without {', '.join(missing)}" if missing else "")
+           + f". Install transformers=={TRANSFORMERS_PINNED}.* (pyproject.toml), or set PONDER_ANY_TRANSFORMERS=1 "
+           "to try anyway")
+    if os.environ.get("PONDER_ANY_TRANSFORMERS") == "1":
+        ui.warn(msg)
+        return
+    raise RuntimeError(msg)
+
+
 class PonderTrainer(Trainer):
     """HF Trainer with atomic checkpoints and a loss whose denominator spans the whole optimizer batch
-    (`units` per example). Subclasses implement `example_loss_terms` -> (sum of weighted per-token losses)."""
+    (`units` per example). Subclasses implement `weighted_loss_sum(model, inputs)` -> the sum of weighted
+    per-token losses of the micro-batch (divided here by the optimizer batch's units)."""
 
     def __init__(self, *args, **kwargs):
+        check_transformers()
         super().__init__(*args, **kwargs)
         # our progress bar and log file instead of transformers' printed log dictionaries
         self.remove_callback(PrinterCallback)
@@ -254,41 +287,60 @@ class PonderTrainer(Trainer):
         run_dir = self._get_output_dir(trial=trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging = os.path.join(run_dir, ".staging")
-        if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)
-        self.accelerator.wait_for_everyone()  # nobody writes into the staging folder before it is fresh
-        self._get_output_dir = lambda trial=None: staging  # type: ignore[method-assign]
-        try:
-            super()._save_checkpoint(model, trial)
+
+        def intact() -> str:
+            kept = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+            return (f"the previous checkpoint {os.path.basename(kept)} is intact (resume with "
+                    "resume_from_checkpoint=last)" if kept else "no checkpoint was written")
+
+        with atomic_dir(os.path.join(run_dir, name), os.path.join(staging, name), self.args.should_save,
+                        self.accelerator.wait_for_everyone, f"{name} to {run_dir}", intact, root=staging):
+            self._get_output_dir = lambda trial=None: staging  # type: ignore[method-assign]
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                del self._get_output_dir
             if self.args.should_save:
                 # HF's running sums of this train() call: drained at each log, plus what is not logged yet
                 # (the same on every process: `training_step` reduces the loss)
                 loss_sum = self._loss_before + self._total_loss_scalar + float(getattr(self, "_tr_loss", 0.0))
                 with open(os.path.join(staging, name, LOSS_FILE), "w") as f:
                     json.dump({"loss_sum": loss_sum, "global_step": self.state.global_step}, f)
-        except OSError as e:
-            shutil.rmtree(staging, ignore_errors=True)
-            kept = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
-            why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-            raise TrainingStopped(f"could not write {name} to {run_dir}: {why}; "
-                                  + (f"the previous checkpoint {os.path.basename(kept)} is intact (resume with "
-                                     "resume_from_checkpoint=last)" if kept else "no checkpoint was written")
-                                  ) from None
-        except BaseException:  # Ctrl-C while writing: nothing half-written is left behind
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        finally:
-            del self._get_output_dir
-        self.accelerator.wait_for_everyone()  # every process's part is in the staging folder
         if self.args.should_save:
-            final = os.path.join(run_dir, name)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(os.path.join(staging, name), final)
-            shutil.rmtree(staging, ignore_errors=True)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
         self.accelerator.wait_for_everyone()
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path, staging: str | Path, main: bool, barrier: Callable[[], Any], what: str,
+               intact: Callable[[], str], root: str | Path | None = None) -> Iterator[Path]:
+    """Write the folder `final` atomically (checkpoints, final models): the body writes `staging` (every process
+    its part, between two barriers), then rank 0 (`main`) renames it into place. A crash never leaves a
+    half-written `final`; a failed write (OSError: a full disk) removes the staging folder and stops the run
+    saying what could not be written (`what`) and what is intact (`intact()`); Ctrl-C removes it too. `root`:
+    the folder around `staging` to remove afterwards (default `staging` itself)."""
+    root = Path(root if root is not None else staging)
+    if main:
+        shutil.rmtree(root, ignore_errors=True)
+    barrier()  # nobody writes into the staging folder before it is fresh
+    try:
+        yield Path(staging)
+        barrier()  # every process's part is in the staging folder
+        if main:
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            shutil.rmtree(root, ignore_errors=True)
+    except OSError as e:
+        if main:
+            shutil.rmtree(root, ignore_errors=True)
+        why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise TrainingStopped(f"could not write {what}: {why}; {intact()}") from None
+    except BaseException:  # Ctrl-C while writing: nothing half-written is left behind
+        if main:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
 
 
 def model_and_tokenizer(trainer: str, model, processing_class, args, lora: bool = True):

@@ -33,48 +33,44 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
-from ponder import dist, rollout, ssft, ui, verify
-from ponder.advantages import NAN_REWARDS, finite_rewards, group_normalized
-from ponder.chat import generation_prompt, pad_id
-from ponder.data import DataError, as_problem, input_skips, load_problems
+from ponder import ui
+from ponder.config import check_choice
+from ponder.engine import dist, rollout
+from ponder.engine.chat import generation_prompt, pad_id
+from ponder.engine.data import DataError, as_problem, input_skips, load_problems
+from ponder.methods import ssft, verify
+from ponder.methods.advantages import finite_rewards, group_normalized
+from ponder.trainers import configs
 from ponder.trainers.base import PonderTrainer, model_and_tokenizer
-from ponder.trainers.ssft import ForkingConfig, collate, setup_model
+from ponder.trainers.configs import SamplingConfig, config, option
+from ponder.trainers.ssft import collate, setup_model
 
 
-@dataclass
-class GFPOConfig(ForkingConfig):
-    model: str = field(default="runs/ssft-testbed/final", metadata={"help": "an SSFT model (with <think1..N>)"})
-    dataset: str | None = field(default="testbed", metadata={"help": "problems: testbed | rg:<task> | .jsonl | hf:"})
-    dataset_size: int = field(default=512, metadata={"help": "number of training problems"})
-    num_tags: int = field(default=6, metadata={"help": "N forking tokens <think1>..<thinkN>"})
-    num_generations: int = field(default=8, metadata={"help": "G: tags (and rollouts) sampled per question"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (tag and trace)"})
-    max_new_tokens: int = field(default=128, metadata={"help": "rollout length budget"})
-    scale_rewards: bool = field(default=True, metadata={"help": "divide advantages by the group std (GRPO)"})
-    nan_rewards: str = field(default="raise", metadata={
-        "help": "raise | skip (a NaN or ±inf reward leaves its group's mean and std, advantage 0, counted)"})
-    tag_policy: str = field(default="full", metadata={"help": "full (the first token from the whole vocabulary, "
-                                                               "the paper) | tags (restricted to the N tags)"})
-    generation_batch_size: int = field(default=64, metadata={"help": "sequences per generation batch"})
-    rollout_backend: str = field(default="auto", metadata={"help": "sampler: auto | generate | lean | vllm "
-                                                                     "(docs/methods.md §6)"})
+@config
+class GFPOConfig(SamplingConfig):
+    """GFPO: the forking tokens, the tag policy and its advantage, and the forking evaluation the recipe runs
+    after training."""
+    method: ClassVar[str] = "gfpo"
+    model: str = option("runs/ssft-testbed/final", "an SSFT model (with <think1..N>)")
+    num_tags: int = configs.num_tags()
+    token_init: str = configs.token_init()
+    tags_only: bool = configs.tags_only()
+    tag_policy: str = option("full", "full (the first token from the whole vocabulary, the paper) | tags "
+                                     "(restricted to the N tags)")
+    scale_rewards: bool = option(True, "divide advantages by the group std (GRPO)")
+    # -- evaluation after training
+    n_eval: int = option(0, "held-out problems to evaluate after training")
+    eval_dataset: str = option("testbed", "problems for the evaluation")
+    eval_per_tag: int = configs.eval_per_tag()
+    eval_temperature: float = option(1.0, "sampling temperature of the evaluation")
+    eval_max_new_tokens: int = option(128, "completion budget of the evaluation")
 
     def __post_init__(self):
-        if self.num_generations < 2:
-            raise ValueError("num_generations must be >= 2 (the advantage is relative to the group)")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0 (GFPO samples its tags)")
-        if self.nan_rewards not in NAN_REWARDS:
-            raise ValueError(f"nan_rewards must be one of {', '.join(NAN_REWARDS)}, got {self.nan_rewards!r}")
-        if self.tag_policy not in ssft.TAG_POLICIES:
-            raise ValueError(f"tag_policy must be one of {', '.join(ssft.TAG_POLICIES)}, got {self.tag_policy!r}")
-        rollout.check_backend(self.rollout_backend)
-        if self.output_dir is None:
-            self.output_dir = "runs/gfpo"
+        check_choice("tag_policy", self.tag_policy, ssft.TAG_POLICIES)
         super().__post_init__()
 
 
@@ -109,7 +105,7 @@ class GFPOTrainer(PonderTrainer):
         if data is None:
             raise ValueError("no training problems: pass train_dataset or set `dataset` in the config")
         if isinstance(data, str):
-            data = load_problems(data, n=args.dataset_size, split="train", seed=args.data_seed or args.seed)
+            data = load_problems(data, n=args.n_train, split=args.dataset_split, seed=args.data_seed or args.seed)
         problems = [as_problem(p, f"train_dataset[{i}]", i) for i, p in enumerate(data)]
         items = [{"id": p.id, "prompt": generation_prompt(tok, [{"role": "user", "content": p.question}]),
                   "problem": p, "units": args.num_generations} for p in problems]
@@ -127,7 +123,7 @@ class GFPOTrainer(PonderTrainer):
         prompts = [it["prompt"] + [int(t)] for it, row in zip(items, first) for t in row]
         out = rollout.sample(self.accelerator.unwrap_model(model), self.processing_class, prompts, n=1,
                              temperature=self.args.temperature, max_new_tokens=self.args.max_new_tokens,
-                             batch_size=self.args.generation_batch_size, progress=False,
+                             batch_size=self.args.rollout_batch_size, progress=False,
                              seed=self.args.seed * 100003 + self.state.global_step + 1_000_003 * self.slot,
                              backend=self.args.rollout_backend)
         r = [[float(self.reward_fn(it["problem"], out[b * g + k][0].text)) for k in range(g)]

@@ -31,57 +31,58 @@ rollouts: its GSM8K "6 epochs" are ~0.37 passes, docs/methods.md §4.6).
 
 from __future__ import annotations
 
-import copy
 import itertools
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from peft import PeftModel
-from transformers import TrainingArguments
 
-from ponder import dist, latro, metrics, rollout, verify
-from ponder.advantages import (
-    NAN_REWARDS,
+from ponder.config import check_choice
+from ponder.engine import dist, rollout
+from ponder.engine.chat import end_of_turn_id, pad_id
+from ponder.engine.data import DataError, Problem, input_skips, resolve_problems
+from ponder.engine.prompts import check_template
+from ponder.methods import latro, metrics, verify
+from ponder.methods.advantages import (
     finite_rewards,
     group_normalized,
     normalize_advantages,
     rloo_advantages,
 )
-from ponder.chat import end_of_turn_id, pad_id
-from ponder.data import DataError, Problem, input_skips, resolve_problems
-from ponder.prompts import check_template
-from ponder.trainers.base import PonderTrainer, cpu_processes, model_and_tokenizer
+from ponder.trainers.base import PonderTrainer, model_and_tokenizer
+from ponder.trainers.configs import SamplingConfig, config, option
+from ponder.trainers.rl import disable_dropout, reference_forward, reference_model, update_seed
 
 ADVANTAGES = ("rloo", "grpo")
 
 
-@dataclass
-class LaTROConfig(TrainingArguments):
+@config
+class LaTROConfig(SamplingConfig):
     """Defaults are the paper's GSM8K recipe (docs/methods.md §4.6): K = 16, 48 rollouts per device per update,
     lr 5e-7 (no warm-up, linear decay), β = 0.05, L = 500, temperature 1, γ = 2, reward Σ log π(y|x⊕z)."""
-    model: str = field(default="testbed", metadata={"help": "model spec for ponder.models.load (CLI runs)"})
-    dataset: str | None = field(default=None, metadata={"help": "problems: testbed | rg:<task> | .jsonl | hf:<name>"})
-    dataset_split: str = field(default="train", metadata={"help": "split of `dataset` to train on"})
-    n_train: int | None = field(default=None, metadata={"help": "number of training problems (None: all)"})
-    dataset_seed: int = field(default=0, metadata={"help": "seed of generated problems (testbed, rg:<task>)"})
-    eval_problems: str | None = field(default=None, metadata={"help": "held-out problems (default: `dataset`)"})
-    eval_split: str = field(default="test", metadata={"help": "split of `eval_problems`"})
-    n_eval: int = field(default=200, metadata={"help": "held-out problems for greedy accuracy and maj@k"})
-    eval_samples: int = field(default=8, metadata={"help": "samples per problem (T=1) for maj@k; 0: greedy only"})
-    eval_max_new_tokens: int | None = field(default=None, metadata={"help": "default: max_rationale_length + 32"})
-    prompt_template: str = field(default=latro.PROMPT_TEMPLATE, metadata={
-        "help": "user message with {question} (and {options} for multiple choice), or a name: gsm8k | arc"})
-    answer_template: str = field(default=latro.ANSWER_TEMPLATE, metadata={"help": "the target y; {answer}"})
-    reward: str = field(default="logprob", metadata={
-        "help": "logprob (LaTRO) | mean_logprob | prob (VeriFree) | mean_prob (RLPR) | verifier (0/1: plain RLOO)"})
-    num_generations: int = field(default=16, metadata={"help": "K rationales per question (the paper's rloo_k)"})
-    max_rationale_length: int = field(default=500, metadata={"help": "L: most new tokens in a rationale (with "
-                                                                    "reward: verifier, in the whole completion)"})
-    temperature: float = field(default=1.0, metadata={"help": "rollout sampling temperature"})
-    stop: list[str] = field(default_factory=lambda: list(latro.STOP_STRINGS),
-                            metadata={"help": "strings that end a rationale (answer template starts)"})
+    ALIASES: ClassVar[dict[str, str]] = {"eval_problems": "eval_dataset"}  # here it was a source, not a count
+    method: ClassVar[str] = "latro"
+    # -- data
+    dataset: str | None = option(None, "problems: testbed | rg:<task> | .jsonl | hf:<name>")
+    n_train: int | None = option(None, "number of training problems (None: all)")
+    # -- evaluation
+    eval_dataset: str | None = option(None, "held-out problems (default: `dataset`)")
+    eval_split: str = option("test", "split of `eval_dataset`")
+    n_eval: int = option(200, "held-out problems for greedy accuracy and maj@k")
+    eval_samples: int = option(8, "samples per problem (T=1) for maj@k; 0: greedy only")
+    eval_max_new_tokens: int | None = option(None, "default: max_new_tokens + 32")
+    # -- rationale and answer
+    prompt_template: str = option(latro.PROMPT_TEMPLATE, "user message with {question} (and {options} for "
+                                                          "multiple choice), or a name: gsm8k | arc")
+    answer_template: str = option(latro.ANSWER_TEMPLATE, "the target y; {answer}")
+    reward: str = option("logprob", "logprob (LaTRO) | mean_logprob | prob (VeriFree) | mean_prob (RLPR) | "
+                                    "verifier (0/1: plain RLOO)")
+    num_generations: int = option(16, "K rationales per question (the paper's rloo_k)")
+    max_new_tokens: int = option(500, "L: most new tokens in a rationale (with reward: verifier, in the whole "
+                                      "completion)")
+    stop: list[str] = option(list(latro.STOP_STRINGS), "strings that end a rationale (answer template starts)")
+    # -- loss
     beta: float = field(default=0.05, metadata={"help": "KL coefficient (0.05 GSM8K, 0.25 ARC); 0: no ref"})
     nonstop_penalty: float = field(default=2.0, metadata={"help": "γ: reward of a rationale with no stop = γ × "
                                                                    "the update's mean reward (bounded rewards: 0)"})
@@ -102,37 +103,18 @@ class LaTROConfig(TrainingArguments):
     std_filter_ema: float = field(default=0.99, metadata={"help": "RLPR filter_ema_ratio"})
     std_filter_ema_start: int = field(default=6, metadata={"help": "RLPR filter_ema_start_step (updates from 1)"})
     std_filter_start: int = field(default=11, metadata={"help": "RLPR filter_start_step"})
-    rollout_batch_size: int = field(default=64, metadata={"help": "sequences per generate() call"})
-    rollout_backend: str = field(default="auto", metadata={"help": "sampler: auto | generate | lean | vllm "
-                                                                     "(docs/methods.md §6)"})
-    dtype: str = field(default="float32", metadata={"help": "model dtype (fp32 on CPU)"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "run Python code a model folder ships (custom "
-                                                                     "modelling); off unless you set it"})
-    lora: dict | None = field(default=None, metadata={"help": "PEFT LoRA options, e.g. {r: 16, alpha: 32}"})
+    # -- optimisation
     learning_rate: float = field(default=5e-7, metadata={"help": "AdamW learning rate (paper: 5e-7)"})
     per_device_train_batch_size: int = field(default=48, metadata={"help": "rollouts per device per micro-step "
                                                                           "(a multiple of num_generations)"})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "keep the prompt/answer ids"})
-    dataloader_pin_memory: bool = field(default=False, metadata={"help": "batches are token-id lists"})
 
     def __post_init__(self):
-        def one_of(name, allowed):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        one_of("reward", latro.REWARDS)
-        one_of("advantage", ADVANTAGES)
-        one_of("nan_rewards", NAN_REWARDS)
-        one_of("reward_span", latro.REWARD_SPANS)
-        if self.num_generations < 2:
-            raise ValueError(f"num_generations must be >= 2 (RLOO needs a leave-one-out baseline), got "
-                             f"{self.num_generations}")
+        check_choice("reward", self.reward, latro.REWARDS)
+        check_choice("advantage", self.advantage, ADVANTAGES)
+        check_choice("reward_span", self.reward_span, latro.REWARD_SPANS)
         if self.per_device_train_batch_size % self.num_generations:
             raise ValueError(f"per_device_train_batch_size ({self.per_device_train_batch_size}) must be a multiple "
                              f"of num_generations ({self.num_generations}): it counts rollouts, K per question")
-        if self.max_rationale_length < 1:
-            raise ValueError("max_rationale_length must be >= 1")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0 (LaTRO samples rationales; the paper uses 1.0)")
         if self.beta < 0 or self.sft_weight < 0:
             raise ValueError("beta and sft_weight must be >= 0")
         if self.reward == "verifier" and self.sft_weight:
@@ -150,10 +132,6 @@ class LaTROConfig(TrainingArguments):
                              f"got {self.prompt_template!r}")
         if "{answer}" not in self.answer_template:
             raise ValueError(f"answer_template must contain {{answer}}, got {self.answer_template!r}")
-        rollout.check_backend(self.rollout_backend)
-        if self.output_dir is None:
-            self.output_dir = "runs/latro"
-        cpu_processes(self)
         super().__post_init__()
 
 
@@ -201,12 +179,18 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
             "index": torch.tensor([b["index"] for b in batch]), "units": torch.ones(len(batch), dtype=torch.long)}
 
 
-def disable_dropout(model) -> None:
-    """LaTRO's log-probs are exact sums over sampled tokens; dropout would make reward and loss noisy (the
-    official code and TRL disable it in the policy and the reference)."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
+@dataclass
+class UpdateRollouts:
+    """What the rewards and advantages of one update are computed from: the update's rollouts in order (this
+    process's, or every process's in slot order under several processes)."""
+    logp_z: torch.Tensor            # Σ log π(z|x) per rollout
+    score: torch.Tensor             # the reward's score R per rollout
+    stopped: torch.Tensor           # did the rationale end with a stop string
+    ref: torch.Tensor | None        # Σ log π₀(z|x) (a KL term), else None
+    index: list[int]                # the training problem of each rollout
+    lengths: list[int]              # rationale lengths
+    tokens: list[int]               # sampled tokens per plan
+    starts: list[int]               # where each of this process's plans starts in the update
 
 
 @dataclass
@@ -241,20 +225,14 @@ class LaTROTrainer(PonderTrainer):
         model, processing_class = model_and_tokenizer("LaTROTrainer", model, processing_class, args)
         tok = processing_class
         disable_dropout(model)
-        # Reference π₀ = the initial policy. With LoRA, the base weights are π₀: disable the adapter for the
-        # reference pass instead of holding a second copy.
-        self.ref_model = None
-        if args.beta > 0 and not isinstance(model, PeftModel):
-            self.ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
-            self.ref_model.eval().requires_grad_(False)
-            disable_dropout(self.ref_model)
+        self.ref_model = reference_model(model, args.beta, ref_model)  # π₀; None with LoRA (adapter disabled)
         self.train_problems = resolve_problems(train_dataset if train_dataset is not None else args.dataset,
-                                               args.n_train, args.dataset_split, "train_dataset", args.dataset_seed)
+                                               args.n_train, args.dataset_split, "train_dataset", args.problem_seed())
         if not self.train_problems:
             raise DataError("no training problems")
         # Held-out problems are loaded now when evaluation is scheduled (the Trainer wants an eval_dataset then),
         # else on the first `evaluate()` call.
-        self._eval_source = eval_dataset if eval_dataset is not None else (args.eval_problems or args.dataset)
+        self._eval_source = eval_dataset if eval_dataset is not None else (args.eval_dataset or args.dataset)
         self.eval_problems: list[Problem] = []
         if eval_dataset is not None or args.eval_strategy != "no" or args.eval_on_start:
             self.eval_problems = resolve_problems(self._eval_source, args.n_eval, args.eval_split, "eval_dataset")
@@ -326,10 +304,9 @@ class LaTROTrainer(PonderTrainer):
                 b["units"] = p.keep.round().long().cpu()
 
     def _rollout_seed(self, micro: int = 0) -> int:
-        """The seed of micro-batch `micro` of this update: a function of (seed, step, slot = micro × processes +
-        rank), never of a consumed RNG stream (distinct for up to 64 slots per update)."""
+        """The seed of micro-batch `micro` of this update (`rl.update_seed`)."""
         slot = micro * self.accelerator.num_processes + self.accelerator.process_index
-        return (self.args.seed * 1_000_003 + self.state.global_step) * 64 + slot
+        return update_seed(self.args.seed, self.state.global_step, slot)
 
     def rollouts(self, model, prompt_ids: list[list[int]], answer_ids: list[list[int]] | None = None,
                  index: list[int] | None = None, seed: int | None = None) -> Rollouts:
@@ -338,7 +315,7 @@ class LaTROTrainer(PonderTrainer):
         end-of-turn token, y is empty) scored by `ponder.verify.score`."""
         a, k = self.args, self.args.num_generations
         verifier = a.reward == "verifier"
-        samples = rollout.sample(model, self.processing_class, prompt_ids, n=k, max_new_tokens=a.max_rationale_length,
+        samples = rollout.sample(model, self.processing_class, prompt_ids, n=k, max_new_tokens=a.max_new_tokens,
                                  temperature=a.temperature, stop=[] if verifier else a.stop,
                                  seed=self._rollout_seed() if seed is None else seed,
                                  batch_size=a.rollout_batch_size, progress=False,
@@ -380,15 +357,10 @@ class LaTROTrainer(PonderTrainer):
             score = p.verifier.to(logp_z.device, logp_z.dtype)
         return logp_z, score
 
-    @torch.no_grad()
     def ref_logp_z(self, model, xs, zs) -> torch.Tensor:
         """Σ log π₀(z|x): a pass over [x z] only (an empty y) with the frozen copy or the disabled adapter."""
-        empty = [[] for _ in xs]
-        pad = pad_id(self.processing_class)
-        if self.ref_model is not None:
-            return latro.score_ids(self.ref_model, xs, zs, empty, pad)[0]
-        with model.disable_adapter():
-            return latro.score_ids(model, xs, zs, empty, pad)[0]
+        empty, pad = [[] for _ in xs], pad_id(self.processing_class)
+        return reference_forward(self.ref_model, model, lambda m: latro.score_ids(m, xs, zs, empty, pad)[0])
 
     def _finish(self, plans: list[Rollouts], logp_z: list[torch.Tensor], score: list[torch.Tensor]) -> None:
         """Rewards, the std filter and advantages over ALL the rollouts of the update (`plans`), written into
@@ -397,16 +369,16 @@ class LaTROTrainer(PonderTrainer):
         process computes what one process with the same global batch computes."""
         a, k = self.args, self.args.num_generations
         policy = self.accelerator.unwrap_model(self.model)
-        lz, sy = torch.cat(logp_z).detach(), torch.cat(score).detach()
-        stopped = torch.cat([p.stopped for p in plans]).to(lz.device)
-        ref = torch.cat([self.ref_logp_z(policy, p.xs, p.zs) for p in plans]) if a.beta > 0 else None
-        index = [i for p in plans for i in p.index]
-        lengths = [n for p in plans for n in p.lengths]
-        tokens = [sum(len(z) for z in p.zs) for p in plans]
-        starts = [sum(len(q.xs) for q in plans[:j]) for j in range(len(plans))]  # each plan in the update's order
+        lz = torch.cat(logp_z).detach()
+        u = UpdateRollouts(
+            logp_z=lz, score=torch.cat(score).detach(), stopped=torch.cat([p.stopped for p in plans]).to(lz.device),
+            ref=torch.cat([self.ref_logp_z(policy, p.xs, p.zs) for p in plans]) if a.beta > 0 else None,
+            index=[i for p in plans for i in p.index], lengths=[n for p in plans for n in p.lengths],
+            tokens=[sum(len(z) for z in p.zs) for p in plans],
+            starts=[sum(len(q.xs) for q in plans[:j]) for j in range(len(plans))])
         if self.accelerator.num_processes > 1:
-            lz, sy, stopped, ref, index, lengths, tokens, starts = self._whole_update(
-                plans, lz, sy, stopped, ref, lengths, tokens)
+            u = self._whole_update(plans, u)
+        lz, sy, stopped, ref, index = u.logp_z, u.score, u.stopped, u.ref, u.index
         r0 = self.no_rationale[index].to(sy.device, sy.dtype) if self.no_rationale is not None else None
         ids = [self.train_problems[i].id for i in index]
         # every reward is checked before it enters an advantage: the score itself, then the total with the KL term
@@ -438,33 +410,35 @@ class LaTROTrainer(PonderTrainer):
         if a.normalize_advantages:  # TRL normalises over the batch of every process: the whole update here
             adv = normalize_advantages(torch.where(keep > 0, adv, torch.full_like(adv, float("nan"))))
         adv = torch.nan_to_num(adv, nan=0.0)
-        for p, at in zip(plans, starts):
+        for p, at in zip(plans, u.starts):
             n = len(p.xs)
             p.advantages, p.keep = adv[at:at + n], keep[at:at + n]
-        self._record(sy, reward, kl, adv, stopped, lz, lengths, sum(tokens), keep, threshold, skipped)
+        self._record(sy, reward, kl, adv, stopped, lz, u.lengths, sum(u.tokens), keep, threshold, skipped)
 
-    def _whole_update(self, plans, lz, sy, stopped, ref, lengths, tokens):
-        """Every process's rollouts of this update, in slot order (micro-step × processes + rank: the order of
-        one process accumulating the same global batch), and where each of this process's plans starts in it."""
+    def _whole_update(self, plans: list[Rollouts], u: UpdateRollouts) -> UpdateRollouts:
+        """Every process's rollouts of this update (`u`: this process's), in slot order (micro-step × processes
+        + rank: the order of one process accumulating the same global batch), and where each of this process's
+        plans starts in it."""
         n_proc, rank = self.accelerator.num_processes, self.accelerator.process_index
         mine, at = {}, 0
         for m, p in enumerate(plans):
             sl = slice(at, at + len(p.xs))
-            mine[m * n_proc + rank] = {"lz": lz[sl].cpu(), "sy": sy[sl].cpu(), "stopped": stopped[sl].cpu(),
-                                       "ref": None if ref is None else ref[sl].cpu(), "index": p.index,
-                                       "lengths": lengths[sl], "tokens": tokens[m]}
+            mine[m * n_proc + rank] = {"lz": u.logp_z[sl].cpu(), "sy": u.score[sl].cpu(), "stopped": u.stopped[sl].cpu(),
+                                       "ref": None if u.ref is None else u.ref[sl].cpu(), "index": p.index,
+                                       "lengths": u.lengths[sl], "tokens": u.tokens[m]}
             at = sl.stop
         every: dict[int, dict] = {}
         for part in dist.gather(mine):
             every.update(part)
         order = sorted(every)
         offsets = {s: sum(len(every[t]["index"]) for t in order[:j]) for j, s in enumerate(order)}
-        dev = lz.device
+        dev = u.logp_z.device
         cat = {key: torch.cat([every[s][key] for s in order]).to(dev) for key in ("lz", "sy", "stopped")}
-        ref = None if ref is None else torch.cat([every[s]["ref"] for s in order]).to(dev)
-        return (cat["lz"], cat["sy"], cat["stopped"], ref, [i for s in order for i in every[s]["index"]],
-                [n for s in order for n in every[s]["lengths"]], [every[s]["tokens"] for s in order],
-                [offsets[m * n_proc + rank] for m in range(len(plans))])
+        return UpdateRollouts(
+            logp_z=cat["lz"], score=cat["sy"], stopped=cat["stopped"],
+            ref=None if u.ref is None else torch.cat([every[s]["ref"] for s in order]).to(dev),
+            index=[i for s in order for i in every[s]["index"]], lengths=[n for s in order for n in every[s]["lengths"]],
+            tokens=[every[s]["tokens"] for s in order], starts=[offsets[m * n_proc + rank] for m in range(len(plans))])
 
     def weighted_loss_sum(self, model, inputs):
         if "plan" not in inputs:  # a batch that did not come through get_batch_samples (e.g. a direct call)
@@ -526,7 +500,7 @@ class LaTROTrainer(PonderTrainer):
             raise DataError(f"eval problems: the prompt template has a field the problems lack: {e}") from None
         model = self.accelerator.unwrap_model(self.model)
         r = metrics.evaluate(model, self.processing_class, rendered, samples=a.eval_samples, temperature=1.0,
-                             max_new_tokens=a.eval_max_new_tokens or a.max_rationale_length + 32,
+                             max_new_tokens=a.eval_max_new_tokens or a.max_new_tokens + 32,
                              batch_size=a.rollout_batch_size, seed=a.seed)
         r.pop("records")
         self.data_stats["eval"] = {"problems": r["n"], **({"skipped_too_long": r["skipped_too_long"]}

@@ -14,16 +14,19 @@ Batches are made of conversations in every mode, so a run's loss curve does not 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from ponder import masks, ui
-from ponder.chat import pad_id
-from ponder.data import DataError, as_conversation, input_skips
-from ponder.logprobs import cross_entropy, logits_at, shift_pairs
-from ponder.onepass import chunks, onepass_logits
+from ponder import ui
+from ponder.config import check_choice
+from ponder.engine import masks
+from ponder.engine.chat import pad_id
+from ponder.engine.data import DataError, as_conversation, input_skips
+from ponder.engine.logprobs import cross_entropy, weighted_cross_entropy
+from ponder.engine.tree import ATTENTION_MODES, check_attention_backend
+from ponder.methods.onepass import chunks, onepass_logits
+from ponder.trainers import configs
 from ponder.trainers.base import (
     PonderTrainer,
     fit_context,
@@ -35,26 +38,34 @@ from ponder.trainers.base import (
     resolve_conversations,
     source_name,
 )
-from ponder.trainers.sft import SFTConfig, encode
-from ponder.tree import check_backend
+from ponder.trainers.configs import SupervisedConfig, check_supervised, config, option
+from ponder.trainers.sft import encode
+
+MODES = ("onepass", "npass", "kpass")
 
 
-@dataclass
-class OnePassConfig(SFTConfig):
-    mode: str = field(default="onepass", metadata={"help": "onepass | npass | kpass"})
-    kpass_chunks: int = field(default=2, metadata={"help": "kpass: number of chunks of turns"})
-    attention: str = field(default="auto", metadata={"help": "auto | sparse | dense | flex (no CPU backward)"})
+@config
+class OnePassConfig(SupervisedConfig):
+    """One-pass multi-turn SFT: the history, the mode and the attention backend."""
+    method: ClassVar[str] = "onepass"
+    dataset: str | None = option(None, "multi-turn conversations: .jsonl, hf:<name>, directory")
+    history_reasoning: str = configs.history_reasoning()
+    mode: str = option("onepass", "onepass | npass | kpass")
+    kpass_chunks: int = option(2, "kpass: number of chunks of turns")
+    attention: str = configs.attention()
 
     def __post_init__(self):
-        if self.mode not in ("onepass", "npass", "kpass"):
-            raise ValueError(f"mode must be onepass, npass or kpass, got {self.mode!r}")
-        if self.attention not in ("auto", "sparse", "dense", "flex"):
-            raise ValueError(f"attention must be auto, sparse, dense or flex, got {self.attention!r}")
-        if self.kpass_chunks < 1:
-            raise ValueError("kpass_chunks must be >= 1")
-        if self.output_dir is None:
-            self.output_dir = "runs/onepass"
+        check_onepass(self)
         super().__post_init__()
+
+
+def check_onepass(cfg) -> None:
+    """The checks of the supervised and one-pass fields (OnePassConfig's, RISEConfig's)."""
+    check_supervised(cfg)
+    check_choice("mode", cfg.mode, MODES)
+    check_choice("attention", cfg.attention, ATTENTION_MODES)
+    if cfg.kpass_chunks < 1:
+        raise ValueError("kpass_chunks must be >= 1")
 
 
 def prepare(tokenizer, items, mode: str, max_length: int, normalization: str, kpass_chunks: int = 2,
@@ -130,7 +141,7 @@ class OnePassTrainer(PonderTrainer):
         args.max_length = fit_context(model, args.max_length)
         plain = args.mode == "npass" or args.history_reasoning == "keep"
         if not plain:
-            check_backend(model)
+            check_attention_backend(model)
         tok = processing_class
         self.data_stats: dict[str, Counter] = {}
         opts = dict(mode=args.mode, max_length=args.max_length, normalization=args.loss_normalization,
@@ -166,15 +177,10 @@ class OnePassTrainer(PonderTrainer):
         if model.training:
             self._forwarded = getattr(self, "_forwarded", 0) + int(inputs["tokens"].sum())
         if "pairs" not in inputs:  # plain causal samples (npass, or history kept)
-            w = inputs["weights"]
-            pairs = shift_pairs(w != 0)
-            logits = logits_at(model, inputs["input_ids"], (pairs[0], pairs[1]), inputs.get("attention_mask"),
-                               inputs.get("position_ids"))
-            w = w[pairs[0], pairs[2]]
-        else:
-            batch = masks.Batch(**{k: inputs[k] for k in masks.Batch.__dataclass_fields__})
-            pairs, w = batch.pairs, batch.pair_weight
-            logits = onepass_logits(model, batch, self.args.attention)
+            return weighted_cross_entropy(model, inputs)
+        batch = masks.Batch(**{k: inputs[k] for k in masks.Batch.__dataclass_fields__})
+        pairs, w = batch.pairs, batch.pair_weight
+        logits = onepass_logits(model, batch, self.args.attention)
         ce = cross_entropy(logits, inputs["input_ids"][pairs[0], pairs[2]])
         return (ce * w.to(ce.dtype)).sum()
 

@@ -4,7 +4,7 @@ are `ponder.retry`; environment RISE's, arXiv 2407.18219 §3; turn-level credit 
 One optimizer update (`get_batch_samples` sees all its micro-batches):
 1. per problem, G episodes of up to T attempts sampled on-policy (`ponder.retry.rollout_episodes`, seeded by
    (seed, step, slot) like LaTRO, so a resumed run samples what the uninterrupted one did); the feedback after a
-   wrong attempt is RISE's retry prompt, a correct attempt ends the episode; the reward is `rise.Env.score`
+   wrong attempt is RISE's retry prompt, a correct attempt ends the episode; the reward is `episodes.Env.score`
    (`ponder.verify`);
 2. per-turn advantages A_{i,t} over the episodes of the same problem that reached turn t
    (`ponder.retry.turn_advantages`: rloo | grpo, credit turn | return with γ);
@@ -23,94 +23,88 @@ One optimizer step per batch of episodes (on-policy): no importance ratio, no cl
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
-from peft import PeftModel
-from transformers import TrainingArguments
 
-from ponder import retry, rise, rollout, tree
-from ponder.advantages import NAN_REWARDS, finite_rewards
-from ponder.chat import HISTORY_REASONING, pad_id
-from ponder.data import DataError, input_skips, resolve_problems
-from ponder.trainers.base import PonderTrainer, check_flex_trainable, cpu_processes, model_and_tokenizer
-from ponder.trainers.latro import disable_dropout
+from ponder.config import check_choice
+from ponder.engine import tree
+from ponder.engine.chat import HISTORY_REASONING, pad_id
+from ponder.engine.data import DataError, input_skips, resolve_problems
+from ponder.methods import episodes, retry
+from ponder.methods.advantages import finite_rewards
+from ponder.trainers import configs
+from ponder.trainers.base import PonderTrainer, model_and_tokenizer
+from ponder.trainers.configs import SamplingConfig, check_unit_size, config, option
+from ponder.trainers.rl import disable_dropout, reference_forward, reference_model, update_seed
 
 LAYOUTS = ("tree", "turns")
 NORMALIZATIONS = ("tokens", "attempts")
 
 
-@dataclass
-class RetryConfig(TrainingArguments):
-    model: str = field(default="testbed", metadata={"help": "model spec for ponder.models.load (CLI runs)"})
-    dataset: str | None = field(default="testbed", metadata={"help": "problems: testbed | rg:<task> | .jsonl | hf:"})
-    dataset_split: str = field(default="train", metadata={"help": "split of `dataset` to train on"})
-    n_train: int | None = field(default=512, metadata={"help": "number of training problems (None: all)"})
-    dataset_seed: int = field(default=0, metadata={"help": "seed of generated problems (testbed, rg:<task>)"})
-    num_generations: int = field(default=8, metadata={"help": "G: episodes per problem (the advantage group)"})
-    max_turns: int = field(default=2, metadata={"help": "T: most attempts per episode"})
-    temperature: float = field(default=1.0, metadata={"help": "rollout sampling temperature"})
-    max_new_tokens: int = field(default=128, metadata={"help": "per attempt"})
-    history_reasoning: str = field(default="strip", metadata={
-        "help": "strip (earlier reasoning hidden, as at inference) | keep (earlier attempts in full)"})
-    context_window: int = field(default=0, metadata={"help": "sliding window of attempts shown (rise.window); 0: all"})
-    reward: str = field(default="verify", metadata={"help": "verify | rise_official (GSM8K +1/0/-1)"})
-    demo: bool = field(default=False, metadata={"help": "instruction + one-shot demo prefix (math chat models)"})
-    advantage: str = field(default="rloo", metadata={"help": "rloo | grpo, per turn over the problem's episodes"})
-    credit: str = field(default="turn", metadata={"help": "turn (A from r_t) | return (A from Σ γ^(s-t) r_s)"})
-    gamma: float = field(default=1.0, metadata={"help": "discount of credit: return"})
-    nan_rewards: str = field(default="raise", metadata={
-        "help": "raise | skip (a NaN or ±inf reward leaves its turn's group, advantage 0, counted)"})
-    beta: float = field(default=0.0, metadata={"help": "KL coefficient (k3 to the starting model); 0: no ref"})
-    loss_normalization: str = field(default="tokens", metadata={
-        "help": "tokens (mean over attempt tokens) | attempts (each attempt's token mean, averaged)"})
-    layout: str = field(default="tree", metadata={"help": "tree (one tree per episode) | turns (each attempt its "
-                                                           "own sequence: the reference)"})
-    row_length: int = field(default=2048, metadata={"help": "tokens per packed row (several episodes per row)"})
-    attention: str = field(default="auto", metadata={"help": "auto | sparse | dense | flex (no CPU backward)"})
-    generation_batch_size: int = field(default=64, metadata={"help": "sequences per generation batch"})
-    rollout_backend: str = field(default="auto", metadata={"help": "sampler: auto | generate | lean | vllm "
-                                                                     "(docs/methods.md §6)"})
-    dtype: str = field(default="float32", metadata={"help": "model dtype (fp32 on CPU)"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "run Python code a model folder ships"})
-    lora: dict | None = field(default=None, metadata={"help": "PEFT LoRA options, e.g. {r: 16, alpha: 32}"})
-    per_device_train_batch_size: int = field(default=4, metadata={"help": "problems per device per micro-step "
-                                                                         "(each with G episodes)"})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "keep the problem indices"})
-    dataloader_pin_memory: bool = field(default=False, metadata={"help": "batches are index lists"})
+@config
+class RetryConfig(SamplingConfig):
+    """Retry RL (docs/methods.md §7): the episodes, the reward and its credit, the loss and its layout, and the
+    evaluation the recipe runs before and after training (RISE's, docs/methods.md §3.7)."""
+    method: ClassVar[str] = "retry"
+    # -- episodes
+    max_turns: int = option(2, "T: most attempts per episode")
+    history_reasoning: str = configs.history_reasoning(
+        "strip", "strip (earlier reasoning hidden, as at inference) | keep (earlier attempts in full)")
+    context_window: int = option(0, "sliding window of attempts shown (episodes.window); 0: all")
+    reward: str = option("verify", "verify | rise_official (GSM8K +1/0/-1)")
+    demo: bool = option(False, "instruction + one-shot demo prefix (math chat models)")
+    # -- advantage and loss
+    advantage: str = option("rloo", "rloo | grpo, per turn over the problem's episodes")
+    credit: str = option("turn", "turn (A from r_t) | return (A from Σ γ^(s-t) r_s)")
+    gamma: float = option(1.0, "discount of credit: return")
+    nan_rewards: str = option("raise", "raise | skip (a NaN or ±inf reward leaves its turn's group, advantage 0, "
+                                       "counted)")
+    beta: float = option(0.0, "KL coefficient (k3 to the starting model); 0: no ref")
+    loss_normalization: str = configs.loss_normalization(
+        "tokens", "tokens (mean over attempt tokens) | attempts (each attempt's token mean, averaged)")
+    layout: str = option("tree", "tree (one tree per episode) | turns (each attempt its own sequence: the "
+                                 "reference)")
+    row_length: int = option(2048, "tokens per packed row (several episodes per row)")
+    attention: str = configs.attention()
+    per_device_train_batch_size: int = option(4, "problems per device per micro-step (each with G episodes)")
+    # -- evaluation (the recipe's: before and after training)
+    eval_dataset: str | None = option(None, "held-out problems (default: `dataset`)")
+    n_eval: int = option(200, "number of held-out problems")
+    eval_split: str = option("test", "split of `eval_dataset`")
+    eval_turns: int = option(5, "sequential turns (feedback always 'incorrect')")
+    eval_parallel: int = option(5, "parallel first-turn samples (m{k}@t1, p{k}@t1)")
+    eval_temperature: float = option(1.0, "the official RISE evaluation samples at 1.0")
+    eval_base: bool = option(True, "evaluate the starting model too (the guard)")
+    unit_size: int | None = option(None, "problems per evaluation work unit (each seeded by its index): set it to "
+                                         "get the same evaluation with any number of processes; unset: one unit "
+                                         "per process")
 
     def __post_init__(self):
-        retry.one_of("history_reasoning", self.history_reasoning, HISTORY_REASONING)
-        retry.one_of("advantage", self.advantage, retry.ADVANTAGES)
-        retry.one_of("credit", self.credit, retry.CREDITS)
-        retry.one_of("nan_rewards", self.nan_rewards, NAN_REWARDS)
-        retry.one_of("reward", self.reward, rise.REWARDS)
-        retry.one_of("loss_normalization", self.loss_normalization, NORMALIZATIONS)
-        retry.one_of("layout", self.layout, LAYOUTS)
-        retry.one_of("attention", self.attention, tree.ATTENTION_MODES)
-        if self.num_generations < 2:
-            raise ValueError(f"num_generations must be >= 2 (the advantage is relative to the group), got "
-                             f"{self.num_generations}")
+        check_choice("history_reasoning", self.history_reasoning, HISTORY_REASONING)
+        check_choice("advantage", self.advantage, retry.ADVANTAGES)
+        check_choice("credit", self.credit, retry.CREDITS)
+        check_choice("reward", self.reward, episodes.REWARDS)
+        check_choice("loss_normalization", self.loss_normalization, NORMALIZATIONS)
+        check_choice("layout", self.layout, LAYOUTS)
+        check_choice("attention", self.attention, tree.ATTENTION_MODES)
         if self.max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {self.max_turns}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (retry samples its episodes), got {self.temperature}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
-        if self.max_new_tokens < 1 or self.row_length < 1 or self.context_window < 0:
-            raise ValueError("max_new_tokens and row_length must be >= 1, context_window >= 0")
-        rollout.check_backend(self.rollout_backend)
-        if self.output_dir is None:
-            self.output_dir = "runs/retry"
-        cpu_processes(self)
-        check_flex_trainable(self)
+        if self.row_length < 1 or self.context_window < 0:
+            raise ValueError("row_length must be >= 1, context_window >= 0")
+        if self.n_eval < 1 or self.eval_turns < 1 or self.eval_parallel < 0:
+            raise ValueError("n_eval and eval_turns must be >= 1, eval_parallel >= 0")
+        if self.eval_temperature < 0:
+            raise ValueError(f"eval_temperature must be >= 0, got {self.eval_temperature}")
+        check_unit_size(self.unit_size)
         super().__post_init__()
 
 
@@ -150,15 +144,12 @@ class RetryTrainer(PonderTrainer):
         args = args or RetryConfig()
         model, processing_class = model_and_tokenizer("RetryTrainer", model, processing_class, args)
         disable_dropout(model)  # exact log-probs: the loss is a sum over sampled tokens
-        self.ref_model = None
-        if args.beta > 0 and not isinstance(model, PeftModel):
-            self.ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
-            self.ref_model.eval().requires_grad_(False)
+        self.ref_model = reference_model(model, args.beta, ref_model)
         self.problems = resolve_problems(train_dataset if train_dataset is not None else args.dataset, args.n_train,
-                                         args.dataset_split, "train_dataset", args.dataset_seed)
+                                         args.dataset_split, "train_dataset", args.problem_seed())
         if not self.problems:
             raise DataError("no training problems")
-        self.env = rise.Env(args.reward, args.demo, history_reasoning=args.history_reasoning)
+        self.env = episodes.Env(args.reward, args.demo, history_reasoning=args.history_reasoning)
         self.data_stats = {"train": {"problems": len(self.problems), **input_skips(self.problems)}}
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._plans: list[Plan] = []
@@ -182,7 +173,7 @@ class RetryTrainer(PonderTrainer):
 
     def _seed(self, micro: int = 0) -> int:
         slot = micro * self.accelerator.num_processes + self.accelerator.process_index
-        return (self.args.seed * 1_000_003 + self.state.global_step) * 64 + slot
+        return update_seed(self.args.seed, self.state.global_step, slot)
 
     @torch.no_grad()
     def plan(self, index: list[int], seed: int) -> Plan:
@@ -193,7 +184,7 @@ class RetryTrainer(PonderTrainer):
         policy.eval()
         eps = retry.rollout_episodes(policy, self.processing_class, [self.problems[i] for i in index], self.env,
                                      a.num_generations, a.max_turns, a.temperature, a.max_new_tokens, seed,
-                                     a.generation_batch_size, a.rollout_backend, a.context_window or None)
+                                     a.rollout_batch_size, a.rollout_backend, a.context_window or None)
         policy.train(was_training)
         trees, per = [], []   # per tree: the KL weight w_t of each of its episode's attempts
         flat = [(r, self.problems[index[e.problem]].id) for row in eps for e in row for r in e.rewards]
@@ -219,13 +210,9 @@ class RetryTrainer(PonderTrainer):
         self._record(eps, packed)
         return plan
 
-    @torch.no_grad()
     def ref_logprobs(self, model, packed: tree.Packed) -> torch.Tensor:
         """log π_ref of every pair: the frozen copy, or the same model with its LoRA adapter disabled."""
-        if self.ref_model is not None:
-            return tree.logprobs(self.ref_model, packed, self.args.attention)
-        with model.disable_adapter():
-            return tree.logprobs(model, packed, self.args.attention)
+        return reference_forward(self.ref_model, model, lambda m: tree.logprobs(m, packed, self.args.attention))
 
     def weighted_loss_sum(self, model, inputs):
         if "plan" not in inputs:  # a batch that did not come through get_batch_samples

@@ -18,32 +18,43 @@ per-device batch 1 × 16 accumulation; τ = 0.4.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import ClassVar
 
-from ponder import rise
-from ponder.data import DataError
-from ponder.trainers.onepass import OnePassConfig, OnePassTrainer
+from ponder.config import check_choice
+from ponder.engine.data import DataError
+from ponder.methods import rise
+from ponder.trainers import configs
+from ponder.trainers.configs import PonderConfig, config, option
+from ponder.trainers.onepass import OnePassTrainer, check_onepass
 
 
-@dataclass
-class RISEConfig(OnePassConfig):
-    loss_normalization: str = field(default="messages", metadata={
-        "help": "messages = RISE's per-example mean CE x weight, averaged (the official loss); tokens"})
-    history_reasoning: str = field(default="keep", metadata={
-        "help": "keep (earlier attempts shown in full: the paper's MDP) | strip (earlier reasoning hidden)"})
-    # conversion (docs/methods.md §3.5)
-    tau: float = field(default=0.4, metadata={"help": "weight exp(reward / tau)"})
-    criteria: str = field(default="all", metadata={"help": "all | better | best | success"})
-    remove_duplicates: bool = field(default=False, metadata={"help": "drop repeated / empty attempts"})
-    only_success: bool = field(default=False, metadata={"help": "drop trajectories that never succeed"})
+@config
+class RISEConfig(PonderConfig):
+    """Reward-weighted one-pass SFT on RISE trajectories: the loss, the layout, and the conversion of
+    trajectories into weighted conversations (docs/methods.md §3.5)."""
+    method: ClassVar[str] = "rise"
+    dataset: str | None = option(None, "trajectories .jsonl written by `ponder rise`")
+    max_length: int = configs.max_length()
+    loss_normalization: str = configs.loss_normalization(
+        "messages", "messages = RISE's per-example mean CE x weight, averaged (the official loss); tokens")
+    history_reasoning: str = configs.history_reasoning(
+        "keep", "keep (earlier attempts shown in full: the paper's MDP) | strip (earlier reasoning hidden)")
+    packing: bool = configs.packing()
+    packing_length: int = configs.packing_length()
+    mode: str = option("onepass", "onepass | npass | kpass")
+    kpass_chunks: int = option(2, "kpass: number of chunks of turns")
+    attention: str = configs.attention()
+    # -- conversion (docs/methods.md §3.5)
+    tau: float = option(0.4, "weight exp(reward / tau)")
+    criteria: str = option("all", "all | better | best | success")
+    remove_duplicates: bool = option(False, "drop repeated / empty attempts")
+    only_success: bool = option(False, "drop trajectories that never succeed")
 
     def __post_init__(self):
-        if self.criteria not in rise.CRITERIA:
-            raise ValueError(f"criteria must be one of {', '.join(rise.CRITERIA)}, got {self.criteria!r}")
+        check_onepass(self)
+        check_choice("criteria", self.criteria, rise.CRITERIA)
         if self.tau <= 0:
             raise ValueError(f"tau must be > 0, got {self.tau}")
-        if self.output_dir is None:
-            self.output_dir = "runs/rise"
         super().__post_init__()
 
 

@@ -16,20 +16,15 @@ Both are exact over gradient accumulation and processes (the denominator counts 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any
-
-import torch
-from transformers import TrainingArguments
+from typing import Any, ClassVar
 
 from ponder import ui
-from ponder.chat import HISTORY_REASONING, Rendered, pad_id, render
-from ponder.data import DataError, as_conversation, input_skips
-from ponder.logprobs import cross_entropy, logits_at, shift_pairs
+from ponder.engine.chat import Rendered, pad_id, render
+from ponder.engine.data import DataError, as_conversation, input_skips
+from ponder.engine.logprobs import weighted_cross_entropy
+from ponder.trainers import configs
 from ponder.trainers.base import (
     PonderTrainer,
-    check_flex_trainable,
-    cpu_processes,
     fit_context,
     model_and_tokenizer,
     no_examples_left,
@@ -39,41 +34,15 @@ from ponder.trainers.base import (
     resolve_conversations,
     source_name,
 )
+from ponder.trainers.configs import SupervisedConfig, config, option
 
 
-@dataclass
-class SFTConfig(TrainingArguments):
-    model: str = field(default="testbed", metadata={"help": "model spec for ponder.models.load (CLI runs)"})
-    dataset: str | None = field(default=None, metadata={"help": "conversations: .jsonl, hf:<name>, directory"})
-    max_length: int = field(default=2048, metadata={"help": "longer examples are skipped and counted"})
-    loss_normalization: str = field(default="tokens", metadata={"help": "tokens | messages"})
-    dtype: str = field(default="float32", metadata={"help": "model dtype (fp32 on CPU)"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "run Python code a model folder ships (custom "
-                                                                     "modelling); off unless you set it"})
-    lora: dict | None = field(default=None, metadata={"help": "PEFT LoRA options, e.g. {r: 16, alpha: 32}"})
-    attn_implementation: str | None = field(default=None, metadata={
-        "help": "sdpa | eager | flex_attention (GPU: the one-pass BlockMask); default: ponder.models.load's"})
-    history_reasoning: str = field(default="strip", metadata={
-        "help": "strip (later turns do not see earlier reasoning, as at inference) | keep (they do); a record's "
-                "meta.history_reasoning overrides it"})
-    packing: bool = field(default=False, metadata={"help": "pack examples into rows (block-diagonal attention)"})
-    packing_length: int = field(default=512, metadata={"help": "tokens per packed row"})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "keep ponder's loss weights"})
-    report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "tensorboard | wandb | none"})
-
-    def __post_init__(self):
-        if self.loss_normalization not in ("tokens", "messages"):
-            raise ValueError(f"loss_normalization must be 'tokens' or 'messages', got {self.loss_normalization!r}")
-        if self.history_reasoning not in HISTORY_REASONING:
-            raise ValueError(f"history_reasoning must be one of {', '.join(HISTORY_REASONING)}, got "
-                             f"{self.history_reasoning!r}")
-        if self.output_dir is None:
-            self.output_dir = "runs/sft"
-        if not torch.cuda.is_available():
-            self.dataloader_pin_memory = False  # pinning needs an accelerator; silence the per-run warning
-        cpu_processes(self)
-        check_flex_trainable(self)
-        super().__post_init__()
+@config
+class SFTConfig(SupervisedConfig):
+    """SFT on conversations."""
+    method: ClassVar[str] = "sft"
+    dataset: str | None = option(None, "conversations: .jsonl, hf:<name>, directory")
+    history_reasoning: str = configs.history_reasoning()
 
 
 def message_weights(msgs: list[dict[str, Any]]) -> dict[int, float]:
@@ -165,9 +134,4 @@ class SFTTrainer(PonderTrainer):
                          processing_class=tok, data_collator=collate, **kwargs)
 
     def weighted_loss_sum(self, model, inputs):
-        w = inputs["weights"]
-        pairs = shift_pairs(w != 0)
-        logits = logits_at(model, inputs["input_ids"], (pairs[0], pairs[1]), inputs.get("attention_mask"),
-                           inputs.get("position_ids"))
-        ce = cross_entropy(logits, inputs["input_ids"][pairs[0], pairs[2]])
-        return (ce * w[pairs[0], pairs[2]].to(ce.dtype)).sum()
+        return weighted_cross_entropy(model, inputs)

@@ -28,16 +28,19 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from peft import TrainableTokensConfig, get_peft_model
 
-from ponder import dist, models, ssft, ui
-from ponder.chat import THINK_OPEN, pad_id
-from ponder.data import DataError, TraceSet, input_skips, load_tracesets, traceset_from_record
-from ponder.logprobs import cross_entropy, logits_at, shift_pairs
+from ponder import ui
+from ponder.config import check_choice
+from ponder.engine import dist, models
+from ponder.engine.chat import THINK_OPEN, pad_id
+from ponder.engine.data import DataError, TraceSet, input_skips, load_tracesets, traceset_from_record
+from ponder.engine.logprobs import weighted_cross_entropy
+from ponder.methods import ssft
+from ponder.trainers import configs
 from ponder.trainers.base import (
     PonderTrainer,
     fit_context,
@@ -48,42 +51,42 @@ from ponder.trainers.base import (
     report_stats,
     source_name,
 )
-from ponder.trainers.sft import SFTConfig
+from ponder.trainers.configs import SupervisedConfig, config, option
 
 ASSIGNMENTS = ("hungarian", "random", "mixed", "fixed")
 
 
-@dataclass
-class ForkingConfig(SFTConfig):
-    """What SSFT and GFPO share: how the forking tokens are initialised and trained."""
-    token_init: str = field(default="auto", metadata={"help": "auto | mean | mean+noise | <an existing token>"})
-    tags_only: bool = field(default=False, metadata={"help": "train only the forking-token rows (PEFT "
-                                                             "TrainableTokens); with lora: adapters + tag rows"})
-
-
-@dataclass
-class SSFTConfig(ForkingConfig):
-    dataset: str | None = field(default="testbed:traces", metadata={"help": "TraceSets: testbed:traces, .jsonl, hf:"})
-    dataset_size: int = field(default=2000, metadata={"help": "number of TraceSets to load / generate"})
-    num_tags: int = field(default=6, metadata={"help": "N forking tokens <think1>..<thinkN> (N >= M)"})
-    prefix_len: int = field(default=16, metadata={"help": "L: matching cost over each trace's first L tokens "
-                                                          "(0: whole trace)"})
-    assignment: str = field(default="hungarian", metadata={"help": "hungarian | random | mixed | fixed"})
-    cost_layout: str = field(default="shared", metadata={"help": "shared (prompt once, custom mask) | packed"})
-    train_tag: bool = field(default=False, metadata={"help": "also train the tag token as a target (not in "
-                                                             "the paper's loss)"})
+@config
+class SSFTConfig(SupervisedConfig):
+    """SSFT: the trace sets, the forking tokens and their matching, and the forking evaluation the recipe runs
+    after training (`ponder.ssft.evaluate_forking`)."""
+    method: ClassVar[str] = "ssft"
+    # -- data
+    dataset: str | None = option("testbed:traces", "TraceSets: testbed:traces, .jsonl, hf:")
+    n_train: int = option(2000, "number of TraceSets to load / generate")
+    # -- forking tokens and matching
+    num_tags: int = configs.num_tags("N forking tokens <think1>..<thinkN> (N >= M)")
+    token_init: str = configs.token_init()
+    tags_only: bool = configs.tags_only()
+    prefix_len: int = option(16, "L: matching cost over each trace's first L tokens (0: whole trace)")
+    assignment: str = option("hungarian", "hungarian | random | mixed | fixed")
+    cost_layout: str = option("shared", "shared (prompt once, custom mask) | packed")
+    # -- loss
+    train_tag: bool = option(False, "also train the tag token as a target (not in the paper's loss)")
+    # -- evaluation after training
+    n_eval: int = option(0, "held-out problems to evaluate after training")
+    eval_dataset: str = option("testbed", "problems for the evaluation")
+    eval_per_tag: int = configs.eval_per_tag()
+    eval_temperature: float = option(1.0, "sampling temperature of the evaluation")
+    eval_max_new_tokens: int = option(128, "completion budget of the evaluation")
 
     def __post_init__(self):
-        if self.assignment not in ASSIGNMENTS:
-            raise ValueError(f"assignment must be one of {', '.join(ASSIGNMENTS)}, got {self.assignment!r}")
-        if self.cost_layout not in ("shared", "packed"):
-            raise ValueError(f"cost_layout must be 'shared' or 'packed', got {self.cost_layout!r}")
+        check_choice("assignment", self.assignment, ASSIGNMENTS)
+        check_choice("cost_layout", self.cost_layout, ("shared", "packed"))
         if self.num_tags < 1:
             raise ValueError("num_tags must be >= 1")
         if self.prefix_len < 0:
             raise ValueError("prefix_len must be >= 0 (0: the whole trace)")
-        if self.output_dir is None:
-            self.output_dir = "runs/ssft"
         super().__post_init__()
 
     @property
@@ -272,7 +275,7 @@ class SSFTTrainer(PonderTrainer):
         if data is None:
             raise ValueError("no training data: pass train_dataset or set `dataset` in the config")
         if isinstance(data, str):
-            data = load_tracesets(data, n=args.dataset_size, seed=args.data_seed or args.seed)
+            data = load_tracesets(data, n=args.n_train, seed=args.data_seed or args.seed)
         skips = input_skips(data)
         data = list(data)
         if data and args.assignment != "mixed":
@@ -346,12 +349,7 @@ class SSFTTrainer(PonderTrainer):
                  else pad_collate(self.pad_id))(exs)
         device = next(model.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items()}
-        w = batch["weights"]
-        pairs = shift_pairs(w != 0)
-        logits = logits_at(model, batch["input_ids"], (pairs[0], pairs[1]), batch.get("attention_mask"),
-                           batch.get("position_ids"))
-        ce = cross_entropy(logits, batch["input_ids"][pairs[0], pairs[2]])
-        return (ce * w[pairs[0], pairs[2]].to(ce.dtype)).sum()
+        return weighted_cross_entropy(model, batch)
 
     # ---- logging and saving ----------------------------------------------------------------------------
 

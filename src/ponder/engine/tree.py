@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 
-from ponder.logprobs import logits_at, logprobs_of
+from ponder.config import check_choice
+from ponder.engine.logprobs import logits_at, logprobs_of
 
 CUSTOM_MASK_BACKENDS = ("eager", "sdpa", "flex_attention")
 ATTENTION_MODES = ("auto", "dense", "sparse", "flex")
@@ -566,7 +567,7 @@ class sparse_attention:
 JOB_OVERHEAD = 1200 * 192
 
 
-def check_backend(model) -> str:
+def check_attention_backend(model) -> str:
     model = getattr(model, "module", model)  # DistributedDataParallel keeps the model as .module
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
     if impl not in CUSTOM_MASK_BACKENDS:
@@ -623,9 +624,8 @@ def choose_attention(rows: int, tokens: int, width: int, linear_macs: int, dense
 def choose(model, packed: Packed, attention: str = "auto", plan: SparsePlan | None = None) -> str:
     """The attention path: ``flex`` under flex_attention, else ``sparse`` or ``dense`` by `choose_attention`,
     or the one asked for."""
-    if attention not in ATTENTION_MODES:
-        raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
-    impl = check_backend(model)
+    check_choice("attention", attention, ATTENTION_MODES)
+    impl = check_attention_backend(model)
     if attention == "flex" and impl != "flex_attention":
         raise ValueError("attention='flex' needs a model loaded with attn_implementation='flex_attention'")
     if attention != "auto":
@@ -648,7 +648,7 @@ def logits(model, packed: Packed, attention: str = "auto", block: int = 256) -> 
     (additive float mask, T^2 per row), ``sparse`` (blocks of queries against the keys they may see: exact,
     cost ~ visible keys), ``flex`` (BlockMask; GPU — no CPU backward in torch 2.13)."""
     plan = None
-    if attention == "sparse" or (attention == "auto" and check_backend(model) != "flex_attention"):
+    if attention == "sparse" or (attention == "auto" and check_attention_backend(model) != "flex_attention"):
         try:
             plan = sparse_plan(packed, _float_dtype(model), block)
         except ValueError:

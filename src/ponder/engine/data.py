@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ponder import testbed
-from ponder.chat import RenderError, normalize_messages
+from ponder.engine import testbed
+from ponder.engine.chat import RenderError, normalize_messages
 
 
 class DataError(ValueError):

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ponder.config import check_choice
+
 #: Groups whose reward std is below this get advantage 0 under GRPO normalisation (the size of the denominator's
 #: ε: below it (r − mean)/(std + ε) is rounding noise divided by ε, not a comparison of rollouts).
 STD_THRESHOLD = 1e-6
@@ -114,8 +116,7 @@ def finite_rewards(rewards: torch.Tensor, nan_rewards: str, reward: str, problem
     what the number is (e.g. ``mean_prob``, ``verify``), for the message. ``raise``: a non-finite reward (NaN,
     +inf, −inf) stops with one line naming the reward, its value and the problem; ``skip``: they become NaN (the
     estimators leave them out of the baseline, advantage 0). Returns (rewards, how many were not finite)."""
-    if nan_rewards not in NAN_REWARDS:
-        raise ValueError(f"nan_rewards must be one of {', '.join(NAN_REWARDS)}, got {nan_rewards!r}")
+    check_choice("nan_rewards", nan_rewards, NAN_REWARDS)
     bad = ~torch.isfinite(rewards)
     count = int(bad.sum())
     if count and nan_rewards == "raise":

@@ -3,7 +3,7 @@ pass (docs/methods.md §7; the environment is RISE's, arXiv 2407.18219 §3, docs
 credit in the spirit of UFO's reward decay, arXiv 2507.14295).
 
 An episode for one problem: user_1 -> attempt_1 (reasoning_1 + answer_1) -> feedback -> attempt_2 -> ... up to T
-attempts; a correct attempt ends it (`rise.Env`, collection mode). Attempt t was sampled from prompt_t, the
+attempts; a correct attempt ends it (`episodes.Env`, collection mode). Attempt t was sampled from prompt_t, the
 history rendered as at inference (``history_reasoning: strip`` — earlier attempts without their reasoning, as
 chat templates show them; ``keep`` — in full). With per-turn advantages A_t the policy-gradient loss of the
 episode is
@@ -31,22 +31,17 @@ from typing import Any
 
 import torch
 
-from ponder import rollout
-from ponder.advantages import group_normalized, rloo_advantages
-from ponder.chat import HISTORY_REASONING, normalize_messages, render
-from ponder.data import Problem
-from ponder.rise import Env, window
-from ponder.tree import Tree
+from ponder.config import check_choice
+from ponder.engine import rollout
+from ponder.engine.chat import HISTORY_REASONING, normalize_messages, render
+from ponder.engine.data import Problem
+from ponder.engine.tree import Tree
+from ponder.methods.advantages import group_normalized, rloo_advantages
+from ponder.methods.episodes import Env, window
 
 ADVANTAGES = ("rloo", "grpo")
 CREDITS = ("turn", "return")
 ATTEMPT_KINDS = ("tag", "reasoning", "answer", "eot")
-
-
-def one_of(name: str, value, allowed: Sequence) -> None:
-    """A one-line error naming the option and its allowed values."""
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -76,8 +71,8 @@ def turn_advantages(rewards: Sequence[Sequence[float]], mode: str = "rloo", cred
     `ponder.advantages.STD_THRESHOLD`, gets A = 0 exactly. A reward that is not finite (NaN, ±inf) raises unless
     `skip_nan`: then the values it enters (v_{i,t}, and with ``credit: return`` the earlier turns' returns of its
     episode) leave their turn's group and get A = 0. Returns a ragged list shaped like `rewards`."""
-    one_of("advantage", mode, ADVANTAGES)
-    one_of("credit", credit, CREDITS)
+    check_choice("advantage", mode, ADVANTAGES)
+    check_choice("credit", credit, CREDITS)
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
     values = []
@@ -187,10 +182,10 @@ def turn_sequences(tokenizer, messages: Sequence[dict[str, Any]], history_reason
                    attempt_ids: Sequence[Sequence[int]] | None = None, prefix_len: int = 0,
                    context_window: int | None = None) -> list[tuple[list[int], list[int]]]:
     """(prompt_t, attempt_t) of every attempt of an episode: prompt_t = the history before attempt t rendered
-    as the model is given it (`rise.Env.prompt`: earlier reasoning stripped or kept, the optional sliding
+    as the model is given it (`episodes.Env.prompt`: earlier reasoning stripped or kept, the optional sliding
     `context_window`), attempt_t = the sampled token ids when given (on-policy: exactly what was sampled), else
     the attempt as the template renders it when generated (reasoning block, answer, end of turn)."""
-    one_of("history_reasoning", history_reasoning, HISTORY_REASONING)
+    check_choice("history_reasoning", history_reasoning, HISTORY_REASONING)
     msgs = normalize_messages(messages)
     env = Env(history_reasoning=history_reasoning)
     idx = attempt_indices(msgs, prefix_len)
@@ -250,7 +245,7 @@ def rollout_episodes(model, tokenizer, problems: Sequence[Problem], env: Env, nu
                      progress: bool = False) -> list[list[Episode]]:
     """G episodes of up to T attempts per problem, on-policy (`ponder.rollout.sample`, no grad): turn 1 samples G
     attempts from each problem's first prompt, later turns one attempt per unfinished episode from its history
-    as rendered by `env` (reasoning stripped or kept); a correct attempt ends its episode (`rise.Env.step` in
+    as rendered by `env` (reasoning stripped or kept); a correct attempt ends its episode (`episodes.Env.step` in
     collection mode). Seeded by `seed` and the turn. Returns episodes[problem][g]."""
     if env.evaluation:
         raise ValueError("rollout_episodes needs a collection environment (evaluation=False)")

@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from ponder.chat import Rendered, RenderError, render_turns
-from ponder.tree import Flat, Packed, Tree, flatten, pack
+from ponder.engine.chat import Rendered, RenderError, render_turns
+from ponder.engine.tree import Flat, Packed, Tree, flatten, pack
 
 PAD, HUMAN, THINK, ANSWER_IN, ANSWER_OUT = 0, 1, 2, 3, 4
 ROLE_NAMES = {PAD: "pad", HUMAN: "human", THINK: "think", ANSWER_IN: "answer_in", ANSWER_OUT: "answer_out"}

@@ -6,38 +6,46 @@ attempt the user answers with the fixed retry feedback (`RETRY_PROMPT`), so the 
 answers. During data collection a correct attempt ends the episode with `SUCCESS_PROMPT`; at evaluation the
 feedback is always "incorrect" — the model never sees an oracle signal in context (§3.3, §3.7).
 
-This module holds the prompts, the environment, data collection (on-policy turns; best-of-n per turn =
-self-distillation, or a teacher model = distillation), the conversion of trajectories into reward-weighted SFT
-data (weights exp(r/τ), criteria all / better / best / success), the sequential + parallel evaluation
-(m1@t1, m5@t1, m1@t5, p1@t5). The loop collect -> train -> evaluate is the recipe `ponder.recipes.rise`; the
+This module holds data collection (on-policy turns; best-of-n per turn = self-distillation, or a teacher model = distillation), the conversion of trajectories into reward-weighted SFT
+data (weights exp(r/τ), criteria all / better / best / success). The loop collect -> train -> evaluate is the recipe `ponder.recipes.rise`; the
 trainer is `ponder.trainers.rise.RISETrainer`: a trajectory is trained as ONE sequence with a
 weight per attempt, which equals the official one-example-per-turn loss (tests/test_rise.py proves it).
 
-History: by default (`Env.history_reasoning = "keep"`, the paper's MDP) an earlier attempt is shown in full,
-reasoning included, so the next attempt can see where it went wrong; ``strip`` renders earlier attempts as chat
-templates do at inference (answers only). One renderer either way (`ponder.chat.generation_prompt`).
+The episode environment and the evaluation are `ponder.episodes` (shared with retry); their names are
+re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ponder import dist, metrics, rollout, ui, verify
-from ponder.advantages import reward_weights
-from ponder.chat import HISTORY_REASONING, generation_prompt, normalize_messages
-from ponder.data import DataError, Problem, as_problem, read_jsonl
-from ponder.prompts import DEMO_ANSWER, FIRST_TURN_PROMPT, INSTRUCTION, RETRY_PROMPT, SUCCESS_PROMPT
+from ponder import ui
+from ponder.config import check_choice
+from ponder.engine import dist, rollout
+from ponder.engine.data import DataError, Problem, as_problem, read_jsonl
+from ponder.engine.prompts import DEMO_ANSWER, FIRST_TURN_PROMPT, INSTRUCTION, RETRY_PROMPT, SUCCESS_PROMPT
+from ponder.methods import metrics
+from ponder.methods.advantages import reward_weights
+from ponder.methods.episodes import (  # re-exported: the names ponder.methods.rise had
+    HEADLINE,
+    REWARDS,
+    Env,
+    assistant_message,
+    demo_messages,
+    eval_metrics,
+    evaluate,
+    headline,
+    window,
+)
 
 __all__ = ["RETRY_PROMPT", "FIRST_TURN_PROMPT", "SUCCESS_PROMPT", "INSTRUCTION", "DEMO_ANSWER", "Env", "collect",
-           "convert", "evaluate", "reward_weight"]
+           "convert", "evaluate", "reward_weight", "REWARDS", "window", "HEADLINE", "headline", "eval_metrics",
+           "demo_messages", "assistant_message"]
 
-REWARDS = ("verify", "rise_official", "gsm8k")  # gsm8k: the old name of rise_official
 CRITERIA = ("all", "better", "best", "success")
 TAU = 0.4
 
@@ -48,109 +56,11 @@ def reward_weight(r, tau: float = TAU):
     return reward_weights(r, tau)
 
 
-def demo_messages() -> list[dict[str, Any]]:
-    """The instruction + one-shot demo prefix: user(INSTRUCTION), assistant(DEMO_ANSWER, never trained)."""
-    return [{"role": "user", "content": INSTRUCTION}, {"role": "assistant", "content": DEMO_ANSWER, "weight": 0.0}]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # environment
 # ----------------------------------------------------------------------------------------------------------
-
-
-def assistant_message(text: str) -> dict[str, Any]:
-    """A generated reply as an assistant message, an inline ``<think>…</think>`` prefix split into `reasoning`."""
-    return normalize_messages([{"role": "assistant", "content": text}])[0]
-
-
-@dataclass
-class Env:
-    """The RISE multi-turn environment around single-turn problems.
-
-    reward: ``verify`` — `ponder.verify.score` (any task ponder can check; 1 = correct, partial credit counts
-    as not yet successful) or ``rise_official`` — the official GSM8K reward, exactly (+1 / 0 / -1 for no
-    parsable boxed integer; `ponder.verify.rise_official_reward`, docs/methods.md §3.9); ``gsm8k`` is its old
-    name.
-    demo: prefix the episode with the instruction + one-shot demo (math chat models); the first real user turn
-    is then `FIRST_TURN_PROMPT`. Without it the first user turn is the bare question (the testbed).
-    evaluation: the feedback is always `RETRY_PROMPT` and a correct attempt does not end the episode.
-    history_reasoning: ``keep`` — an earlier attempt is shown in full in later turns' context (the paper's MDP:
-    the next state is the previous state + the attempt + the feedback); ``strip`` — earlier attempts appear
-    without their reasoning, as a chat template shows them at inference (docs/methods.md §3.2).
-    """
-    reward: str = "verify"
-    demo: bool = False
-    evaluation: bool = False
-    history_reasoning: str = "keep"
-
-    def __post_init__(self):
-        if self.reward not in REWARDS:
-            raise ValueError(f"reward must be one of {', '.join(REWARDS)}, got {self.reward!r}")
-        if self.history_reasoning not in HISTORY_REASONING:
-            raise ValueError(f"history_reasoning must be one of {', '.join(HISTORY_REASONING)}, got "
-                             f"{self.history_reasoning!r}")
-
-    @property
-    def official(self) -> bool:
-        return self.reward in ("rise_official", "gsm8k")
-
-    def prompt(self, tokenizer, messages: list[dict[str, Any]]) -> list[int]:
-        """The token ids an attempt is generated from (the history rendered with or without its reasoning)."""
-        return generation_prompt(tokenizer, messages, self.history_reasoning)
-
-    @property
-    def prefix_len(self) -> int:
-        return 2 if self.demo else 0
-
-    def reset(self, problem: Problem | dict) -> list[dict[str, Any]]:
-        """The messages an episode starts from."""
-        problem = as_problem(problem)
-        q = problem.question
-        if not self.demo:
-            return [{"role": "user", "content": q}]
-        return demo_messages() + [{"role": "user", "content": FIRST_TURN_PROMPT.format(query=q)}]
-
-    def score(self, problem: Problem | dict, text: str) -> float:
-        problem = as_problem(problem)
-        if self.official:
-            return float(verify.rise_official_reward(text, problem.meta.get("answer_field") or f"#### {problem.answer}"))
-        return float(verify.score(problem, text))
-
-    def answer(self, problem: Problem | dict, text: str) -> str | None:
-        """The answer a majority vote compares (`None`: no answer)."""
-        problem = as_problem(problem)
-        if self.official:
-            n = verify.rise_official_answer(text)
-            return None if n is None else str(n)
-        return verify.extract(problem, text)
-
-    def feedback(self, problem: Problem | dict, reward: float) -> tuple[str, bool]:
-        """(the next user message, whether the episode ends)."""
-        problem = as_problem(problem)
-        if reward >= 1.0 and not self.evaluation:
-            return SUCCESS_PROMPT, True
-        return RETRY_PROMPT.format(query=problem.question), False
-
-    def step(self, problem: Problem | dict, messages: list[dict[str, Any]], text: str
-             ) -> tuple[list[dict[str, Any]], float, bool]:
-        """Append the attempt and the feedback: (messages, reward, done)."""
-        reward = self.score(problem, text)
-        fb, done = self.feedback(problem, reward)
-        return messages + [assistant_message(text), {"role": "user", "content": fb}], reward, done
-
-
-def window(messages: list[dict[str, Any]], prefix_len: int, context_window: int | None) -> list[dict[str, Any]]:
-    """The sliding context window of the sequential evaluation (docs/methods.md §3.7, `--context_window`): the prefix
-    and the first user turn, then only the last (context_window - 1) attempt/feedback pairs. None or 0 keeps
-    everything. (The official code keeps everything for context_window=1 through a ``[-0:]`` slice; here 1 keeps
-    no earlier attempt.)"""
-    if not context_window:
-        return messages
-    if context_window < 1:
-        raise ValueError(f"context_window must be >= 1 (or 0/None for the full history), got {context_window}")
-    head, rest = messages[:prefix_len + 1], messages[prefix_len + 1:]
-    keep = 2 * (context_window - 1)
-    return head + (rest[-keep:] if keep else [])
 
 
 def is_degenerate(text: str, max_repeats: int = 150, max_word: int = 300) -> bool:
@@ -309,8 +219,7 @@ def keep_mask(rewards: Sequence[float], criteria: str = "all") -> list[bool]:
     """Which turns carry loss (official `workflow_convert.py`): the first turn always, except under
     ``success``; ``all`` every turn; ``better`` r_i > r_{i-1}; ``best`` r_i >= every earlier r_j;
     ``success`` r_i = 1."""
-    if criteria not in CRITERIA:
-        raise ValueError(f"criteria must be one of {', '.join(CRITERIA)}, got {criteria!r}")
+    check_choice("criteria", criteria, CRITERIA)
     out = []
     for i, r in enumerate(rewards):
         if criteria == "success":
@@ -399,85 +308,3 @@ def per_turn_examples(conversation: dict[str, Any] | list[dict[str, Any]]) -> li
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------
-# evaluation
-# ----------------------------------------------------------------------------------------------------------
-
-
-def evaluate(model, tokenizer, problems: Sequence[Problem | dict], env: Env | None = None, turns: int = 5, parallel: int = 5,
-             context_window: int | None = 2, temperature: float = 1.0, max_new_tokens: int = 256, seed: int = 0,
-             batch_size: int = 64, progress: bool = True, unit_size: int | None = None) -> dict[str, Any]:
-    """Sequential and parallel evaluation (docs/methods.md §3.7; official `workflow_eval.py`).
-
-    Sequential: `turns` turns, one sample per turn, feedback always `RETRY_PROMPT` (the episode never stops
-    early), the sliding `context_window`. Parallel: `parallel` i.i.d. first-turn samples (equal compute).
-    Returns m1@t1, m1@t{turns}, p1@t{turns} (`ponder.metrics.sequential_metrics`), m{parallel}@t1 (majority of
-    the parallel samples) and p{parallel}@t1 (any parallel sample correct), per-turn accuracy, and records.
-
-    Several processes: every process calls it; the problems are split into work units as in `collect`, the
-    records gathered, and the metrics computed once over all of them (`eval_metrics`), the same on every process.
-    """
-    env = dataclasses.replace(env or Env(), evaluation=True)
-    problems = [as_problem(p, f"problems[{i}]", i) for i, p in enumerate(problems)]
-    records = dist.map_units(lambda unit, unit_seed: _eval_records(
-        model, tokenizer, unit, env, turns, parallel, context_window, temperature, max_new_tokens, unit_seed,
-        batch_size, progress), problems, seed, unit_size)
-    result = eval_metrics(records, parallel)
-    result["records"] = records
-    return result
-
-
-def _eval_records(model, tokenizer, problems: list[Problem], env: Env, turns: int, parallel: int,
-                  context_window: int | None, temperature: float, max_new_tokens: int, seed: int, batch_size: int,
-                  progress: bool) -> list[dict[str, Any]]:
-    """`evaluate`'s samples for one work unit: a record per problem (turns, answers, rewards, correct, and the
-    parallel samples)."""
-    msgs = [env.reset(p) for p in problems]
-    texts: list[list[str]] = [[] for _ in problems]
-    answers: list[list[str | None]] = [[] for _ in problems]
-    correct: list[list[bool]] = [[] for _ in problems]
-    rewards: list[list[float]] = [[] for _ in problems]
-    for t in range(turns):
-        prompts = [env.prompt(tokenizer, window(m, env.prefix_len, context_window)) for m in msgs]
-        out = rollout.sample(model, tokenizer, prompts, n=1, max_new_tokens=max_new_tokens, temperature=temperature,
-                             seed=seed + 1000 * t, batch_size=batch_size, progress=progress,
-                             description=f"sequential turn {t + 1}/{turns}")
-        for i, (p, row) in enumerate(zip(problems, out)):
-            text = row[0].text
-            msgs[i], r, _ = env.step(p, msgs[i], text)
-            texts[i].append(text)
-            rewards[i].append(r)
-            answers[i].append(env.answer(p, text))
-            correct[i].append(r >= 1.0)
-    records = [{"id": p.id, "question": p.question, "answer": p.answer, "turns": texts[i], "answers": answers[i],
-                "rewards": rewards[i], "correct": correct[i]} for i, p in enumerate(problems)]
-    if parallel:
-        out = rollout.sample(model, tokenizer, [env.prompt(tokenizer, env.reset(p)) for p in problems], n=parallel,
-                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + 999_983,
-                             batch_size=batch_size, progress=progress, description=f"parallel x{parallel}")
-        for r, p, row in zip(records, problems, out):
-            r.update(parallel=[s.text for s in row], parallel_answers=[env.answer(p, s.text) for s in row],
-                     parallel_correct=[env.score(p, s.text) >= 1.0 for s in row])
-    return records
-
-
-def eval_metrics(records: Sequence[dict[str, Any]], parallel: int) -> dict[str, Any]:
-    """`evaluate`'s metrics from its records (all problems)."""
-    result: dict[str, Any] = {"n": len(records)}
-    result.update(metrics.sequential_metrics([r["answers"] for r in records], [r["correct"] for r in records]))
-    if parallel:
-        pa, pc = [r["parallel_answers"] for r in records], [r["parallel_correct"] for r in records]
-        result[f"m{parallel}@t1"] = metrics.mean(metrics.maj_correct(a, c) for a, c in zip(pa, pc))
-        result[f"p{parallel}@t1"] = metrics.mean(any(c) for c in pc)
-        result["parallel_sample_accuracy"] = metrics.mean(metrics.mean(c) for c in pc)
-        result["per_problem"][f"m{parallel}@t1"] = [float(metrics.maj_correct(a, c)) for a, c in zip(pa, pc)]
-    result.update(metrics.transitions(list(records)))
-    return result
-
-
-HEADLINE = ("m1@t1", "m{k}@t1", "m1@t{T}", "p1@t{T}", "p{k}@t1")
-
-
-def headline(result: dict[str, Any], turns: int, parallel: int) -> list[tuple[str, float]]:
-    keys = dict.fromkeys(h.format(k=parallel, T=turns) for h in HEADLINE)  # k = 1 makes m{k}@t1 = m1@t1
-    return [(k, result[k]) for k in keys if k in result]

@@ -28,8 +28,8 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from ponder.chat import CHATML_TEMPLATE, THINK_CLOSE, THINK_OPEN
-from ponder.prompts import ANSWER_TEMPLATE, RETRY_PROMPT
+from ponder.engine.chat import CHATML_TEMPLATE, THINK_CLOSE, THINK_OPEN
+from ponder.engine.prompts import ANSWER_TEMPLATE, RETRY_PROMPT
 
 SPECIAL_TOKENS = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", THINK_OPEN, THINK_CLOSE]
 CHARSET = [c for c in string.printable if c not in "\r\x0b\x0c"]  # letters, digits, punctuation, space, \t, \n

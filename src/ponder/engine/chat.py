@@ -25,6 +25,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ponder.config import check_choice
+
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 KINDS = ("prompt", "tag", "reasoning", "answer", "eot")
@@ -396,8 +398,7 @@ def render(tokenizer, messages: Sequence[dict[str, Any]], add_generation_prompt:
     messages with the reasoning block written into the content.
     """
     msgs = normalize_messages(messages)
-    if reasoning not in REASONING_VIEWS:
-        raise ValueError(f"reasoning must be one of {', '.join(REASONING_VIEWS)}, got {reasoning!r}")
+    check_choice("reasoning", reasoning, REASONING_VIEWS)
     if reasoning == "all":
         keep = {k for k, m in enumerate(msgs) if m["role"] == "assistant"}
     else:
@@ -444,8 +445,7 @@ def generation_prompt(tokenizer, messages: Sequence[dict[str, Any]], history_rea
 
 def history_view(history_reasoning: str) -> str:
     """``strip`` | ``keep`` -> the `render` view of a conversation's history (``none`` | ``all``)."""
-    if history_reasoning not in HISTORY_REASONING:
-        raise ValueError(f"history_reasoning must be one of {', '.join(HISTORY_REASONING)}, got {history_reasoning!r}")
+    check_choice("history_reasoning", history_reasoning, HISTORY_REASONING)
     return "all" if history_reasoning == "keep" else "none"
 
 

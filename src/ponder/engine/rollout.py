@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from ponder import decode, ui, vllm_engine
-from ponder.chat import end_of_turn_id, generation_prompt, pad_id
-from ponder.models import check_context
+from ponder import ui
+from ponder.engine import decode, vllm_engine
+from ponder.engine.chat import end_of_turn_id, generation_prompt, pad_id
+from ponder.engine.models import check_context
 
 
 @dataclass

@@ -72,6 +72,17 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, targets, reduction="none")
 
 
+def weighted_cross_entropy(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Σ_t w_t · CE_t of a padded or packed batch with per-token loss weights ``weights`` (0: not trained), each
+    target predicted from the token before it: the supervised loss of SFT, SSFT and one-pass's plain samples."""
+    w = batch["weights"]
+    pairs = shift_pairs(w != 0)
+    logits = logits_at(model, batch["input_ids"], (pairs[0], pairs[1]), batch.get("attention_mask"),
+                       batch.get("position_ids"))
+    ce = cross_entropy(logits, batch["input_ids"][pairs[0], pairs[2]])
+    return (ce * w[pairs[0], pairs[2]].to(ce.dtype)).sum()
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-padded ids, attention mask and position ids (0 at each prompt's first real token)."""
     width = max(len(p) for p in prompts)

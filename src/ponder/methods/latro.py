@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ponder import tree
-from ponder.chat import end_of_turn_id, generation_prompt, pad_id, text_ids, text_ids_offsets
-from ponder.logprobs import reduce, token_logprobs
-from ponder.prompts import ANSWER_TEMPLATE, LATRO_ARC_PROMPT, STOP_STRINGS
-from ponder.prompts import LATRO_PROMPT as PROMPT_TEMPLATE
+from ponder.engine import tree
+from ponder.engine.chat import end_of_turn_id, generation_prompt, pad_id, text_ids, text_ids_offsets
+from ponder.engine.logprobs import reduce, token_logprobs
+from ponder.engine.prompts import ANSWER_TEMPLATE, LATRO_ARC_PROMPT, STOP_STRINGS
+from ponder.engine.prompts import LATRO_PROMPT as PROMPT_TEMPLATE
 
 __all__ = ["PROMPT_TEMPLATE", "ANSWER_TEMPLATE", "STOP_STRINGS", "REWARDS", "REWARD_SPANS", "score", "score_ids",
            "answer_score", "answer_span", "self_rewards", "loss_terms", "render_prompt", "StdFilter"]

@@ -17,16 +17,16 @@ from typing import Any
 
 import torch
 
-from ponder import masks, tree
-from ponder.chat import pad_id, render
-from ponder.data import as_conversation
-from ponder.logprobs import logprobs_of, token_logprobs
-from ponder.tree import Packed, check_backend
+from ponder.engine import masks, tree
+from ponder.engine.chat import pad_id, render
+from ponder.engine.data import as_conversation
+from ponder.engine.logprobs import logprobs_of, token_logprobs
+from ponder.engine.tree import Packed, check_attention_backend
 
 
 def attention_for(model, batch: Packed, prefer: str = "auto"):
     """A mask for `batch`: a BlockMask under flex_attention (or prefer="flex"), else a dense additive mask."""
-    impl = check_backend(model)
+    impl = check_attention_backend(model)
     flex = prefer == "flex" or (prefer == "auto" and impl == "flex_attention")
     if flex and impl != "flex_attention":
         raise ValueError("attention='flex' needs a model loaded with attn_implementation='flex_attention'")

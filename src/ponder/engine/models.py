@@ -31,7 +31,7 @@ from huggingface_hub import constants
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from ponder import testbed
+from ponder.engine import testbed
 
 NAMED = ("tiny-random", "testbed", "smollm2-135m")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -7,10 +7,11 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from ponder import dist, rollout, verify
-from ponder.data import Problem, as_problem
-from ponder.models import check_context, over_context
-from ponder.prompts import check_template
+from ponder.engine import dist, rollout
+from ponder.engine.data import Problem, as_problem
+from ponder.engine.models import check_context, over_context
+from ponder.engine.prompts import check_template
+from ponder.methods import verify
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

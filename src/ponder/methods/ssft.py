@@ -27,11 +27,14 @@ from typing import Any
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from ponder import dist, masks, rollout, testbed, tree, ui, verify
-from ponder.chat import generation_prompt, pad_id, render
-from ponder.data import Problem, as_problem
-from ponder.logprobs import left_pad, reduce
-from ponder.metrics import maj_correct, mean, pass_at_k
+from ponder import ui
+from ponder.config import check_choice
+from ponder.engine import dist, masks, rollout, testbed, tree
+from ponder.engine.chat import generation_prompt, pad_id, render
+from ponder.engine.data import Problem, as_problem
+from ponder.engine.logprobs import left_pad, reduce
+from ponder.methods import verify
+from ponder.methods.metrics import maj_correct, mean, pass_at_k
 
 TAG_FORMAT = "<think{}>"
 
@@ -235,8 +238,7 @@ def tag_logprobs(model, prompts: Sequence[Sequence[int]], tag_ids: Sequence[int]
     """(B, N) log π(g | x) of each tag as the first assistant token (docs/methods.md §1.10).
     policy ``full``: the tags' log-probs under the full-vocabulary softmax (they need not sum to one: other
     first tokens keep the rest); ``tags``: the distribution restricted to the N tags and renormalised."""
-    if policy not in TAG_POLICIES:
-        raise ValueError(f"tag policy must be one of {', '.join(TAG_POLICIES)}, got {policy!r}")
+    check_choice("tag policy", policy, TAG_POLICIES)
     full = first_token_logprobs(model, prompts, pad_id, temperature)[:, list(tag_ids)]
     return full if policy == "full" else torch.log_softmax(full, dim=-1)
 
@@ -311,8 +313,7 @@ def vote_order(per_tag: Sequence[Sequence[Any]], cons_k: int | None = None, cons
     - K < all, ``round_robin``: the tag-balanced `maj_sot@K` (`MajAtKSoTsingle`), which lists the samples
       round-robin and counts the first K (`round_robin`: 6, 6, 5, 5, 5, 5 of 32 over 6 tags);
     - K < all, ``tag_blocks``: the plain `maj@K`, the first K in tag-block order."""
-    if cons_order not in CONS_ORDERS:
-        raise ValueError(f"cons_order must be one of {', '.join(CONS_ORDERS)}, got {cons_order!r}")
+    check_choice("cons_order", cons_order, CONS_ORDERS)
     total = sum(len(s) for s in per_tag)
     if cons_k is None or cons_k >= total or cons_order == "tag_blocks":
         return tag_blocks(per_tag, cons_k)
@@ -330,8 +331,7 @@ def cons_at_k(answers: Sequence[str | None], correct: Sequence[bool], group_size
     scored, and the scores are averaged. Ties go to the answer seen first.
     rule ``official``: a sample without an answer (None) is a candidate like any other — if "no answer" wins,
     the vote scores 0; ``ponder``: unanswered samples do not vote (our earlier variant)."""
-    if rule not in CONS_RULES:
-        raise ValueError(f"cons rule must be one of {', '.join(CONS_RULES)}, got {rule!r}")
+    check_choice("cons rule", rule, CONS_RULES)
     none_votes = rule == "official"
     if group_size is None:
         return float(maj_correct(answers, correct, none_votes))
@@ -389,8 +389,8 @@ def evaluate_forking(model, tokenizer, problems: Sequence[Problem | dict], tags:
     cons_k = cons_k or k
     if cons_k > k:
         raise ValueError(f"cons_k={cons_k} needs at least {-(-cons_k // len(tags))} samples per tag, got {per_tag}")
-    if cons_order not in CONS_ORDERS or tag_policy not in TAG_POLICIES:
-        raise ValueError(f"cons_order must be one of {CONS_ORDERS} and tag_policy one of {TAG_POLICIES}")
+    check_choice("cons_order", cons_order, CONS_ORDERS)
+    check_choice("tag_policy", tag_policy, TAG_POLICIES)
     sampled = (k if len(tags) > 1 else 0) if sampled is None else sampled  # one tag: sampling it = forcing it
     group_size = group_size or len(tags)
     base = [generation_prompt(tokenizer, [{"role": "user", "content": prompt.format(question=p.question)}])

@@ -15,8 +15,8 @@ import re
 import threading
 from decimal import Decimal, InvalidOperation
 
-from ponder import rgscore
-from ponder.data import VERIFIERS, Problem, as_problem
+from ponder.engine.data import VERIFIERS, Problem, as_problem
+from ponder.methods import rgscore
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 

@@ -40,7 +40,7 @@ class RISERunConfig(RISEConfig):
     temperature: float = field(default=1.0, metadata={"help": "collection sampling temperature"})
     max_new_tokens: int = field(default=256, metadata={"help": "per attempt"})
     generation_batch_size: int = field(default=64, metadata={"help": "sequences per generation batch"})
-    rollout_backend: str = field(default="auto", metadata={"help": "sampler: auto | generate | lean | vllm "
+    rollout_backend: str = field(default="auto", metadata={"help": "sampler: auto | generate | lean | vllm | vllm-server "
                                                                      "(docs/methods.md §6)"})
     reward: str = field(default="verify", metadata={"help": "verify (ponder.verify.score) | rise_official (the "
                                                                    "official GSM8K reward +1/0/-1; alias gsm8k)"})

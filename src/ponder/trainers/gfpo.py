@@ -58,7 +58,7 @@ class GFPOConfig(ForkingConfig):
     tag_policy: str = field(default="full", metadata={"help": "full (the first token from the whole vocabulary, "
                                                                "the paper) | tags (restricted to the N tags)"})
     generation_batch_size: int = field(default=64, metadata={"help": "sequences per generation batch"})
-    rollout_backend: str = field(default="auto", metadata={"help": "sampler: auto | generate | lean | vllm "
+    rollout_backend: str = field(default="auto", metadata={"help": "sampler: auto | generate | lean | vllm | vllm-server "
                                                                      "(docs/methods.md §6)"})
 
     def __post_init__(self):

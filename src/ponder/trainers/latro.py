@@ -95,7 +95,7 @@ class LaTROConfig(TrainingArguments):
     std_filter_ema_start: int = field(default=6, metadata={"help": "RLPR filter_ema_start_step (updates from 1)"})
     std_filter_start: int = field(default=11, metadata={"help": "RLPR filter_start_step"})
     rollout_batch_size: int = field(default=64, metadata={"help": "sequences per generate() call"})
-    rollout_backend: str = field(default="auto", metadata={"help": "sampler: auto | generate | lean | vllm "
+    rollout_backend: str = field(default="auto", metadata={"help": "sampler: auto | generate | lean | vllm | vllm-server "
                                                                      "(docs/methods.md §6)"})
     dtype: str = field(default="float32", metadata={"help": "model dtype (fp32 on CPU)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "run Python code a model folder ships (custom "

@@ -70,7 +70,7 @@ class RetryConfig(TrainingArguments):
     row_length: int = field(default=2048, metadata={"help": "tokens per packed row (several episodes per row)"})
     attention: str = field(default="auto", metadata={"help": "auto | sparse | dense | flex (no CPU backward)"})
     generation_batch_size: int = field(default=64, metadata={"help": "sequences per generation batch"})
-    rollout_backend: str = field(default="auto", metadata={"help": "sampler: auto | generate | lean | vllm "
+    rollout_backend: str = field(default="auto", metadata={"help": "sampler: auto | generate | lean | vllm | vllm-server "
                                                                      "(docs/methods.md §6)"})
     dtype: str = field(default="float32", metadata={"help": "model dtype (fp32 on CPU)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "run Python code a model folder ships"})

@@ -259,3 +259,21 @@ def test_failed_push_leaves_engine_refusing(lively, fake):
     fake.collective_rpc = real
     ref = rollout.sample(model, tok, PROMPTS, **{**kw, "backend": "generate"})
     assert fields(rollout.sample(model, tok, PROMPTS, **kw)) == fields(ref) and engine.broken is None
+
+
+def test_kv_cache_size_setting(monkeypatch):
+    """PONDER_VLLM_KV_CACHE_GB sets it; on a CPU the default is an eighth of the available memory, 1-4 GiB (vLLM's
+    own CPU default reserves most of the machine); a bad value is one line."""
+    monkeypatch.setenv("PONDER_VLLM_KV_CACHE_GB", "1.5")
+    assert vllm_engine.kv_cache_bytes() == int(1.5 * 2 ** 30)
+    for bad in ("0", "-2", "lots"):
+        monkeypatch.setenv("PONDER_VLLM_KV_CACHE_GB", bad)
+        with pytest.raises(vllm_engine.BackendUnavailable, match=f"PONDER_VLLM_KV_CACHE_GB must be a positive "
+                                                                  f"number of GiB, got '{bad}'"):
+            vllm_engine.kv_cache_bytes()
+    monkeypatch.delenv("PONDER_VLLM_KV_CACHE_GB")
+    monkeypatch.setattr(vllm_engine, "_cpu_build", lambda: True)
+    for avail_gib, want in ((4, 1), (24, 3), (200, 4)):
+        monkeypatch.setattr(vllm_engine.os, "sysconf", lambda k, a=avail_gib: a * 2 ** 18 if k == "SC_AVPHYS_PAGES"
+                            else 4096)
+        assert vllm_engine.kv_cache_bytes() == want * 2 ** 30

@@ -7,7 +7,11 @@ end-of-turn), greedy, and the outputs must be identical. Prints `RATIO generatio
 (`generate` keeps padding finished rows until the last one ends, the lean loop compacts them out); outputs
 are again identical, the work differs: `RATIO generation_eos_testbed_bs<B>`.
 
-    python bench/generation.py [--models testbed smollm2-135m] [--new-tokens 64] [--repeats 3]
+The vLLM backend (the real engine, `ponder.vllm_engine`, in-process on CPU, eager, weights pushed first) runs
+in the same interleaved loop at `VLLM_BATCHES` (or `--batch-sizes`) when vLLM can run here: `TOKS
+generation_vllm_<model>_bs<B>` and `RATIO generation_vllm_<model>_bs<B>=vllm/plain`, greedy ids again equal.
+
+    python bench/generation.py [--models testbed smollm2-135m] [--new-tokens 64] [--repeats 3] [--no-vllm]
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import time
 
 import torch
 
-DEFAULT_BATCHES = {"testbed": [1, 16, 64, 256], "smollm2-135m": [1, 16]}
+DEFAULT_BATCHES = {"testbed": [1, 16, 64, 256], "smollm2-135m": [1, 16, 64]}
+VLLM_BATCHES = {"testbed": [64, 256], "smollm2-135m": [16, 64]}
 
 
 def plain_generate(model, tok, prompts_ids, new_tokens, stop_at_eos=False):
@@ -49,12 +54,17 @@ def timed(fn):
     return out, time.perf_counter() - t, time.process_time() - c
 
 
-def compare(name, model, tok, pids, new_tokens, repeats, eos):
+def compare(name, model, tok, pids, new_tokens, repeats, eos, vllm=False):
     from ponder import rollout
-    walls = {"ours": [], "plain": []}
-    cpus = {"ours": [], "plain": []}
-    same, tokens = True, 0
-    for _ in range(repeats):  # interleaved, so both sides see the same machine load
+    walls = {"ours": [], "plain": [], "vllm": []}
+    cpus = {"ours": [], "plain": [], "vllm": []}
+    same, same_vllm, tokens = True, True, 0
+    for _ in range(repeats):  # interleaved, so every side sees the same machine load
+        if vllm:
+            got, w, c = timed(lambda: rollout.sample(model, tok, pids, temperature=0.0, max_new_tokens=new_tokens,
+                                                     progress=False, suppress_eos=not eos, backend="vllm"))
+            walls["vllm"].append(w)
+            cpus["vllm"].append(c)
         ours, w, c = timed(lambda: rollout.sample(model, tok, pids, temperature=0.0, max_new_tokens=new_tokens,
                                                   batch_size=len(pids), progress=False, suppress_eos=not eos))
         walls["ours"].append(w)
@@ -63,9 +73,16 @@ def compare(name, model, tok, pids, new_tokens, repeats, eos):
         walls["plain"].append(w)
         cpus["plain"].append(c)
         same &= [r[0].ids for r in ours] == ref
+        if vllm:
+            same_vllm &= [r[0].ids for r in got] == ref
         tokens = sum(len(r) for r in ref)
-    med = {k: statistics.median(v) for k, v in walls.items()}
-    cpu = {k: statistics.median(v) for k, v in cpus.items()}
+    med = {k: statistics.median(v) for k, v in walls.items() if v}
+    cpu = {k: statistics.median(v) for k, v in cpus.items() if v}
+    if vllm:  # vLLM's CPU time counts only this process's threads (its worker is in-process here)
+        print(f"{name + ' vllm':26s}: vllm {tokens / med['vllm']:8.1f} tok/s   plain generate "
+              f"{tokens / med['plain']:8.1f} tok/s   (wall x{med['plain'] / med['vllm']:.2f})   identical greedy "
+              f"output: {same_vllm}", flush=True)
+        compare.vllm = (med["plain"] / med["vllm"], tokens / med["vllm"], same_vllm)
     print(f"{name:26s}: ponder {tokens / med['ours']:8.1f} tok/s   plain generate {tokens / med['plain']:8.1f} tok/s"
           f"   (wall x{med['plain'] / med['ours']:.2f}, cpu time x{cpu['plain'] / cpu['ours']:.2f})"
           f"   identical greedy output: {same}", flush=True)
@@ -79,19 +96,36 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-eos", dest="eos", action="store_false", help="skip the stop-at-end-of-turn comparison")
+    ap.add_argument("--no-vllm", dest="vllm", action="store_false", help="skip the vLLM backend")
     args = ap.parse_args()
 
-    from ponder import chat, models, rollout
+    from ponder import chat, models, rollout, vllm_engine
+    if args.vllm and vllm_engine.unavailable_reason():
+        print(f"vllm backend skipped: {vllm_engine.unavailable_reason()}")
+        args.vllm = False
     print(f"torch threads {torch.get_num_threads()}, load average at start {os.getloadavg()[0]:.2f}; backend "
           f"auto -> {rollout.resolve_backend('auto', models.load('tiny-random')[0])} on this machine", flush=True)
     rows = []
     for spec in args.models:
         model, tok = models.load(spec)
+        vllm_bs = set(args.batch_sizes or VLLM_BATCHES.get(spec, [])) if args.vllm else set()
+        if vllm_bs:
+            t = time.perf_counter()
+            vllm_engine.set_engine(None)
+            engine = vllm_engine.engine_for(model, tok)
+            print(f"{spec}: vLLM engine started in {time.perf_counter() - t:.1f} s", flush=True)
+            t = time.perf_counter()
+            engine.sync_weights(model)
+            print(f"{spec}: weight push + probe {time.perf_counter() - t:.2f} s (probe error "
+                  f"{engine.last_probe_error:.1e})", flush=True)
         for bs in args.batch_sizes or DEFAULT_BATCHES.get(spec, [1, 16]):
             questions = [f"What is {17 + i}+{23 * i}*{i % 7 + 2}?" for i in range(bs)]
             pids = [chat.generation_prompt(tok, [{"role": "user", "content": q}]) for q in questions]
-            r, tps, same = compare(f"{spec} batch {bs}", model, tok, pids, args.new_tokens, args.repeats, eos=False)
+            r, tps, same = compare(f"{spec} batch {bs}", model, tok, pids, args.new_tokens, args.repeats, eos=False,
+                                   vllm=bs in vllm_bs)
             rows.append((f"generation_{spec}_bs{bs}", r, tps, same))
+            if bs in vllm_bs:
+                rows.append((f"generation_vllm_{spec}_bs{bs}", *compare.vllm))
             if args.eos and spec == "testbed" and bs >= 64:
                 r, tps, same = compare(f"{spec} batch {bs} (stop at eos)", model, tok, pids, args.new_tokens,
                                        args.repeats, eos=True)
@@ -101,6 +135,7 @@ def main():
         print(f"RATIO {key}={r:.3f}")
         print(f"TOKS {key}={tps:.1f}")
     bad = [key for key, _, _, same in rows if not same]
+    vllm_engine.set_engine(None)
     assert not bad, f"ponder's greedy output differs from plain generate: {bad}"
 
 

@@ -90,6 +90,17 @@ def _(tmp):
         r"c\.yaml:2: unknown field 'max_step' in SFTConfig \(did you mean 'max_steps'\?\)"
 
 
+@case("bad-rollout-backend")
+def _(tmp):
+    return ["latro", "rollout_backend=fast"], r"rollout_backend must be one of auto, generate, lean, vllm, vllm-server, got 'fast'"
+
+
+@case("vllm-serve-bad-model")
+def _(tmp):
+    return ["vllm-serve", "--model", "nope"], \
+        r"^error: --model must be testbed, smollm2-135m or a folder written by save_pretrained; 'nope' is none of these$"
+
+
 @case("unknown-override")
 def _(tmp):
     return ["sft", "max_stepz=3"], r"command line \(max_stepz=3\): unknown field 'max_stepz' in SFTConfig"
@@ -829,3 +840,11 @@ def test_every_row_is_tested():
     security = set(re.findall(r'@row\("([a-z0-9-]+)"\)', (REPO / "tests" / "test_security.py").read_text()))
     tested = set(CASES) | ROWS | security
     assert set(rows) == tested, (sorted(set(rows) - tested), sorted(tested - set(rows)))
+
+
+@row("vllm-server-bad-address")
+def test_vllm_server_bad_address(monkeypatch):
+    monkeypatch.setenv("PONDER_VLLM_SERVER", "localhost:8000")
+    r = cli("latro", "rollout_backend=vllm-server")
+    assert r.exit_code == 2 and re.search(r"PONDER_VLLM_SERVER must be an http\(s\) URL such as http://127\.0\.0\.1:8000, "
+                                          r"got 'localhost:8000'", error_line(r)), r.output

@@ -259,5 +259,5 @@ def test_backend_choice():
     assert rollout.resolve_backend("auto", gpt2) == "generate"
     with pytest.raises(ValueError, match="lean' cannot run this model: model type 'gpt2'"):
         rollout.resolve_backend("lean", gpt2)
-    with pytest.raises(ValueError, match="rollout_backend must be one of auto, generate, lean, vllm, got 'fast'"):
+    with pytest.raises(ValueError, match="rollout_backend must be one of auto, generate, lean, vllm, vllm-server, got 'fast'"):
         rollout.check_backend("fast")

@@ -1,5 +1,5 @@
 """The vllm rollout backend without vLLM: a fake `LLM` that decodes with its OWN copy of the weights (updated
-only through `load_weights`, as the real engine) and vLLM's stopping semantics (token ids end with the token
+only through ``collective_rpc("reload_weights")``, as the real engine) and vLLM's stopping semantics (token ids end with the token
 that finished the request). Checks the sampling-params mapping, batching and seeds, the conversion into
 Samples (equal to the generate backend, field by field), the weight push (PEFT merged, names as the
 checkpoint's) and that samples after an optimizer step come from the updated weights."""
@@ -26,17 +26,17 @@ class FakeLLM:
 
     def __init__(self, model, tok):
         self.model, self.tok = copy.deepcopy(model).eval(), tok
-        self.params = dict(self.model.named_parameters())
+        self.params = self.model.state_dict()
         self.loaded: list[str] = []
         self.resets = 0
+        self.rpcs = 0
         self.calls: list[tuple[list, list]] = []
-        runner = SimpleNamespace(model=SimpleNamespace(load_weights=self._load))
-        self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(
-            driver_worker=SimpleNamespace(model_runner=runner)))
 
-    def _load(self, weights):
+    def collective_rpc(self, method, kwargs):
+        assert method == "reload_weights"
+        self.rpcs += 1
         with torch.no_grad():
-            for name, t in weights:
+            for name, t in kwargs["weights_iterator"]:
                 assert name in self.params, f"vLLM would not know {name!r}"
                 self.params[name].copy_(t)
                 self.loaded.append(name)
@@ -45,6 +45,12 @@ class FakeLLM:
         self.resets += 1
 
     def generate(self, prompts, sampling_params, use_tqdm=False):
+        if getattr(sampling_params[0], "prompt_logprobs", None) is not None:  # the push's probe
+            ids = prompts[0]["prompt_token_ids"]
+            with torch.no_grad():
+                lp = self.model(torch.tensor([ids])).logits[0].log_softmax(-1)
+            rows = [None] + [{t: SimpleNamespace(logprob=float(lp[i, t]))} for i, t in enumerate(ids[1:])]
+            return [SimpleNamespace(prompt_logprobs=rows)]
         self.calls.append((prompts, sampling_params))
         outs = []
         for pr, sp in zip(prompts, sampling_params):
@@ -169,12 +175,15 @@ def test_peft_pushed_merged_under_base_names(fake):
             if "trainable_tokens_delta" in n:
                 p.add_(0.5)
     engine = VLLMEngine(fake, FakeSamplingParams)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     pushed = engine.sync_weights(model)
     base = [n for n, _ in model.get_base_model().named_parameters()]
     ref = copy.deepcopy(model).merge_and_unload().state_dict()
-    clean = {n for n in ref if n != "lm_head.weight"}  # tied to the embedding
-    assert set(fake.loaded) == clean and pushed == len(clean) and len(base) > len(clean)
-    assert all(torch.equal(fake.params[n], ref[n]) for n in clean)
+    assert "lm_head.weight" in ref  # tied to the embedding: pushed too (the full state, in one call)
+    assert set(fake.loaded) == set(ref) and pushed == len(ref) and fake.rpcs == 1 and len(base) > len(ref)
+    assert all(torch.equal(fake.params[n], ref[n]) for n in ref)
+    # the trainer's weights come back bit for bit (merge + unmerge alone would leave rounding drift)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     # the adapter is unmerged again: the model still computes base + LoRA, not base + 2 LoRA
     kw = dict(temperature=0.0, max_new_tokens=10, suppress_eos=True, progress=False)
     vllm_engine.set_engine(engine)
@@ -188,16 +197,83 @@ def test_fingerprint_tracks_in_place_updates(lively):
     assert vllm_engine.fingerprint(model) == f0
     with torch.no_grad():
         next(model.parameters()).mul_(1.0)
-    assert vllm_engine.fingerprint(model) != f0
+    f1 = vllm_engine.fingerprint(model)
+    assert f1 != f0
+    # fused AdamW (transformers' default optim) does not bump version counters: the content hash sees the step
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    versions = [p._version for p in model.parameters()]
+    opt.step()
+    assert [p._version for p in model.parameters()] == versions and vllm_engine.fingerprint(model) != f1
 
 
-def test_vllm_unavailable_here_fails_in_one_line():
-    """This CPU machine has neither vLLM nor CUDA: selecting the backend fails at config time, in one line."""
-    if vllm_engine.importlib.util.find_spec("vllm") is not None and torch.cuda.is_available():
-        pytest.skip("a GPU machine with vLLM")
+def test_vllm_unavailable_fails_in_one_line(monkeypatch):
+    """Without vLLM installed, or on a CPU without the instructions its kernels need, selecting the backend fails
+    at config time, in one line (both cases simulated: this machine may well run vLLM)."""
+    real_find = vllm_engine.importlib.util.find_spec
+    monkeypatch.setattr(vllm_engine.importlib.util, "find_spec", lambda n, *a: None if n == "vllm" else real_find(n, *a))
     with pytest.raises(vllm_engine.BackendUnavailable) as e:
         rollout.check_backend("vllm")
-    assert "\n" not in str(e.value) and "rollout backend 'vllm' needs" in str(e.value)
+    assert "\n" not in str(e.value) and "rollout backend 'vllm' needs vLLM: install the vllm extra" in str(e.value)
     from ponder.trainers.latro import LaTROConfig
     with pytest.raises(ValueError, match="rollout backend 'vllm' needs"):
         LaTROConfig(output_dir="/tmp/unused", rollout_backend="vllm")
+    monkeypatch.setattr(vllm_engine.importlib.util, "find_spec", lambda n, *a: object())
+    monkeypatch.setattr(vllm_engine, "_cpu_build", lambda: True)
+    monkeypatch.setattr(vllm_engine.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert vllm_engine.unavailable_reason() == ("rollout backend 'vllm' on a CPU needs AVX2 or AVX-512 (vLLM's CPU "
+                                                "kernels) and this CPU has DEFAULT; use rollout_backend=auto")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert vllm_engine.unavailable_reason() is None
+
+
+def test_failed_push_leaves_engine_refusing(lively, fake):
+    """A push that raises half-way (the fake engine got some tensors) or that the probe finds wrong: EngineBroken,
+    and sampling refuses until a later push passes its probe."""
+    model, tok = lively
+    engine = vllm_engine.current()
+    kw = dict(temperature=0.0, max_new_tokens=8, suppress_eos=True, progress=False, backend="vllm")
+    rollout.sample(model, tok, PROMPTS, **kw)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.2)
+    real = fake.collective_rpc
+
+    def half(method, kwargs):
+        items = list(kwargs["weights_iterator"])
+        real(method, {"weights_iterator": iter(items[: len(items) // 2])})
+        raise RuntimeError("connection reset")
+    fake.collective_rpc = half
+    with pytest.raises(vllm_engine.EngineBroken, match="connection reset"):
+        rollout.sample(model, tok, PROMPTS, **kw)
+    with pytest.raises(vllm_engine.EngineBroken, match="refuses to sample"):
+        engine.generate([[1, 2]], Sampling(4, 0.0), [0])
+    fake.collective_rpc = lambda method, kwargs: real(method, {"weights_iterator": iter(
+        [(n, t + 1.0 if n.endswith("norm.weight") else t) for n, t in kwargs["weights_iterator"]])})
+    with pytest.raises(vllm_engine.EngineBroken, match="log-probs differ from the trainer's"):
+        rollout.sample(model, tok, PROMPTS, **kw)
+    with pytest.raises(vllm_engine.EngineBroken):
+        engine.generate([[1, 2]], Sampling(4, 0.0), [0])
+    fake.collective_rpc = real
+    ref = rollout.sample(model, tok, PROMPTS, **{**kw, "backend": "generate"})
+    assert fields(rollout.sample(model, tok, PROMPTS, **kw)) == fields(ref) and engine.broken is None
+
+
+def test_kv_cache_size_setting(monkeypatch):
+    """PONDER_VLLM_KV_CACHE_GB sets it; on a CPU the default is an eighth of the available memory, 1-4 GiB (vLLM's
+    own CPU default reserves most of the machine); a bad value is one line."""
+    monkeypatch.setenv("PONDER_VLLM_KV_CACHE_GB", "1.5")
+    assert vllm_engine.kv_cache_bytes() == int(1.5 * 2 ** 30)
+    for bad in ("0", "-2", "lots"):
+        monkeypatch.setenv("PONDER_VLLM_KV_CACHE_GB", bad)
+        with pytest.raises(vllm_engine.BackendUnavailable, match=f"PONDER_VLLM_KV_CACHE_GB must be a positive "
+                                                                  f"number of GiB, got '{bad}'"):
+            vllm_engine.kv_cache_bytes()
+    monkeypatch.delenv("PONDER_VLLM_KV_CACHE_GB")
+    monkeypatch.setattr(vllm_engine, "_cpu_build", lambda: True)
+    for avail_gib, want in ((4, 1), (24, 3), (200, 4)):
+        monkeypatch.setattr(vllm_engine.os, "sysconf", lambda k, a=avail_gib: a * 2 ** 18 if k == "SC_AVPHYS_PAGES"
+                            else 4096)
+        assert vllm_engine.kv_cache_bytes() == want * 2 ** 30

@@ -251,6 +251,29 @@ def bench_cmd(only: list[str] = typer.Option(None, help="bench names (default: e
     runpy.run_path(str(runner), run_name="ponder.bench").get("run_benchmarks")(only or [], out)
 
 
+@app.command("vllm-serve")
+def vllm_serve_cmd(model: str = typer.Option("testbed", help="model the server starts from: testbed | smollm2-135m | a "
+                                                              "save_pretrained folder (weights are pushed anyway)"),
+                   host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0 for other machines)"),
+                   port: int = typer.Option(8000, help="port"),
+                   dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16 (as the trainer's model)"),
+                   kv_cache_gb: float = typer.Option(1.0, help="KV cache size in GiB"),
+                   eager: bool = typer.Option(True, help="skip torch.compile (starts in seconds; a little slower)")):
+    """Run vLLM's OpenAI server for the `vllm-server` rollout backend (TRL's `vllm-serve`): trainers push their
+    weights to it through a shared folder (PONDER_VLLM_SHARED_DIR) and sample over HTTP (PONDER_VLLM_SERVER)."""
+    def body():
+        import os
+
+        from ponder import vllm_engine, vllm_server
+        path = vllm_server.model_dir(model)
+        reason = vllm_engine.unavailable_reason()
+        if reason:
+            raise ValueError(reason.replace("rollout backend 'vllm'", "ponder vllm-serve"))
+        argv, env = vllm_server.serve_command(str(path), host, port, dtype, kv_cache_gb, eager)
+        os.execve(argv[0], argv, env)  # the server is vLLM's own process: signals go straight to it
+    _guarded(body)
+
+
 @app.command("demo")
 def demo_cmd(only: list[str] = typer.Option(None, help="methods to run: onepass, rise, latro, ssft (default all)"),
              quick: bool = typer.Option(False, help="tiny budgets (seconds): checks the pipeline, not the methods"),

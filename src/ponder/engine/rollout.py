@@ -1,6 +1,7 @@
 """Batched sampling with a KV cache: n samples per prompt, stop strings detected at token level, finish reasons,
-stop index, seeded, with a progress bar. Three backends behind one `sample` (docs/methods.md §6): HF
-`generate`, the lean CPU decode loop of `ponder.decode`, and a colocated vLLM engine (`ponder.vllm_engine`).
+stop index, seeded, with a progress bar. Four backends behind one `sample` (docs/methods.md §6): HF
+`generate`, the lean CPU decode loop of `ponder.decode`, a colocated vLLM engine (`ponder.vllm_engine`) and a
+vLLM server process reached over HTTP (`ponder.vllm_server`, started by `ponder vllm-serve`).
 
 A completion ends at the first of: the end-of-turn / eos token (kept in `ids`, finish ``eos``), the start of a
 stop string (the stop text and everything after it are excluded, finish ``stop``), or `max_new_tokens`
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from ponder import ui
-from ponder.engine import decode, vllm_engine
+from ponder.engine import decode, vllm_engine, vllm_server
 from ponder.engine.chat import end_of_turn_id, generation_prompt, pad_id
 from ponder.engine.models import check_context
 
@@ -92,15 +93,18 @@ def _cut(tokenizer, ids: list[int], eos: set[int], stop: Sequence[str]) -> tuple
     return list(ids), text, "length", None, None
 
 
-BACKENDS = ("auto", "generate", "lean", "vllm")
+BACKENDS = ("auto", "generate", "lean", "vllm", "vllm-server")
 
 
 def check_backend(backend: str) -> None:
-    """Fail at start, in one line, on an unknown backend or one this machine cannot run (vllm without CUDA)."""
+    """Fail at start, in one line, on an unknown backend or one this machine cannot run (vllm without vLLM or
+    without the CPU instructions / GPU its build needs; vllm-server with a malformed server address)."""
     if backend not in BACKENDS:
         raise ValueError(f"rollout_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "vllm":
         vllm_engine.check_available()
+    if backend == "vllm-server":
+        vllm_server.settings()
 
 
 # Measured (bench/generation.py, bench/results.md): the lean loop is 1.09-1.42x `generate` on the testbed
@@ -113,6 +117,8 @@ def resolve_backend(backend: str, model, batch: int | None = None) -> str:
     a generation batch holds at least `LEAN_MIN_BATCH` sequences (where it measured faster, docs/methods.md
     §6.1), else `generate`. ``vllm`` with an engine already set (`vllm_engine.set_engine`) runs on it."""
     if backend == "vllm" and vllm_engine.current() is not None:
+        return backend
+    if backend == "vllm-server" and vllm_server.current() is not None:
         return backend
     check_backend(backend)
     if backend == "auto":
@@ -143,7 +149,8 @@ def sample(model, tokenizer, prompts: Sequence[Prompt], n: int = 1, max_new_toke
     seed and batch size (vllm: a seed per sample, whatever the batching). suppress_eos: never end at the
     end-of-turn token (LaTRO generates full-length rationales and truncates afterwards).
     backend: ``generate`` (HF), ``lean`` (`ponder.decode`), ``vllm`` (`ponder.vllm_engine`, colocated, weights
-    pushed when they changed) or ``auto`` (`resolve_backend`). Every backend cuts completions by the same rule
+    pushed when they changed), ``vllm-server`` (`ponder.vllm_server`, the same over HTTP) or ``auto``
+    (`resolve_backend`). Every backend cuts completions by the same rule
     (`_cut`); greedy ids agree across backends, sampled ids agree in distribution (docs/methods.md §6).
     """
     stop = [s for s in stop or [] if s]
@@ -162,8 +169,8 @@ def sample(model, tokenizer, prompts: Sequence[Prompt], n: int = 1, max_new_toke
             got, text, reason, sidx, s = _cut(tokenizer, raw, end, stop)
             out[i][j] = Sample(i, pids[i], got, text, reason, sidx, s)
 
-    if backend == "vllm":
-        engine = vllm_engine.engine_for(model)
+    if backend in ("vllm", "vllm-server"):
+        engine = vllm_engine.engine_for(model, tokenizer) if backend == "vllm" else vllm_server.engine_for(model)
         engine.ensure_synced(model)
         spec = vllm_engine.Sampling(max_new_tokens, temperature, top_p, top_k, stop, sorted(end), suppress_eos)
         with ui.progress_bar(description, len(jobs), "samples") as advance:

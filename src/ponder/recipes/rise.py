@@ -55,7 +55,7 @@ class RISERunConfig(RISEConfig):
     temperature: float = option(1.0, "collection sampling temperature")
     max_new_tokens: int = option(256, "per attempt")
     rollout_batch_size: int = option(64, "sequences per sampling batch")
-    rollout_backend: str = option("auto", "sampler: auto | generate | lean | vllm (docs/methods.md §6)")
+    rollout_backend: str = option("auto", "sampler: auto | generate | lean | vllm | vllm-server (docs/methods.md §6)")
     reward: str = option("verify", "verify (ponder.verify.score) | rise_official (the official GSM8K reward "
                                    "+1/0/-1; alias gsm8k)")
     demo: bool = option(False, "instruction + one-shot demo prefix (math chat models)")

@@ -116,7 +116,7 @@ class SamplingConfig(PonderConfig):
     temperature: float = option(1.0, "rollout sampling temperature")
     max_new_tokens: int = option(128, "rollout length budget (per attempt)")
     rollout_batch_size: int = option(64, "sequences per sampling batch")
-    rollout_backend: str = option("auto", "sampler: auto | generate | lean | vllm (docs/methods.md §6)")
+    rollout_backend: str = option("auto", "sampler: auto | generate | lean | vllm | vllm-server (docs/methods.md §6)")
     nan_rewards: str = option("raise", "raise | skip (a NaN or ±inf reward leaves its group's mean and std, advantage "
                                    "0, counted)")
     dataloader_pin_memory: bool = option(False, "batches are index / token-id lists")

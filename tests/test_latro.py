@@ -612,8 +612,10 @@ def test_demo_quick_structure(tmp_path):
     base = testbed.weights_dir()
     problems = data.load_problems("testbed", n=6, split="test")
     out = latro_recipe.demo(tmp_path, str(base), problems, quick=True)
-    assert set(out) == {"title", "columns", "rows", "plots", "notes", "metrics"}
+    assert set(out) == {"title", "columns", "rows", "plots", "notes", "metrics", "vs_start"}
     assert out["columns"] == ["model", "greedy accuracy", "maj@2"]
+    vs = out["vs_start"]  # per problem greedy correctness of the base and of LaTRO
+    assert [sum(v) / len(v) for v in (vs["start"], vs["end"])] == pytest.approx([out["rows"][0][1], out["rows"][2][1]])
     assert [r[0].split(" ")[0] for r in out["rows"]] == ["testbed", "SFT", "LaTRO"]
     for row in out["rows"]:
         assert len(row) == 3 and all(0.0 <= v <= 1.0 for v in row[1:])

@@ -501,8 +501,10 @@ def test_demo_hook_quick(tmp_path):
     from ponder import data, testbed
     problems = data.load_problems("testbed", n=20, split="test")
     out = rise_recipe.demo(tmp_path, str(testbed.weights_dir()), problems, quick=True)
-    assert set(out) == {"title", "columns", "rows", "plots", "notes", "metrics"}
+    assert set(out) == {"title", "columns", "rows", "plots", "notes", "metrics", "vs_start"}
     assert out["columns"][:5] == ["model", "m1@t1", "m2@t1", "m1@t2", "p1@t2"]
+    vs = out["vs_start"]  # per problem m1@t1 of the base and of RISE: their means are the table's
+    assert [round(100 * sum(v) / len(v), 1) for v in (vs["start"], vs["end"])] == [r[1] for r in out["rows"]]
     assert [r[0] for r in out["rows"]] == ["base", "RISE"]
     assert all(len(r) == len(out["columns"]) for r in out["rows"])
     for name, row in zip(("base", "RISE"), out["rows"]):

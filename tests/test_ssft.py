@@ -441,13 +441,16 @@ def test_demo_quick_structure(tmp_path):
     from ponder import data
     probs = data.load_problems("testbed", n=3, split="test")
     r = ssft_recipe.demo(tmp_path, str(testbed.weights_dir()), probs, quick=True)
-    assert set(r) == {"title", "columns", "rows", "plots", "notes", "metrics"}
-    assert [row[0] for row in r["rows"]] == ["SFT-mixed", "SSFT"]
+    assert set(r) == {"title", "columns", "rows", "plots", "notes", "metrics", "vs_start"}
+    assert [row[0] for row in r["rows"]] == ["testbed (start)", "SFT-mixed", "SSFT"]
     assert all(len(row) == len(r["columns"]) for row in r["rows"])
     assert all(0 <= v <= 1 for row in r["rows"] for v in row[1:4])
     assert all(0 <= row[4] <= 4 for row in r["rows"])  # distinct strategies among k: four at most
-    assert r["rows"][0][-1] == 1 and 1 <= r["rows"][1][-1] <= 6  # modal strategies: one tag vs six tags
+    assert r["rows"][0][-1] == r["rows"][1][-1] == 1 and 1 <= r["rows"][2][-1] <= 2  # modal strategies: one tag vs two
+    vs = r["vs_start"]  # per problem: the start's and SSFT's accuracy over their k samples
+    assert len(vs["start"]) == len(vs["end"]) == 3
+    assert sum(vs["end"]) / 3 == pytest.approx(r["metrics"]["SSFT"]["pass@1/tags"], abs=1e-12)
     for p in r["plots"]:
         assert (tmp_path / p).stat().st_size > 1000
     assert "95% over the" in r["notes"][0] and "docs/results/ssft.md" in r["notes"][0]  # shown in the summary
-    assert r["metrics"]["SSFT"]["n"] == 3 and len(r["metrics"]["SSFT"]["per_tag"]) == 6
+    assert r["metrics"]["SSFT"]["n"] == 3 and len(r["metrics"]["SSFT"]["per_tag"]) == 2

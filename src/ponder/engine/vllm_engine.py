@@ -213,18 +213,27 @@ def _shape(model) -> tuple:
             getattr(c, "intermediate_size", None), getattr(c, "tie_word_embeddings", None), lm.dtype)
 
 
+def positive_env(name: str, unit: str, error: type[Exception], default: str | None = None) -> float | None:
+    """A positive number from the environment variable `name` (else `default`; None when neither is set); a
+    bad value raises `error` in one line naming the variable and what it must be."""
+    raw = os.environ.get(name) or default
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise error(f"{name} must be a positive number of {unit}, got {raw!r}")
+    return value
+
+
 def kv_cache_bytes() -> int | None:
     """``PONDER_VLLM_KV_CACHE_GB``, else on a CPU an eighth of the available memory (1 to 4 GiB; vLLM's own
     default takes most of the machine), else None (a GPU: ``PONDER_VLLM_GPU_MEMORY`` sizes it)."""
-    gb = os.environ.get("PONDER_VLLM_KV_CACHE_GB")
-    if gb:
-        try:
-            value = float(gb)
-        except ValueError:
-            value = -1.0
-        if value <= 0:
-            raise BackendUnavailable(f"PONDER_VLLM_KV_CACHE_GB must be a positive number of GiB, got {gb!r}")
-        return int(value * 2 ** 30)
+    gb = positive_env("PONDER_VLLM_KV_CACHE_GB", "GiB", BackendUnavailable)
+    if gb is not None:
+        return int(gb * 2 ** 30)
     if torch.cuda.is_available() and not _cpu_build():
         return None
     avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -34,7 +34,14 @@ from urllib.parse import urlparse
 import torch
 
 from ponder.engine import models, testbed
-from ponder.engine.vllm_engine import Completion, EngineBroken, Sampling, VLLMEngine, sampling_kwargs
+from ponder.engine.vllm_engine import (
+    Completion,
+    EngineBroken,
+    Sampling,
+    VLLMEngine,
+    positive_env,
+    sampling_kwargs,
+)
 
 SERVED_NAME = "ponder"
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -52,13 +59,7 @@ def settings() -> tuple[str, Path, float]:
     if u.scheme not in ("http", "https") or not u.hostname:
         raise ValueError(f"PONDER_VLLM_SERVER must be an http(s) URL such as {DEFAULT_URL}, got {url!r}")
     shared = Path(os.environ.get("PONDER_VLLM_SHARED_DIR") or Path(tempfile.gettempdir()) / "ponder-vllm-shared")
-    t = os.environ.get("PONDER_VLLM_SERVER_TIMEOUT", "600")
-    try:
-        timeout = float(t)
-    except ValueError:
-        timeout = -1.0
-    if timeout <= 0:
-        raise ValueError(f"PONDER_VLLM_SERVER_TIMEOUT must be a positive number of seconds, got {t!r}")
+    timeout = positive_env("PONDER_VLLM_SERVER_TIMEOUT", "seconds", ValueError, default="600")
     return url, shared, timeout
 
 

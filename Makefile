@@ -53,7 +53,10 @@ check-deps: setup
 # the tests that compare two computations (marker `compare`, tests/conftest.py) again, with torch's kernels on
 # another instruction set than this CPU's (scripts/other-isa.py) and one thread: a tolerance that holds only
 # with this machine's reduction order fails here, not on a user's CPU. CI runs it after `make test`.
+# Its own inductor cache: torch 2.13 reuses a FlexAttention kernel compiled under the native kernels' setting
+# when ATEN_CPU_CAPABILITY differs, and that kernel segfaults (seen on an AVX-512 box forced to avx2).
 test-portable: setup
+	TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/$(VENV)/inductor-portable \
 	ATEN_CPU_CAPABILITY=$$(env -u ATEN_CPU_CAPABILITY $(PY) scripts/other-isa.py) OMP_NUM_THREADS=1 PONDER_THREADS=1 \
 		$(PY) -m pytest -m "compare and not slow" -q
 

@@ -72,4 +72,5 @@ def machine() -> dict[str, str | int | float]:
 def describe(m: dict) -> str:
     """`machine()` in a sentence for a report."""
     extra = ", AMX" if m["amx"] else ", AVX512-BF16" if m["avx512_bf16"] else ""
-    return f"{m['cpu']} ({m['kernels']} kernels{extra}), {m['threads']} threads, load {m['load']}"
+    threads = f"{m['threads']} thread" + ("s" if m["threads"] != 1 else "")
+    return f"{m['cpu']} ({m['kernels']} kernels{extra}), {threads}, load {m['load']}"

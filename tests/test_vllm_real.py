@@ -9,26 +9,24 @@ Skipped, with the reason, where vLLM cannot run (not installed, a CPU without AV
 import os
 import random
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from ponder import data, models, rollout, vllm_engine
+
+sys.path.insert(0, str(Path(__file__).parent))
+from real_engine import fields, marks, require  # noqa: E402
+
 from ponder.vllm_engine import EngineBroken
 
-REASON = vllm_engine.unavailable_reason()
-REQUIRED = os.environ.get("PONDER_REQUIRE_VLLM") == "1"
-pytestmark = [pytest.mark.engine,
-              pytest.mark.skipif(REASON is not None and not REQUIRED, reason=f"real vLLM engine: {REASON}")]
+pytestmark = marks("engine")
 
 QS = [f"What is {17 + i}+{23 * i}*{i % 7 + 2}?" for i in range(12)]
 GREEDY = dict(temperature=0.0, max_new_tokens=40, progress=False)
-
-
-def fields(rows):
-    return [[(s.prompt_index, s.prompt_ids, s.ids, s.text, s.finish_reason, s.stop_index, s.stop) for s in r]
-            for r in rows]
 
 
 def same_as_generate(model, tok, qs=QS, **kw):
@@ -40,8 +38,7 @@ def same_as_generate(model, tok, qs=QS, **kw):
 
 @pytest.fixture(scope="module")
 def testbed():
-    if REASON and REQUIRED:
-        pytest.fail(f"PONDER_REQUIRE_VLLM=1 but {REASON}")
+    require()
     vllm_engine.set_engine(None)
     yield models.load("testbed")
     vllm_engine.set_engine(None)
@@ -199,8 +196,7 @@ def test_rise_collection_on_the_engine(testbed):
 
 
 def test_smollm2_greedy_equals_generate(smol_dir):
-    if REASON and REQUIRED:
-        pytest.fail(f"PONDER_REQUIRE_VLLM=1 but {REASON}")
+    require()
     vllm_engine.set_engine(None)
     try:
         model, tok = models.load("smollm2-135m")

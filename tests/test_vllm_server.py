@@ -7,25 +7,22 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
 
 from ponder import models, rollout, testbed, vllm_engine, vllm_server
 
-REASON = vllm_engine.unavailable_reason()
-REQUIRED = os.environ.get("PONDER_REQUIRE_VLLM") == "1"
-pytestmark = [pytest.mark.engine, pytest.mark.timeout(600),
-              pytest.mark.skipif(REASON is not None and not REQUIRED, reason=f"real vLLM server: {REASON}")]
+sys.path.insert(0, str(Path(__file__).parent))
+from real_engine import fields, marks, require  # noqa: E402
+
+pytestmark = marks("server", pytest.mark.timeout(600))
 QS = [f"What is {17 + i}+{23 * i}*{i % 7 + 2}?" for i in range(8)]
 GREEDY = dict(temperature=0.0, max_new_tokens=32, progress=False)
-
-
-def fields(rows):
-    return [[(s.prompt_index, s.prompt_ids, s.ids, s.text, s.finish_reason, s.stop_index, s.stop) for s in r]
-            for r in rows]
 
 
 def free_port() -> int:
@@ -59,8 +56,7 @@ def stop(proc):
 
 
 def test_server_generate_push_restart(tmp_path, monkeypatch):
-    if REASON and REQUIRED:
-        pytest.fail(f"PONDER_REQUIRE_VLLM=1 but {REASON}")
+    require()
     port = free_port()
     monkeypatch.setenv("PONDER_VLLM_SERVER", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("PONDER_VLLM_SHARED_DIR", str(tmp_path / "shared"))

@@ -103,3 +103,21 @@ def test_testbed_source_excludes_heldout():
 def test_bad_reasoning_gym_option():
     with pytest.raises(DataError, match="rg:chain_sum: bad task option"):
         data.load_problems("rg:chain_sum", n=2, no_such_option=3)
+
+
+def test_rg_task_options_in_the_dataset_name_reach_reasoning_gym_and_bad_ones_are_one_line():
+    import reasoning_gym as rg
+    spec = "rg:chain_sum:min_terms=2,max_terms=2,max_digits=1,allow_negation=false"
+    assert data.rg_spec(spec) == ("chain_sum", {"min_terms": 2, "max_terms": 2, "max_digits": 1,
+                                                "allow_negation": False})
+    got = data.load_problems(spec, n=5, split="test")
+    ref = rg.create_dataset("chain_sum", seed=10**6, size=5, min_terms=2, max_terms=2, max_digits=1,
+                            allow_negation=False)
+    assert [(p.question, p.answer) for p in got] == [(e["question"], str(e["answer"])) for e in ref]
+    assert got[0].meta["rg"]["config"]["max_digits"] == 1  # a problem written to a file regenerates the same
+    assert data.load_problems("rg:chain_sum", n=2)[0].meta["rg"]["config"] == {}
+    for bad, words in [("rg:chain_sum:max_terms", "key=value"), ("rg:chain_sum:max_terms=[2]", "a number"),
+                       ("rg:chain_sum:nope=1", "bad task option"), ("rg:nosuch:x=1", "no task 'nosuch'")]:
+        with pytest.raises(data.DataError, match=words) as e:
+            data.load_problems(bad, n=2)
+        assert "\n" not in str(e.value) and bad in str(e.value)

@@ -650,3 +650,43 @@ def test_sft_gold_arm_trains_on_exactly_the_latro_questions(tmp_path, task):
         assert m[1]["reasoning"] == f"{b}*{c}={b * c}. {a}+{b * c}={a + b * c}."
     if task == "testbed:words":
         assert not any(ch.isdigit() for p in tr.train_problems for ch in p.answer)
+
+
+def _numbers(text):
+    import re
+    return [int(x) for x in re.findall(r"-?\d+", text)]
+
+
+def test_gold_rationales_of_reasoning_gym_tasks_reach_the_packages_answer():
+    """The worked rationale of every problem ends in reasoning-gym's own answer (its last number), each step's
+    arithmetic is right (checked here by hand, not by the builder's code path), and the SFT conversation puts
+    it in LaTRO's prompt and answer templates."""
+    from ponder import data
+    specs = ["rg:basic_arithmetic:min_terms=2,max_terms=2,max_digits=1,allow_parentheses=false,operators=+-*",
+             "rg:chain_sum:min_terms=2,max_terms=5,max_digits=2", "rg:leg_counting:max_animals=3,max_instances=4"]
+    for spec in specs:
+        problems = data.load_problems(spec, n=60, split="test")
+        convs = latro_recipe.gold_conversations(problems, "direct", "{question} Think.", "The answer is {answer}.")
+        for p, conv in zip(problems, convs):
+            assert conv[0] == {"role": "user", "content": f"{p.question} Think."}
+            reply = conv[1]["content"]
+            assert reply.endswith(f" The answer is {p.answer}.")
+            rationale = reply.removesuffix(f" The answer is {p.answer}.")
+            assert _numbers(rationale)[-1] == int(p.answer) or " In total " in rationale, (spec, rationale)
+            import re
+            rationale, _, total = rationale.partition(" In total ")
+            if total:  # "12 + 0 + 6 = 18."
+                terms, result = total.rstrip(".").split(" = ")
+                assert sum(map(int, terms.split(" + "))) == int(result) == int(p.answer)
+                assert [int(t) for t in terms.split(" + ")] == [x[-1] for x in map(_numbers, rationale.split(". "))]
+            steps = re.findall(r"(-?\d+) ([-+*×]) (-?\d+) = (-?\d+)", rationale)
+            assert steps, rationale
+            for a, op, b, r in steps:
+                a, b, r = int(a), int(b), int(r)
+                assert {"+": a + b, "-": a - b, "*": a * b, "×": a * b}[op] == r, (spec, rationale)
+    answers_only = latro_recipe.gold_conversations(data.load_problems("rg:family_relationships", n=3), "answer")
+    assert answers_only[0][1]["content"].startswith("The answer is ")
+    with pytest.raises(ValueError, match="no gold rationale for this task; use gold_strategy: answer"):
+        latro_recipe.gold_conversations(data.load_problems("rg:family_relationships", n=3), "direct")
+    with pytest.raises(ValueError, match="strategy"):
+        latro_recipe.gold_conversations(data.load_problems("rg:chain_sum", n=3), "split")

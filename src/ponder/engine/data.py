@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ponder.engine import testbed
 from ponder.engine.chat import RenderError, normalize_messages
 
@@ -331,7 +333,8 @@ def load_problems(spec: str, n: int | None = None, seed: int = 0, split: str = "
         return [Problem(**p) for p in testbed.word_problems(n or 200, seed=seed, split=split)]
     if spec.startswith("rg:") or spec in _rg_names():
         import reasoning_gym as rg
-        task = spec.removeprefix("rg:")
+        task, options = rg_spec(spec)
+        task_config = {**options, **task_config}
         if task not in _rg_names():
             raise DataError(f"unknown task {spec!r}: reasoning-gym has no task {task!r} "
                             f"(see `ponder tasks`; e.g. {', '.join(_rg_names()[:6])}, ...)")
@@ -351,6 +354,27 @@ def load_problems(spec: str, n: int | None = None, seed: int = 0, split: str = "
         if n is not None and len(out) >= n:
             break
     return _nonempty(out, spec, n, "problems", skips)
+
+
+def rg_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``rg:<task>[:key=value,key=value]`` -> (task, options): reasoning-gym task options written in the dataset
+    name, so that every config, experiment and ``--task`` can choose a task's difficulty (e.g.
+    ``rg:chain_sum:max_terms=2,max_digits=1``). Values are YAML scalars (numbers, true/false, strings), parsed,
+    never evaluated."""
+    task, _, rest = spec.removeprefix("rg:").partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, (x.strip() for x in rest.split(","))):
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise DataError(f"{spec}: task options must be key=value separated by commas, got {item!r}")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        if not isinstance(value, (int, float, str, bool)):
+            raise DataError(f"{spec}: option {key.strip()} must be a number, true/false or a word, got {raw!r}")
+        options[key.strip()] = value
+    return task, options
 
 
 def _rg_names() -> list[str]:

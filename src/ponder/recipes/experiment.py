@@ -147,7 +147,8 @@ def run_sft_gold(config, overrides, seed, out, after):
     """SFT on gold rationales of exactly the questions a LaTRO config trains on (its dataset, n_train,
     dataset_split, data_seed: the same problems), then `metrics.evaluate`. overrides: the LaTRO
     config's overrides, plus `sft:` (SFTConfig fields), `eval:` (as for `eval` runs) and `gold_strategy` (the
-    rationales' format, default ``direct``: `ponder.recipes.latro.gold_conversations`)."""
+    rationales' format, default ``direct``; ``answer``: the gold answer alone: `ponder.recipes.latro.gold_conversations`;
+    other problems than the testbed's in the LaTRO config's prompt and answer templates)."""
     o = dict(overrides)
     sft, ev, strategy = dict(o.pop("sft", {})), o.pop("eval", {}), o.pop("gold_strategy", "direct")
     if after:
@@ -155,7 +156,9 @@ def run_sft_gold(config, overrides, seed, out, after):
     lcfg = load_config(LaTROConfig, config, _overrides(o, seed, out))
     problems = data.resolve_problems(lcfg.dataset, lcfg.n_train, lcfg.dataset_split, "dataset", lcfg.problem_seed())
     gold = out / "gold.jsonl"
-    data.write_jsonl(gold, [{"messages": m} for m in latro_recipe.gold_conversations(problems, strategy)])
+    convs = latro_recipe.gold_conversations(problems, strategy, lcfg.prompt_template,
+                                            lcfg.answer_template)
+    data.write_jsonl(gold, [{"messages": m} for m in convs])
     sft = {"model": lcfg.model, "dataset": str(gold), "lr_scheduler_type": "constant", "save_strategy": "no",
            "disable_tqdm": True, **sft}
     cfg = load_config(SFTConfig, None, _overrides(sft, seed, out))

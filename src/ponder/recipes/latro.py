@@ -157,21 +157,65 @@ def training_summary(log_history: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def gold_conversations(problems, strategy: str = "direct") -> list[list[dict[str, Any]]]:
-    """SFT on gold rationales for exactly the given testbed problems (LaTRO's baseline: the same questions);
-    `testbed:words` problems get the answer in words. strategy: the rationale's format, ``direct`` (the one the
-    testbed was pre-trained on) or another of `ponder.testbed.STRATEGIES` (gold rationales written differently
-    from the model's own, as human-written GSM8K solutions are for an LLM)."""
-    if any("a" not in p.meta for p in problems):
-        raise ValueError("gold rationales exist for testbed problems only (testbed, testbed:words)")
-    check_choice("strategy", strategy, testbed.STRATEGIES)
+def rg_rationale(problem) -> str | None:
+    """A worked gold rationale for a reasoning-gym problem whose entry carries the facts it needs, else None:
+    ``basic_arithmetic`` / ``chain_sum`` (the expression, summed term by term from the left — the tasks' own
+    order when there are no parentheses or ``*``) and ``leg_counting`` (each animal's legs, from the package's
+    own table). Read from the entry, never evaluated."""
+    entry, task = problem.meta.get("entry") or {}, str(problem.meta.get("task", ""))
+    meta = entry.get("metadata") or {}
+    if task in ("rg:basic_arithmetic", "rg:chain_sum"):
+        parts = str(meta.get("expression", "")).split()
+        if len(parts) == 3 and parts[0].lstrip("-").isdigit() and parts[2].lstrip("-").isdigit():
+            return f"{' '.join(parts)} = {problem.answer}."
+        if len(parts) >= 3 and len(parts) % 2 and set(parts[1::2]) <= {"+", "-"}:
+            total, steps = int(parts[0]), []
+            for op, x in zip(parts[1::2], parts[2::2]):
+                new = total + int(x) if op == "+" else total - int(x)
+                steps.append(f"{total} {op} {x} = {new}")
+                total = new
+            return ". ".join(steps) + "."
+        return None
+    if task == "rg:leg_counting":
+        from reasoning_gym.arithmetic.leg_counting import ANIMALS
+        animals = meta.get("animals") or {}
+        lines, totals = [], []
+        for name, count in animals.items():
+            legs = ANIMALS[name]
+            lines.append(f"A {name} has {legs} legs, so {count} × {legs} = {count * legs}.")
+            totals.append(str(count * legs))
+        return " ".join(lines) + (f" In total {' + '.join(totals)} = {problem.answer}." if len(totals) > 1 else "")
+    return None
+
+
+def gold_conversations(problems, strategy: str = "direct", prompt_template: str = "{question}",
+                       answer_template: str = "The answer is {answer}.") -> list[list[dict[str, Any]]]:
+    """SFT on gold rationales for exactly the given problems (LaTRO's baseline: the same questions).
+
+    Testbed problems (`testbed:words`: the answer in words): strategy is the rationale's format, ``direct`` (the
+    one the testbed was pre-trained on) or another of `ponder.testbed.STRATEGIES` (gold rationales written
+    differently from the model's own, as human-written GSM8K solutions are for an LLM). Other problems:
+    ``direct`` is the worked rationale of `rg_rationale` followed by `answer_template` in the user message
+    `prompt_template` (the format LaTRO samples in); ``answer`` is the answer alone (SFT on gold answers, for
+    tasks with no gold rationale)."""
     out = []
-    for p in problems:
-        arith = testbed.Arith(*(int(p.meta[k]) for k in "abc"))
-        reasoning, ans = testbed.solve(arith, strategy)
-        answer = testbed.number_words(ans) if p.meta.get("task") == testbed.WORDS_TASK else ans
-        out.append([{"role": "user", "content": arith.question},
-                    {"role": "assistant", "reasoning": reasoning, "content": testbed.answer_text(answer)}])
+    for i, p in enumerate(problems):
+        if "a" in p.meta:  # a testbed problem
+            check_choice("strategy", strategy, testbed.STRATEGIES)
+            arith = testbed.Arith(*(int(p.meta[k]) for k in "abc"))
+            reasoning, ans = testbed.solve(arith, strategy)
+            answer = testbed.number_words(ans) if p.meta.get("task") == testbed.WORDS_TASK else ans
+            out.append([{"role": "user", "content": arith.question},
+                        {"role": "assistant", "reasoning": reasoning, "content": testbed.answer_text(answer)}])
+            continue
+        check_choice("strategy", strategy, ("direct", "answer"))
+        rationale = rg_rationale(p) if strategy == "direct" else ""
+        if rationale is None:
+            raise ValueError(f"problems[{i}] ({p.meta.get('task', 'no task')}): no gold rationale for this task; "
+                             "use gold_strategy: answer (the gold answer alone)")
+        reply = " ".join(x for x in (rationale, answer_template.format(answer=p.answer)) if x)
+        out.append([{"role": "user", "content": prompt_template.format(question=p.question)},
+                    {"role": "assistant", "content": reply}])
     return out
 
 

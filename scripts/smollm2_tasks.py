@@ -1,11 +1,12 @@
 """Which reasoning-gym tasks does SmolLM2-135M-Instruct partly solve? Greedy accuracy and the mean accuracy of
 2 samples at T = 1 on N held-out problems of each candidate task, with a prompt that asks for "The answer is".
-Used to choose the SmolLM2 proving-ground tasks (docs/results/smollm2.md): the issue asks for tasks in the
-15-60% band, where training can move the number both ways.
+Used to choose the SmolLM2 proving-ground tasks (docs/results/smollm2.md): tasks in the 15-60% band, where
+training can move the number both ways.
 
-    python scripts/smollm2_tasks.py [--n 64] [--tasks chain_sum,leg_counting,...]
+    python scripts/smollm2_tasks.py [--n 48] [--tasks "rg:gcd:max_value=20;rg:letter_counting"]
 
-Prints one row per task and writes runs/smollm2-tasks/tasks.json.
+Prints one row per task and writes runs/smollm2-tasks/tasks.json (a re-run skips the tasks already there) and
+each task's records (question, answer, greedy output) next to it.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def main() -> None:
         r = metrics.evaluate(model, tok, problems, samples=a.samples, max_new_tokens=a.max_new_tokens,
                              batch_size=64, prompt=PROMPT)
         out.parent.mkdir(parents=True, exist_ok=True)
-        data.write_jsonl(out.parent / f"{len(rows)}.jsonl", [{"task": task, **x} for x in r["records"]])
+        data.write_jsonl(out.parent / f"records-{len(rows)}.jsonl", [{"task": task, **x} for x in r["records"]])
         rows[task] = {"greedy": r["greedy_accuracy"], "sample": r["sample_accuracy"],
                       "n": len(problems), "seconds": time.perf_counter() - t}
         print(f"{task:60s} greedy {100 * rows[task]['greedy']:5.1f}%  sample {100 * rows[task]['sample']:5.1f}%"

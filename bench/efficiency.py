@@ -1,14 +1,14 @@
 """How close to the machine is a step? This CPU's matmul rate (fp32 and bf16, 1 and 2 threads, square and the
 models' own shapes), then model FLOPs per second of a train step (testbed and SmolLM2, full and LoRA), a
-one-pass / tree step and a decode step, each as a share of the matmul rate of its dtype; and, from a profile of
-the SmolLM2 train step, where the time goes (matmuls, attention, optimizer, the rest).
+decode step, each as a share of the matmul rate of its dtype; bf16 greedy decoding's agreement with fp32's; and,
+from a profile of the SmolLM2 train step, where the time goes (matmuls, attention, optimizer, the rest).
 
 Model FLOPs: 2·N per token forward (N: the parameters that multiply, embeddings excluded, the LM head included)
 plus attention's 4·T·d per token per layer (causal: half of it); backward 2× forward for full training, 1×
 for LoRA (no weight gradients of frozen weights). A share above 1 is impossible; well below 1 means time spent
 outside matmuls.
 
-    python bench/efficiency.py [--quick] [--models testbed smollm2-135m]
+    python bench/efficiency.py [--quick] [--models testbed smollm2-135m] [--agreement-only]
 
 Prints `RATE name=GFLOP/s` and `RATIO name=share` lines (bench/run.py collects them), with the CPU named.
 """
@@ -94,6 +94,21 @@ def decode_rate(model, tok, batch: int, new_tokens: int, dtype, repeats: int) ->
     return batch * new_tokens / t
 
 
+def greedy_agreement(model, tok, batch: int = 64, new_tokens: int = 64) -> tuple[float, float]:
+    """bf16-autocast greedy decoding against fp32's on the same prompts: the share of sequences whose ids are
+    identical, and the mean share of tokens before the first difference."""
+    from ponder.engine import rollout
+    prompts = [rollout.prompt_ids(tok, f"What is {i} + {2 * i + 1}? Think step by step.") for i in range(batch)]
+    kw = dict(n=1, temperature=0.0, max_new_tokens=new_tokens, batch_size=batch, progress=False)
+    ref = [r[0].ids for r in rollout.sample(model, tok, prompts, **kw)]
+    with autocast(torch.bfloat16):
+        got = [r[0].ids for r in rollout.sample(model, tok, prompts, **kw)]
+    same = sum(a == b for a, b in zip(ref, got)) / batch
+    prefix = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))) / max(len(a), 1)
+              for a, b in zip(ref, got)]
+    return same, sum(prefix) / batch
+
+
 def profile_breakdown(model, rows: int, length: int) -> dict[str, float]:
     """Shares of a full train step's CPU time by kind of op (self time of the profiler's ATen ops)."""
     from torch.profiler import ProfilerActivity, profile
@@ -130,7 +145,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["testbed", "smollm2-135m"])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and shapes (a smoke run)")
+    ap.add_argument("--agreement-only", action="store_true", help="only the bf16 vs fp32 greedy agreement")
     a = ap.parse_args()
+    if a.agreement_only:
+        for spec in a.models:
+            model, tok = models.load(spec)
+            same, prefix = greedy_agreement(model.eval(), tok)
+            print(f"RATIO greedy_same_bf16_{spec}={same:.3f}  # sequences identical to fp32's (64 x 64 tokens)")
+            print(f"RATIO greedy_prefix_bf16_{spec}={prefix:.3f}  # share of tokens before the first difference")
+        return
     reps = 1 if a.quick else 3
     m = runtime.machine()
     print(f"# {runtime.describe(m)}", flush=True)
@@ -168,6 +191,9 @@ def main() -> None:
             fl = 2 * matmul_params(model) * tps
             print(f"RATE decode_{dt_name}_{spec}_bs{batch}={tps:.0f}  # tok/s", flush=True)
             print(f"RATIO share_decode_{dt_name}_{spec}_bs{batch}={fl / 1e9 / peak[dt_name]:.3f}", flush=True)
+        same, prefix = greedy_agreement(model, tok)
+        print(f"RATIO greedy_same_bf16_{spec}={same:.3f}  # sequences identical to fp32's (64 x 64 tokens)")
+        print(f"RATIO greedy_prefix_bf16_{spec}={prefix:.3f}  # share of tokens before the first difference")
         if spec != "testbed" or len(a.models) == 1:
             model.train()
             shares = profile_breakdown(model, rows, length)

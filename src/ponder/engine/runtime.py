@@ -80,8 +80,8 @@ def bf16_pays(m: dict | None = None) -> bool:
     """Whether bf16 autocast (fp32 master weights) is the faster way to train here — the rule behind ``dtype:
     auto`` (docs/methods.md §6.5). A CUDA GPU with bf16; a CPU whose torch kernels are AVX512 and that has native
     bf16 dot products: AMX (Intel Sapphire Rapids and later: bf16 matmul 4-6x the fp32 rate, a SmolLM2 train step
-    2.1-2.5x faster) or AVX512-BF16 (AMD Zen 4: 2.2x the fp32 matmul rate, a SmolLM2 train step 1.7x faster; bench/efficiency.py). Without them
-    (AVX2 boxes) bf16 was measured 3-4x slower than fp32."""
+    2.1-2.5x faster) or AVX512-BF16 (AMD Zen 4: 2.2x the fp32 matmul rate, a SmolLM2 train step 1.7x faster;
+    bench/efficiency.py). Without them (AVX2 boxes) bf16 was measured 3-4x slower than fp32."""
     import torch
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()

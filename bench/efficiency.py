@@ -66,7 +66,7 @@ def autocast(dtype):
     return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else contextlib.nullcontext()
 
 
-def train_step(model, rows: int, length: int, dtype, lora: bool, repeats: int):
+def train_step(model, rows: int, length: int, dtype, repeats: int):
     """Seconds and loss of one forward + backward + AdamW step (fp32 master weights, `dtype` autocast)."""
     torch.manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (rows, length))
@@ -177,7 +177,7 @@ def main() -> None:
             for dt_name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
                 model, tok = models.load(spec, lora={"r": 16, "alpha": 32} if lora else None)
                 model.train()
-                sec, loss = train_step(model, rows, length, dt, lora, reps)
+                sec, loss = train_step(model, rows, length, dt, reps)
                 fl = model_flops(model, rows, length, "lora" if lora else "full")
                 kind = "lora" if lora else "full"
                 print(f"RATE train_{kind}_{dt_name}_{spec}={fl / sec / 1e9:.0f}  # {sec:.2f} s/step, loss {loss:.4f}",

@@ -147,8 +147,8 @@ def run_sft_gold(config, overrides, seed, out, after):
     """SFT on gold rationales of exactly the questions a LaTRO config trains on (its dataset, n_train,
     dataset_split, data_seed: the same problems), then `metrics.evaluate`. overrides: the LaTRO
     config's overrides, plus `sft:` (SFTConfig fields), `eval:` (as for `eval` runs) and `gold_strategy` (the
-    rationales' format, default ``direct``; ``answer``: the gold answer alone: `ponder.recipes.latro.gold_conversations`;
-    other problems than the testbed's in the LaTRO config's prompt and answer templates)."""
+    rationales' format, default ``direct``; ``answer``: the gold answer alone; problems other than the testbed's are
+    written in the LaTRO config's prompt and answer templates: `ponder.recipes.latro.gold_conversations`)."""
     o = dict(overrides)
     sft, ev, strategy = dict(o.pop("sft", {})), o.pop("eval", {}), o.pop("gold_strategy", "direct")
     if after:
@@ -156,8 +156,10 @@ def run_sft_gold(config, overrides, seed, out, after):
     lcfg = load_config(LaTROConfig, config, _overrides(o, seed, out))
     problems = data.resolve_problems(lcfg.dataset, lcfg.n_train, lcfg.dataset_split, "dataset", lcfg.problem_seed())
     gold = out / "gold.jsonl"
-    convs = latro_recipe.gold_conversations(problems, strategy, lcfg.prompt_template,
-                                            lcfg.answer_template)
+    try:
+        convs = latro_recipe.gold_conversations(problems, strategy, lcfg.prompt_template, lcfg.answer_template)
+    except ValueError as e:  # a task without gold rationales, an unknown gold_strategy: one line, not a traceback
+        raise ConfigError(f"gold_strategy: {e}") from None
     data.write_jsonl(gold, [{"messages": m} for m in convs])
     sft = {"model": lcfg.model, "dataset": str(gold), "lr_scheduler_type": "constant", "save_strategy": "no",
            "disable_tqdm": True, **sft}

@@ -142,7 +142,7 @@ class Script:
 
     def __call__(self, model, tok, prompts, n=1, seed=0, **kw):
         decoded = [self.tok.decode(p) for p in prompts]
-        self.calls.append({"model": model, "prompts": decoded, "n": n})
+        self.calls.append({"model": model, "prompts": decoded, "n": n, "backend": kw.get("backend", "auto")})
         turn = len(self.calls) - 1
         out = []
         for i, p in enumerate(decoded):
@@ -446,7 +446,8 @@ def test_evaluate_feedback_window_and_metrics(monkeypatch, tb_tok):
     script = Script({q: v + [[reply("p", 70), reply("p", 60), reply("p", 1)] if q[0:2] == "10" else
                               [reply("p", 5), reply("p", 6), reply("p", 7)]] for q, v in seq.items()}, tb_tok)
     monkeypatch.setattr(rollout, "sample", script)
-    r = rise.evaluate("m", tb_tok, PROBS, turns=3, parallel=3, context_window=2, progress=False)
+    r = rise.evaluate("m", tb_tok, PROBS, turns=3, parallel=3, context_window=2, progress=False, backend="lean")
+    assert [c["backend"] for c in script.calls] == ["lean"] * 4   # every turn and the parallel samples
     assert r["m1@t1"] == 0.5 and r["accuracy_by_turn"] == [0.5, 0.5, 0.5]
     # a: 60, 70, 70 -> majority 70 (right); b: 31, 30, 32 -> three-way tie, the earliest (31, right) wins
     assert r["m1@t3"] == 1.0 and r["p1@t3"] == 1.0
@@ -460,6 +461,20 @@ def test_evaluate_feedback_window_and_metrics(monkeypatch, tb_tok):
     assert r["changed_answer_rate"] == 0.75 and r["right_after_wrong"] == 0.5 and r["right_after_right"] == 0.5
     assert r["repeats_shown_wrong"] == 0.0
     assert r["fresh_gives_shown_wrong"] == pytest.approx(1 / 6)   # shown 60 and 30; one of 6 fresh samples is 60
+
+
+def test_episode_eval_samples_on_the_runs_rollout_backend(monkeypatch, tb_tok, tmp_path):
+    """A run with ``rollout_backend: vllm`` evaluates on its engine too, not on the CPU loop."""
+    from ponder import rollout
+    from ponder.recipes.common import episode_eval
+    from ponder.recipes.rise import RISERunConfig
+    seq = {q: [[reply("r", 70)], [reply("r", 70)], [reply("p", 70), reply("p", 70)]] for q in ("10+20*3=?", "11+10*2=?")}
+    script = Script(seq, tb_tok)
+    monkeypatch.setattr(rollout, "sample", script)
+    cfg = RISERunConfig(output_dir=str(tmp_path), rollout_backend="generate", eval_turns=2, eval_parallel=2,
+                        report_to="none")
+    episode_eval("m", tb_tok, PROBS, cfg, "base", tmp_path, resume=False, progress=False)
+    assert [c["backend"] for c in script.calls] == ["generate"] * 3
 
 
 def test_rise_command_end_to_end(tmp_path):

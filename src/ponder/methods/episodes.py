@@ -124,13 +124,15 @@ def window(messages: list[dict[str, Any]], prefix_len: int, context_window: int 
 
 def evaluate(model, tokenizer, problems: Sequence[Problem | dict], env: Env | None = None, turns: int = 5, parallel: int = 5,
              context_window: int | None = 2, temperature: float = 1.0, max_new_tokens: int = 256, seed: int = 0,
-             batch_size: int = 64, progress: bool = True, unit_size: int | None = None) -> dict[str, Any]:
+             batch_size: int = 64, progress: bool = True, unit_size: int | None = None, backend: str = "auto"
+             ) -> dict[str, Any]:
     """Sequential and parallel evaluation (docs/methods.md §3.7; official `workflow_eval.py`).
 
     Sequential: `turns` turns, one sample per turn, feedback always `RETRY_PROMPT` (the episode never stops
     early), the sliding `context_window`. Parallel: `parallel` i.i.d. first-turn samples (equal compute).
     Returns m1@t1, m1@t{turns}, p1@t{turns} (`ponder.metrics.sequential_metrics`), m{parallel}@t1 (majority of
     the parallel samples) and p{parallel}@t1 (any parallel sample correct), per-turn accuracy, and records.
+    `backend`: `rollout.sample`'s (a run with ``rollout_backend: vllm`` evaluates on its engine too).
 
     Several processes: every process calls it; the problems are split into work units as in `collect`, the
     records gathered, and the metrics computed once over all of them (`eval_metrics`), the same on every process.
@@ -139,7 +141,7 @@ def evaluate(model, tokenizer, problems: Sequence[Problem | dict], env: Env | No
     problems = [as_problem(p, f"problems[{i}]", i) for i, p in enumerate(problems)]
     records = dist.map_units(lambda unit, unit_seed: _eval_records(
         model, tokenizer, unit, env, turns, parallel, context_window, temperature, max_new_tokens, unit_seed,
-        batch_size, progress), problems, seed, unit_size)
+        batch_size, progress, backend), problems, seed, unit_size)
     result = eval_metrics(records, parallel)
     result["records"] = records
     return result
@@ -147,7 +149,7 @@ def evaluate(model, tokenizer, problems: Sequence[Problem | dict], env: Env | No
 
 def _eval_records(model, tokenizer, problems: list[Problem], env: Env, turns: int, parallel: int,
                   context_window: int | None, temperature: float, max_new_tokens: int, seed: int, batch_size: int,
-                  progress: bool) -> list[dict[str, Any]]:
+                  progress: bool, backend: str = "auto") -> list[dict[str, Any]]:
     """`evaluate`'s samples for one work unit: a record per problem (turns, answers, rewards, correct, and the
     parallel samples)."""
     msgs = [env.reset(p) for p in problems]
@@ -159,7 +161,7 @@ def _eval_records(model, tokenizer, problems: list[Problem], env: Env, turns: in
         prompts = [env.prompt(tokenizer, window(m, env.prefix_len, context_window)) for m in msgs]
         out = rollout.sample(model, tokenizer, prompts, n=1, max_new_tokens=max_new_tokens, temperature=temperature,
                              seed=seed + 1000 * t, batch_size=batch_size, progress=progress,
-                             description=f"sequential turn {t + 1}/{turns}")
+                             description=f"sequential turn {t + 1}/{turns}", backend=backend)
         for i, (p, row) in enumerate(zip(problems, out)):
             text = row[0].text
             msgs[i], r, _ = env.step(p, msgs[i], text)
@@ -172,7 +174,8 @@ def _eval_records(model, tokenizer, problems: list[Problem], env: Env, turns: in
     if parallel:
         out = rollout.sample(model, tokenizer, [env.prompt(tokenizer, env.reset(p)) for p in problems], n=parallel,
                              max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + 999_983,
-                             batch_size=batch_size, progress=progress, description=f"parallel x{parallel}")
+                             batch_size=batch_size, progress=progress, description=f"parallel x{parallel}",
+                             backend=backend)
         for r, p, row in zip(records, problems, out):
             r.update(parallel=[s.text for s in row], parallel_answers=[env.answer(p, s.text) for s in row],
                      parallel_correct=[env.score(p, s.text) >= 1.0 for s in row])

@@ -220,7 +220,7 @@ def episode_eval(model, tok, problems, cfg, name: str, out: Path, resume: bool, 
         r = evaluate(model, tok, problems, env=env, turns=cfg.eval_turns, parallel=cfg.eval_parallel,
                      context_window=cfg.context_window, temperature=cfg.eval_temperature,
                      max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.rollout_batch_size,
-                     progress=progress, unit_size=cfg.unit_size)
+                     progress=progress, unit_size=cfg.unit_size, backend=getattr(cfg, "rollout_backend", "auto"))
         records = r.pop("records")
         if dist.is_main():
             write_jsonl(path, records)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ponder import ui
+from ponder.engine import runtime
 
 
 def parse_ratios(stdout: str) -> tuple[dict[str, float], list[str]]:
@@ -45,7 +46,7 @@ def run_benchmarks(only: list[str], out: Path) -> dict[str, float]:
             sections[part.split("\n", 1)[0].strip()] = "## " + part.rstrip() + "\n"
     failed = []
     head = [f"Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC  ",
-            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"Machine: {runtime.describe(runtime.machine())} at the start, {os.cpu_count()} cores, "
             f"Python {platform.python_version()}  ",
             f"Command: `make bench` (or `ponder bench{''.join(' --only ' + o for o in only)}`)\n"]
     for script in scripts:

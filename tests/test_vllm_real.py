@@ -205,3 +205,16 @@ def test_smollm2_greedy_equals_generate(smol_dir):
         assert vllm_engine.current().last_probe_error < vllm_engine.PROBE_TOL[torch.float32]
     finally:
         vllm_engine.set_engine(None)
+
+
+def test_sampling_a_batch_larger_than_one_step(testbed):
+    """More prompt tokens than one engine step takes (vLLM's max_num_batched_tokens, 4096): on CPU a prefill
+    split across steps rewinds the request's seeded generator, which CPU generators cannot do ("CPU Generator
+    does not use offset": a RISE evaluation of 200 problems x 5 samples stopped there). Sampled, seeded, and
+    the same ids however the batch is split."""
+    model, tok = testbed
+    qs = [f"What is {i}+{3 * i % 17}*{i % 5 + 2}-{i % 11}? Think step by step." for i in range(400)]
+    assert sum(len(tok(q)["input_ids"]) for q in qs) > 4096
+    kw = dict(temperature=1.0, max_new_tokens=4, seed=3, progress=False, backend="vllm")
+    whole = rollout.sample(model, tok, qs, **kw)
+    assert fields(whole[:10]) == fields(rollout.sample(model, tok, qs[:10], **kw))

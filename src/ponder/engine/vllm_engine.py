@@ -336,10 +336,17 @@ class VLLMEngine:
                 kw["kv_cache_memory_bytes"] = kv
             eager = env("PONDER_VLLM_ENFORCE_EAGER", "1" if cpu else "0") == "1"
             max_len = env("PONDER_VLLM_MAX_MODEL_LEN")
+            step_tokens = 4096
+            if cpu:  # a prefill split over steps rewinds its request's seeded generator, which a CPU generator
+                # cannot do (RuntimeError "CPU Generator does not use offset"): whole prefills only, and a step
+                # must then hold the longest prompt (a long-context model: set PONDER_VLLM_MAX_MODEL_LEN)
+                longest = int(max_len) if max_len else int(getattr(lm.config, "max_position_embeddings", 0) or 0)
+                step_tokens = max(step_tokens, longest)
+                kw["enable_chunked_prefill"] = False
             tok_ok = (Path(path) / "tokenizer_config.json").is_file() or (Path(path) / "tokenizer.json").is_file()
             llm = LLM(model=path, dtype=str(lm.dtype).removeprefix("torch."), enforce_eager=eager,
                       max_model_len=int(max_len) if max_len else None, seed=int(env("RANK", "0")),
-                      max_num_batched_tokens=4096, skip_tokenizer_init=not tok_ok, **kw)
+                      max_num_batched_tokens=step_tokens, skip_tokenizer_init=not tok_ok, **kw)
         return cls(llm, path=path, shape=_shape(model), keep=keep)
 
     def generate(self, prompts_ids: Sequence[Sequence[int]], params: Sampling, seeds: Sequence[int]

@@ -9,6 +9,7 @@ for LoRA (no weight gradients of frozen weights). A share above 1 is impossible;
 outside matmuls.
 
     python bench/efficiency.py [--quick] [--models testbed smollm2-135m] [--agreement-only]
+    python bench/efficiency.py --loss-curve 20 [--models ...]   # SFT fp32 vs `dtype: auto`, loss per step
 
 Prints `RATE name=GFLOP/s` and `RATIO name=share` lines (bench/run.py collects them), with the CPU named.
 """
@@ -141,12 +142,64 @@ def profile_breakdown(model, rows: int, length: int) -> dict[str, float]:
     return shares
 
 
+CURVE_TASKS = {"testbed": "testbed",
+               "smollm2-135m": "rg:basic_arithmetic:min_terms=2,max_terms=2,max_digits=1,allow_parentheses=false,"
+                               "allow_negation=false,operators=+-*"}
+
+
+def loss_curve(spec: str, steps: int, dtype: str, out: str) -> tuple[list[float], float]:
+    """`steps` steps of ponder's SFTTrainer (LoRA r 16, 8 gold conversations per step, lr 2e-4: the SFT arm of
+    the SmolLM2 experiments) with ``dtype`` fp32 or ``auto`` (bf16 autocast, fp32 master weights, where
+    `runtime.bf16_pays`); the loss of every step and the seconds per step."""
+    import tempfile
+
+    from ponder.config import load_config
+    from ponder.engine import data
+    from ponder.recipes.latro import gold_conversations
+    from ponder.trainers.sft import SFTConfig, SFTTrainer
+    task = CURVE_TASKS.get(spec, "testbed")
+    problems = data.resolve_problems(task, 8 * steps, "train", "dataset", 0)
+    convs = gold_conversations(problems, "direct", "{question} Let's think step by step.", "The answer is {answer}.")
+    with tempfile.TemporaryDirectory() as tmp:
+        gold = f"{tmp}/gold.jsonl"
+        data.write_jsonl(gold, [{"messages": m} for m in convs])
+        ov = {"model": spec, "dataset": gold, "dtype": dtype, "lora": '{"r": 16, "alpha": 32}', "max_steps": steps,
+              "per_device_train_batch_size": 8, "learning_rate": 2e-4, "lr_scheduler_type": "constant",
+              "logging_steps": 1, "save_strategy": "no", "report_to": "none", "disable_tqdm": True, "seed": 0,
+              "output_dir": out}
+        cfg = load_config(SFTConfig, None, [f"{k}={v}" for k, v in ov.items()])
+        tr = SFTTrainer(args=cfg)
+        t = time.perf_counter()
+        tr.train()
+        sec = (time.perf_counter() - t) / steps
+    return [h["loss"] for h in tr.state.log_history if "loss" in h], sec
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["testbed", "smollm2-135m"])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and shapes (a smoke run)")
     ap.add_argument("--agreement-only", action="store_true", help="only the bf16 vs fp32 greedy agreement")
+    ap.add_argument("--loss-curve", type=int, default=0, metavar="STEPS",
+                    help="only SFT with dtype fp32 vs auto for STEPS steps: the loss per step and its difference")
     a = ap.parse_args()
+    if a.loss_curve:
+        import tempfile
+        print(f"# {runtime.describe(runtime.machine())}; dtype auto -> "
+              f"{'bf16 autocast' if runtime.bf16_pays() else 'fp32 (bf16 does not pay on this CPU)'}", flush=True)
+        for spec in a.models:
+            with tempfile.TemporaryDirectory() as tmp:
+                ref, t32 = loss_curve(spec, a.loss_curve, "float32", tmp)
+                got, tauto = loss_curve(spec, a.loss_curve, "auto", tmp)
+            print(f"{spec}: step  " + " ".join(f"{i + 1:7d}" for i in range(len(ref))))
+            print(f"{spec}: fp32  " + " ".join(f"{x:7.4f}" for x in ref))
+            print(f"{spec}: auto  " + " ".join(f"{x:7.4f}" for x in got))
+            rel = [abs(x - y) / abs(x) for x, y in zip(ref, got)]
+            print(f"RATIO curve_max_rel_diff_{spec}={max(rel):.4f}  # |auto - fp32| / fp32, worst step of "
+                  f"{len(ref)}; the loss fell {ref[0]:.3f} -> {ref[-1]:.3f}")
+            print(f"RATIO curve_last_rel_diff_{spec}={rel[-1]:.4f}")
+            print(f"RATIO curve_step_speedup_{spec}={t32 / tauto:.3f}  # {t32:.2f} s/step fp32, {tauto:.2f} auto")
+        return
     if a.agreement_only:
         for spec in a.models:
             model, tok = models.load(spec)

@@ -277,3 +277,18 @@ def test_kv_cache_size_setting(monkeypatch):
         monkeypatch.setattr(vllm_engine.os, "sysconf", lambda k, a=avail_gib: a * 2 ** 18 if k == "SC_AVPHYS_PAGES"
                             else 4096)
         assert vllm_engine.kv_cache_bytes() == want * 2 ** 30
+
+
+def test_cpu_engines_take_whole_prefills_only(tmp_path):
+    """On a CPU a prefill split over engine steps rewinds a seeded generator, which CPU generators cannot do (the
+    real engine crashed on any sampled batch of more than 4096 prompt tokens; tests/test_vllm_real.py runs one):
+    chunked prefill off and a step that holds the longest prompt, for the colocated engine and the server."""
+    assert vllm_engine.step_settings(cpu=True, max_model_len=8192) == (8192, False)
+    assert vllm_engine.step_settings(cpu=True, max_model_len=512) == (4096, False)
+    assert vllm_engine.step_settings(cpu=False, max_model_len=8192) == (4096, True)
+    from ponder import vllm_server
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 8192}')
+    argv, _ = vllm_server.serve_command(str(tmp_path), cpu=True)
+    assert "--no-enable-chunked-prefill" in argv and argv[argv.index("--max-num-batched-tokens") + 1] == "8192"
+    argv, _ = vllm_server.serve_command(str(tmp_path), cpu=False, max_model_len=2048)
+    assert "--no-enable-chunked-prefill" not in argv and argv[argv.index("--max-num-batched-tokens") + 1] == "4096"

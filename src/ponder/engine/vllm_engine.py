@@ -292,6 +292,14 @@ def _start_dir(model, tokenizer, keep: list) -> str:
     return tmp.name
 
 
+def step_settings(cpu: bool, max_model_len: int) -> tuple[int, bool]:
+    """(max_num_batched_tokens, enable_chunked_prefill) of an engine. On a CPU a prefill split over steps
+    rewinds its request's seeded generator, which a CPU generator cannot do (RuntimeError "CPU Generator does not
+    use offset": any sampled batch of more than a step's prompt tokens); so whole prefills only, and a step must
+    then hold the longest prompt (a long-context model: set PONDER_VLLM_MAX_MODEL_LEN)."""
+    return (max(4096, max_model_len), False) if cpu else (4096, True)
+
+
 class VLLMEngine:
     """A vLLM `LLM` (or any object with its ``generate``/``reset_prefix_cache``/``collective_rpc``) plus the
     checked weight push. `sampling_params_cls` defaults to vLLM's `SamplingParams`."""
@@ -336,13 +344,8 @@ class VLLMEngine:
                 kw["kv_cache_memory_bytes"] = kv
             eager = env("PONDER_VLLM_ENFORCE_EAGER", "1" if cpu else "0") == "1"
             max_len = env("PONDER_VLLM_MAX_MODEL_LEN")
-            step_tokens = 4096
-            if cpu:  # a prefill split over steps rewinds its request's seeded generator, which a CPU generator
-                # cannot do (RuntimeError "CPU Generator does not use offset"): whole prefills only, and a step
-                # must then hold the longest prompt (a long-context model: set PONDER_VLLM_MAX_MODEL_LEN)
-                longest = int(max_len) if max_len else int(getattr(lm.config, "max_position_embeddings", 0) or 0)
-                step_tokens = max(step_tokens, longest)
-                kw["enable_chunked_prefill"] = False
+            longest = int(max_len) if max_len else int(getattr(lm.config, "max_position_embeddings", 0) or 0)
+            step_tokens, kw["enable_chunked_prefill"] = step_settings(cpu, longest)
             tok_ok = (Path(path) / "tokenizer_config.json").is_file() or (Path(path) / "tokenizer.json").is_file()
             llm = LLM(model=path, dtype=str(lm.dtype).removeprefix("torch."), enforce_eager=eager,
                       max_model_len=int(max_len) if max_len else None, seed=int(env("RANK", "0")),

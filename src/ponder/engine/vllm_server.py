@@ -39,8 +39,10 @@ from ponder.engine.vllm_engine import (
     EngineBroken,
     Sampling,
     VLLMEngine,
+    _cpu_build,
     positive_env,
     sampling_kwargs,
+    step_settings,
 )
 
 SERVED_NAME = "ponder"
@@ -77,14 +79,22 @@ def model_dir(spec: str) -> Path:
 
 
 def serve_command(model_dir: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "float32",
-                  kv_cache_gb: float = 1.0, eager: bool = True, max_model_len: int | None = None
-                  ) -> tuple[list[str], dict[str, str]]:
+                  kv_cache_gb: float = 1.0, eager: bool = True, max_model_len: int | None = None,
+                  cpu: bool | None = None) -> tuple[list[str], dict[str, str]]:
     """The argv and environment of a vLLM OpenAI server for the vllm-server backend (its dev endpoints on,
-    HF generation defaults off so the request's stop ids are the only ones)."""
+    HF generation defaults off so the request's stop ids are the only ones; on a CPU (`cpu`, default: this
+    machine has no CUDA) whole prefills only, `vllm_engine.step_settings`)."""
+    if cpu is None:
+        cpu = _cpu_build() or not torch.cuda.is_available()
+    longest = max_model_len or json.loads((Path(model_dir) / "config.json").read_text()).get(
+        "max_position_embeddings", 0)
+    step, chunked = step_settings(cpu, int(longest or 0))
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
             "--served-model-name", SERVED_NAME, "--host", host, "--port", str(port), "--dtype", dtype,
             "--kv-cache-memory-bytes", str(int(kv_cache_gb * 2 ** 30)), "--generation-config", "vllm",
-            "--max-num-batched-tokens", "4096", "--disable-uvicorn-access-log"]
+            "--max-num-batched-tokens", str(step), "--disable-uvicorn-access-log"]
+    if not chunked:
+        argv.append("--no-enable-chunked-prefill")
     if eager:
         argv.append("--enforce-eager")
     if max_model_len:

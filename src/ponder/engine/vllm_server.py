@@ -86,8 +86,8 @@ def serve_command(model_dir: str, host: str = "127.0.0.1", port: int = 8000, dty
     machine has no CUDA) whole prefills only, `vllm_engine.step_settings`)."""
     if cpu is None:
         cpu = _cpu_build() or not torch.cuda.is_available()
-    longest = max_model_len or json.loads((Path(model_dir) / "config.json").read_text()).get(
-        "max_position_embeddings", 0)
+    conf = Path(model_dir) / "config.json"
+    longest = max_model_len or (json.loads(conf.read_text()).get("max_position_embeddings", 0) if conf.is_file() else 0)
     step, chunked = step_settings(cpu, int(longest or 0))
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
             "--served-model-name", SERVED_NAME, "--host", host, "--port", str(port), "--dtype", dtype,

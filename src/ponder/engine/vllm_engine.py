@@ -292,6 +292,11 @@ def _start_dir(model, tokenizer, keep: list) -> str:
     return tmp.name
 
 
+def runs_on_cpu() -> bool:
+    """Whether an engine started here runs on the CPU: vLLM's CPU build, or no CUDA device."""
+    return _cpu_build() or not torch.cuda.is_available()
+
+
 def step_settings(cpu: bool, max_model_len: int) -> tuple[int, bool]:
     """(max_num_batched_tokens, enable_chunked_prefill) of an engine. On a CPU a prefill split over steps
     rewinds its request's seeded generator, which a CPU generator cannot do (RuntimeError "CPU Generator does not
@@ -325,7 +330,7 @@ class VLLMEngine:
         path = _start_dir(model, tokenizer, keep)
         lm = model.get_base_model() if isinstance(model, PeftModel) else model
         env = os.environ.get
-        cpu = _cpu_build() or not torch.cuda.is_available()
+        cpu = runs_on_cpu()
         kv = kv_cache_bytes()
         with isolated():
             from vllm import LLM  # inside: importing vLLM's CPU platform already edits os.environ

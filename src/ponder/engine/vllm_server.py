@@ -39,8 +39,8 @@ from ponder.engine.vllm_engine import (
     EngineBroken,
     Sampling,
     VLLMEngine,
-    _cpu_build,
     positive_env,
+    runs_on_cpu,
     sampling_kwargs,
     step_settings,
 )
@@ -85,7 +85,7 @@ def serve_command(model_dir: str, host: str = "127.0.0.1", port: int = 8000, dty
     HF generation defaults off so the request's stop ids are the only ones; on a CPU (`cpu`, default: this
     machine has no CUDA) whole prefills only, `vllm_engine.step_settings`)."""
     if cpu is None:
-        cpu = _cpu_build() or not torch.cuda.is_available()
+        cpu = runs_on_cpu()
     conf = Path(model_dir) / "config.json"
     longest = max_model_len or (json.loads(conf.read_text()).get("max_position_embeddings", 0) if conf.is_file() else 0)
     step, chunked = step_settings(cpu, int(longest or 0))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import tempfile
 import time
 
 import torch
@@ -110,6 +111,12 @@ def greedy_agreement(model, tok, batch: int = 64, new_tokens: int = 64) -> tuple
     return same, sum(prefix) / batch
 
 
+def print_agreement(spec: str, model, tok) -> None:
+    same, prefix = greedy_agreement(model, tok)
+    print(f"RATIO greedy_same_bf16_{spec}={same:.3f}  # sequences identical to fp32's (64 x 64 tokens)")
+    print(f"RATIO greedy_prefix_bf16_{spec}={prefix:.3f}  # share of tokens before the first difference")
+
+
 def profile_breakdown(model, rows: int, length: int) -> dict[str, float]:
     """Shares of a full train step's CPU time by kind of op (self time of the profiler's ATen ops)."""
     from torch.profiler import ProfilerActivity, profile
@@ -151,8 +158,6 @@ def loss_curve(spec: str, steps: int, dtype: str, out: str) -> tuple[list[float]
     """`steps` steps of ponder's SFTTrainer (LoRA r 16, 8 gold conversations per step, lr 2e-4: the SFT arm of
     the SmolLM2 experiments) with ``dtype`` fp32 or ``auto`` (bf16 autocast, fp32 master weights, where
     `runtime.bf16_pays`); the loss of every step and the seconds per step."""
-    import tempfile
-
     from ponder.config import load_config
     from ponder.engine import data
     from ponder.recipes.latro import gold_conversations
@@ -184,7 +189,6 @@ def main() -> None:
                     help="only SFT with dtype fp32 vs auto for STEPS steps: the loss per step and its difference")
     a = ap.parse_args()
     if a.loss_curve:
-        import tempfile
         print(f"# {runtime.describe(runtime.machine())}; dtype auto -> "
               f"{'bf16 autocast' if runtime.bf16_pays() else 'fp32 (bf16 does not pay on this CPU)'}", flush=True)
         for spec in a.models:
@@ -203,9 +207,7 @@ def main() -> None:
     if a.agreement_only:
         for spec in a.models:
             model, tok = models.load(spec)
-            same, prefix = greedy_agreement(model.eval(), tok)
-            print(f"RATIO greedy_same_bf16_{spec}={same:.3f}  # sequences identical to fp32's (64 x 64 tokens)")
-            print(f"RATIO greedy_prefix_bf16_{spec}={prefix:.3f}  # share of tokens before the first difference")
+            print_agreement(spec, model.eval(), tok)
         return
     reps = 1 if a.quick else 3
     m = runtime.machine()
@@ -244,9 +246,7 @@ def main() -> None:
             fl = 2 * matmul_params(model) * tps
             print(f"RATE decode_{dt_name}_{spec}_bs{batch}={tps:.0f}  # tok/s", flush=True)
             print(f"RATIO share_decode_{dt_name}_{spec}_bs{batch}={fl / 1e9 / peak[dt_name]:.3f}", flush=True)
-        same, prefix = greedy_agreement(model, tok)
-        print(f"RATIO greedy_same_bf16_{spec}={same:.3f}  # sequences identical to fp32's (64 x 64 tokens)")
-        print(f"RATIO greedy_prefix_bf16_{spec}={prefix:.3f}  # share of tokens before the first difference")
+        print_agreement(spec, model, tok)
         if spec != "testbed" or len(a.models) == 1:
             model.train()
             shares = profile_breakdown(model, rows, length)

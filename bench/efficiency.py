@@ -88,33 +88,46 @@ def train_step(model, rows: int, length: int, dtype, repeats: int):
 
 
 def decode_rate(model, tok, batch: int, new_tokens: int, dtype, repeats: int) -> float:
+    """Lean-loop greedy decoding in tok/s; bf16 as rollouts run it (`rollout_dtype: bfloat16`: a bf16 copy of
+    the weights, no autocast)."""
     from ponder.engine import rollout
     prompts = [rollout.prompt_ids(tok, f"What is {i} + {i + 1}? Think step by step.") for i in range(batch)]
-    with autocast(dtype):
-        t = best_time(lambda: rollout.sample(model, tok, prompts, n=1, temperature=0.0, max_new_tokens=new_tokens,
-                                             batch_size=batch, suppress_eos=True, progress=False), repeats)
-    return batch * new_tokens / t
+    kw = dict(n=1, temperature=0.0, max_new_tokens=new_tokens, batch_size=batch, suppress_eos=True, progress=False,
+              dtype="bfloat16" if dtype == torch.bfloat16 else "auto")
+    return batch * new_tokens / best_time(lambda: rollout.sample(model, tok, prompts, **kw), repeats)
 
 
-def greedy_agreement(model, tok, batch: int = 64, new_tokens: int = 64) -> tuple[float, float]:
-    """bf16-autocast greedy decoding against fp32's on the same prompts: the share of sequences whose ids are
-    identical, and the mean share of tokens before the first difference."""
+def greedy_agreement(model, tok, batch: int = 64, new_tokens: int = 64) -> dict[str, float]:
+    """bf16 rollouts (`rollout_dtype: bfloat16`) against fp32's, greedy, same prompts: the share of sequences
+    whose ids are identical, the mean share of tokens before the first difference, and, teacher-forced on
+    fp32's sequences, the share of positions where both pick the same greedy id and the mean KL(fp32 || bf16)
+    of the next-token distributions in nats."""
     from ponder.engine import rollout
     prompts = [rollout.prompt_ids(tok, f"What is {i} + {2 * i + 1}? Think step by step.") for i in range(batch)]
     kw = dict(n=1, temperature=0.0, max_new_tokens=new_tokens, batch_size=batch, progress=False)
     ref = [r[0].ids for r in rollout.sample(model, tok, prompts, **kw)]
-    with autocast(torch.bfloat16):
-        got = [r[0].ids for r in rollout.sample(model, tok, prompts, **kw)]
-    same = sum(a == b for a, b in zip(ref, got)) / batch
+    got = [r[0].ids for r in rollout.sample(model, tok, prompts, dtype="bfloat16", **kw)]
+    shadow = rollout.sampling_copy(model, torch.bfloat16)
+    same_tok, kl = [], []
+    with torch.no_grad():
+        for p, ids in zip(prompts, ref):
+            seq = torch.tensor([list(p) + ids])
+            a = model(seq).logits[0, len(p) - 1:-1].double().log_softmax(-1)
+            b = shadow(seq).logits[0, len(p) - 1:-1].double().log_softmax(-1)
+            same_tok.append((a.argmax(-1) == b.argmax(-1)).double().mean().item())
+            kl.append((a.exp() * (a - b)).sum(-1).mean().item())
     prefix = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))) / max(len(a), 1)
               for a, b in zip(ref, got)]
-    return same, sum(prefix) / batch
+    return {"same": sum(a == b for a, b in zip(ref, got)) / batch, "prefix": sum(prefix) / batch,
+            "token": sum(same_tok) / batch, "kl": sum(kl) / batch}
 
 
 def print_agreement(spec: str, model, tok) -> None:
-    same, prefix = greedy_agreement(model, tok)
-    print(f"RATIO greedy_same_bf16_{spec}={same:.3f}  # sequences identical to fp32's (64 x 64 tokens)")
-    print(f"RATIO greedy_prefix_bf16_{spec}={prefix:.3f}  # share of tokens before the first difference")
+    g = greedy_agreement(model, tok)
+    print(f"RATIO greedy_same_bf16_{spec}={g['same']:.3f}  # sequences identical to fp32's (64 x 64 tokens)")
+    print(f"RATIO greedy_prefix_bf16_{spec}={g['prefix']:.3f}  # share of tokens before the first difference")
+    print(f"RATIO greedy_token_bf16_{spec}={g['token']:.3f}  # teacher-forced: same greedy id at a position")
+    print(f"RATIO kl_bf16_{spec}={g['kl']:.2e}  # teacher-forced: mean KL(fp32 || bf16) per token, nats")
 
 
 def profile_breakdown(model, rows: int, length: int) -> dict[str, float]:

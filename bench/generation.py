@@ -11,7 +11,12 @@ The vLLM backend (the real engine, `ponder.vllm_engine`, in-process on CPU, eage
 in the same interleaved loop at `VLLM_BATCHES` (or `--batch-sizes`) when vLLM can run here: `TOKS
 generation_vllm_<model>_bs<B>` and `RATIO generation_vllm_<model>_bs<B>=vllm/plain`, greedy ids again equal.
 
-    python bench/generation.py [--models testbed smollm2-135m] [--new-tokens 64] [--repeats 3] [--no-vllm]
+bf16 rollouts (`rollout_dtype: bfloat16`: the lean loop on a bf16 copy of the weights) run in the same loop from
+batch 16 up: `TOKS generation_lean_bf16_<model>_bs<B>`, `RATIO generation_lean_bf16_<model>_bs<B>=bf16/plain`
+and `RATIO generation_lean_bf16_same_<model>_bs<B>`, the share of sequences whose greedy ids equal fp32's (bf16
+is a slightly different policy; bench/efficiency.py gives the per-token agreement and KL).
+
+    python bench/generation.py [--models testbed smollm2-135m] [--new-tokens 64] [--repeats 3] [--no-vllm] [--no-bf16]
 """
 
 from __future__ import annotations
@@ -54,12 +59,18 @@ def timed(fn):
     return out, time.perf_counter() - t, time.process_time() - c
 
 
-def compare(name, model, tok, pids, new_tokens, repeats, eos, vllm=False):
+def compare(name, model, tok, pids, new_tokens, repeats, eos, vllm=False, bf16=False):
     from ponder import rollout
-    walls = {"ours": [], "plain": [], "vllm": []}
-    cpus = {"ours": [], "plain": [], "vllm": []}
-    same, same_vllm, tokens = True, True, 0
+    walls = {"ours": [], "plain": [], "vllm": [], "bf16": []}
+    cpus = {"ours": [], "plain": [], "vllm": [], "bf16": []}
+    same, same_vllm, tokens, bf16_ids = True, True, 0, None
     for _ in range(repeats):  # interleaved, so every side sees the same machine load
+        if bf16:
+            bf16_ids, w, c = timed(lambda: rollout.sample(model, tok, pids, temperature=0.0, max_new_tokens=new_tokens,
+                                                          batch_size=len(pids), progress=False, suppress_eos=not eos,
+                                                          backend="lean", dtype="bfloat16"))
+            walls["bf16"].append(w)
+            cpus["bf16"].append(c)
         if vllm:
             got, w, c = timed(lambda: rollout.sample(model, tok, pids, temperature=0.0, max_new_tokens=new_tokens,
                                                      progress=False, suppress_eos=not eos, backend="vllm"))
@@ -83,6 +94,12 @@ def compare(name, model, tok, pids, new_tokens, repeats, eos, vllm=False):
               f"{tokens / med['plain']:8.1f} tok/s   (wall x{med['plain'] / med['vllm']:.2f})   identical greedy "
               f"output: {same_vllm}", flush=True)
         compare.vllm = (med["plain"] / med["vllm"], tokens / med["vllm"], same_vllm)
+    if bf16:
+        agree = sum(r[0].ids == x for r, x in zip(bf16_ids, ref)) / len(ref)
+        print(f"{name + ' lean bf16':26s}: bf16 {tokens / med['bf16']:8.1f} tok/s   plain generate "
+              f"{tokens / med['plain']:8.1f} tok/s   (wall x{med['plain'] / med['bf16']:.2f})   greedy sequences "
+              f"equal to fp32's: {agree:.1%}", flush=True)
+        compare.bf16 = (med["plain"] / med["bf16"], tokens / med["bf16"], agree)
     print(f"{name:26s}: ponder {tokens / med['ours']:8.1f} tok/s   plain generate {tokens / med['plain']:8.1f} tok/s"
           f"   (wall x{med['plain'] / med['ours']:.2f}, cpu time x{cpu['plain'] / cpu['ours']:.2f})"
           f"   identical greedy output: {same}", flush=True)
@@ -97,6 +114,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-eos", dest="eos", action="store_false", help="skip the stop-at-end-of-turn comparison")
     ap.add_argument("--no-vllm", dest="vllm", action="store_false", help="skip the vLLM backend")
+    ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 lean rollouts")
     args = ap.parse_args()
 
     from ponder import chat, models, rollout, vllm_engine
@@ -105,7 +123,7 @@ def main():
         args.vllm = False
     print(f"torch threads {torch.get_num_threads()}, load average at start {os.getloadavg()[0]:.2f}; backend "
           f"auto -> {rollout.resolve_backend('auto', models.load('tiny-random')[0])} on this machine", flush=True)
-    rows = []
+    rows, agreement = [], []
     for spec in args.models:
         model, tok = models.load(spec)
         vllm_bs = set(args.batch_sizes or VLLM_BATCHES.get(spec, [])) if args.vllm else set()
@@ -121,11 +139,16 @@ def main():
         for bs in args.batch_sizes or DEFAULT_BATCHES.get(spec, [1, 16]):
             questions = [f"What is {17 + i}+{23 * i}*{i % 7 + 2}?" for i in range(bs)]
             pids = [chat.generation_prompt(tok, [{"role": "user", "content": q}]) for q in questions]
+            bf16 = args.bf16 and bs >= 16 and rollout.resolve_backend("lean", model) == "lean"
             r, tps, same = compare(f"{spec} batch {bs}", model, tok, pids, args.new_tokens, args.repeats, eos=False,
-                                   vllm=bs in vllm_bs)
+                                   vllm=bs in vllm_bs, bf16=bf16)
             rows.append((f"generation_{spec}_bs{bs}", r, tps, same))
             if bs in vllm_bs:
                 rows.append((f"generation_vllm_{spec}_bs{bs}", *compare.vllm))
+            if bf16:
+                r, tps, agree = compare.bf16
+                rows.append((f"generation_lean_bf16_{spec}_bs{bs}", r, tps, True))
+                agreement.append((f"generation_lean_bf16_same_{spec}_bs{bs}", agree))
             if args.eos and spec == "testbed" and bs >= 64:
                 r, tps, same = compare(f"{spec} batch {bs} (stop at eos)", model, tok, pids, args.new_tokens,
                                        args.repeats, eos=True)
@@ -134,6 +157,8 @@ def main():
     for key, r, tps, _same in rows:
         print(f"RATIO {key}={r:.3f}")
         print(f"TOKS {key}={tps:.1f}")
+    for key, agree in agreement:
+        print(f"RATIO {key}={agree:.3f}  # greedy sequences equal to fp32's")
     bad = [key for key, _, _, same in rows if not same]
     vllm_engine.set_engine(None)
     assert not bad, f"ponder's greedy output differs from plain generate: {bad}"

@@ -95,6 +95,17 @@ def _(tmp):
     return ["latro", "rollout_backend=fast"], r"rollout_backend must be one of auto, generate, lean, vllm, vllm-server, got 'fast'"
 
 
+@case("bad-rollout-dtype")
+def _(tmp):
+    return ["latro", "rollout_dtype=half"], r"rollout_dtype must be one of auto, float32, bfloat16, got 'half'"
+
+
+@case("bf16-rollouts-on-vllm")
+def _(tmp):
+    return (["latro", "rollout_backend=vllm", "rollout_dtype=bfloat16"],
+            r"rollout_dtype 'bfloat16' runs on the lean and generate backends, not 'vllm'")
+
+
 @case("vllm-serve-bad-model")
 def _(tmp):
     return ["vllm-serve", "--model", "nope"], \

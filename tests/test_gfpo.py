@@ -252,3 +252,12 @@ def test_tags_only_moves_the_tag_distribution_with_untied_embeddings(tmp_path, t
     after = tag_distribution(tr.model, tok, probs, 4)
     assert (after - before).abs().max() > 1e-3
     assert all(torch.equal(p, frozen[n]) for n, p in tr.model.named_parameters() if n in frozen)
+
+
+def test_rollouts_run_in_the_configs_rollout_dtype(tmp_path, monkeypatch):
+    from ponder import rollout
+    model, tok = models.load("tiny-random", add_tokens=TAGS, token_init="mean+noise")
+    seen, real = [], rollout.sample
+    monkeypatch.setattr(rollout, "sample", lambda *a, **kw: seen.append(kw.get("dtype")) or real(*a, **kw))
+    make(model, tok, tmp_path, rollout_dtype="bfloat16", max_steps=1, per_device_train_batch_size=1).train()
+    assert seen and set(seen) == {"bfloat16"}

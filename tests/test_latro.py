@@ -695,3 +695,14 @@ def test_gold_rationales_of_reasoning_gym_tasks_reach_the_packages_answer():
         latro_recipe.gold_conversations(data.load_problems("rg:gcd", n=3), "direct")
     with pytest.raises(ValueError, match="strategy"):
         latro_recipe.gold_conversations(data.load_problems("rg:chain_sum", n=3), "split")
+
+
+def test_rollouts_run_in_the_configs_rollout_dtype(tiny, tmp_path, monkeypatch):
+    """rollout_dtype reaches the sampler: bf16 rollouts on the trainer's fp32 model (and it stays fp32)."""
+    model, tok = tiny
+    seen, real = [], rollout.sample
+    monkeypatch.setattr(rollout, "sample", lambda *a, **kw: seen.append(kw.get("dtype")) or real(*a, **kw))
+    tr = make_trainer(model, tok, tmp_path, max_steps=1, rollout_dtype="bfloat16", per_device_train_batch_size=4)
+    tr.train()
+    assert seen and set(seen) == {"bfloat16"}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -328,3 +328,12 @@ def test_cli_retry_writes_report_and_plot(tmp_path):
         assert len(m["evals"][name]["accuracy_by_turn"]) == 2 and "m1@t1" in m["evals"][name]
     text = (out / "report.md").read_text()
     assert "m1@t1" in text and "accuracy_by_turn.png" in text and (out / "accuracy_by_turn.png").exists()
+
+
+def test_rollouts_run_in_the_configs_rollout_dtype(tmp_path, monkeypatch):
+    from ponder import rollout
+    model, tok = models.load("tiny-random")
+    seen, real = [], rollout.sample
+    monkeypatch.setattr(rollout, "sample", lambda *a, **kw: seen.append(kw.get("dtype")) or real(*a, **kw))
+    make_trainer(model, tok, tmp_path, rollout_dtype="bfloat16", max_steps=1).train()
+    assert seen and set(seen) == {"bfloat16"}

@@ -261,3 +261,59 @@ def test_backend_choice():
         rollout.resolve_backend("lean", gpt2)
     with pytest.raises(ValueError, match="rollout_backend must be one of auto, generate, lean, vllm, vllm-server, got 'fast'"):
         rollout.check_backend("fast")
+
+
+def bf16_by_hand(model):
+    """Independent reference for `rollout.sampling_copy`: a fresh deep copy with every parameter cast."""
+    ref = copy.deepcopy(model)
+    for p in ref.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    return ref
+
+
+@pytest.mark.parametrize("backend", ["generate", "lean"])
+def test_bf16_rollouts_sample_from_a_bf16_copy_of_the_current_weights(lively, backend):
+    """dtype=bfloat16 samples exactly what a hand-cast bf16 copy samples, after a weight update too (the kept
+    copy is refreshed, not stale), and leaves the trained model in fp32."""
+    model, tok = copy.deepcopy(lively[0]), lively[1]
+    kw = dict(temperature=1.0, max_new_tokens=12, progress=False, seed=3, n=2, backend=backend)
+    ids = lambda out: [[s.ids for s in row] for row in out]  # noqa: E731
+    got = ids(rollout.sample(model, tok, PROMPTS, dtype="bfloat16", **kw))
+    assert got == ids(rollout.sample(bf16_by_hand(model), tok, PROMPTS, **kw))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    shadow = rollout.sampling_copy(model, torch.bfloat16)
+    assert shadow is rollout.sampling_copy(model, torch.bfloat16)  # kept, not rebuilt
+    assert {p.dtype for p in shadow.parameters()} == {torch.bfloat16}
+    assert all(b.dtype == c.dtype for b, c in zip(shadow.buffers(), model.buffers()))  # rotary stays fp32
+    with torch.no_grad():  # an "RL step"
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    after = ids(rollout.sample(model, tok, PROMPTS, dtype="bfloat16", **kw))
+    assert after == ids(rollout.sample(bf16_by_hand(model), tok, PROMPTS, **kw))
+    assert after != got
+    # float32 on an fp32 model is the model itself
+    assert rollout.sampling_copy(model, torch.float32) is model
+
+
+def test_rollout_dtype_resolution_and_refusals():
+    assert rollout.resolve_dtype("auto", "auto", trains_in_bf16=True) == "bfloat16"
+    assert rollout.resolve_dtype("auto", "lean", trains_in_bf16=True) == "bfloat16"
+    assert rollout.resolve_dtype("auto", "vllm", trains_in_bf16=True) == "float32"  # the engine's push check
+    assert rollout.resolve_dtype("auto", "lean", trains_in_bf16=False) == "float32"
+    assert rollout.resolve_dtype("bfloat16", "generate", trains_in_bf16=False) == "bfloat16"
+    with pytest.raises(ValueError, match="rollout_dtype must be one of auto, float32, bfloat16"):
+        rollout.check_dtype("fp16")
+    with pytest.raises(ValueError, match="not 'vllm-server'"):
+        rollout.check_dtype("bfloat16", "vllm-server")
+
+
+def test_dtype_auto_gives_bf16_rollouts_where_bf16_training_pays(monkeypatch, tmp_path):
+    """One knob: `dtype: auto` trains under bf16 autocast where it pays, and its rollouts follow."""
+    from ponder import runtime
+    from ponder.trainers.latro import LaTROConfig
+    for pays in (False, True):
+        monkeypatch.setattr(runtime, "bf16_pays", lambda m=None, pays=pays: pays)
+        cfg = LaTROConfig(output_dir=str(tmp_path), dtype="auto", report_to="none")
+        assert cfg.rollout_dtype == ("bfloat16" if pays else "float32")
+        assert LaTROConfig(output_dir=str(tmp_path), dtype="auto", report_to="none",
+                           rollout_dtype="float32").rollout_dtype == "float32"

@@ -242,11 +242,12 @@ class Episode:
 def rollout_episodes(model, tokenizer, problems: Sequence[Problem], env: Env, num_generations: int,
                      max_turns: int, temperature: float = 1.0, max_new_tokens: int = 256, seed: int = 0,
                      batch_size: int = 64, backend: str = "auto", context_window: int | None = None,
-                     progress: bool = False) -> list[list[Episode]]:
+                     progress: bool = False, dtype: str = "auto") -> list[list[Episode]]:
     """G episodes of up to T attempts per problem, on-policy (`ponder.rollout.sample`, no grad): turn 1 samples G
     attempts from each problem's first prompt, later turns one attempt per unfinished episode from its history
     as rendered by `env` (reasoning stripped or kept); a correct attempt ends its episode (`episodes.Env.step` in
-    collection mode). Seeded by `seed` and the turn. Returns episodes[problem][g]."""
+    collection mode). Seeded by `seed` and the turn; `backend` and `dtype` are `rollout.sample`'s. Returns
+    episodes[problem][g]."""
     if env.evaluation:
         raise ValueError("rollout_episodes needs a collection environment (evaluation=False)")
     eps = [[Episode(i, env.reset(p)) for _ in range(num_generations)] for i, p in enumerate(problems)]
@@ -259,13 +260,14 @@ def rollout_episodes(model, tokenizer, problems: Sequence[Problem], env: Env, nu
             prompts = [env.prompt(tokenizer, window(row[0].messages, env.prefix_len, context_window)) for row in eps]
             out = rollout.sample(model, tokenizer, prompts, n=num_generations, max_new_tokens=max_new_tokens,
                                  temperature=temperature, seed=seed, batch_size=batch_size, progress=progress,
-                                 description="retry turn 1", backend=backend)
+                                 description="retry turn 1", backend=backend, dtype=dtype)
             pairs = [(e, prompts[i], s) for i, (row, samples) in enumerate(zip(eps, out)) for e, s in zip(row, samples)]
         else:
             prompts = [env.prompt(tokenizer, window(e.messages, env.prefix_len, context_window)) for e in active]
             out = rollout.sample(model, tokenizer, prompts, n=1, max_new_tokens=max_new_tokens,
                                  temperature=temperature, seed=seed + 1000 * t, batch_size=batch_size,
-                                 progress=progress, description=f"retry turn {t + 1}", backend=backend)
+                                 progress=progress, description=f"retry turn {t + 1}", backend=backend,
+                                 dtype=dtype)
             pairs = [(e, p, row[0]) for e, p, row in zip(active, prompts, out)]
         for e, prompt, s in pairs:
             e.messages, reward, e.done = env.step(problems[e.problem], e.messages, s.text)

@@ -133,6 +133,9 @@ class SamplingConfig(PonderConfig):
     max_new_tokens: int = option(128, "rollout length budget (per attempt)")
     rollout_batch_size: int = option(64, "sequences per sampling batch")
     rollout_backend: str = option("auto", "sampler: auto | generate | lean | vllm | vllm-server (docs/methods.md §6)")
+    rollout_dtype: str = option("auto", "rollouts' precision: auto (bfloat16 when training runs under bf16 autocast "
+                                        "and the backend is lean or generate, else float32) | float32 | bfloat16 "
+                                        "(a bf16 copy of the weights; docs/methods.md §6.5)")
     nan_rewards: str = option("raise", "raise | skip (a NaN or ±inf reward leaves its group's mean and std, advantage "
                                    "0, counted)")
     dataloader_pin_memory: bool = option(False, "batches are index / token-id lists")
@@ -147,8 +150,10 @@ class SamplingConfig(PonderConfig):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         check_choice("nan_rewards", self.nan_rewards, NAN_REWARDS)
+        rollout.check_dtype(self.rollout_dtype, self.rollout_backend)  # first: its message needs no vLLM
         rollout.check_backend(self.rollout_backend)
         super().__post_init__()
+        self.rollout_dtype = rollout.resolve_dtype(self.rollout_dtype, self.rollout_backend, bool(self.bf16))
 
     def problem_seed(self, default: int = 0) -> int:
         """The seed of generated problems: ``data_seed``, else `default`."""

@@ -125,7 +125,7 @@ class GFPOTrainer(PonderTrainer):
                              temperature=self.args.temperature, max_new_tokens=self.args.max_new_tokens,
                              batch_size=self.args.rollout_batch_size, progress=False,
                              seed=self.args.seed * 100003 + self.state.global_step + 1_000_003 * self.slot,
-                             backend=self.args.rollout_backend)
+                             backend=self.args.rollout_backend, dtype=self.args.rollout_dtype)
         r = [[float(self.reward_fn(it["problem"], out[b * g + k][0].text)) for k in range(g)]
              for b, it in enumerate(items)]
         self._stats["tokens"] += sum(len(s[0].ids) for s in out)

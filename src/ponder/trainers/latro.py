@@ -319,7 +319,7 @@ class LaTROTrainer(PonderTrainer):
                                  temperature=a.temperature, stop=[] if verifier else a.stop,
                                  seed=self._rollout_seed() if seed is None else seed,
                                  batch_size=a.rollout_batch_size, progress=False,
-                                 backend=a.rollout_backend)
+                                 backend=a.rollout_backend, dtype=a.rollout_dtype)
         index = index if index is not None else list(range(len(prompt_ids)))
         answer_ids = answer_ids if answer_ids is not None else [[] for _ in prompt_ids]
         out = Rollouts([], [], [], [], torch.zeros(0), [], [] if verifier else None)

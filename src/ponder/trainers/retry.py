@@ -184,7 +184,8 @@ class RetryTrainer(PonderTrainer):
         policy.eval()
         eps = retry.rollout_episodes(policy, self.processing_class, [self.problems[i] for i in index], self.env,
                                      a.num_generations, a.max_turns, a.temperature, a.max_new_tokens, seed,
-                                     a.rollout_batch_size, a.rollout_backend, a.context_window or None)
+                                     a.rollout_batch_size, a.rollout_backend, a.context_window or None,
+                                     dtype=a.rollout_dtype)
         policy.train(was_training)
         trees, per = [], []   # per tree: the KL weight w_t of each of its episode's attempts
         flat = [(r, self.problems[index[e.problem]].id) for row in eps for e in row for r in e.rewards]

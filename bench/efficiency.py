@@ -1,6 +1,8 @@
 """How close to the machine is a step? This CPU's matmul rate (fp32 and bf16, 1 and 2 threads, square and the
 models' own shapes), then model FLOPs per second of a train step (testbed and SmolLM2, full and LoRA), a
-decode step, each as a share of the matmul rate of its dtype; bf16 greedy decoding's agreement with fp32's; and,
+decode step, each as a share of the matmul rate of its dtype, with the decode limit (the step's matmuls alone at
+the rate of the model's own decode-shaped product) next to HF `generate`; bf16 rollouts' agreement with fp32's
+(whole greedy sequences, and teacher-forced per token: same greedy id, KL); and,
 from a profile of the SmolLM2 train step, where the time goes (matmuls, attention, optimizer, the rest).
 
 Model FLOPs: 2·N per token forward (N: the parameters that multiply, embeddings excluded, the LM head included)
@@ -87,13 +89,13 @@ def train_step(model, rows: int, length: int, dtype, repeats: int):
     return best_time(step, repeats), losses[0]
 
 
-def decode_rate(model, tok, batch: int, new_tokens: int, dtype, repeats: int) -> float:
-    """Lean-loop greedy decoding in tok/s; bf16 as rollouts run it (`rollout_dtype: bfloat16`: a bf16 copy of
-    the weights, no autocast)."""
+def decode_rate(model, tok, batch: int, new_tokens: int, dtype, repeats: int, backend: str = "lean") -> float:
+    """Greedy decoding in tok/s (the lean loop, or `backend`); bf16 as rollouts run it (`rollout_dtype:
+    bfloat16`: a bf16 copy of the weights, no autocast)."""
     from ponder.engine import rollout
     prompts = [rollout.prompt_ids(tok, f"What is {i} + {i + 1}? Think step by step.") for i in range(batch)]
     kw = dict(n=1, temperature=0.0, max_new_tokens=new_tokens, batch_size=batch, suppress_eos=True, progress=False,
-              dtype="bfloat16" if dtype == torch.bfloat16 else "auto")
+              dtype="bfloat16" if dtype == torch.bfloat16 else "auto", backend=backend)
     return batch * new_tokens / best_time(lambda: rollout.sample(model, tok, prompts, **kw), repeats)
 
 
@@ -253,12 +255,22 @@ def main() -> None:
                 print(f"RATIO share_train_{kind}_{dt_name}_{spec}={fl / sec / 1e9 / peak[dt_name]:.3f}", flush=True)
         model, tok = models.load(spec)
         model.eval()
+        batch, new = 64, 32 if a.quick else 64
+        gen = decode_rate(model, tok, batch, new, torch.float32, reps, backend="generate")
+        print(f"RATE decode_generate_fp32_{spec}_bs{batch}={gen:.0f}  # tok/s, HF generate", flush=True)
+        cfg = model.config
         for dt_name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            batch, new = 64, 32 if a.quick else 64
             tps = decode_rate(model, tok, batch, new, dt, reps)
             fl = 2 * matmul_params(model) * tps
-            print(f"RATE decode_{dt_name}_{spec}_bs{batch}={tps:.0f}  # tok/s", flush=True)
+            print(f"RATE decode_{dt_name}_{spec}_bs{batch}={tps:.0f}  # tok/s, lean loop", flush=True)
             print(f"RATIO share_decode_{dt_name}_{spec}_bs{batch}={fl / 1e9 / peak[dt_name]:.3f}", flush=True)
+            # the limit if a decode step were its matmuls alone, at the rate of the model's own decode-shaped
+            # product (batch x hidden x intermediate): what no loop in this dtype can beat on this CPU
+            limit = matmul_rate(batch, cfg.hidden_size, cfg.intermediate_size, dt, threads[-1]) * 1e9 / (
+                2 * matmul_params(model))
+            print(f"RATE decode_limit_{dt_name}_{spec}_bs{batch}={limit:.0f}  # tok/s: matmuls only", flush=True)
+            print(f"RATIO decode_{dt_name}_over_generate_{spec}_bs{batch}={tps / gen:.3f}", flush=True)
+            print(f"RATIO decode_limit_{dt_name}_over_generate_{spec}_bs{batch}={limit / gen:.3f}", flush=True)
         print_agreement(spec, model, tok)
         if spec != "testbed" or len(a.models) == 1:
             model.train()

@@ -111,7 +111,7 @@ def main():
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--competitor", default="busy", choices=list(COMPETITORS))
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--child", choices=WORKLOADS)
     args = ap.parse_args()
     if args.child:

@@ -142,7 +142,8 @@ class Script:
 
     def __call__(self, model, tok, prompts, n=1, seed=0, **kw):
         decoded = [self.tok.decode(p) for p in prompts]
-        self.calls.append({"model": model, "prompts": decoded, "n": n, "backend": kw.get("backend", "auto")})
+        self.calls.append({"model": model, "prompts": decoded, "n": n, "backend": kw.get("backend", "auto"),
+                           "dtype": kw.get("dtype", "auto")})
         turn = len(self.calls) - 1
         out = []
         for i, p in enumerate(decoded):
@@ -165,8 +166,9 @@ def test_collect_best_of_n_early_stop_and_teacher(monkeypatch, tb_tok):
     }, tb_tok)
     monkeypatch.setattr(rollout, "sample", script)
     recs = rise.collect("learner", tb_tok, PROBS, turns=3, samples=[1, 3], teacher=("teacher", tb_tok),
-                        progress=False)
+                        progress=False, dtype="bfloat16")
     a, b = recs
+    assert [c["dtype"] for c in script.calls] == ["bfloat16", "auto"]  # the teacher samples as it is
     assert [x["reward"] for x in a["attempts"]] == [0.0, 1.0] and a["success"] and a["max_reward"] == 1.0
     assert a["attempts"][1]["text"] == reply("r", 70)            # best of 3; the first of the tied best
     assert [c["reward"] for c in a["attempts"][1]["candidates"]] == [0.0, 1.0, 1.0]
@@ -475,6 +477,7 @@ def test_episode_eval_samples_on_the_runs_rollout_backend(monkeypatch, tb_tok, t
                         report_to="none")
     episode_eval("m", tb_tok, PROBS, cfg, "base", tmp_path, resume=False, progress=False)
     assert [c["backend"] for c in script.calls] == ["generate"] * 3
+    assert [c["dtype"] for c in script.calls] == ["auto"] * 3  # evaluation samples the model as it is
 
 
 def test_rise_command_end_to_end(tmp_path):

@@ -87,8 +87,8 @@ def _per_turn(values, t: int):
 def collect(model, tokenizer, problems: Sequence[Problem | dict], env: Env | None = None, turns: int = 2,
             samples: int | Sequence[int] = (1, 4), teacher=None, teacher_turns: Sequence[int] | None = None,
             temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 256, seed: int = 0,
-            batch_size: int = 64, progress: bool = True, unit_size: int | None = None, backend: str = "auto"
-            ) -> list[dict[str, Any]]:
+            batch_size: int = 64, progress: bool = True, unit_size: int | None = None, backend: str = "auto",
+            dtype: str = "auto") -> list[dict[str, Any]]:
     """On-policy multi-turn rollouts (docs/methods.md §3.4; official `workflow_gen.py`).
 
     At turn t every unfinished episode samples `samples[t]` candidates (the last entry repeats) from the model
@@ -103,7 +103,8 @@ def collect(model, tokenizer, problems: Sequence[Problem | dict], env: Env | Non
 
     Several processes: every process calls it with all the problems; each collects its work units
     (`ponder.dist.map_units`: `unit_size` problems, default one unit per process, each seeded from `seed`) and
-    every process gets all the records, in problem order.
+    every process gets all the records, in problem order. `backend` and `dtype` are `rollout.sample`'s (the
+    learner's turns; a teacher samples as it is).
     """
     env = env or Env()
     problems = [as_problem(p, f"problems[{i}]", i) for i, p in enumerate(problems)]
@@ -114,12 +115,12 @@ def collect(model, tokenizer, problems: Sequence[Problem | dict], env: Env | Non
     teacher_turns = set(teacher_turns or ())
     return dist.map_units(lambda unit, unit_seed: _collect(
         model, tokenizer, unit, env, turns, samples, teacher, teacher_turns, temperature, top_p, max_new_tokens,
-        unit_seed, batch_size, progress, backend), problems, seed, unit_size)
+        unit_seed, batch_size, progress, backend, dtype), problems, seed, unit_size)
 
 
 def _collect(model, tokenizer, problems: list[Problem], env: Env, turns: int, samples, teacher, teacher_turns: set,
              temperature: float, top_p: float, max_new_tokens: int, seed: int, batch_size: int, progress: bool,
-             backend: str) -> list[dict[str, Any]]:
+             backend: str, dtype: str = "auto") -> list[dict[str, Any]]:
     """`collect` on one work unit."""
     eps = []
     for p in problems:
@@ -139,7 +140,7 @@ def _collect(model, tokenizer, problems: list[Problem], env: Env, turns: int, sa
                              max_new_tokens=max_new_tokens,
                              temperature=temperature, top_p=top_p, seed=seed + 1000 * t, batch_size=batch_size,
                              progress=progress, description=f"collect turn {t + 1}/{turns} ({n}/episode)",
-                             backend="auto" if use_teacher else backend)
+                             backend="auto" if use_teacher else backend, dtype="auto" if use_teacher else dtype)
         for e, row in zip(active, out):
             p, rec = e["problem"], e["record"]
             cands = [{"text": s.text, "reward": env.score(p, s.text), "finish_reason": s.finish_reason,

@@ -56,6 +56,9 @@ class RISERunConfig(RISEConfig):
     max_new_tokens: int = option(256, "per attempt")
     rollout_batch_size: int = option(64, "sequences per sampling batch")
     rollout_backend: str = option("auto", "sampler: auto | generate | lean | vllm | vllm-server (docs/methods.md §6)")
+    rollout_dtype: str = option("auto", "collection's precision: auto (bfloat16 when training runs under bf16 "
+                                        "autocast and the backend is lean or generate, else float32) | float32 | "
+                                        "bfloat16 (a bf16 copy of the weights; docs/methods.md §6.5)")
     reward: str = option("verify", "verify (ponder.verify.score) | rise_official (the official GSM8K reward "
                                    "+1/0/-1; alias gsm8k)")
     demo: bool = option(False, "instruction + one-shot demo prefix (math chat models)")
@@ -80,9 +83,11 @@ class RISERunConfig(RISEConfig):
             raise ValueError(f"samples must be a list of positive integers, got {self.samples!r}")
         if self.collect_turns < 1 or self.eval_turns < 1 or self.iterations < 0:
             raise ValueError("collect_turns and eval_turns must be >= 1 and iterations >= 0")
+        rollout.check_dtype(self.rollout_dtype, self.rollout_backend)
         rollout.check_backend(self.rollout_backend)
         check_unit_size(self.unit_size)
         super().__post_init__()
+        self.rollout_dtype = rollout.resolve_dtype(self.rollout_dtype, self.rollout_backend, bool(self.bf16))
 
 
 def run_rise(config_path, overrides: list[str]) -> dict[str, Any]:
@@ -137,7 +142,7 @@ def run(cfg, config_text: str | None = None) -> dict[str, Any]:
                             teacher_turns=cfg.teacher_turns, temperature=cfg.temperature,
                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7919 * it,
                             batch_size=cfg.rollout_batch_size, unit_size=cfg.unit_size,
-                            backend=cfg.rollout_backend)
+                            backend=cfg.rollout_backend, dtype=cfg.rollout_dtype)
             if dist.is_main():
                 write_jsonl(it_dir / "trajectories.jsonl", trajs)
         collect_s = time.time() - t

@@ -14,12 +14,22 @@ that other processes do not already keep busy (the whole part of the 1-minute lo
 Overrides: an ``OMP_WAIT_POLICY`` already set in the environment is kept; ``PONDER_THREADS=N`` (or else
 ``OMP_NUM_THREADS``) sets torch's intra-op threads. Intel OpenMP's ``KMP_*`` settings do nothing here:
 torch's wheel does not load libiomp.
+
+Also the machine's measured constants (`measured`): numbers a rule needs that differ between CPUs (the attention
+path's costs, docs/methods.md §6.3), measured once per machine and kept in one JSON file per kind under
+`cache_dir()`.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ponder import ui
 
 
 def threads_wanted(environ=os.environ, load: float | None = None) -> int:
@@ -87,3 +97,63 @@ def bf16_pays(m: dict | None = None) -> bool:
         return torch.cuda.is_bf16_supported()
     m = m or machine()
     return m["kernels"] == "AVX512" and bool(m["amx"] or m["avx512_bf16"])
+
+
+def cache_dir(environ=os.environ) -> Path:
+    """Where the measured constants live: ``$PONDER_HOME`` (ponder's cache of built models too), else
+    ``$XDG_CACHE_HOME/ponder``, else ``~/.cache/ponder``."""
+    if environ.get("PONDER_HOME"):
+        return Path(environ["PONDER_HOME"])
+    return Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ponder"
+
+
+#: The constants measured or read in this process, by file and key: each is measured at most once per process.
+MEASURED: dict[tuple[str, str], dict[str, float]] = {}
+
+
+def machine_key(key: dict) -> str:
+    """`key` plus what makes timings differ between machines: CPU model, torch's instruction set, torch version."""
+    import torch
+    m = machine()
+    return json.dumps({"cpu": m["cpu"], "kernels": m["kernels"], "torch": torch.__version__, **key}, sort_keys=True)
+
+
+def _valid(entry, names: Sequence[str]) -> bool:
+    return (isinstance(entry, dict) and set(entry) == set(names)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                    for v in entry.values()))
+
+
+def measured(kind: str, key: dict, measure: Callable[[], dict[str, float]], names: Sequence[str]) -> dict[str, float]:
+    """The constants `names` for `key` on this machine: from this process's memo, else from
+    ``cache_dir()/<kind>.json``, else `measure()` (then saved there). A file that cannot be read or holds
+    something else is ignored with a one-line warning (and rewritten); one that cannot be written too."""
+    k = machine_key(key)
+    if (kind, k) in MEASURED:
+        return MEASURED[kind, k]
+    path = cache_dir() / f"{kind}.json"
+    table = {}
+    if path.exists():
+        try:
+            table = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(table, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            ui.warn(f"ignoring the unreadable cache {path} ({type(e).__name__}: {e}); measuring again")
+            table = {}
+    entry = table.get(k)
+    if entry is not None and not _valid(entry, names):
+        ui.warn(f"ignoring a malformed entry in {path}; measuring again")
+        entry = None
+    if entry is None:
+        entry = {n: float(v) for n, v in measure().items()}
+        table[k] = entry
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as e:
+            ui.warn(f"could not save {path} ({type(e).__name__}: {e}); the measurement holds for this process only")
+    MEASURED[kind, k] = entry
+    return entry

@@ -215,10 +215,12 @@ def test_auto_picks_a_path_and_flex_needs_its_backend(tiny64):
 
 def test_measured_attention_costs_are_cached_per_machine_and_threads(tmp_path, monkeypatch):
     """`attention_costs` measures once per key (CPU, torch, threads, heads x head dim): a second process reads the
-    file, a corrupt file is re-measured with a warning; PONDER_ATTENTION_COSTS=default never measures."""
+    file, a corrupt file is re-measured with a warning; a busy machine or PONDER_ATTENTION_COSTS=default never
+    measures."""
     from ponder.engine import runtime
     monkeypatch.setenv("PONDER_HOME", str(tmp_path))
     monkeypatch.setattr(runtime, "MEASURED", {})
+    monkeypatch.setattr(runtime, "busy_cores", lambda: 0)  # a quiet machine
     calls = []
 
     def fake(heads, head_dim, threads):
@@ -244,6 +246,10 @@ def test_measured_attention_costs_are_cached_per_machine_and_threads(tmp_path, m
         n = len(calls)
         assert tree.attention_costs(6, 32, 2) == tree.AttentionCosts(2000.0, 5e5) and len(calls) == n + 1
         assert json.loads(path.read_text())  # rewritten
+    monkeypatch.setattr(runtime, "MEASURED", {})
+    monkeypatch.setattr(runtime, "busy_cores", lambda: 64)  # every core busy: the defaults, nothing measured
+    assert tree.attention_costs(4, 16, 1) == tree.DEFAULT_COSTS and len(calls) == n + 1
+    assert len(json.loads(path.read_text())) == 3  # and nothing saved
     monkeypatch.setenv("PONDER_ATTENTION_COSTS", "default")
     monkeypatch.setattr(runtime, "MEASURED", {})
     assert tree.attention_costs(6, 32, 2) is tree.DEFAULT_COSTS and len(calls) == n + 1
@@ -256,6 +262,7 @@ def test_choose_uses_the_machine_costs_unless_told_default(tiny64, tmp_path, mon
     from ponder.engine import runtime
     monkeypatch.setenv("PONDER_HOME", str(tmp_path))
     monkeypatch.setattr(runtime, "MEASURED", {})
+    monkeypatch.setattr(runtime, "busy_cores", lambda: 0)
     packed = tree.pack([tree.flatten(random_tree(random.Random(1)))], 0)
     shape = tree.attention_shape(tiny64, packed, tree.sparse_plan(packed, torch.float32, bias=False))
     dear = tree.AttentionCosts(job_overhead=1e15, sparse_tokens_width=1e9)  # a sparse call costs a fortune

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -124,10 +125,31 @@ def _valid(entry, names: Sequence[str]) -> bool:
                     for v in entry.values()))
 
 
-def measured(kind: str, key: dict, measure: Callable[[], dict[str, float]], names: Sequence[str]) -> dict[str, float]:
+def busy_cores(samples: int = 5, interval: float = 0.01) -> int:
+    """Cores other processes keep busy right now: the fewest runnable tasks over a few samples of
+    /proc/loadavg, less this process's own (0 where there is no /proc)."""
+    fewest = None
+    for i in range(samples):
+        try:
+            with open("/proc/loadavg", encoding="utf-8") as f:
+                running = int(f.read().split()[3].split("/")[0])
+        except (OSError, ValueError, IndexError):
+            return 0
+        fewest = running if fewest is None else min(fewest, running)
+        if i + 1 < samples:
+            time.sleep(interval)
+    return max(0, (fewest or 1) - 1)
+
+
+def measured(kind: str, key: dict, measure: Callable[[], dict[str, float]], names: Sequence[str], threads: int = 1,
+             fallback: dict[str, float] | None = None) -> dict[str, float]:
     """The constants `names` for `key` on this machine: from this process's memo, else from
     ``cache_dir()/<kind>.json``, else `measure()` (then saved there). A file that cannot be read or holds
-    something else is ignored with a one-line warning (and rewritten); one that cannot be written too."""
+    something else is ignored with a one-line warning (and rewritten); one that cannot be written too.
+
+    A timing taken while other processes hold the cores it runs on measures them, not this machine: when fewer
+    than `threads` cores are free (`busy_cores`), `fallback` (if given) serves this process and nothing is
+    measured or saved; a later process measures."""
     k = machine_key(key)
     if (kind, k) in MEASURED:
         return MEASURED[kind, k]
@@ -145,6 +167,10 @@ def measured(kind: str, key: dict, measure: Callable[[], dict[str, float]], name
     if entry is not None and not _valid(entry, names):
         ui.warn(f"ignoring a malformed entry in {path}; measuring again")
         entry = None
+    if entry is None and fallback is not None and threads > len(os.sched_getaffinity(0)) - busy_cores():
+        ui.info(f"{kind}: other processes keep the cores busy; using the built-in values in this process")
+        MEASURED[kind, k] = dict(fallback)
+        return MEASURED[kind, k]
     if entry is None:
         entry = {n: float(v) for n, v in measure().items()}
         table[k] = entry

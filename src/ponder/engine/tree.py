@@ -657,15 +657,19 @@ MEASURE_DENSE_TOKENS = (256, 512, 1024)
 MEASURE_SPARSE_CALLS = ((64, 1024, 64), (64, 1024, 512))  # (queries per call, row length, keys per call)
 
 
-def _best_seconds(fn, inputs: Sequence[torch.Tensor], repeats: int) -> float:
-    times = []
-    for _ in range(repeats + 1):  # the first is a warm-up
-        for x in inputs:
-            x.grad = None
-        t = time.perf_counter()
-        fn(*inputs).sum().backward()
-        times.append(time.perf_counter() - t)
-    return min(times[1:])
+def _best_seconds(cases: Sequence[tuple], repeats: int) -> list[float]:
+    """The fastest forward+backward time of each (fn, inputs) case, over `repeats` rounds that run every case
+    once (after a warm-up round): a burst of other work slows one round of every case, not every repeat of one."""
+    best = [float("inf")] * len(cases)
+    for r in range(repeats + 1):
+        for i, (fn, inputs) in enumerate(cases):
+            for x in inputs:
+                x.grad = None
+            t = time.perf_counter()
+            fn(*inputs).sum().backward()
+            if r:
+                best[i] = min(best[i], time.perf_counter() - t)
+    return best
 
 
 def _calls_plan(block: int, length: int, keys: int, dtype) -> SparsePlan:
@@ -683,13 +687,14 @@ def measure_attention_costs(heads: int, head_dim: int, threads: int | None = Non
                             dense_tokens: Sequence[int] = MEASURE_DENSE_TOKENS,
                             sparse_calls: Sequence[tuple[int, int, int]] = MEASURE_SPARSE_CALLS) -> AttentionCosts:
     """This machine's `AttentionCosts` for a model of `heads` x `head_dim`, timed with `threads` intra-op threads
-    (default: torch's now) in fp32 forward+backward (about 1 s on 2 cores at 9 x 64; it draws from its own
-    random generator, so the caller's random state is untouched).
+    (default: torch's now) in fp32 forward+backward: about 1 s on 2 cores at 9 x 64. It draws from its own
+    random generator, so the caller's random state is untouched.
 
     The sparse plans (the same calls against few and against many keys) give a cost per sdpa call `o` and per
-    (query, key) pair `c` (least squares of time = o x calls + c x pairs); `job_overhead` = width x o / c. The dense calls give a cost per pair `d(T)` at each
-    row length T; σ(T) = c / d(T), and `sparse_tokens_width` K is the least-squares fit of σ(T) - 1 = T x width /
-    K (at most 1e9: σ = 1 when the small calls are no dearer per pair)."""
+    (query, key) pair `c` (least squares of time = o x calls + c x pairs); `job_overhead` = width x o / c, the
+    call's cost in pairs as `choose_attention` counts it. The dense calls give a cost per pair `d(T)` at each row
+    length T; σ(T) = c / d(T), and `sparse_tokens_width` K is the least-squares fit of σ(T) - 1 = T x width / K
+    (at most 1e9: σ = 1 when the small calls are no dearer per pair)."""
     width = heads * head_dim
     gen = torch.Generator().manual_seed(0)
     saved = torch.get_num_threads()
@@ -701,21 +706,21 @@ def measure_attention_costs(heads: int, head_dim: int, threads: int | None = Non
     try:
         torch.set_num_threads(threads or saved)
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
-            rows = []  # (calls, pairs, seconds)
+            cases, plans = [], []
             for block, length, keys in sparse_calls:
-                plan = _calls_plan(block, length, keys, torch.float32)
-                t = _best_seconds(lambda q, k, v, plan=plan: sparse_attention_forward(module, q, k, v, None, ponder_plan=plan)[0],
-                                    qkv(length), repeats)
-                rows.append((plan.jobs, plan.elements, t))
-            dense = []  # (T, seconds per pair)
+                plans.append(_calls_plan(block, length, keys, torch.float32))
+                cases.append((lambda q, k, v, plan=plans[-1]:
+                              sparse_attention_forward(module, q, k, v, None, ponder_plan=plan)[0], qkv(length)))
             for T in dense_tokens:
                 mask = torch.zeros(T, T).masked_fill_(torch.ones(T, T, dtype=torch.bool).triu(1),
                                                       torch.finfo(torch.float32).min)[None, None]
-                t = _best_seconds(lambda q, k, v, mask=mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
-                                    qkv(T), repeats)
-                dense.append((T, t / (T * T)))
+                cases.append((lambda q, k, v, mask=mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                              qkv(T)))
+            times = _best_seconds(cases, repeats)
     finally:
         torch.set_num_threads(saved)
+    rows = [(plan.jobs, plan.elements, t) for plan, t in zip(plans, times)]  # (calls, pairs, seconds)
+    dense = [(T, t / (T * T)) for T, t in zip(dense_tokens, times[len(plans):])]  # (T, seconds per pair)
     # time = o x calls + c x pairs: the 2 x 2 normal equations
     jj = sum(j * j for j, _, _ in rows)
     jp = sum(j * p for j, p, _ in rows)
@@ -737,7 +742,8 @@ def attention_costs(heads: int, head_dim: int, threads: int | None = None, mode:
     """The `AttentionCosts` that ``attention: auto`` uses: this machine's, measured once (per CPU model,
     instruction set, torch version, thread count and heads x head_dim) by `measure_attention_costs` and cached
     (`runtime.measured`: on disk and in the process), or `DEFAULT_COSTS` when `mode` (default: the environment's
-    ``PONDER_ATTENTION_COSTS``, else ``measured``) is ``default``."""
+    ``PONDER_ATTENTION_COSTS``, else ``measured``) is ``default`` — and, without measuring, in a process that
+    finds the cores it would time busy with other processes' work."""
     mode = mode or os.environ.get("PONDER_ATTENTION_COSTS", "").strip() or "measured"
     check_choice("PONDER_ATTENTION_COSTS", mode, COSTS_MODES)
     if mode == "default":
@@ -745,7 +751,8 @@ def attention_costs(heads: int, head_dim: int, threads: int | None = None, mode:
     threads = threads or torch.get_num_threads()
     names = tuple(f.name for f in fields(AttentionCosts))
     values = runtime.measured("attention-costs", {"threads": threads, "heads": heads, "head_dim": head_dim},
-                              lambda: asdict(measure_attention_costs(heads, head_dim, threads)), names)
+                              lambda: asdict(measure_attention_costs(heads, head_dim, threads)), names,
+                              threads=threads, fallback=asdict(DEFAULT_COSTS))
     return AttentionCosts(**values)
 
 

@@ -22,6 +22,7 @@ path's costs, docs/methods.md §6.3), measured once per machine and kept in one 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -112,11 +113,18 @@ def cache_dir(environ=os.environ) -> Path:
 MEASURED: dict[tuple[str, str], dict[str, float]] = {}
 
 
-def machine_key(key: dict) -> str:
-    """`key` plus what makes timings differ between machines: CPU model, torch's instruction set, torch version."""
+@functools.cache
+def machine_id() -> tuple[tuple[str, str], ...]:
+    """What makes timings differ between machines: CPU model, torch's instruction set, torch version (read once
+    per process)."""
     import torch
     m = machine()
-    return json.dumps({"cpu": m["cpu"], "kernels": m["kernels"], "torch": torch.__version__, **key}, sort_keys=True)
+    return (("cpu", m["cpu"]), ("kernels", m["kernels"]), ("torch", torch.__version__))
+
+
+def machine_key(key: dict) -> str:
+    """`key` plus `machine_id()`, as the cache's JSON key."""
+    return json.dumps({**dict(machine_id()), **key}, sort_keys=True)
 
 
 def _valid(entry, names: Sequence[str]) -> bool:

@@ -758,7 +758,7 @@ def attention_costs(heads: int, head_dim: int, threads: int | None = None, mode:
 
 def choose(model, packed: Packed, attention: str = "auto", plan: SparsePlan | None = None) -> str:
     """The attention path: ``flex`` under flex_attention, else ``sparse`` or ``dense`` by `choose_attention`
-    with this machine's `attention_costs`, or the one asked for."""
+    with this machine's `attention_costs` (on CPU; the built-in ones elsewhere), or the one asked for."""
     check_choice("attention", attention, ATTENTION_MODES)
     impl = check_attention_backend(model)
     if attention == "flex" and impl != "flex_attention":
@@ -775,6 +775,8 @@ def choose(model, packed: Packed, attention: str = "auto", plan: SparsePlan | No
     shape = attention_shape(model, packed, plan)
     if shape["sparse_pairs"] <= 0:  # dense whatever the costs: nothing to measure
         return "dense"
+    if packed.input_ids.device.type != "cpu":  # the measured costs are the CPU's
+        return choose_attention(**shape)
     heads, head_dim = attention_dims(model)
     return choose_attention(**shape, costs=attention_costs(heads, head_dim, shape["threads"]))
 

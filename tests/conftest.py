@@ -3,6 +3,9 @@ import os
 os.environ.setdefault("PONDER_QUIET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `attention: auto` with the built-in costs, not this machine's measured ones: the tests' picks do not depend on
+# the machine or on a cache file (tests/test_tree.py tests the measured path with its own cache folder)
+os.environ["PONDER_ATTENTION_COSTS"] = "default"
 
 import pytest  # noqa: E402
 

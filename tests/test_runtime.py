@@ -92,3 +92,7 @@ def test_dtype_auto_trains_fp32_master_weights_under_bf16_autocast_where_it_pays
     for a, b in zip(losses[True], losses[False]):
         assert abs(a - b) <= 0.02 * abs(b), (losses[True], losses[False])
     assert losses[True] != losses[False]  # autocast really ran in bf16
+
+
+def test_busy_cores_counts_other_processes_running_now():
+    assert 0 <= runtime.busy_cores(samples=2, interval=0.0) < 4096

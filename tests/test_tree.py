@@ -3,6 +3,9 @@ packing, padding) every scored token's log-prob and the parameter gradients equa
 leaf's own sequence (fp64); the BlockMask forward equals the dense one; the hidden rule, positions and the
 one-pass mask table by hand."""
 
+import dataclasses
+import json
+import math
 import random
 
 import pytest
@@ -208,3 +211,76 @@ def test_auto_picks_a_path_and_flex_needs_its_backend(tiny64):
         tree.choose(tiny64, packed, "flex")
     with pytest.raises(ValueError, match="attention must be one of"):
         tree.choose(tiny64, packed, "fast")
+
+
+def test_measured_attention_costs_are_cached_per_machine_and_threads(tmp_path, monkeypatch):
+    """`attention_costs` measures once per key (CPU, torch, threads, heads x head dim): a second process reads the
+    file, a corrupt file is re-measured with a warning; a busy machine or PONDER_ATTENTION_COSTS=default never
+    measures."""
+    from ponder.engine import runtime
+    monkeypatch.setenv("PONDER_HOME", str(tmp_path))
+    monkeypatch.setattr(runtime, "MEASURED", {})
+    monkeypatch.setattr(runtime, "busy_cores", lambda: 0)  # a quiet machine
+    calls = []
+
+    def fake(heads, head_dim, threads):
+        calls.append((heads, head_dim, threads))
+        return tree.AttentionCosts(1000.0 * threads, 5e5)
+    monkeypatch.setattr(tree, "measure_attention_costs", fake)
+    monkeypatch.setenv("PONDER_ATTENTION_COSTS", "measured")
+    assert tree.attention_costs(6, 32, 2) == tree.AttentionCosts(2000.0, 5e5) and len(calls) == 1
+    assert tree.attention_costs(6, 32, 2) == tree.AttentionCosts(2000.0, 5e5) and len(calls) == 1  # memo
+    monkeypatch.setattr(runtime, "MEASURED", {})  # a new process: the file
+    assert tree.attention_costs(6, 32, 2) == tree.AttentionCosts(2000.0, 5e5) and len(calls) == 1
+    assert tree.attention_costs(6, 32, 1) == tree.AttentionCosts(1000.0, 5e5) and len(calls) == 2  # threads
+    assert tree.attention_costs(9, 64, 1).job_overhead == 1000.0 and len(calls) == 3  # the model's shape
+    path = tmp_path / "attention-costs.json"
+    keys = [json.loads(k) for k in json.loads(path.read_text())]
+    assert len(keys) == 3 and {k["threads"] for k in keys} == {1, 2}
+    assert all(k["cpu"] and k["torch"] == torch.__version__ for k in keys)
+    table = json.loads(path.read_text())
+    malformed = {k: {"job_overhead": -1.0, "sparse_tokens_width": 5e5} for k in table}
+    for bad in ("{not json", "[1, 2]", json.dumps(malformed)):
+        path.write_text(bad)
+        monkeypatch.setattr(runtime, "MEASURED", {})
+        n = len(calls)
+        assert tree.attention_costs(6, 32, 2) == tree.AttentionCosts(2000.0, 5e5) and len(calls) == n + 1
+        assert json.loads(path.read_text())  # rewritten
+    monkeypatch.setattr(runtime, "MEASURED", {})
+    monkeypatch.setattr(runtime, "busy_cores", lambda: 64)  # every core busy: the defaults, nothing measured
+    assert tree.attention_costs(4, 16, 1) == tree.DEFAULT_COSTS and len(calls) == n + 1
+    assert len(json.loads(path.read_text())) == 3  # and nothing saved
+    monkeypatch.setenv("PONDER_ATTENTION_COSTS", "default")
+    monkeypatch.setattr(runtime, "MEASURED", {})
+    assert tree.attention_costs(6, 32, 2) is tree.DEFAULT_COSTS and len(calls) == n + 1
+    monkeypatch.setenv("PONDER_ATTENTION_COSTS", "fast")
+    with pytest.raises(ValueError, match="PONDER_ATTENTION_COSTS must be one of"):
+        tree.attention_costs(6, 32, 2)
+
+
+def test_choose_uses_the_machine_costs_unless_told_default(tiny64, tmp_path, monkeypatch):
+    from ponder.engine import runtime
+    monkeypatch.setenv("PONDER_HOME", str(tmp_path))
+    monkeypatch.setattr(runtime, "MEASURED", {})
+    monkeypatch.setattr(runtime, "busy_cores", lambda: 0)
+    packed = tree.pack([tree.flatten(random_tree(random.Random(1)))], 0)
+    shape = tree.attention_shape(tiny64, packed, tree.sparse_plan(packed, torch.float32, bias=False))
+    dear = tree.AttentionCosts(job_overhead=1e15, sparse_tokens_width=1e9)  # a sparse call costs a fortune
+    monkeypatch.setattr(tree, "measure_attention_costs", lambda *a: dear)
+    monkeypatch.setenv("PONDER_ATTENTION_COSTS", "measured")
+    assert tree.choose(tiny64, packed) == "dense" == tree.choose_attention(**shape, costs=dear)
+    monkeypatch.setenv("PONDER_ATTENTION_COSTS", "default")
+    assert tree.choose(tiny64, packed) == tree.choose_attention(**shape)
+    assert json.loads((tmp_path / "attention-costs.json").read_text())  # measured once, for the first call
+
+
+def test_measure_attention_costs_gives_usable_costs():
+    """The real micro-benchmark (small sizes here): positive finite constants, and `choose_attention` with them
+    names a path for each measured one-pass shape (which path is the machine's business)."""
+    from test_onepass import MEASURED
+    costs = tree.measure_attention_costs(2, 16, threads=1, repeats=1, dense_tokens=(64, 128),
+                                         sparse_calls=((16, 128, 16), (16, 128, 64)))
+    assert all(math.isfinite(v) and v > 0 for v in dataclasses.astuple(costs))
+    for model, _depth, threads, tokens, dense_pairs, sparse_pairs, _ratio in MEASURED:
+        assert tree.choose_attention(rows=1, tokens=tokens, dense_pairs=dense_pairs, sparse_pairs=sparse_pairs,
+                                     threads=threads, jobs=20, costs=costs, **model) in ("dense", "sparse")

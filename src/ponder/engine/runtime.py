@@ -14,12 +14,24 @@ that other processes do not already keep busy (the whole part of the 1-minute lo
 Overrides: an ``OMP_WAIT_POLICY`` already set in the environment is kept; ``PONDER_THREADS=N`` (or else
 ``OMP_NUM_THREADS``) sets torch's intra-op threads. Intel OpenMP's ``KMP_*`` settings do nothing here:
 torch's wheel does not load libiomp.
+
+Also the machine's measured constants (`measured`): numbers a rule needs that differ between CPUs (the attention
+path's costs, docs/methods.md §6.3), measured once per machine and kept in one JSON file per kind under
+`cache_dir()`.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import math
 import os
 import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ponder import ui
 
 
 def threads_wanted(environ=os.environ, load: float | None = None) -> int:
@@ -87,3 +99,95 @@ def bf16_pays(m: dict | None = None) -> bool:
         return torch.cuda.is_bf16_supported()
     m = m or machine()
     return m["kernels"] == "AVX512" and bool(m["amx"] or m["avx512_bf16"])
+
+
+def cache_dir(environ=os.environ) -> Path:
+    """Where the measured constants live: ``$PONDER_HOME`` (ponder's cache of built models too), else
+    ``$XDG_CACHE_HOME/ponder``, else ``~/.cache/ponder``."""
+    if environ.get("PONDER_HOME"):
+        return Path(environ["PONDER_HOME"])
+    return Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ponder"
+
+
+#: The constants measured or read in this process, by file and key: each is measured at most once per process.
+MEASURED: dict[tuple[str, str], dict[str, float]] = {}
+
+
+@functools.cache
+def machine_id() -> tuple[tuple[str, str], ...]:
+    """What makes timings differ between machines: CPU model, torch's instruction set, torch version (read once
+    per process)."""
+    import torch
+    m = machine()
+    return (("cpu", m["cpu"]), ("kernels", m["kernels"]), ("torch", torch.__version__))
+
+
+def machine_key(key: dict) -> str:
+    """`key` plus `machine_id()`, as the cache's JSON key."""
+    return json.dumps({**dict(machine_id()), **key}, sort_keys=True)
+
+
+def _valid(entry, names: Sequence[str]) -> bool:
+    return (isinstance(entry, dict) and set(entry) == set(names)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                    for v in entry.values()))
+
+
+def busy_cores(samples: int = 5, interval: float = 0.01) -> int:
+    """Cores other processes keep busy right now: the fewest runnable tasks over a few samples of
+    /proc/loadavg, less this process's own (0 where there is no /proc)."""
+    fewest = None
+    for i in range(samples):
+        try:
+            with open("/proc/loadavg", encoding="utf-8") as f:
+                running = int(f.read().split()[3].split("/")[0])
+        except (OSError, ValueError, IndexError):
+            return 0
+        fewest = running if fewest is None else min(fewest, running)
+        if i + 1 < samples:
+            time.sleep(interval)
+    return max(0, (fewest or 1) - 1)
+
+
+def measured(kind: str, key: dict, measure: Callable[[], dict[str, float]], names: Sequence[str], threads: int = 1,
+             fallback: dict[str, float] | None = None) -> dict[str, float]:
+    """The constants `names` for `key` on this machine: from this process's memo, else from
+    ``cache_dir()/<kind>.json``, else `measure()` (then saved there). A file that cannot be read or holds
+    something else is ignored with a one-line warning (and rewritten); one that cannot be written too.
+
+    A timing taken while other processes hold the cores it runs on measures them, not this machine: when fewer
+    than `threads` cores are free (`busy_cores`), `fallback` (if given) serves this process and nothing is
+    measured or saved; a later process measures."""
+    k = machine_key(key)
+    if (kind, k) in MEASURED:
+        return MEASURED[kind, k]
+    path = cache_dir() / f"{kind}.json"
+    table = {}
+    if path.exists():
+        try:
+            table = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(table, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            ui.warn(f"ignoring the unreadable cache {path} ({type(e).__name__}: {e}); measuring again")
+            table = {}
+    entry = table.get(k)
+    if entry is not None and not _valid(entry, names):
+        ui.warn(f"ignoring a malformed entry in {path}; measuring again")
+        entry = None
+    if entry is None and fallback is not None and threads > len(os.sched_getaffinity(0)) - busy_cores():
+        ui.info(f"{kind}: other processes keep the cores busy; using the built-in values in this process")
+        MEASURED[kind, k] = dict(fallback)
+        return MEASURED[kind, k]
+    if entry is None:
+        entry = {n: float(v) for n, v in measure().items()}
+        table[k] = entry
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as e:
+            ui.warn(f"could not save {path} ({type(e).__name__}: {e}); the measurement holds for this process only")
+    MEASURED[kind, k] = entry
+    return entry

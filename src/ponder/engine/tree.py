@@ -29,8 +29,10 @@ reasoning segments are hidden (or, as `ponder.masks` does, the two views written
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 
 from ponder.config import check_choice
+from ponder.engine import runtime
 from ponder.engine.logprobs import logits_at, logprobs_of
 
 CUSTOM_MASK_BACKENDS = ("eager", "sdpa", "flex_attention")
@@ -564,6 +567,7 @@ class sparse_attention:
 # (query x key) costs about the same in a dense masked call and in a sparse job (~84 ns per layer at 6 heads
 # x 32 dims); a sparse job adds a fixed ~100 us (the call, the key concatenation, the bias), i.e. about
 # JOB_OVERHEAD / (heads x head_dim) elements: element costs grow with heads x head_dim, the overhead does not.
+# Those are one machine's numbers: `attention_costs` measures both constants per machine at first use.
 JOB_OVERHEAD = 1200 * 192
 
 
@@ -581,15 +585,25 @@ def _float_dtype(model) -> torch.dtype:
     return dtype if dtype.is_floating_point else torch.float32
 
 
+def _text_config(model):
+    cfg = getattr(getattr(model, "module", model), "config", None)
+    return getattr(cfg, "text_config", None) or cfg
+
+
+def attention_dims(model) -> tuple[int, int]:
+    """(query heads, head dim) of `model`'s attention."""
+    cfg = _text_config(model)
+    heads = getattr(cfg, "num_attention_heads", None) or 1
+    return heads, getattr(cfg, "head_dim", None) or getattr(cfg, "hidden_size", 64) // heads
+
+
 def attention_shape(model, packed: Packed, plan: SparsePlan | None) -> dict[str, int]:
     """The numbers `choose_attention` reads: rows, tokens per row, query width (heads x head dim), linear-layer
     multiply-adds per token and layer, (query, key) pairs per layer of the dense mask and of the sparse plan (0:
     no plan for this layout), the plan's sdpa calls, and torch's intra-op threads."""
-    cfg = getattr(model, "config", None)
-    cfg = getattr(cfg, "text_config", None) or cfg
+    cfg = _text_config(model)
     h = getattr(cfg, "hidden_size", 64)
-    heads = getattr(cfg, "num_attention_heads", None) or 1
-    d = getattr(cfg, "head_dim", None) or h // heads
+    heads, d = attention_dims(model)
     kv = getattr(cfg, "num_key_value_heads", None) or heads
     inter = getattr(cfg, "intermediate_size", 4 * h)
     B, T = packed.input_ids.shape
@@ -601,29 +615,150 @@ def attention_shape(model, packed: Packed, plan: SparsePlan | None) -> dict[str,
 SPARSE_TOKENS_WIDTH = 150_000  # fitted: see choose_attention
 
 
+@dataclass(frozen=True)
+class AttentionCosts:
+    """The machine's two constants in `choose_attention`: `job_overhead`, the fixed cost of one sparse sdpa call
+    in multiply-add units (`job_overhead` / width (query, key) pairs), and `sparse_tokens_width`, the K in the
+    sparse path's cost per pair relative to the dense kernel's with several threads, σ = 1 + tokens x width / K.
+    The defaults were fitted on one machine; `attention_costs` gives this machine's (docs/methods.md §6.3)."""
+    job_overhead: float = JOB_OVERHEAD
+    sparse_tokens_width: float = SPARSE_TOKENS_WIDTH
+
+
+DEFAULT_COSTS = AttentionCosts()
+COSTS_MODES = ("measured", "default")  # PONDER_ATTENTION_COSTS
+
+
 def choose_attention(rows: int, tokens: int, width: int, linear_macs: int, dense_pairs: int, sparse_pairs: int,
-                     threads: int, jobs: int = 0) -> str:
-    """``dense`` or ``sparse`` on CPU (docs/methods.md §6.3); a pure function of shape numbers.
+                     threads: int, jobs: int = 0, costs: AttentionCosts = DEFAULT_COSTS) -> str:
+    """``dense`` or ``sparse`` on CPU (docs/methods.md §6.3); a pure function of shape numbers and the machine's
+    `costs`.
 
     Cost per layer in multiply-adds: both paths pay the linear layers (rows x tokens x linear_macs); dense pays
     2 x width per (query, key) pair of the full square, sparse 2 x width x σ per pair of its plan plus a fixed
-    cost per sdpa call (`JOB_OVERHEAD`, measured with bench/tree.py). σ is the sparse path's cost per pair
-    relative to the dense kernel's (bench/attention.py): ≈ 1 with one thread, and with 2 threads it grows with
-    the work per row, σ ≈ 1 + tokens x width / 1.5e5 (the one large dense kernel parallelises, the many small
-    sparse calls do not). Fitted on the testbed and SmolLM2 at depths 2-16 (tests/test_onepass.py holds the
+    cost per sdpa call (`costs.job_overhead`). σ is the sparse path's cost per pair relative to the dense
+    kernel's: 1 with one thread, and with more it grows with the work per row, σ = 1 + tokens x width /
+    `costs.sparse_tokens_width` (the one large dense kernel parallelises, the many small sparse calls do not).
+    The defaults were fitted on the testbed and SmolLM2 at depths 2-16 (tests/test_onepass.py holds the
     measurements): right at every depth >= 8; at depths 2-4 the paths are within 15% and it misses 4 of 18."""
     if sparse_pairs <= 0:  # no block-sparse plan for this layout
         return "dense"
-    sigma = 1.0 if threads <= 1 else 1.0 + tokens * width / SPARSE_TOKENS_WIDTH
+    sigma = 1.0 if threads <= 1 else 1.0 + tokens * width / costs.sparse_tokens_width
     base = rows * tokens * linear_macs
     dense = base + 2 * width * dense_pairs
-    sparse = base + 2 * width * sigma * sparse_pairs + 2 * jobs * JOB_OVERHEAD
+    sparse = base + 2 * width * sigma * sparse_pairs + 2 * jobs * costs.job_overhead
     return "sparse" if sparse < dense else "dense"
 
 
+# The micro-benchmark behind `attention_costs`: fp32 forward+backward of one dense masked sdpa call at a few
+# row lengths, and of block-sparse plans of 64-query calls (a one-pass plan's calls are mostly ~60 queries
+# against 80-800 keys) against few and against many keys, each the fastest of a few repeats (the least disturbed by other work).
+MEASURE_DENSE_TOKENS = (256, 512, 1024)
+MEASURE_SPARSE_CALLS = ((64, 1024, 64), (64, 1024, 512))  # (queries per call, row length, keys per call)
+
+
+def _best_seconds(cases: Sequence[tuple], repeats: int) -> list[float]:
+    """The fastest forward+backward time of each (fn, inputs) case, over `repeats` rounds that run every case
+    once (after a warm-up round): a burst of other work slows one round of every case, not every repeat of one."""
+    best = [float("inf")] * len(cases)
+    for r in range(repeats + 1):
+        for i, (fn, inputs) in enumerate(cases):
+            for x in inputs:
+                x.grad = None
+            t = time.perf_counter()
+            fn(*inputs).sum().backward()
+            if r:
+                best[i] = min(best[i], time.perf_counter() - t)
+    return best
+
+
+def _calls_plan(block: int, length: int, keys: int, dtype) -> SparsePlan:
+    """A row of `length` tokens in calls of `block` queries, each against the `keys` keys that end with its own
+    block (causal within the block; `keys` >= `block`)."""
+    jobs = []
+    for s in range(0, length, block):
+        before = min(s, keys - block)
+        jobs.append((s, s + block, [(s - before, s + block)],
+                     None if before == 0 else _causal_bias(block, before, dtype, "cpu")))
+    return SparsePlan([jobs], length, sum(block * (r[0][1] - r[0][0]) for _, _, r, _ in jobs), len(jobs))
+
+
+def measure_attention_costs(heads: int, head_dim: int, threads: int | None = None, repeats: int = 3,
+                            dense_tokens: Sequence[int] = MEASURE_DENSE_TOKENS,
+                            sparse_calls: Sequence[tuple[int, int, int]] = MEASURE_SPARSE_CALLS) -> AttentionCosts:
+    """This machine's `AttentionCosts` for a model of `heads` x `head_dim`, timed with `threads` intra-op threads
+    (default: torch's now) in fp32 forward+backward: about 1 s on 2 cores at 9 x 64. It draws from its own
+    random generator, so the caller's random state is untouched.
+
+    The sparse plans (the same calls against few and against many keys) give a cost per sdpa call `o` and per
+    (query, key) pair `c` (least squares of time = o x calls + c x pairs); `job_overhead` = width x o / c, the
+    call's cost in pairs as `choose_attention` counts it. The dense calls give a cost per pair `d(T)` at each row
+    length T; σ(T) = c / d(T), and `sparse_tokens_width` K is the least-squares fit of σ(T) - 1 = T x width / K
+    (at most 1e9: σ = 1 when the small calls are no dearer per pair)."""
+    width = heads * head_dim
+    gen = torch.Generator().manual_seed(0)
+    saved = torch.get_num_threads()
+    module = type("Attention", (), {"num_key_value_groups": 1, "training": True})()
+
+    def qkv(T):
+        return [torch.randn(1, heads, T, head_dim, generator=gen).requires_grad_() for _ in range(3)]
+
+    try:
+        torch.set_num_threads(threads or saved)
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+            cases, plans = [], []
+            for block, length, keys in sparse_calls:
+                plans.append(_calls_plan(block, length, keys, torch.float32))
+                cases.append((lambda q, k, v, plan=plans[-1]:
+                              sparse_attention_forward(module, q, k, v, None, ponder_plan=plan)[0], qkv(length)))
+            for T in dense_tokens:
+                mask = torch.zeros(T, T).masked_fill_(torch.ones(T, T, dtype=torch.bool).triu(1),
+                                                      torch.finfo(torch.float32).min)[None, None]
+                cases.append((lambda q, k, v, mask=mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                              qkv(T)))
+            times = _best_seconds(cases, repeats)
+    finally:
+        torch.set_num_threads(saved)
+    rows = [(plan.jobs, plan.elements, t) for plan, t in zip(plans, times)]  # (calls, pairs, seconds)
+    dense = [(T, t / (T * T)) for T, t in zip(dense_tokens, times[len(plans):])]  # (T, seconds per pair)
+    # time = o x calls + c x pairs: the 2 x 2 normal equations
+    jj = sum(j * j for j, _, _ in rows)
+    jp = sum(j * p for j, p, _ in rows)
+    pp = sum(p * p for _, p, _ in rows)
+    jt = sum(j * t for j, _, t in rows)
+    pt = sum(p * t for _, p, t in rows)
+    det = jj * pp - jp * jp
+    c = (jj * pt - jp * jt) / det if det > 0 else 0.0
+    if not c > 0:  # noise: every second spent on pairs
+        c = sum(t for *_, t in rows) / sum(p for _, p, _ in rows)
+    o = max((jt - c * jp) / jj, 0.0)
+    xs = [T * width for T, _ in dense]
+    slope = sum(x * (c / d - 1.0) for x, (_, d) in zip(xs, dense)) / sum(x * x for x in xs)
+    return AttentionCosts(job_overhead=max(width * o / c, 1.0),
+                          sparse_tokens_width=min(1.0 / slope, 1e9) if slope > 1e-9 else 1e9)
+
+
+def attention_costs(heads: int, head_dim: int, threads: int | None = None, mode: str | None = None) -> AttentionCosts:
+    """The `AttentionCosts` that ``attention: auto`` uses: this machine's, measured once (per CPU model,
+    instruction set, torch version, thread count and heads x head_dim) by `measure_attention_costs` and cached
+    (`runtime.measured`: on disk and in the process), or `DEFAULT_COSTS` when `mode` (default: the environment's
+    ``PONDER_ATTENTION_COSTS``, else ``measured``) is ``default`` — and, without measuring, in a process that
+    finds the cores it would time busy with other processes' work."""
+    mode = mode or os.environ.get("PONDER_ATTENTION_COSTS", "").strip() or "measured"
+    check_choice("PONDER_ATTENTION_COSTS", mode, COSTS_MODES)
+    if mode == "default":
+        return DEFAULT_COSTS
+    threads = threads or torch.get_num_threads()
+    names = tuple(f.name for f in fields(AttentionCosts))
+    values = runtime.measured("attention-costs", {"threads": threads, "heads": heads, "head_dim": head_dim},
+                              lambda: asdict(measure_attention_costs(heads, head_dim, threads)), names,
+                              threads=threads, fallback=asdict(DEFAULT_COSTS))
+    return AttentionCosts(**values)
+
+
 def choose(model, packed: Packed, attention: str = "auto", plan: SparsePlan | None = None) -> str:
-    """The attention path: ``flex`` under flex_attention, else ``sparse`` or ``dense`` by `choose_attention`,
-    or the one asked for."""
+    """The attention path: ``flex`` under flex_attention, else ``sparse`` or ``dense`` by `choose_attention`
+    with this machine's `attention_costs` (on CPU; the built-in ones elsewhere), or the one asked for."""
     check_choice("attention", attention, ATTENTION_MODES)
     impl = check_attention_backend(model)
     if attention == "flex" and impl != "flex_attention":
@@ -637,7 +772,13 @@ def choose(model, packed: Packed, attention: str = "auto", plan: SparsePlan | No
             plan = sparse_plan(packed, torch.float32, bias=False)
         except ValueError:  # a layout the sparse plan cannot serve: dense
             plan = None
-    return choose_attention(**attention_shape(model, packed, plan))
+    shape = attention_shape(model, packed, plan)
+    if shape["sparse_pairs"] <= 0:  # dense whatever the costs: nothing to measure
+        return "dense"
+    if packed.input_ids.device.type != "cpu":  # the measured costs are the CPU's
+        return choose_attention(**shape)
+    heads, head_dim = attention_dims(model)
+    return choose_attention(**shape, costs=attention_costs(heads, head_dim, shape["threads"]))
 
 
 def logits(model, packed: Packed, attention: str = "auto", block: int = 256) -> torch.Tensor:

@@ -268,9 +268,15 @@ def test_choose_uses_the_machine_costs_unless_told_default(tiny64, tmp_path, mon
     dear = tree.AttentionCosts(job_overhead=1e15, sparse_tokens_width=1e9)  # a sparse call costs a fortune
     monkeypatch.setattr(tree, "measure_attention_costs", lambda *a: dear)
     monkeypatch.setenv("PONDER_ATTENTION_COSTS", "measured")
-    assert tree.choose(tiny64, packed) == "dense" == tree.choose_attention(**shape, costs=dear)
-    monkeypatch.setenv("PONDER_ATTENTION_COSTS", "default")
-    assert tree.choose(tiny64, packed) == tree.choose_attention(**shape)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)  # fewer threads than free cores, whatever an earlier test set: it measures
+    try:
+        shape["threads"] = 1
+        assert tree.choose(tiny64, packed) == "dense" == tree.choose_attention(**shape, costs=dear)
+        monkeypatch.setenv("PONDER_ATTENTION_COSTS", "default")
+        assert tree.choose(tiny64, packed) == tree.choose_attention(**shape)
+    finally:
+        torch.set_num_threads(saved)
     assert json.loads((tmp_path / "attention-costs.json").read_text())  # measured once, for the first call
 
 

@@ -1,7 +1,8 @@
 """How close to the machine is a step? This CPU's matmul rate (fp32 and bf16, 1 and 2 threads, square and the
 models' own shapes), then model FLOPs per second of a train step (testbed and SmolLM2, full and LoRA), a
-decode step, each as a share of the matmul rate of its dtype, with the decode limit (the step's matmuls alone at
-the rate of the model's own decode-shaped product) next to HF `generate`; bf16 rollouts' agreement with fp32's
+decode step, each as a share of the matmul rate of its dtype, with the decode limit (the run's matmuls alone: the
+prefill at a prefill-shaped product's rate, each step at the model's own decode-shaped product's) next to HF
+`generate`; bf16 rollouts' agreement with fp32's
 (whole greedy sequences, and teacher-forced per token: same greedy id, KL); and,
 from a profile of the SmolLM2 train step, where the time goes (matmuls, attention, optimizer, the rest).
 
@@ -10,7 +11,7 @@ plus attention's 4·T·d per token per layer (causal: half of it); backward 2× 
 for LoRA (no weight gradients of frozen weights). A share above 1 is impossible; well below 1 means time spent
 outside matmuls.
 
-    python bench/efficiency.py [--quick] [--models testbed smollm2-135m] [--agreement-only]
+    python bench/efficiency.py [--quick] [--models testbed smollm2-135m] [--agreement-only] [--decode-only]
     python bench/efficiency.py --loss-curve 20 [--models ...]   # SFT fp32 vs `dtype: auto`, loss per step
 
 Prints `RATE name=GFLOP/s` and `RATIO name=share` lines (bench/run.py collects them), with the CPU named.
@@ -89,11 +90,16 @@ def train_step(model, rows: int, length: int, dtype, repeats: int):
     return best_time(step, repeats), losses[0]
 
 
+def decode_prompts(tok, batch: int) -> list[list[int]]:
+    from ponder.engine import rollout
+    return [rollout.prompt_ids(tok, f"What is {i} + {i + 1}? Think step by step.") for i in range(batch)]
+
+
 def decode_rate(model, tok, batch: int, new_tokens: int, dtype, repeats: int, backend: str = "lean") -> float:
     """Greedy decoding in tok/s (the lean loop, or `backend`); bf16 as rollouts run it (`rollout_dtype:
     bfloat16`: a bf16 copy of the weights, no autocast)."""
     from ponder.engine import rollout
-    prompts = [rollout.prompt_ids(tok, f"What is {i} + {i + 1}? Think step by step.") for i in range(batch)]
+    prompts = decode_prompts(tok, batch)
     kw = dict(n=1, temperature=0.0, max_new_tokens=new_tokens, batch_size=batch, suppress_eos=True, progress=False,
               dtype="bfloat16" if dtype == torch.bfloat16 else "auto", backend=backend)
     return batch * new_tokens / best_time(lambda: rollout.sample(model, tok, prompts, **kw), repeats)
@@ -200,6 +206,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["testbed", "smollm2-135m"])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and shapes (a smoke run)")
     ap.add_argument("--agreement-only", action="store_true", help="only the bf16 vs fp32 greedy agreement")
+    ap.add_argument("--decode-only", action="store_true", help="the matmul rates and the decode rows only")
     ap.add_argument("--loss-curve", type=int, default=0, metavar="STEPS",
                     help="only SFT with dtype fp32 vs auto for STEPS steps: the loss per step and its difference")
     a = ap.parse_args()
@@ -243,7 +250,7 @@ def main() -> None:
 
     for spec in a.models:
         rows, length = (8, 256) if spec != "testbed" else (16, 256)
-        for lora in (False, True):
+        for lora in () if a.decode_only else (False, True):
             for dt_name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
                 model, tok = models.load(spec, lora={"r": 16, "alpha": 32} if lora else None)
                 model.train()
@@ -256,6 +263,7 @@ def main() -> None:
         model, tok = models.load(spec)
         model.eval()
         batch, new = 64, 32 if a.quick else 64
+        prompt_tokens = sum(len(p) for p in decode_prompts(tok, batch))
         gen = decode_rate(model, tok, batch, new, torch.float32, reps, backend="generate")
         print(f"RATE decode_generate_fp32_{spec}_bs{batch}={gen:.0f}  # tok/s, HF generate", flush=True)
         cfg = model.config
@@ -264,15 +272,19 @@ def main() -> None:
             fl = 2 * matmul_params(model) * tps
             print(f"RATE decode_{dt_name}_{spec}_bs{batch}={tps:.0f}  # tok/s, lean loop", flush=True)
             print(f"RATIO share_decode_{dt_name}_{spec}_bs{batch}={fl / 1e9 / peak[dt_name]:.3f}", flush=True)
-            # the limit if a decode step were its matmuls alone, at the rate of the model's own decode-shaped
-            # product (batch x hidden x intermediate): what no loop in this dtype can beat on this CPU
-            limit = matmul_rate(batch, cfg.hidden_size, cfg.intermediate_size, dt, threads[-1]) * 1e9 / (
-                2 * matmul_params(model))
+            # the limit if the run were its matmuls alone: the prompts' prefill at the rate of a prefill-shaped
+            # product and every decode step at the rate of the model's own decode-shaped one (batch x hidden x
+            # intermediate); tok/s counts new tokens only, as above. No loop in this dtype beats it on this CPU.
+            flop = 2 * matmul_params(model) / 1e9  # GFLOP per token
+            seconds = (flop * batch * new / matmul_rate(batch, cfg.hidden_size, cfg.intermediate_size, dt, threads[-1])
+                       + flop * prompt_tokens / matmul_rate(prompt_tokens, cfg.hidden_size, cfg.intermediate_size, dt,
+                                                            threads[-1]))
+            limit = batch * new / seconds
             print(f"RATE decode_limit_{dt_name}_{spec}_bs{batch}={limit:.0f}  # tok/s: matmuls only", flush=True)
             print(f"RATIO decode_{dt_name}_over_generate_{spec}_bs{batch}={tps / gen:.3f}", flush=True)
             print(f"RATIO decode_limit_{dt_name}_over_generate_{spec}_bs{batch}={limit / gen:.3f}", flush=True)
         print_agreement(spec, model, tok)
-        if spec != "testbed" or len(a.models) == 1:
+        if not a.decode_only and (spec != "testbed" or len(a.models) == 1):
             model.train()
             shares = profile_breakdown(model, rows, length)
             for k, v in shares.items():

@@ -291,6 +291,9 @@ def test_bf16_rollouts_sample_from_a_bf16_copy_of_the_current_weights(lively, ba
     after = ids(rollout.sample(model, tok, PROMPTS, dtype="bfloat16", **kw))
     assert after == ids(rollout.sample(bf16_by_hand(model), tok, PROMPTS, **kw))
     assert after != got
+    model.resize_token_embeddings(model.config.vocab_size + 8)  # new tag tokens: a new copy, not a failed refresh
+    assert ids(rollout.sample(model, tok, PROMPTS, dtype="bfloat16", **kw)) == \
+        ids(rollout.sample(bf16_by_hand(model), tok, PROMPTS, **kw))
     # float32 on an fp32 model is the model itself
     assert rollout.sampling_copy(model, torch.float32) is model
 

@@ -1,7 +1,8 @@
 """How close to the machine is a step? This CPU's matmul rate (fp32 and bf16, 1 and 2 threads, square and the
 models' own shapes), then model FLOPs per second of a train step (testbed and SmolLM2, full and LoRA), a
 decode step, each as a share of the matmul rate of its dtype, with the decode limit (the run's matmuls alone: the
-prefill at a prefill-shaped product's rate, each step at the model's own decode-shaped product's) next to HF
+prefill, shared prefix once, at a prefill-shaped product's rate, each step at the best rate of the model's own
+decode-shaped product, plain or packed as the lean loop runs it) next to HF
 `generate`; bf16 rollouts' agreement with fp32's
 (whole greedy sequences, and teacher-forced per token: same greedy id, KL); and,
 from a profile of the SmolLM2 train step, where the time goes (matmuls, attention, optimizer, the rest).
@@ -39,14 +40,22 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
-def matmul_rate(m: int, k: int, n: int, dtype, threads: int, repeats: int = 5) -> float:
-    """GFLOP/s of an (m×k)·(k×n) product in `dtype` on `threads` threads."""
+def matmul_rate(m: int, k: int, n: int, dtype, threads: int, repeats: int = 5, packed: bool = False) -> float:
+    """GFLOP/s of an (m×k)·(k×n) product in `dtype` on `threads` threads; `packed`: as the lean loop's decode
+    steps run it (`decode.step_linear`: the weight reordered once into oneDNN's layout)."""
+    from ponder.engine import decode
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+        if packed:
+            lin = torch.nn.Linear(k, n, bias=False).to(dtype)
+            lin.weight.data.copy_(b.t())
+            f = decode.step_linear(lin, m)
+        else:
+            f = b.__rmatmul__
         reps = max(1, int(2e9 / (2 * m * k * n)))  # ~2 GFLOP per timed call
-        t = best_time(lambda: [a @ b for _ in range(reps)], repeats)
+        t = best_time(lambda: [f(a) for _ in range(reps)], repeats)
         return 2 * m * k * n * reps / t / 1e9
     finally:
         torch.set_num_threads(old)
@@ -242,10 +251,13 @@ def main() -> None:
                 r = matmul_rate(n, n, n, dt, th)
                 print(f"RATE matmul_{dt_name}_{th}t_n{n}={r:.0f}", flush=True)
                 peak[dt_name] = max(peak.get(dt_name, 0.0), r)
-        # SmolLM2's shapes: a training batch (2048 rows) and a decode step (64 rows) through the MLP
+        # SmolLM2's shapes: a training batch (2048 rows) and a decode step (64 rows) through the MLP; the decode
+        # step also packed, as the lean loop runs it
         for rows in (2048, 64):
             r = matmul_rate(rows, 576, 1536, dt, threads[-1])
             print(f"RATE matmul_{dt_name}_{threads[-1]}t_{rows}x576x1536={r:.0f}", flush=True)
+        r = matmul_rate(64, 576, 1536, dt, threads[-1], packed=True)
+        print(f"RATE matmul_{dt_name}_{threads[-1]}t_64x576x1536_packed={r:.0f}", flush=True)
     print(f"RATIO matmul_bf16_over_fp32={peak['bf16'] / peak['fp32']:.3f}", flush=True)
 
     for spec in a.models:
@@ -263,7 +275,11 @@ def main() -> None:
         model, tok = models.load(spec)
         model.eval()
         batch, new = 64, 32 if a.quick else 64
-        prompt_tokens = sum(len(p) for p in decode_prompts(tok, batch))
+        # the tokens the lean loop prefills: the prompts' shared prefix once, then each prompt's rest
+        from ponder.engine import decode
+        prompts = decode_prompts(tok, batch)
+        shared = decode.shared_prefix(prompts)
+        prompt_tokens = shared + sum(len(p) - shared for p in prompts)
         gen = decode_rate(model, tok, batch, new, torch.float32, reps, backend="generate")
         print(f"RATE decode_generate_fp32_{spec}_bs{batch}={gen:.0f}  # tok/s, HF generate", flush=True)
         cfg = model.config
@@ -272,11 +288,14 @@ def main() -> None:
             fl = 2 * matmul_params(model) * tps
             print(f"RATE decode_{dt_name}_{spec}_bs{batch}={tps:.0f}  # tok/s, lean loop", flush=True)
             print(f"RATIO share_decode_{dt_name}_{spec}_bs{batch}={fl / 1e9 / peak[dt_name]:.3f}", flush=True)
-            # the limit if the run were its matmuls alone: the prompts' prefill at the rate of a prefill-shaped
-            # product and every decode step at the rate of the model's own decode-shaped one (batch x hidden x
-            # intermediate); tok/s counts new tokens only, as above. No loop in this dtype beats it on this CPU.
+            # the limit if the run were its matmuls alone: the prompts' prefill (shared prefix once) at the rate of
+            # a prefill-shaped product and every decode step at the best rate of the model's own decode-shaped one
+            # (batch x hidden x intermediate, plain or packed); tok/s counts new tokens only, as above. No loop in
+            # this dtype beats it on this CPU.
             flop = 2 * matmul_params(model) / 1e9  # GFLOP per token
-            seconds = (flop * batch * new / matmul_rate(batch, cfg.hidden_size, cfg.intermediate_size, dt, threads[-1])
+            step_rate = max(matmul_rate(batch, cfg.hidden_size, cfg.intermediate_size, dt, threads[-1], packed=p)
+                            for p in (False, True))
+            seconds = (flop * batch * new / step_rate
                        + flop * prompt_tokens / matmul_rate(prompt_tokens, cfg.hidden_size, cfg.intermediate_size, dt,
                                                             threads[-1]))
             limit = batch * new / seconds

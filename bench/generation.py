@@ -11,12 +11,16 @@ The vLLM backend (the real engine, `ponder.vllm_engine`, in-process on CPU, eage
 in the same interleaved loop at `VLLM_BATCHES` (or `--batch-sizes`) when vLLM can run here: `TOKS
 generation_vllm_<model>_bs<B>` and `RATIO generation_vllm_<model>_bs<B>=vllm/plain`, greedy ids again equal.
 
+The lean loop prefills the prefix all prompts of a batch share (here the chat template's system prompt and
+opening, 27 of SmolLM2's 40-43 prompt tokens) once; vLLM caches prefixes too. `--no-shared-prefix` turns that off.
+
 bf16 rollouts (`rollout_dtype: bfloat16`: the lean loop on a bf16 copy of the weights) run in the same loop from
 batch 16 up: `TOKS generation_lean_bf16_<model>_bs<B>`, `RATIO generation_lean_bf16_<model>_bs<B>=bf16/plain`
 and `RATIO generation_lean_bf16_same_<model>_bs<B>`, the share of sequences whose greedy ids equal fp32's (bf16
 is a slightly different policy; bench/efficiency.py gives the per-token agreement and KL).
 
     python bench/generation.py [--models testbed smollm2-135m] [--new-tokens 64] [--repeats 3] [--no-vllm] [--no-bf16]
+                               [--no-shared-prefix]
 """
 
 from __future__ import annotations
@@ -115,14 +119,20 @@ def main():
     ap.add_argument("--no-eos", dest="eos", action="store_false", help="skip the stop-at-end-of-turn comparison")
     ap.add_argument("--no-vllm", dest="vllm", action="store_false", help="skip the vLLM backend")
     ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 lean rollouts")
+    ap.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false",
+                    help="the lean loop prefills each prompt whole (no shared-prefix prefill), for comparison")
     args = ap.parse_args()
 
-    from ponder import chat, models, rollout, vllm_engine
+    from ponder import chat, decode, models, rollout, vllm_engine
+    if not args.shared_prefix:
+        decode.SHARED_PREFIX_MIN_SAVED = 10 ** 9
     if args.vllm and vllm_engine.unavailable_reason():
         print(f"vllm backend skipped: {vllm_engine.unavailable_reason()}")
         args.vllm = False
     print(f"torch threads {torch.get_num_threads()}, load average at start {os.getloadavg()[0]:.2f}; backend "
-          f"auto -> {rollout.resolve_backend('auto', models.load('tiny-random')[0])} on this machine", flush=True)
+          f"auto -> {rollout.resolve_backend('auto', models.load('tiny-random')[0])} on this machine; lean loop: "
+          f"shared-prefix prefill {'on' if args.shared_prefix else 'off'}, packed projections from "
+          f"{decode.PACK_MIN_TOKENS} rows x new tokens", flush=True)
     rows, agreement = [], []
     for spec in args.models:
         model, tok = models.load(spec)

@@ -160,8 +160,8 @@ def sampling_copy(model, dtype: torch.dtype):
     return kept[1]
 
 
-# Measured (bench/generation.py, bench/results.md): the lean loop is 1.09-1.42x `generate` on the testbed
-# from batch 16 up and level on SmolLM2 at 16 (1.01x), but slower at batch 1 (0.83x, 0.95x).
+# Measured (bench/generation.py, bench/results.md, 2026-12-07): the lean loop is 1.26-1.77x `generate` on the
+# testbed and 1.71-1.84x on SmolLM2 from batch 16 up, but level at batch 1 (1.02x, 0.97x).
 LEAN_MIN_BATCH = 16
 
 
@@ -206,8 +206,8 @@ def sample(model, tokenizer, prompts: Sequence[Prompt], n: int = 1, max_new_toke
     (`resolve_backend`). Every backend cuts completions by the same rule
     (`_cut`); greedy ids agree across backends, sampled ids agree in distribution (docs/methods.md §6).
     dtype: ``bfloat16`` samples from a bf16 copy of an fp32 model (`sampling_copy`; lean and generate only:
-    1.7-2.1x fp32 `generate` on SmolLM2 on a Zen 4 CPU, the same greedy token at ~98% of positions, docs/methods.md
-    §6.5),
+    on the lean loop 2.5-2.75x fp32 `generate` on SmolLM2 on a Zen 4 CPU, the same greedy token at ~98% of
+    positions, docs/methods.md §6.5),
     ``float32`` from an fp32 one; ``auto`` from the model as it is.
     """
     stop = [s for s in stop or [] if s]

@@ -229,6 +229,20 @@ def test_shared_prefix_prefilled_once_with_the_no_cache_reference_ids(lively, pa
     assert calls[0] == (len(PROMPTS), max(map(len, ids)))  # one prefill of the whole prompts
 
 
+def test_shared_prefix_with_one_token_passes(lively, packing):
+    """The shared-prefix prefill when one of its passes is a single token: 33 prompts sharing only their first
+    token (a 1-token prefix pass, then ragged rests), and prompts differing only in their last token (a 1-token
+    pass for the rests). Every greedy row equals the no-cache argmax loop."""
+    model, tok = lively
+    ragged = [[5] + [10 + (3 * i + j) % 90 for j in range(1 + i % 4)] for i in range(33)]
+    last = [[7, 8, 9] * 12 + [20 + i] for i in range(4)]
+    for prompts, shared in ((ragged, 1), (last, 36)):
+        assert decode.shared_prefix(prompts) == shared
+        got = rollout.sample(model, tok, prompts, temperature=0.0, max_new_tokens=6, progress=False,
+                             suppress_eos=True, backend="lean", batch_size=64)
+        assert [r[0].ids for r in got] == [argmax_loop(model, p, 6) for p in prompts]
+
+
 def test_step_linear_packs_cpu_projections():
     """Decode steps run plain fp32/bf16 CPU Linears from a packed weight: equal to F.linear (bf16 bit-equal,
     fp32 to rounding), bias included; a LoRA projection equals PEFT's own forward; fp64 and DoRA are left as

@@ -168,6 +168,8 @@ class Decoder:
             if T == 1:  # one query per row: the query heads sharing a kv head act as its queries (no repeat)
                 qg = q.reshape(B, self.kv_heads, groups, hd)
                 if self.matmul_attention:
+                    if mask.dtype == torch.bool:  # a 1-token prefill (a 1-token prompt, prefix or rest)
+                        mask = torch.zeros(mask.shape, dtype=keys.dtype, device=mask.device).masked_fill_(~mask, -torch.inf)
                     scores = torch.matmul(qg.to(keys.dtype), keys.transpose(-1, -2)).mul_(att.scaling).add_(mask)
                     o = torch.matmul(scores.softmax(-1), values).to(q.dtype)
                 else:

@@ -243,10 +243,10 @@ def test_shared_prefix_with_one_token_passes(lively, packing):
         assert [r[0].ids for r in got] == [argmax_loop(model, p, 6) for p in prompts]
 
 
-def test_step_linear_packs_cpu_projections():
+def test_step_linear_packs_cpu_projections(monkeypatch):
     """Decode steps run plain fp32/bf16 CPU Linears from a packed weight: equal to F.linear (bf16 bit-equal,
-    fp32 to rounding), bias included; a LoRA projection equals PEFT's own forward; fp64 and DoRA are left as
-    they are (the module itself)."""
+    fp32 to rounding), bias included; a LoRA projection equals PEFT's own forward; fp64, DoRA and a build
+    whose oneDNN cannot pack are left as they are (the module itself)."""
     from peft import LoraConfig, get_peft_model
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 1, 24, generator=g)
@@ -261,6 +261,9 @@ def test_step_linear_packs_cpu_projections():
             torch.testing.assert_close(step(x), ref, rtol=1e-5, atol=1e-6)
     fp64 = torch.nn.Linear(24, 40).double()
     assert decode.step_linear(fp64, 5) is fp64
+    with monkeypatch.context() as m:  # a torch build whose oneDNN cannot pack: the module as it is
+        m.setattr(decode, "_packing_works", lambda dtype: False)
+        assert decode.step_linear(lin, 5) is lin
 
     class Net(torch.nn.Module):
         def __init__(self):

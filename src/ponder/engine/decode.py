@@ -24,6 +24,7 @@ are not `generate`'s.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -78,9 +79,23 @@ def _rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+@functools.cache
+def _packing_works(dtype: torch.dtype) -> bool:
+    """Whether this torch build packs and runs a `dtype` Linear through oneDNN (checked once on a tiny one)."""
+    try:
+        lin = torch.nn.Linear(8, 4).to(dtype)
+        x = torch.ones(2, 8, dtype=dtype)
+        got = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(lin.weight.detach(), 2),
+                                                 lin.bias, "none", [], "")
+        return bool(torch.allclose(got.float(), lin(x).float(), rtol=1e-2, atol=1e-2))
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
 def _packable(linear) -> bool:
     return (type(linear) is torch.nn.Linear and linear.weight.device.type == "cpu"
-            and linear.weight.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available())
+            and linear.weight.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+            and _packing_works(linear.weight.dtype))
 
 
 def step_linear(module, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:

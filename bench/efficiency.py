@@ -53,7 +53,8 @@ def matmul_rate(m: int, k: int, n: int, dtype, threads: int, repeats: int = 5, p
             lin.weight.data.copy_(b.t())
             f = decode.step_linear(lin, m)
         else:
-            f = b.__rmatmul__
+            def f(x):
+                return x @ b
         reps = max(1, int(2e9 / (2 * m * k * n)))  # ~2 GFLOP per timed call
         t = best_time(lambda: [f(a) for _ in range(reps)], repeats)
         return 2 * m * k * n * reps / t / 1e9

@@ -244,19 +244,20 @@ def test_shared_prefix_with_one_token_passes(lively, packing):
 
 
 def test_step_linear_packs_cpu_projections(monkeypatch):
-    """Decode steps run plain fp32/bf16 CPU Linears from a packed weight: equal to F.linear (bf16 bit-equal,
-    fp32 to rounding), bias included; a LoRA projection equals PEFT's own forward; fp64, DoRA and a build
+    """Decode steps run plain fp32/bf16 CPU Linears from a packed weight: equal to F.linear to rounding, bias
+    included; a LoRA projection equals PEFT's own forward; fp64, DoRA and a build
     whose oneDNN cannot pack are left as they are (the module itself)."""
     from peft import LoraConfig, get_peft_model
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 1, 24, generator=g)
+    assert decode._packing_works(torch.float32)  # x86 and ARM torch builds pack fp32: the test is not vacuous
     for dtype, bias in [(torch.float32, True), (torch.bfloat16, False), (torch.float32, False)]:
         lin = torch.nn.Linear(24, 40, bias=bias).to(dtype)
         step = decode.step_linear(lin, 5)
-        assert step is not lin
+        assert (step is not lin) == decode._packing_works(dtype)  # bf16 packs where oneDNN has a bf16 path
         ref = torch.nn.functional.linear(x.to(dtype), lin.weight, lin.bias)
-        if dtype == torch.bfloat16:
-            assert torch.equal(step(x.to(dtype)), ref)
+        if dtype == torch.bfloat16:  # F.linear may take another bf16 kernel: equal to bf16 rounding
+            torch.testing.assert_close(step(x.to(dtype)), ref, rtol=1.6e-2, atol=1e-2)
         else:
             torch.testing.assert_close(step(x), ref, rtol=1e-5, atol=1e-6)
     fp64 = torch.nn.Linear(24, 40).double()

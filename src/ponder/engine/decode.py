@@ -101,10 +101,12 @@ def _packable(linear) -> bool:
 def step_linear(module, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """`module` (a projection) as a decode step calls it. On CPU, in fp32 or bf16, a plain Linear's weight is
     reordered once into oneDNN's blocked layout (what torch.compile's CPU freezing does): at decode shapes
-    (`rows` x 576 x 1536 on SmolLM2) the product is 1.3-1.5x faster in fp32 and 1.1-1.2x in bf16 than `F.linear`
-    (bench/efficiency.py). The result equals `F.linear` to rounding (bf16: bit-equal; fp32: ~1e-6). A PEFT
-    LoRA projection keeps its adapters as PEFT computes them (``base(x) + B(A(x)) * scaling``) over a packed
-    base; anything else (DoRA and other variants, merged or disabled adapters, fp64) is called as it is."""
+    (`rows` x 576 x 1536 on SmolLM2) the product is 1.3-1.5x faster in fp32 and 1.1-1.2x in bf16 than
+    `F.linear` (bench/efficiency.py). The result equals `F.linear` to rounding (fp32: ~1e-6; bf16: bit-equal on
+    the Zen 4 box). Where this torch build's oneDNN cannot pack a dtype (bf16 without AVX512 kernels), the
+    module runs as it is. A PEFT LoRA projection keeps its adapters as PEFT computes them
+    (``base(x) + B(A(x)) * scaling``) over a packed base; anything else (DoRA and other variants, merged or
+    disabled adapters, fp64) is called as it is."""
     if _packable(module):
         w, b = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), rows), module.bias
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
